@@ -1,0 +1,24 @@
+# One environment for everything: a venv with the package, its notebook extra and its test extra.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup tour test notebooks lab bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+tour: setup  ## the short tour: default model, 8 simulated CPU devices, prefill -> insert -> generate
+	$(PY) -m workbench tour
+
+test: setup  ## the whole suite: unit tests, parity tests and the notebooks under strict nbval
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache

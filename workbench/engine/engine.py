@@ -1,0 +1,388 @@
+"""The inference engine: JetStream's engine API over an NNX model split once.
+
+The engine builds two abstract models (``nnx.eval_shape``, nothing materialised): a prefill
+model (batch 1) and an autoregressive model (``decode_batch_size`` slots), both with KV caches
+over ``max_target_length`` positions, and splits each once into
+``(graphdef, params, cache, rest)``. Parameters are shared between the two. Every jitted body
+re-forms its model with ``nnx.merge(graphdef, params, cache, rest, copy=True)``, runs it, and
+hands the cache back as a plain dict.
+
+Compiles: prefill once per padded length, generate once per sampling setting, insert once per
+number of slots filled at a time. ``compile_counts`` counts the traces of each.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from workbench import sharding as shd
+from workbench.engine.sampling import GREEDY, Sampling, sample
+from workbench.engine.types import DecodeState, Prefix, ResultTokens
+from workbench.model import ModelConfig, Transformer
+
+Params = nnx.State
+Rules = Sequence[tuple[str, str | None]]
+MIN_BUCKET = 16
+
+
+def _model(config: ModelConfig, cache: tuple[int, int] | None = None, seed: int = 0) -> Transformer:
+    with nnx.use_eager_sharding(False):  # shardings come from our own rules, applied by jit
+        return Transformer(config, rngs=nnx.Rngs(seed), cache=cache)
+
+
+def _fill(template: nnx.State, pure: dict) -> nnx.State:
+    """A fresh State shaped like ``template`` holding the arrays of the pure dict ``pure``."""
+    state = jax.tree.map(lambda x: x, template)
+    nnx.replace_by_pure_dict(state, pure)
+    return state
+
+
+def leaf_paths(tree: Any) -> dict[str, Any]:
+    """``{"layers/0/attn/q": leaf, ...}`` for a pure dict or State (Variables unwrapped)."""
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        flat["/".join(k for k in keys if k != "value")] = leaf
+    return flat
+
+
+def _check_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+class Engine:
+    """JetStream-style engine: prefill -> insert / bulk_insert -> generate, on a device mesh."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        mesh: Mesh,
+        *,
+        decode_batch_size: int = 8,
+        max_prefill_length: int = 256,
+        max_target_length: int = 1024,
+        rules: Rules = shd.RULES,
+    ):
+        for name, value in [("decode_batch_size", decode_batch_size), ("max_prefill_length", max_prefill_length),
+                            ("max_target_length", max_target_length)]:
+            if _check_int(name, value) < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if max_prefill_length > max_target_length:
+            raise ValueError(f"max_prefill_length ({max_prefill_length}) exceeds max_target_length ({max_target_length})")
+        tensor = mesh.shape.get("tensor", 1)
+        if config.num_heads % tensor:
+            raise ValueError(f"the mesh's tensor axis ({tensor}) does not divide the model's {config.num_heads} heads")
+        self.config = config
+        self._mesh = mesh
+        self.rules = tuple(rules)
+        self._slots = int(decode_batch_size)
+        self._max_prefill = int(max_prefill_length)
+        self.max_target_length = int(max_target_length)
+        self.compile_counts: collections.Counter[str] = collections.Counter()
+
+        # Two abstract models, split once. Params are the same in both; caches differ in batch.
+        length = self.max_target_length
+        prefill_model = nnx.eval_shape(lambda: _model(config, (1, length)))
+        ar_model = nnx.eval_shape(lambda: _model(config, (self._slots, length)))
+        self.prefill_graphdef, self.abstract_params, self.abstract_prefill_cache, self.abstract_rest = nnx.split(
+            prefill_model, nnx.Param, nnx.Cache, ...
+        )
+        self.ar_graphdef, _, self.abstract_decode_cache, _ = nnx.split(ar_model, nnx.Param, nnx.Cache, ...)
+        self.forward_graphdef = nnx.split(nnx.eval_shape(lambda: _model(config)), nnx.Param, ...)[0]
+
+        def shardings(state: nnx.State) -> Any:
+            return shd.shardings_for(state, mesh, self.rules)
+
+        rep = shd.replicated(mesh)
+        slot_axis = shd.logical_to_spec(("cache_batch",), (self._slots,), mesh, self.rules)
+        slots = NamedSharding(mesh, slot_axis)
+        self.param_shardings = shardings(self.abstract_params)
+        self.prefix_shardings = Prefix(
+            cache=nnx.to_pure_dict(shardings(self.abstract_prefill_cache)), length=rep, token=rep, logits=rep
+        )
+        self.decode_state_shardings = DecodeState(
+            cache=nnx.to_pure_dict(shardings(self.abstract_decode_cache)),
+            positions=slots, tokens=slots, lengths=slots, active=slots, rng=rep,
+        )
+        results = ResultTokens(data=rep, logits=rep)
+
+        # rest holds derived buffers (rope frequencies); XLA prunes the unused weight init.
+        self.rest = jax.jit(
+            lambda: nnx.split(_model(config), nnx.Param, ...)[2], out_shardings=shardings(self.abstract_rest)
+        )()
+        self._init_params_jit = jax.jit(
+            lambda seed: nnx.split(_model(config, seed=seed), nnx.Param, ...)[1],
+            static_argnums=0, out_shardings=self.param_shardings,
+        )
+        self._place_params_jit = jax.jit(
+            lambda p: jax.tree.map(lambda x, a: x.astype(a.dtype), p, self.abstract_params),
+            out_shardings=self.param_shardings,
+        )
+        self._empty_prefix_jit = jax.jit(
+            lambda: nnx.to_pure_dict(jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), self.abstract_prefill_cache)),
+            out_shardings=self.prefix_shardings.cache,
+        )
+        self._forward_jit = jax.jit(self._forward_body)
+        self._init_state_jit = jax.jit(self._init_state_body, out_shardings=self.decode_state_shardings)
+        self._prefill_jit = jax.jit(
+            self._prefill_body, static_argnames=("sampling",), out_shardings=(self.prefix_shardings, results)
+        )
+        # Donation: the decode state (every KV cache) flows through insert, generate and free;
+        # donating it lets XLA update the caches in place instead of copying all slots per call.
+        self._insert_jit = jax.jit(self._insert_body, donate_argnums=(1,), out_shardings=self.decode_state_shardings)
+        self._generate_jit = jax.jit(
+            self._generate_body, static_argnames=("sampling",), donate_argnums=(2,),
+            out_shardings=(self.decode_state_shardings, results),
+        )
+        self._free_jit = jax.jit(self._free_body, donate_argnums=(0,), out_shardings=self.decode_state_shardings)
+
+    # ---- properties of JetStream's contract ---------------------------------------------------
+    @property
+    def max_concurrent_decodes(self) -> int:
+        return self._slots
+
+    @property
+    def max_prefill_length(self) -> int:
+        return self._max_prefill
+
+    @property
+    def samples_per_slot(self) -> int:
+        return 1
+
+    @property
+    def mesh(self) -> Mesh:
+        return self._mesh
+
+    @property
+    def use_chunked_prefill(self) -> bool:
+        return True
+
+    @property
+    def prefill_chunk_size(self) -> int:
+        return self._max_prefill
+
+    def get_prefix_destination_sharding(self) -> Prefix:
+        return self.prefix_shardings
+
+    def forward(self, params: Params, tokens: jax.Array | np.ndarray) -> jax.Array:
+        """Float32 logits [B, T, V] of a full forward pass over ``tokens`` [B, T] with no cache:
+        the oracle every cached path (prefill, chunks, insert, generate) must reproduce."""
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be 2-D [batch, length], got shape {tokens.shape}")
+        self._check_tokens(tokens.reshape(-1), max_length=None)
+        return self._forward_jit(params, self.rest, jnp.asarray(tokens, jnp.int32))
+
+    def _forward_body(self, params, rest, tokens):
+        return nnx.merge(self.forward_graphdef, params, rest, copy=True)(tokens)
+
+    # ---- params ------------------------------------------------------------------------------
+    def load_params(self, params: nnx.State | dict | None = None, *, seed: int = 0) -> Params:
+        """Params on the mesh: seeded random weights, or ``params`` (State or pure dict) checked
+        against the model and placed by the rules (cast to the model's parameter dtype)."""
+        if params is None:
+            return self._init_params_jit(_check_int("seed", seed))
+        pure = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
+        if not isinstance(pure, dict):
+            raise TypeError(f"params must be an nnx.State or a pure dict, got {type(params).__name__}")
+        want, got = leaf_paths(self.abstract_params), leaf_paths(pure)
+        for path, abstract in want.items():
+            if path not in got:
+                raise ValueError(f"params do not match the model: {path} is missing (expected shape {abstract.shape})")
+            shape = tuple(np.shape(got[path]))
+            if shape != tuple(abstract.shape):
+                raise ValueError(
+                    f"params do not match the model: {path} has shape {shape} but the model expects {tuple(abstract.shape)}"
+                )
+        extra = sorted(set(got) - set(want))
+        if extra:
+            raise ValueError(f"params do not match the model: unexpected entry {extra[0]}")
+        return self._place_params_jit(_fill(self.abstract_params, pure))
+
+    def free_resource(self, slot: int, decode_state: DecodeState | None = None) -> DecodeState | None:
+        """Release ``slot``. With a decode state, returns it with the slot emptied (valid=0 until
+        the next insert); without one (JetStream's signature) it only checks the slot."""
+        slot = self._check_slot(slot)
+        if decode_state is None:
+            return None
+        return self._free_jit(decode_state, jnp.int32(slot))
+
+    # ---- decode state ------------------------------------------------------------------------
+    def init_decode_state(self, rng: jax.Array | int | None = None) -> DecodeState:
+        """All slots empty; ``rng`` (a key or seed) drives sampling in generate."""
+        key = jax.random.key(rng if isinstance(rng, (int, np.integer)) else 0) if not isinstance(rng, jax.Array) else rng
+        return self._init_state_jit(key)
+
+    def _init_state_body(self, key: jax.Array) -> DecodeState:
+        zeros = jnp.zeros((self._slots,), jnp.int32)
+        cache = jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), self.abstract_decode_cache)
+        return DecodeState(
+            cache=nnx.to_pure_dict(cache), positions=zeros, tokens=zeros, lengths=zeros,
+            active=jnp.zeros((self._slots,), bool), rng=key,
+        )
+
+    # ---- prefill -----------------------------------------------------------------------------
+    def bucket(self, length: int) -> int:
+        """The padded length for a prompt (chunk) of ``length`` tokens: a power of two >= 16,
+        at most max_prefill_length -- so prefill compiles once per bucket, a handful in all."""
+        if length < 1 or length > self._max_prefill:
+            raise ValueError(f"prompt length {length} is outside 1..max_prefill_length ({self._max_prefill})")
+        return min(max(MIN_BUCKET, 1 << (length - 1).bit_length()), self._max_prefill)
+
+    def pad(self, tokens: Sequence[int] | np.ndarray) -> tuple[np.ndarray, int]:
+        """(padded int32 tokens of bucket length, true length), padded with the pad id."""
+        tokens = np.asarray(tokens, dtype=np.int32).reshape(-1)
+        padded = np.full((self.bucket(len(tokens)),), self.config.pad_id, np.int32)
+        padded[: len(tokens)] = tokens
+        return padded, len(tokens)
+
+    def prefill(
+        self,
+        *,
+        params: Params,
+        existing_prefix: Prefix | None = None,
+        padded_tokens: jax.Array | np.ndarray,
+        true_length: int,
+        sampling: Sampling | None = None,
+        rng: jax.Array | None = None,
+    ) -> tuple[Prefix, ResultTokens]:
+        """Run the prompt (or, with ``existing_prefix``, its next chunk) through the prefill model.
+
+        ``padded_tokens`` [P] holds ``true_length`` real tokens then padding. The result's cache
+        holds the earlier prefix plus these tokens; its first token is sampled from the logits
+        at the last real position. Chunked prefill equals one prefill of the whole prompt.
+        """
+        tokens = self._check_tokens(padded_tokens, max_length=self._max_prefill)
+        true_length = _check_int("true_length", true_length)
+        if not 0 < true_length <= tokens.shape[0]:
+            raise ValueError(f"true_length must be in 1..{tokens.shape[0]} (the padded length), got {true_length}")
+        if existing_prefix is None:
+            start, cache = 0, self._empty_prefix_jit()
+        elif isinstance(existing_prefix, Prefix):
+            start, cache = int(existing_prefix.length), existing_prefix.cache
+        else:
+            raise TypeError(f"existing_prefix must be a Prefix from prefill, got {type(existing_prefix).__name__}")
+        if start + true_length > self.max_target_length:
+            raise ValueError(
+                f"prompt of {start + true_length} tokens exceeds max_target_length ({self.max_target_length})"
+            )
+        key = jax.random.key(0) if rng is None else rng
+        return self._prefill_jit(
+            params, self.rest, cache, jnp.asarray(tokens), jnp.int32(start), jnp.int32(true_length), key,
+            sampling=sampling or GREEDY,
+        )
+
+    def _prefill_body(self, params, rest, cache, tokens, start, true_length, key, *, sampling):
+        self.compile_counts["prefill"] += 1
+        model = nnx.merge(self.prefill_graphdef, params, _fill(self.abstract_prefill_cache, cache), rest, copy=True)
+        steps = jnp.arange(tokens.shape[0])
+        # Padding goes to position S (past the cache): its K/V writes are dropped.
+        positions = jnp.where(steps < true_length, start + steps, self.max_target_length)
+        logits = model(tokens[None], positions[None])[0]  # [P, V]
+        last = logits[true_length - 1]
+        token = sample(last[None], key, sampling)[0]
+        prefix = Prefix(
+            cache=nnx.to_pure_dict(nnx.state(model, nnx.Cache)), length=start + true_length, token=token, logits=last
+        )
+        data = jnp.stack([token, jnp.int32(1), jnp.int32(1)])[None]
+        return prefix, ResultTokens(data=data, logits=last[None])
+
+    # ---- insert ------------------------------------------------------------------------------
+    def insert(self, prefix: Prefix, decode_state: DecodeState, slot: int) -> DecodeState:
+        """Put ``prefix`` into decode slot ``slot`` (the decode state is donated)."""
+        return self.bulk_insert(prefix, decode_state, [slot])
+
+    def bulk_insert(self, prefix: Prefix, decode_state: DecodeState, slots: Sequence[int]) -> DecodeState:
+        """Put one prefix into several slots at once (e.g. several samples of one prompt)."""
+        if not isinstance(prefix, Prefix):
+            raise TypeError(f"prefix must be a Prefix from prefill, got {type(prefix).__name__}")
+        if not isinstance(decode_state, DecodeState):
+            raise TypeError(f"decode_state must be a DecodeState, got {type(decode_state).__name__}")
+        slots = [self._check_slot(s) for s in slots]
+        if not slots or len(set(slots)) != len(slots):
+            raise ValueError(f"slots must be a non-empty list of distinct slots, got {slots}")
+        return self._insert_jit(prefix, decode_state, jnp.asarray(slots, jnp.int32))
+
+    def _insert_body(self, prefix: Prefix, state: DecodeState, slots: jax.Array) -> DecodeState:
+        self.compile_counts["insert"] += 1
+        n = slots.shape[0]
+
+        def put(rows: jax.Array, value: jax.Array) -> jax.Array:
+            return rows.at[slots].set(jnp.broadcast_to(value.astype(rows.dtype), (n, *value.shape[1:])))
+
+        return state.replace(
+            cache=jax.tree.map(put, state.cache, prefix.cache),
+            positions=state.positions.at[slots].set(prefix.length),
+            tokens=state.tokens.at[slots].set(prefix.token),
+            lengths=state.lengths.at[slots].set(1),
+            active=state.active.at[slots].set(True),
+        )
+
+    def _free_body(self, state: DecodeState, slot: jax.Array) -> DecodeState:
+        return state.replace(active=state.active.at[slot].set(False))
+
+    # ---- generate ----------------------------------------------------------------------------
+    def generate(
+        self, params: Params, decode_state: DecodeState, *, sampling: Sampling | None = None
+    ) -> tuple[DecodeState, ResultTokens]:
+        """One token for every slot, each at its own position (the decode state is donated).
+
+        A slot is valid when it holds a request and its cache has room; a full slot
+        (position == max_target_length) stops with valid=0 rather than wrapping around.
+        """
+        if not isinstance(decode_state, DecodeState):
+            raise TypeError(f"decode_state must be a DecodeState, got {type(decode_state).__name__}")
+        return self._generate_jit(params, self.rest, decode_state, sampling=sampling or GREEDY)
+
+    def _generate_body(self, params, rest, state: DecodeState, *, sampling: Sampling):
+        self.compile_counts["generate"] += 1
+        live = state.active & (state.positions < self.max_target_length)  # [B]
+        positions = jnp.where(live, state.positions, self.max_target_length)  # dead slots write nothing
+        model = nnx.merge(self.ar_graphdef, params, _fill(self.abstract_decode_cache, state.cache), rest, copy=True)
+        logits = model(state.tokens[:, None], positions[:, None])[:, 0]  # [B, V]
+        rng, key = jax.random.split(state.rng)
+        tokens = jnp.where(live, sample(logits, key, sampling), state.tokens)
+        lengths = state.lengths + live
+        new_state = state.replace(
+            cache=nnx.to_pure_dict(nnx.state(model, nnx.Cache)),
+            positions=state.positions + live, tokens=tokens, lengths=lengths, rng=rng,
+        )
+        data = jnp.stack([tokens, live.astype(jnp.int32), lengths], axis=-1)
+        return new_state, ResultTokens(data=data, logits=logits)
+
+    # ---- input checks ------------------------------------------------------------------------
+    def _check_slot(self, slot: Any) -> int:
+        slot = _check_int("slot", slot)
+        if not 0 <= slot < self._slots:
+            raise ValueError(f"slot {slot} is out of range: the engine has slots 0..{self._slots - 1}")
+        return slot
+
+    def _check_tokens(self, padded_tokens: Any, max_length: int | None) -> np.ndarray:
+        tokens = np.asarray(padded_tokens)
+        if tokens.dtype.kind not in "iu":
+            raise TypeError(f"padded_tokens must be integer token ids, got dtype {tokens.dtype}")
+        if tokens.ndim != 1:
+            raise ValueError(f"padded_tokens must be 1-D [padded_length], got shape {tokens.shape}")
+        if tokens.shape[0] == 0:
+            raise ValueError("padded_tokens is empty")
+        if max_length is not None and tokens.shape[0] > max_length:
+            raise ValueError(
+                f"padded prompt of {tokens.shape[0]} tokens exceeds max_prefill_length ({self._max_prefill}); "
+                "prefill longer prompts in chunks through existing_prefix"
+            )
+        bad = (tokens < 0) | (tokens >= self.config.vocab_size)
+        if bad.any():
+            raise ValueError(
+                f"token id {int(tokens[bad][0])} is outside the vocabulary (0..{self.config.vocab_size - 1})"
+            )
+        return tokens.astype(np.int32)

@@ -1,0 +1,153 @@
+"""Model configuration: one frozen dataclass for the Llama family, with named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RopeScaling:
+    """Llama-3-style frequency-dependent rope scaling (``rope_type: llama3`` in HF configs)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """A decoder-only Llama-family Transformer.
+
+    Attributes:
+      vocab_size: number of token ids.
+      embed_dim: model width D.
+      num_layers: decoder blocks.
+      num_heads: query heads N.
+      num_kv_heads: key/value heads K (grouped-query attention; N % K == 0).
+      head_dim: width H of one head (Llama: embed_dim // num_heads).
+      mlp_dim: SwiGLU hidden width F.
+      rope_theta: base of the rotary frequencies.
+      rope_scaling: Llama-3 rope scaling, or None.
+      norm_eps: RMSNorm epsilon.
+      qkv_bias: bias on the q/k/v projections (Qwen2).
+      sliding_window: attend only to the last ``sliding_window`` positions (Mistral), or None.
+      tie_embeddings: the output projection reuses the token embedding.
+      dtype: compute dtype (activations and KV cache), "float32" or "bfloat16".
+      param_dtype: parameter storage dtype.
+      bos_id / eos_ids / pad_id: special token ids (metadata for tokenizers and the CLI).
+    """
+
+    vocab_size: int
+    embed_dim: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    rope_theta: float = 10_000.0
+    rope_scaling: RopeScaling | None = None
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False
+    sliding_window: int | None = None
+    tie_embeddings: bool = False
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    bos_id: int | None = None
+    eos_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"ModelConfig.{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be positive or None, got {self.sliding_window}")
+
+    @property
+    def compute_dtype(self) -> Any:
+        return DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self) -> Any:
+        return DTYPES[self.param_dtype]
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        data = dict(data)
+        if data.get("rope_scaling") is not None:
+            data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
+        data["eos_ids"] = tuple(data.get("eos_ids", ()))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field {unknown[0]!r}")
+        return cls(**data)
+
+    def num_params(self) -> int:
+        d, h = self.embed_dim, self.head_dim
+        attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
+        if self.qkv_bias:
+            attn += h * (self.num_heads + 2 * self.num_kv_heads)
+        block = attn + 3 * d * self.mlp_dim + 2 * d
+        head = 0 if self.tie_embeddings else self.vocab_size * d
+        return self.vocab_size * d + self.num_layers * block + d + head
+
+    # ---- presets -------------------------------------------------------------------------
+    @classmethod
+    def tiny(cls, **changes: Any) -> "ModelConfig":
+        """The default model: byte-level vocabulary (256 bytes + BOS/EOS/PAD), about 0.8M params."""
+        base = cls(
+            vocab_size=384, embed_dim=128, num_layers=4, num_heads=8, num_kv_heads=4, head_dim=16,
+            mlp_dim=384, rope_theta=10_000.0, tie_embeddings=True, bos_id=256, eos_ids=(257,), pad_id=258,
+        )
+        return base.replace(**changes)
+
+    @classmethod
+    def llama_56m(cls, **changes: Any) -> "ModelConfig":
+        """The benchmark model: hidden 512, 8 layers, 8 heads / 4 kv heads, MLP 1408, vocab 32000."""
+        base = cls(
+            vocab_size=32000, embed_dim=512, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64,
+            mlp_dim=1408, rope_theta=10_000.0, bos_id=1, eos_ids=(2,), pad_id=0,
+        )
+        return base.replace(**changes)
+
+    @classmethod
+    def llama3_1b(cls, **changes: Any) -> "ModelConfig":
+        """The shape of Llama-3.2-1B (rope scaling, tied embeddings), for sharding and memory studies."""
+        base = cls(
+            vocab_size=128256, embed_dim=2048, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
+            mlp_dim=8192, rope_theta=500_000.0, rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192),
+            tie_embeddings=True, bos_id=128000, eos_ids=(128001, 128008, 128009), pad_id=0,
+            param_dtype="bfloat16", dtype="bfloat16",
+        )
+        return base.replace(**changes)
+
+
+PRESETS = {"tiny": ModelConfig.tiny, "llama-56m": ModelConfig.llama_56m, "llama3-1b": ModelConfig.llama3_1b}
+
+
+def preset(name: str, **changes: Any) -> ModelConfig:
+    """A named preset (``tiny``, ``llama-56m``, ``llama3-1b``) with optional field changes."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets are {', '.join(PRESETS)}")
+    return PRESETS[name](**changes)

@@ -1,0 +1,113 @@
+"""Building blocks: parameter helper, embedding, RMSNorm, rotary embedding, SwiGLU MLP.
+
+Axis letters in einsums and shape comments: B batch, T query positions, S key positions,
+D embed, N query heads, K kv heads, G query heads per kv head, H head_dim, F mlp, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from workbench.model.config import ModelConfig, RopeScaling
+
+INIT_STD = 0.02
+
+
+def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], dtype, init: str = "normal") -> nnx.Param:
+    """A parameter with its logical axes (``out_sharding``), normal(0.02), zeros or ones."""
+    if init == "normal":
+        value = INIT_STD * jax.random.normal(rngs.params(), tuple(shape), jnp.float32)
+    elif init == "zeros":
+        value = jnp.zeros(tuple(shape), jnp.float32)
+    elif init == "ones":
+        value = jnp.ones(tuple(shape), jnp.float32)
+    else:
+        raise ValueError(f"unknown init {init!r}")
+    return nnx.Param(value.astype(dtype), out_sharding=tuple(axes))
+
+
+class Embed(nnx.Module):
+    """Token embedding; ``attend`` reuses it as the output projection when embeddings are tied."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.embedding = param(rngs, (config.vocab_size, config.embed_dim), ("vocab", "embed"), config.weight_dtype)
+        self.dtype = config.compute_dtype
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V]
+        return jnp.einsum("BTD,VD->BTV", x, self.embedding[...].astype(self.dtype))
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale, computed in float32 like the reference implementations."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.scale = param(rngs, (config.embed_dim,), ("norm",), config.weight_dtype, init="ones")
+        self.eps = config.norm_eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (self.scale[...].astype(x.dtype) * normed.astype(x.dtype)).astype(x.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> jax.Array:
+    """Inverse frequencies [H/2], with Llama-3's smooth low/high-frequency rescaling if given."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+class Rotary(nnx.Module):
+    """Rotary position embedding (the "rotate half" layout of Hugging Face Llama checkpoints).
+
+    The inverse frequencies are a plain ``nnx.Variable``: not a parameter, not a cache, so the
+    split puts them in ``rest`` -- the counterpart of HF's ``inv_freq`` buffer.
+    """
+
+    def __init__(self, config: ModelConfig):
+        self.inv_freq = nnx.Variable(rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling))
+
+    def __call__(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:  # [B, T]
+        """(sin, cos) [B, T, 1, H/2] for ``positions``, computed once per forward pass."""
+        angles = positions[..., None].astype(jnp.float32) * self.inv_freq[...]
+        return jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+
+
+def apply_rope(x: jax.Array, sin_cos: tuple[jax.Array, jax.Array]) -> jax.Array:  # [B, T, N, H]
+    sin, cos = sin_cos
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, f, w = config.embed_dim, config.mlp_dim, config.weight_dtype
+        self.gate = param(rngs, (d, f), ("embed", "mlp"), w)
+        self.up = param(rngs, (d, f), ("embed", "mlp"), w)
+        self.down = param(rngs, (f, d), ("mlp", "embed"), w)
+        self.dtype = config.compute_dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D]
+        gate = jnp.einsum("BTD,DF->BTF", x, self.gate[...].astype(self.dtype))
+        up = jnp.einsum("BTD,DF->BTF", x, self.up[...].astype(self.dtype))
+        return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, self.down[...].astype(self.dtype))

@@ -1,0 +1,56 @@
+"""The decoder-only Transformer: embed -> N x (attention + SwiGLU, pre-RMSNorm) -> norm -> logits."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from workbench.model.attention import Attention
+from workbench.model.config import ModelConfig
+from workbench.model.layers import MLP, Embed, RMSNorm, Rotary, param
+
+
+class Block(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, cache: tuple[int, int] | None):
+        self.attn_norm = RMSNorm(config, rngs=rngs)
+        self.attn = Attention(config, rngs=rngs, cache=cache)
+        self.mlp_norm = RMSNorm(config, rngs=rngs)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+        x = x + self.attn(self.attn_norm(x), positions, rope)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nnx.Module):
+    """Llama / Mistral / Qwen2 decoder.
+
+    ``cache=(batch, length)`` gives every layer a KV cache of that size (a prefill model has
+    batch 1; an autoregressive model has one row per decode slot); ``cache=None`` gives the
+    uncached model whose full forward pass is the oracle for every cached path.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, cache: tuple[int, int] | None = None):
+        self.config = config
+        self.embed = Embed(config, rngs=rngs)
+        self.rope = Rotary(config)
+        self.layers = nnx.List([Block(config, rngs=rngs, cache=cache) for _ in range(config.num_layers)])
+        self.final_norm = RMSNorm(config, rngs=rngs)
+        if not config.tie_embeddings:
+            self.lm_head = param(rngs, (config.embed_dim, config.vocab_size), ("embed", "vocab"), config.weight_dtype)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """Logits [B, T, V] in float32 for ``tokens`` [B, T] at absolute ``positions`` [B, T]."""
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        x = self.embed(tokens)  # [B, T, D]
+        rope = self.rope(positions)
+        for layer in self.layers:
+            x = layer(x, positions, rope)
+        x = self.final_norm(x)
+        if self.config.tie_embeddings:
+            logits = self.embed.attend(x)
+        else:
+            logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype))
+        return logits.astype(jnp.float32)
