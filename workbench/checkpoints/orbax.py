@@ -1,0 +1,77 @@
+"""Workbench checkpoints: params saved with orbax, the model config and tokenizer alongside.
+
+Layout of a checkpoint directory::
+
+    workbench.json   {"format": "workbench", "version": 1, "model": {ModelConfig fields},
+                      "tokenizer": {"type": "bytes"} | {"type": "hf", "file": "tokenizer.json"} | null}
+    params/          orbax StandardCheckpointer of nnx.to_pure_dict(params)
+
+Restores go straight into the target shardings, so a checkpoint saved on one mesh restores on
+any other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from workbench.model import ModelConfig
+
+MANIFEST = "workbench.json"
+
+
+def is_workbench_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def save_checkpoint(
+    path: str | os.PathLike, config: ModelConfig, params: nnx.State | dict, *, tokenizer: dict | None = None
+) -> Path:
+    """Write ``params`` (State or pure dict) and ``config`` to a new directory ``path``."""
+    path = Path(path).absolute()
+    if path.exists() and any(path.iterdir()):
+        raise FileExistsError(f"checkpoint directory {path} exists and is not empty")
+    path.mkdir(parents=True, exist_ok=True)
+    pure = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path / "params", pure)
+    manifest = {"format": "workbench", "version": 1, "model": config.to_dict(), "tokenizer": tokenizer}
+    (path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"corrupt workbench checkpoint {path}: cannot read {MANIFEST} ({error})") from None
+    if manifest.get("format") != "workbench":
+        raise ValueError(f"{path / MANIFEST} is not a workbench checkpoint manifest")
+    return manifest
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    return ModelConfig.from_dict(read_manifest(path)["model"])
+
+
+def restore_params(path: str | os.PathLike, target: Any) -> dict:
+    """The saved params as a pure dict, restored into ``target``: a pure dict of
+    ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)`` (say, from the engine's abstract params)."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(Path(path).absolute() / "params", target)
+
+
+def abstract_target(abstract_params: nnx.State, shardings: Any) -> dict:
+    """Restore target from an engine's ``abstract_params`` and ``param_shardings``."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        nnx.to_pure_dict(abstract_params),
+        nnx.to_pure_dict(shardings),
+    )

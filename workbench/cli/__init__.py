@@ -1,0 +1,47 @@
+"""``python -m workbench <command>``: generate | bench | tour.
+
+Every command takes the engine flags of :mod:`workbench.cli.common`. Bad input exits with code
+2 and one line ``error: ...`` on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from collections.abc import Sequence
+
+from workbench.cli.common import CliError, apply_host_devices
+
+COMMANDS = {
+    "generate": ("workbench.cli.generate", "generate tokens for one or more prompts"),
+    "bench": ("workbench.cli.bench", "measure prefill, insert and decode speed"),
+    "tour": ("workbench.cli.tour", "a short tour: the split state, prefill -> insert -> generate"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 -- like every other bad input
+        raise CliError(message)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _Parser(prog="python -m workbench", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    modules = {}
+    for name, (module_name, help_text) in COMMANDS.items():
+        if importlib.util.find_spec(module_name) is None:
+            continue
+        modules[name] = importlib.import_module(module_name)
+        modules[name].add_arguments(commands.add_parser(name, help=help_text, description=help_text))
+    try:
+        args = parser.parse_args(argv)
+        apply_host_devices(args.host_devices)  # before anything starts JAX's backend
+        return int(modules[args.command].run(args) or 0)
+    except (CliError, ValueError, TypeError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

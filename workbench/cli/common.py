@@ -1,0 +1,60 @@
+"""Flags and helpers every command shares: the engine's shape, the mesh, simulated devices."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from typing import Any
+
+
+class CliError(Exception):
+    """Bad command-line input: reported as one ``error: ...`` line, exit code 2."""
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, *, decode_batch: int = 8) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument("--checkpoint", metavar="PATH", help="HF dir or workbench orbax dir; omitted: the default model")
+    group.add_argument("--decode-batch", type=int, default=decode_batch, metavar="B", help="decode slots")
+    group.add_argument("--max-prefill-length", type=int, default=256, metavar="L")
+    group.add_argument("--max-target-length", type=int, default=1024, metavar="T")
+    group.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: the checkpoint's")
+    group.add_argument("--host-devices", type=int, default=None, metavar="N",
+                       help="simulate N CPU devices (applied before JAX starts)")
+    group.add_argument("--mesh", type=parse_mesh, default=None, metavar="data=2,tensor=4", help="mesh axis sizes")
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """``data=2,tensor=4`` -> ``{"data": 2, "tensor": 4}``."""
+    sizes = {}
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*([a-z_]+)\s*=\s*(\d+)\s*", part)
+        if not match:
+            raise argparse.ArgumentTypeError(f"malformed mesh {text!r}: expected axis=size pairs like data=2,tensor=4")
+        sizes[match.group(1)] = int(match.group(2))
+    return sizes
+
+
+def apply_host_devices(count: int | None) -> None:
+    """Simulate ``count`` CPU devices; must run before JAX initialises its backend."""
+    if count is None:
+        return
+    if count < 1:
+        raise CliError(f"--host-devices must be positive, got {count}")
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", count)
+
+
+def load_engine(args: argparse.Namespace, **overrides: Any):
+    """(engine, params) from the shared engine flags."""
+    import workbench
+
+    options = dict(
+        mesh=args.mesh, decode_batch_size=args.decode_batch, max_prefill_length=args.max_prefill_length,
+        max_target_length=args.max_target_length, dtype=args.dtype,
+    )
+    options.update(overrides)
+    return workbench.load(args.checkpoint, **options)
