@@ -16,13 +16,13 @@ import workbench  # noqa: E402
 
 def lively_params(engine: workbench.Engine, seed: int = 0) -> nnx.State:
     """Random weights scaled so the model's greedy tokens vary (0.02-std init gives one token
-    over and over, which would make token comparisons weak): fan-in scaling, norms near 1."""
+    over and over, which would make token comparisons weak): twice fan-in scaling, norms near 1."""
     rng = np.random.default_rng(seed)
 
     def draw(leaf):
         if len(leaf.shape) == 1:
             return (1 + 0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)
-        return (rng.standard_normal(leaf.shape) / np.sqrt(leaf.shape[0])).astype(np.float32)
+        return (2 * rng.standard_normal(leaf.shape) / np.sqrt(leaf.shape[0])).astype(np.float32)
 
     return engine.load_params(jax.tree.map(draw, nnx.to_pure_dict(engine.abstract_params)))
 

@@ -124,7 +124,7 @@ class Engine:
             lambda seed: nnx.split(_model(config, seed=seed), nnx.Param, ...)[1],
             static_argnums=0, out_shardings=self.param_shardings,
         )
-        self._place_params_jit = jax.jit(
+        self._cast_params_jit = jax.jit(
             lambda p: jax.tree.map(lambda x, a: x.astype(a.dtype), p, self.abstract_params),
             out_shardings=self.param_shardings,
         )
@@ -207,7 +207,10 @@ class Engine:
         extra = sorted(set(got) - set(want))
         if extra:
             raise ValueError(f"params do not match the model: unexpected entry {extra[0]}")
-        return self._place_params_jit(_fill(self.abstract_params, pure))
+        # device_put moves arrays from any devices (or the host) onto this engine's mesh; the cast
+        # to the model's parameter dtype then runs there, shard by shard.
+        placed = jax.device_put(_fill(self.abstract_params, pure), self.param_shardings)
+        return self._cast_params_jit(placed)
 
     def free_resource(self, slot: int, decode_state: DecodeState | None = None) -> DecodeState | None:
         """Release ``slot``. With a decode state, returns it with the slot emptied (valid=0 until
