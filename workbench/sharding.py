@@ -21,8 +21,8 @@ logical axis       meaning                                     mesh axis
 
 Mesh axes: ``data`` (decode slots), ``fsdp`` (weights' embed dimension, optional), ``tensor``
 (heads and MLP). A dimension whose size the mesh axis does not divide is replicated instead
-(for example 4 kv heads on ``tensor=8``): :func:`logical_to_spec` applies that fallback once,
-for every leaf, so no module has to know the mesh.
+(for example 4 kv heads on ``tensor=8``), and size-1 mesh axes are left out of specs:
+:func:`logical_to_spec` applies both once, for every leaf, so no module has to know the mesh.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def logical_to_spec(
         if (
             mesh_axis is None
             or mesh_axis in used
-            or mesh_axis not in mesh.shape
+            or mesh.shape.get(mesh_axis, 1) == 1  # a size-1 axis shards nothing: keep specs plain
             or size % mesh.shape[mesh_axis] != 0
         ):
             spec.append(None)
