@@ -20,5 +20,14 @@ tour: setup  ## the short tour: default model, 8 simulated CPU devices, prefill 
 test: setup  ## the whole suite: unit tests, parity tests and the notebooks under strict nbval
 	$(PY) -m pytest
 
+notebooks: setup  ## re-execute every notebook in place and store its outputs (what nbval compares)
+	$(PY) -m jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=600 notebooks/*.ipynb
+
+lab: setup  ## JupyterLab on notebooks/, in the project environment
+	$(PY) -m jupyter lab --notebook-dir=notebooks
+
+bench: setup  ## decode speed of the default model (see python -m workbench bench --help)
+	$(PY) -m workbench bench
+
 clean:
 	rm -rf $(VENV) .pytest_cache
