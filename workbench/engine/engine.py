@@ -223,7 +223,7 @@ class Engine:
     # ---- decode state ------------------------------------------------------------------------
     def init_decode_state(self, rng: jax.Array | int | None = None) -> DecodeState:
         """All slots empty; ``rng`` (a key or seed) drives sampling in generate."""
-        key = jax.random.key(rng if isinstance(rng, (int, np.integer)) else 0) if not isinstance(rng, jax.Array) else rng
+        key = jax.random.key(0 if rng is None else rng) if not isinstance(rng, jax.Array) else rng
         return self._init_state_jit(key)
 
     def _init_state_body(self, key: jax.Array) -> DecodeState:
