@@ -13,5 +13,17 @@ from workbench.sharding import RULES, make_mesh
 
 __all__ = [
     "GREEDY", "RULES", "DecodeState", "Engine", "ModelConfig", "Prefix", "ResultTokens", "Sampling", "SlotData",
-    "Transformer", "load", "make_mesh", "preset",
+    "Transformer", "load", "make_mesh", "notebook_setup", "preset",
 ]
+
+
+def __getattr__(name: str):
+    # Notebook-side pieces load on first use, so importing the engine never imports them
+    # (nor treescope, matplotlib or ipywidgets).
+    import importlib
+
+    if name == "notebook_setup":
+        return importlib.import_module("workbench.notebook").notebook_setup
+    if name in ("inspect", "widgets"):
+        return importlib.import_module(f"workbench.{name}")
+    raise AttributeError(f"module 'workbench' has no attribute {name!r}")

@@ -1,0 +1,23 @@
+"""Inspectors: reports and plots over the engine's plain data (never imported by the engine).
+
+    from workbench import inspect
+    inspect.state(engine, params, decode_state)   # the split state, leaf by leaf
+    inspect.kv_cache(decode_state).plot(slot=0)    # the per-layer KV cache
+    before = inspect.snapshot(state)               # insert/generate donate the state
+    inspect.kv_cache_diff(before, engine.insert(prefix, state, 2))
+    inspect.sharding(params).plot()                # bytes per device
+
+Every report prints as aligned, deterministic text, renders as an HTML table in notebooks, and
+returns its rows with ``.to_rows()``.
+"""
+
+from workbench.inspect.kv_diff import KVCacheDiff, kv_cache_diff, snapshot
+from workbench.inspect.kv_report import KVCacheReport, kv_cache
+from workbench.inspect.report import Report
+from workbench.inspect.sharding_report import ShardingReport, sharding
+from workbench.inspect.state_report import StateReport, state
+
+__all__ = [
+    "KVCacheDiff", "KVCacheReport", "Report", "ShardingReport", "StateReport", "kv_cache", "kv_cache_diff",
+    "sharding", "snapshot", "state",
+]

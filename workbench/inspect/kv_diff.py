@@ -1,0 +1,135 @@
+"""``inspect.kv_cache_diff``: what an insert, generate or prefill changed in a KV cache.
+
+insert, bulk_insert, generate and free_resource donate the decode state: after the call the
+arrays you passed are deleted. So take ``before = snapshot(state)`` first (a host copy), then
+``kv_cache_diff(before, state_after)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from workbench.engine import DecodeState, Prefix
+from workbench.inspect.kv_report import kv_source
+from workbench.inspect.report import Column, Report, Table, fmt_int, fmt_ranges, nbytes
+
+T = TypeVar("T")
+# The bookkeeping beside the cache, and the column each prints under.
+_SLOT_FIELDS = {
+    DecodeState: {"positions": "next", "tokens": "token", "lengths": "generated", "active": "active"},
+    Prefix: {"length": "length", "token": "token"},
+}
+
+
+def snapshot(tree: T) -> T:
+    """A copy of ``tree`` (a DecodeState, Prefix, cache ...) that survives donation.
+
+    Arrays are copied to host numpy arrays; PRNG keys, which numpy cannot hold, become fresh
+    device keys with the same data. The snapshot works wherever the original did: in
+    ``kv_cache``, ``kv_cache_diff``, and as a state to hand back to the engine (a rewind).
+    """
+    def copy(x: Any) -> Any:
+        if not isinstance(x, jax.Array):
+            return x
+        if x.is_deleted():
+            raise ValueError("cannot snapshot a donated (deleted) array: snapshot the state before insert/generate")
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(np.array(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        return np.array(x, copy=True)  # a real copy: never a view of a buffer XLA may reuse
+
+    return jax.tree.map(copy, tree)
+
+
+@jax.jit
+def _changed(before_k: tuple, before_v: tuple, after_k: tuple, after_v: tuple) -> jax.Array:
+    """[L, B, S]: whether any key or value element at (layer, slot, position) differs."""
+    def differs(a, b):  # NaN == NaN here: a NaN left in place is not a change
+        return ~((a == b) | (jnp.isnan(a) & jnp.isnan(b)))
+
+    return jnp.stack([
+        jnp.any(differs(bk, ak) | differs(bv, av), axis=(2, 3))
+        for bk, bv, ak, av in zip(before_k, before_v, after_k, after_v)
+    ])
+
+
+def _arrow(before: Any, after: Any) -> str:
+    return str(before) if before == after else f"{before}->{after}"
+
+
+class KVCacheDiff(Report):
+    """Which slots, layers and positions changed between two KV caches.
+
+    ``.slots`` (cache or bookkeeping changed), ``.layers`` (cache changed), ``.positions``
+    ({slot: changed positions, over all layers}); ``to_rows()`` has one row per changed
+    (slot, layer) with its positions and the bytes of k and v written there.
+    """
+
+    def __init__(self, before: Any, after: Any):
+        if type(before) is not type(after):
+            raise TypeError(f"before and after must be the same kind, got {type(before).__name__} and {type(after).__name__}")
+        old, new = kv_source(before, role="before"), kv_source(after, role="after")
+        if old.shape != new.shape or len(old.paths) != len(new.paths):
+            raise ValueError(f"before and after caches differ in shape: {old.shape} x {len(old.paths)} layers "
+                             f"vs {new.shape} x {len(new.paths)} layers")
+        self.mask = np.asarray(_changed(old.keys, old.values, new.keys, new.values))  # [L, B, S]
+        slots, _, heads, dim = new.shape
+        dtype = new.keys[0].dtype
+        rows = []
+        for slot in range(slots):
+            for layer, path in enumerate(new.paths):
+                positions = tuple(int(p) for p in np.flatnonzero(self.mask[layer, slot]))
+                if positions:
+                    rows.append({"slot": slot, "layer": layer, "path": path, "positions": positions,
+                                 "shape": (len(positions), heads, dim), "dtype": str(dtype),
+                                 "bytes": 2 * nbytes((len(positions), heads, dim), dtype)})
+        self._rows = rows
+        fields = {name: (np.asarray(getattr(before, name)).reshape(-1), np.asarray(getattr(after, name)).reshape(-1))
+                  for name in _SLOT_FIELDS.get(type(after), {})}
+        bookkeeping = {s for b, a in fields.values() for s in np.flatnonzero(b != a)}
+        self.slots = tuple(sorted({r["slot"] for r in rows} | {int(s) for s in bookkeeping}))
+        self.layers = tuple(sorted({r["layer"] for r in rows}))
+        self.positions = {s: tuple(sorted({p for r in rows if r["slot"] == s for p in r["positions"]}))
+                          for s in self.slots}
+
+        summary = []
+        for slot in self.slots:
+            groups: dict[tuple[int, ...], list[int]] = {}  # positions -> layers that changed exactly there
+            for r in rows:
+                if r["slot"] == slot:
+                    groups.setdefault(r["positions"], []).append(r["layer"])
+            for positions, layers in sorted(groups.items(), key=lambda g: g[1]) or [((), [])]:
+                line = {"slot": slot, "layers": fmt_ranges(layers), "positions": fmt_ranges(positions),
+                        "count": len(positions)}
+                for name, (b, a) in fields.items():
+                    line[f"state_{name}"] = _arrow(_plain(b[slot]), _plain(a[slot]))
+                summary.append(line)
+        columns = (Column("slot", "slot", str, "right", repeat=False), Column("layers", "layers"),
+                   Column("positions", "positions"), Column("count", "count", fmt_int, "right"))
+        columns += tuple(Column(f"state_{name}", _SLOT_FIELDS[type(after)][name]) for name in fields)
+        changed = ", ".join(str(s) for s in self.slots) or "none"
+        self.title = (
+            f"KV cache diff of a {new.kind}: slots changed: {changed}; layers: {fmt_ranges(self.layers)}; "
+            f"{int(self.mask.sum())} (layer, slot, position) rows written"
+        )
+        self.tables = (Table("", columns, tuple(summary)),) if summary else ()
+        self.notes = ("nothing changed",) if not self.slots else ()
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        return [dict(row) for row in self._rows]
+
+
+def _plain(x: Any) -> Any:
+    return bool(x) if isinstance(x, (bool, np.bool_)) else int(x)
+
+
+def kv_cache_diff(before: DecodeState | Prefix | dict, after: DecodeState | Prefix | dict) -> KVCacheDiff:
+    """What changed from ``before`` to ``after`` (two decode states, prefixes or cache dicts).
+
+    ``before`` must still be readable: since insert/generate donate the decode state, pass
+    ``snapshot(state)`` taken before the call.
+    """
+    return KVCacheDiff(before, after)

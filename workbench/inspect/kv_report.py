@@ -1,0 +1,250 @@
+"""``inspect.kv_cache``: the per-layer KV cache of a decode state (or a prefix), slot by slot.
+
+The statistics are reductions computed where the cache lives; only the small results (one
+number per layer and slot, or the one heatmap a plot draws) come to the host. A position
+counts as *filled* when its key or value row holds anything but zeros: what a write left there,
+measured independently of the engine's own bookkeeping (``next position``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from workbench.engine import DecodeState, Prefix
+from workbench.engine.engine import leaf_paths
+from workbench.inspect import plots
+from workbench.inspect.report import Column, Report, Table, fmt_bytes, fmt_float, fmt_int, nbytes
+
+Tokens = Sequence[int | str] | str | Mapping[int, Sequence[int | str] | str]
+
+
+@dataclasses.dataclass(frozen=True)
+class KVSource:
+    """The caches of one decode state / prefix / cache dict, layer by layer."""
+
+    kind: str  # "decode state", "prefix" or "cache"
+    paths: tuple[str, ...]  # per layer: "layers/0/attn/cache"
+    keys: tuple[Any, ...]  # per layer: [B, S, K, H]
+    values: tuple[Any, ...]
+    next_positions: np.ndarray | None  # [B]: where each slot's next K/V goes
+    active: np.ndarray | None  # [B]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return tuple(self.keys[0].shape)  # B, S, K, H
+
+
+def _layer_number(path: str, order: int) -> int:
+    match = re.search(r"(?:^|/)(\d+)(?:/|$)", path)
+    return int(match.group(1)) if match else order
+
+
+def kv_source(obj: Any, *, role: str = "input") -> KVSource:
+    """The per-layer k/v arrays of a DecodeState, Prefix or pure cache dict (snapshots too)."""
+    if isinstance(obj, DecodeState):
+        kind, cache = "decode state", obj.cache
+    elif isinstance(obj, Prefix):
+        kind, cache = "prefix", obj.cache
+    elif isinstance(obj, dict):
+        kind, cache = "cache", obj
+    else:
+        raise TypeError(f"{role} must be a DecodeState, a Prefix or a cache dict, got {type(obj).__name__}")
+    pairs: dict[str, dict[str, Any]] = {}
+    for path, leaf in leaf_paths(cache).items():
+        if isinstance(leaf, jax.Array) and leaf.is_deleted():
+            raise ValueError(
+                f"the {role}'s cache was donated to insert/generate (its arrays are deleted): take "
+                "workbench.inspect.snapshot(state) before the call, and pass the snapshot"
+            )
+        head, _, name = path.rpartition("/")
+        if name in ("k", "v"):
+            pairs.setdefault(head, {})[name] = leaf
+    if not pairs or any(set(kv) != {"k", "v"} for kv in pairs.values()):
+        raise ValueError(f"the {role} holds no per-layer KV cache (expected '.../k' and '.../v' arrays per layer)")
+    order = sorted(pairs, key=lambda p: _layer_number(p, list(pairs).index(p)))
+    keys, values = tuple(pairs[p]["k"] for p in order), tuple(pairs[p]["v"] for p in order)
+    shapes = {tuple(np.shape(x)) for x in keys + values}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 4:
+        raise ValueError(f"the {role}'s k/v caches must all be [slots, positions, kv_heads, head_dim], got {sorted(shapes)}")
+    next_positions = active = None
+    if kind == "decode state":
+        next_positions, active = np.asarray(obj.positions).astype(int), np.asarray(obj.active).astype(bool)
+    elif kind == "prefix":
+        next_positions = np.asarray(obj.length, dtype=int).reshape(1)
+    return KVSource(kind, tuple(order), keys, values, next_positions, active)
+
+
+@jax.jit
+def _stats(keys: tuple, values: tuple) -> dict[str, jax.Array]:
+    """Per layer and slot ([L, B] each): filled positions, end of the last write, NaN and inf
+    counts, largest finite |k| and |v|."""
+    def one(k, v):  # [B, S, K, H]
+        written = jnp.any((k != 0) | (v != 0), axis=(2, 3))  # [B, S]
+        ends = jnp.where(written, jnp.arange(k.shape[1]) + 1, 0)
+        finite_max = lambda x: jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0), axis=(1, 2, 3)).astype(jnp.float32)
+        count = lambda f: (f(k).sum((1, 2, 3)) + f(v).sum((1, 2, 3))).astype(jnp.int32)
+        return {"filled": written.sum(1), "end": ends.max(1), "nan": count(jnp.isnan), "inf": count(jnp.isinf),
+                "max_abs_k": finite_max(k), "max_abs_v": finite_max(v)}
+
+    per_layer = [one(k, v) for k, v in zip(keys, values)]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+
+
+@functools.partial(jax.jit, static_argnames=("n",))
+def _occupancy(keys: tuple, values: tuple, n: int) -> jax.Array:
+    """[B, n]: how many layers hold a K/V at each slot and position."""
+    return sum(jnp.any((k[:, :n] != 0) | (v[:, :n] != 0), axis=(2, 3)).astype(jnp.int32) for k, v in zip(keys, values))
+
+
+@functools.partial(jax.jit, static_argnames=("n", "head"))
+def _rows(x: jax.Array, slot: jax.Array, n: int, head: int | None) -> jax.Array:
+    """One slot's first ``n`` positions: norms per kv head [n, K], or one head's values [n, H]."""
+    rows = jax.lax.dynamic_index_in_dim(x, slot, 0, keepdims=False)[:n].astype(jnp.float32)  # [n, K, H]
+    return jnp.linalg.norm(rows, axis=-1) if head is None else rows[:, head]
+
+
+def _token_labels(tokens: Tokens | None) -> dict[int | None, list[str]]:
+    """``None`` -> {}; a sequence (or str) -> {None: labels} for every slot; a mapping -> per slot."""
+    if tokens is None:
+        return {}
+
+    def labels(seq: Any) -> list[str]:
+        if isinstance(seq, str):
+            return list(seq)
+        if not isinstance(seq, Sequence) and not isinstance(seq, np.ndarray):
+            raise TypeError(f"tokens must be a sequence of ids or strings, got {type(seq).__name__}")
+        return [str(int(t)) if isinstance(t, (int, np.integer)) else str(t) for t in seq]
+
+    if isinstance(tokens, Mapping):
+        return {int(slot): labels(seq) for slot, seq in tokens.items()}
+    return {None: labels(tokens)}
+
+
+class KVCacheReport(Report):
+    """Per layer and slot: next position, filled positions, NaN/inf counts, max |k| and |v|."""
+
+    def __init__(self, source: KVSource, tokens: Tokens | None = None):
+        self.source = source
+        self._labels = _token_labels(tokens)
+        stats = {name: np.asarray(x) for name, x in _stats(source.keys, source.values).items()}  # [L, B]
+        self.stats = stats
+        slots, length, heads, dim = source.shape
+        dtype = source.keys[0].dtype
+        rows = []
+        for layer, path in enumerate(source.paths):
+            for slot in range(slots):
+                rows.append({
+                    "layer": layer, "slot": slot, "path": path, "shape": (length, heads, dim), "dtype": str(dtype),
+                    "bytes": 2 * nbytes((length, heads, dim), dtype),  # k and v rows of this slot
+                    "active": None if source.active is None else bool(source.active[slot]),
+                    "next_position": None if source.next_positions is None else int(source.next_positions[slot]),
+                    "filled": int(stats["filled"][layer, slot]), "nan": int(stats["nan"][layer, slot]),
+                    "inf": int(stats["inf"][layer, slot]),
+                    "max_abs_k": float(stats["max_abs_k"][layer, slot]),
+                    "max_abs_v": float(stats["max_abs_v"][layer, slot]),
+                })
+        total = sum(r["bytes"] for r in rows)
+        self.title = (
+            f"KV cache of a {source.kind}: {len(source.paths)} layers x {slots} slot{'s' * (slots != 1)} x "
+            f"{length} positions x "
+            f"{heads} kv heads x {dim} dims, k and v in {dtype}, {fmt_bytes(total)}"
+        )
+        dash = lambda x: "-" if x is None else str(x)
+        columns = (
+            Column("layer", "layer", str, "right", repeat=False), Column("slot", "slot", str, "right"),
+            Column("active", "active", dash), Column("next_position", "next", dash, "right"),
+            Column("filled", "filled", str, "right"), Column("nan", "nan", str, "right"),
+            Column("inf", "inf", str, "right"), Column("max_abs_k", "max|k|", fmt_float, "right"),
+            Column("max_abs_v", "max|v|", fmt_float, "right"), Column("bytes", "bytes", fmt_int, "right"),
+        )
+        self.tables = (Table("", columns, tuple(rows)),)
+        odd = [r for r in rows if r["next_position"] is not None and r["active"] is not False
+               and r["filled"] != r["next_position"]]
+        self.notes = tuple(
+            f"layer {r['layer']} slot {r['slot']}: {r['filled']} positions filled, next position {r['next_position']}"
+            for r in odd
+        )
+
+    # ---- plots ---------------------------------------------------------------------------
+    def _positions_shown(self, slots: Sequence[int]) -> int:
+        """Enough positions to show every write and each slot's next position (at least 1)."""
+        _, length, _, _ = self.source.shape
+        ends = [int(self.stats["end"][:, s].max()) for s in slots]
+        if self.source.next_positions is not None:
+            ends += [int(self.source.next_positions[s]) + 1 for s in slots]
+        return max(1, min(length, max(ends)))
+
+    def _xticklabels(self, slot: int | None, n: int) -> list[str] | None:
+        labels = self._labels.get(slot, self._labels.get(None))
+        if labels is None and slot is None and self.source.shape[0] == 1:
+            labels = self._labels.get(0)
+        return None if labels is None else [labels[p] if p < len(labels) else "" for p in range(n)]
+
+    def plot(self, layer: int | None = None, slot: int | None = None, head: int | None = None):
+        """A matplotlib Figure.
+
+        - no arguments: the slot-occupancy map (slots x positions, shaded by layers written,
+          a marker at each slot's next position);
+        - ``slot``: K and V norms over layers x positions (mean over kv heads, or ``head``);
+        - ``layer`` and ``slot`` (``slot`` may be left out for a prefix): K and V norms over
+          kv heads x positions, or with ``head`` that head's K and V values over dims x positions.
+        Token labels (``tokens=`` of ``kv_cache``) mark the position axis.
+        """
+        slots, _, heads, _ = self.source.shape
+        n_layers = len(self.source.paths)
+        for name, value, size in (("layer", layer, n_layers), ("slot", slot, slots), ("head", head, heads)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                                      or not 0 <= value < size):
+                raise ValueError(f"{name} must be an int in 0..{size - 1}, got {value!r}")
+        if layer is not None and slot is None:
+            if slots != 1:
+                raise ValueError(f"plot(layer=...) draws one slot: pass slot= too (0..{slots - 1})")
+            slot = 0
+        if slot is None:
+            if head is not None:
+                raise ValueError("head= picks a head within a layer or slot view: pass layer= or slot= too")
+            n = self._positions_shown(range(slots))
+            written = np.asarray(_occupancy(self.source.keys, self.source.values, n))
+            nexts = [None] * slots if self.source.next_positions is None else [int(p) for p in self.source.next_positions]
+            return plots.occupancy(written, nexts, layers=n_layers, title=f"{self.source.kind}: slot occupancy",
+                                   xticklabels=self._xticklabels(None, n))
+        n = self._positions_shown([slot])
+        ticks = self._xticklabels(slot, n)
+        at = jnp.int32(slot)
+        if layer is None:
+            def per_layer(x):  # [n] per layer: norm of one head, or mean of the heads' norms
+                norms = _rows(x, at, n, None)  # [n, K]
+                return np.asarray(norms[:, head] if head is not None else norms.mean(-1))
+            panels = [(f"|{name}|", np.stack([per_layer(x) for x in xs]))
+                      for name, xs in (("K", self.source.keys), ("V", self.source.values))]
+            which = "mean over kv heads" if head is None else f"kv head {head}"
+            return plots.heatmaps(panels, xlabel="position", ylabel="layer", xticklabels=ticks,
+                                  title=f"slot {slot}: K and V norms per layer ({which})", colorbar="norm",
+                                  yticklabels=[str(i) for i in range(n_layers)])
+        k, v = self.source.keys[layer], self.source.values[layer]
+        panels = [(f"{'|K|' if head is None else 'K'}", np.asarray(_rows(k, at, n, head)).T),
+                  (f"{'|V|' if head is None else 'V'}", np.asarray(_rows(v, at, n, head)).T)]
+        if head is None:
+            return plots.heatmaps(panels, xlabel="position", ylabel="kv head", xticklabels=ticks, colorbar="norm",
+                                  title=f"layer {layer}, slot {slot}: K and V norms per kv head",
+                                  yticklabels=[str(h) for h in range(heads)])
+        return plots.heatmaps(panels, xlabel="position", ylabel="head dim", xticklabels=ticks, colorbar="value",
+                              title=f"layer {layer}, slot {slot}, kv head {head}: K and V values")
+
+
+def kv_cache(decode_state_or_prefix: DecodeState | Prefix | dict, *, tokens: Tokens | None = None) -> KVCacheReport:
+    """Per layer and slot of a decode state (or prefix, or cache dict, or their snapshots):
+    next position, filled positions, NaN/inf counts, max |k| and |v|; ``.plot()`` draws it.
+
+    ``tokens`` label the position axis of plots: one sequence for every slot (a prompt's ids,
+    or a string, one character per position) or ``{slot: sequence}``.
+    """
+    return KVCacheReport(kv_source(decode_state_or_prefix), tokens)

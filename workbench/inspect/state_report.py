@@ -1,0 +1,177 @@
+"""``inspect.state``: the engine's split NNX state -- params, cache and rest -- one row per leaf.
+
+Each row sets what the model declares (the Variable's logical axes in the engine's abstract
+state, and the PartitionSpec the rules table gives them on this mesh) beside what the array
+actually is (its sharding), and flags the leaves where the two disagree. Metadata only: runs
+under ``jax.transfer_guard("disallow")``; ShapeDtypeStructs with shardings work like arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from workbench import sharding as rules_table
+from workbench.engine import DecodeState
+from workbench.engine.engine import leaf_paths
+from workbench.inspect.report import Column, Report, Table, fmt_axes, fmt_bytes, fmt_int, fmt_shape, fmt_spec, nbytes
+from workbench.inspect.sharding_report import leaf_metadata, describe_sharding, placement
+
+_ENGINE_ATTRIBUTES = (
+    "mesh", "rules", "abstract_params", "abstract_prefill_cache", "abstract_decode_cache", "abstract_rest", "rest",
+    "decode_state_shardings",
+)
+_SLOT_FIELDS = ("positions", "tokens", "lengths", "active", "rng")
+
+
+def _variables(abstract_state: nnx.State) -> dict[str, nnx.Variable]:
+    """``{"layers/0/attn/q": Variable}`` with the same path strings as ``leaf_paths``."""
+    flat = jax.tree_util.tree_flatten_with_path(abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+    return {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): v for path, v in flat}
+
+
+def _check_leaves(what: str, want: Mapping[str, Any], got: Mapping[str, Any]) -> None:
+    for path, variable in want.items():
+        if path not in got:
+            raise ValueError(f"{what} do not match the engine: {path} is missing")
+        if tuple(got[path].shape) != tuple(variable.shape):
+            raise ValueError(
+                f"{what} do not match the engine: {path} has shape {tuple(got[path].shape)}, "
+                f"the engine's is {tuple(variable.shape)}"
+            )
+    extra = sorted(set(got) - set(want))
+    if extra:
+        raise ValueError(f"{what} do not match the engine: unexpected entry {extra[0]}")
+
+
+def _row(collection: str, path: str, kind: str, axes: Any, shape: tuple, dtype: Any,
+         actual: Any, expected: NamedSharding, declared: Any) -> dict[str, Any]:
+    ndim = len(shape)
+    sharding = actual if actual is not None else expected  # abstract leaves: where the rules put them
+    where = placement(shape, dtype, sharding)
+    return {
+        "collection": collection, "path": path, "type": kind, "shape": shape, "dtype": str(dtype),
+        "bytes": nbytes(shape, dtype), "axes": tuple(axes) if axes else None,
+        "declared_spec": fmt_spec(declared, ndim), "spec": fmt_spec(expected.spec, ndim),
+        "actual_spec": describe_sharding(actual, ndim) if actual is not None else None,
+        "mismatch": None if actual is None else not actual.is_equivalent_to(expected, ndim),
+        "devices": where.devices, "replication": where.replication,
+        "bytes_per_device": dict(where.bytes_per_device),
+    }
+
+
+def _collection(engine: Any, collection: str, abstract: nnx.State, concrete: Any | None) -> list[dict[str, Any]]:
+    variables = _variables(abstract)
+    leaves = None
+    if concrete is not None:
+        leaves = leaf_paths(concrete)
+        _check_leaves(collection, variables, leaves)
+        # Variables of the concrete State name the type truthfully; a pure dict borrows the engine's.
+        if isinstance(concrete, nnx.State):
+            variables = {**variables, **_variables(concrete)}
+    rows = []
+    for path, variable in variables.items():
+        axes = variable.get_metadata().get("out_sharding")
+        shape, dtype = tuple(variable.shape), variable.dtype
+        actual = None
+        if leaves is not None:
+            shape, dtype, actual = leaf_metadata(f"{collection} {path}", leaves[path])
+        expected = NamedSharding(engine.mesh, rules_table.logical_to_spec(axes, shape, engine.mesh, engine.rules))
+        declared = rules_table.declared_spec(axes, engine.rules)
+        rows.append(_row(collection, path, type(variable).__name__, axes, shape, dtype, actual, expected, declared))
+    return rows
+
+
+def _slot_rows(engine: Any, decode_state: DecodeState) -> list[dict[str, Any]]:
+    rows = []
+    for name in _SLOT_FIELDS:
+        shape, dtype, actual = leaf_metadata(f"decode {name}", getattr(decode_state, name))
+        expected = getattr(engine.decode_state_shardings, name)
+        rows.append(_row("decode", name, "-", None, shape, dtype, actual, expected, expected.spec))
+    return rows
+
+
+class StateReport(Report):
+    """Rows per leaf of params, cache and rest (and the decode state's slot arrays), with totals."""
+
+    def __init__(self, rows: list[dict[str, Any]], cache_source: str, mesh: Any):
+        self.totals: dict[str, dict[str, int]] = {}
+        for row in rows:
+            total = self.totals.setdefault(row["collection"], {"arrays": 0, "bytes": 0, "device_bytes": 0})
+            total["arrays"] += 1
+            total["bytes"] += row["bytes"]
+            total["device_bytes"] += sum(row["bytes_per_device"].values())
+        for name, total in self.totals.items():
+            per_device: dict[int, int] = {}
+            for row in rows:
+                if row["collection"] == name:
+                    for device, n in row["bytes_per_device"].items():
+                        per_device[device] = per_device.get(device, 0) + n
+            total["max_device_bytes"] = max(per_device.values())
+        self.mismatches = tuple(f"{r['collection']}/{r['path']}" for r in rows if r["mismatch"])
+
+        def check(row: dict[str, Any]) -> str:
+            return "abstract" if row["mismatch"] is None else ("MISMATCH" if row["mismatch"] else "ok")
+
+        shown = [{**r, "check": check(r), "n_devices": len(r["devices"]),
+                  "rules": r["spec"] + ("*" if r["spec"] != r["declared_spec"] else "")} for r in rows]
+        columns = (
+            Column("collection", "collection", repeat=False), Column("path", "path"), Column("type", "type"),
+            Column("shape", "shape", fmt_shape), Column("dtype", "dtype"), Column("bytes", "bytes", fmt_int, "right"),
+            Column("axes", "logical axes", fmt_axes), Column("rules", "rules give"),
+            Column("actual_spec", "actual", lambda s: "-" if s is None else s), Column("check", "check"),
+            Column("n_devices", "devices", str, "right"), Column("replication", "copies", str, "right"),
+        )
+        total_rows = tuple({"collection": k, **v} for k, v in self.totals.items())
+        total_columns = (
+            Column("collection", "collection"), Column("arrays", "arrays", str, "right"),
+            Column("bytes", "bytes", fmt_int, "right"), Column("bytes", "", fmt_bytes, "right"),
+            Column("device_bytes", "on all devices", fmt_bytes, "right"),
+            Column("max_device_bytes", "max per device", fmt_bytes, "right"),
+        )
+        self._rows = rows
+        self.title = f"split state on mesh {rules_table.describe_mesh(mesh)}: cache = {cache_source}"
+        self.tables = (Table("", columns, tuple(shown)), Table("totals", total_columns, total_rows))
+        notes = [f"mismatches: {', '.join(self.mismatches) if self.mismatches else 'none'}"]
+        if any(r["spec"] != r["declared_spec"] for r in rows):
+            notes.append(
+                "* not the rules table's spec (declared_spec): a mesh axis of size 1, or one that does not "
+                "divide the dimension, leaves that dimension unsplit"
+            )
+        self.notes = tuple(notes)
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        return [dict(row) for row in self._rows]
+
+
+def state(engine: Any, params: nnx.State | dict, decode_state: DecodeState | None = None) -> StateReport:
+    """The split state of ``engine`` with ``params``: one row per leaf of params, cache, rest.
+
+    The cache is the engine's prefill cache (abstract: where the rules would put it) or, with
+    ``decode_state``, that state's cache -- plus its slot arrays (positions, tokens, ...) as a
+    ``decode`` collection. Row keys: collection, path, type, shape, dtype, bytes, axes,
+    declared_spec (the rules table), spec (the rules on this mesh, after the divisibility
+    fallback), actual_spec, mismatch (None for abstract leaves), devices, replication,
+    bytes_per_device. ``.totals`` sums each collection; ``.mismatches`` names the flagged leaves.
+    """
+    missing = [name for name in _ENGINE_ATTRIBUTES if not hasattr(engine, name)]
+    if missing:
+        raise TypeError(f"engine must be a workbench Engine; a {type(engine).__name__} has no {missing[0]!r}")
+    if not isinstance(params, (nnx.State, dict)):
+        raise TypeError(f"params must be an nnx.State or a pure dict, got {type(params).__name__}")
+    if decode_state is not None and not isinstance(decode_state, DecodeState):
+        raise TypeError(f"decode_state must be a DecodeState or None, got {type(decode_state).__name__}")
+    rows = _collection(engine, "params", engine.abstract_params, params)
+    if decode_state is None:
+        rows += _collection(engine, "cache", engine.abstract_prefill_cache, None)
+        source = "prefill cache (abstract)"
+    else:
+        rows += _collection(engine, "cache", engine.abstract_decode_cache, decode_state.cache)
+        rows += _slot_rows(engine, decode_state)
+        source = "decode state"
+    rows += _collection(engine, "rest", engine.abstract_rest, engine.rest)
+    return StateReport(rows, source, engine.mesh)
