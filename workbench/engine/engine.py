@@ -174,6 +174,14 @@ class Engine:
     def get_prefix_destination_sharding(self) -> Prefix:
         return self.prefix_shardings
 
+    tokenizer: Any = None  # set by workbench.load to the checkpoint's tokenizer, when it has one
+
+    def get_tokenizer(self) -> Any:
+        """The checkpoint's tokenizer (JetStream's name for it); ValueError when there is none."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: give token ids instead of text")
+        return self.tokenizer
+
     def forward(self, params: Params, tokens: jax.Array | np.ndarray) -> jax.Array:
         """Float32 logits [B, T, V] of a full forward pass over ``tokens`` [B, T] with no cache:
         the oracle every cached path (prefill, chunks, insert, generate) must reproduce."""
