@@ -1,16 +1,26 @@
-"""``workbench.load``: one call from a checkpoint (or none) to an engine and its params."""
+"""``workbench.load``: one call from a checkpoint (or none) to an engine and its params.
+
+A checkpoint is a directory: a workbench checkpoint (``workbench.json`` + orbax ``params/``) or
+a Hugging Face one (``config.json`` + ``*.safetensors``). Either way the weights go straight
+into the engine's shardings, and the engine's ``tokenizer`` is the checkpoint's.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+import jax
+from flax import nnx
 from jax.sharding import Mesh
 
 from workbench.engine import Engine, Params
 from workbench.model import ModelConfig
 from workbench.sharding import make_mesh
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
 
 
 def load(
@@ -23,28 +33,80 @@ def load(
     dtype: str | None = None,
     config: ModelConfig | None = None,
     seed: int = 0,
+    progress: bool | None = None,
 ) -> tuple[Engine, Params]:
-    """An engine and its params on ``mesh``.
+    """An engine and its params on ``mesh``; the tokenizer is ``engine.get_tokenizer()``.
 
     Args:
-      checkpoint: None for the default model, or a checkpoint directory.
+      checkpoint: a workbench or Hugging Face checkpoint directory; None for the default model
+        (the committed one in ``workbench/assets/default_model`` when present, else seeded
+        random weights of ``ModelConfig.tiny()``).
       mesh: axis sizes such as ``{"data": 2, "tensor": 4}``, a ``jax.sharding.Mesh``, or None
         (every device on ``data``).
       decode_batch_size / max_prefill_length / max_target_length: the engine's shape.
       dtype: "float32" or "bfloat16" for both weights and compute; None keeps the model's.
       config: with ``checkpoint=None``, a model config to build with seeded random weights.
       seed: the seed of random weights.
+      progress: a progress bar on stderr while reading a Hugging Face checkpoint (None: only
+        for large ones).
     """
     mesh = make_mesh(mesh)
-    params: Any = None
+    shape = dict(decode_batch_size=decode_batch_size, max_prefill_length=max_prefill_length,
+                 max_target_length=max_target_length)
+    if checkpoint is None and config is None and (DEFAULT_MODEL_DIR / "workbench.json").is_file():
+        checkpoint = DEFAULT_MODEL_DIR
     if checkpoint is None:
-        config = config or ModelConfig.tiny()
+        from workbench.checkpoints.tokenizer import default_tokenizer
+
+        engine = Engine(_with_dtype(config or ModelConfig.tiny(), dtype), mesh, **shape)
+        params = engine.load_params(None, seed=seed)
+        engine.tokenizer = default_tokenizer(engine.config)
+        return engine, params
+    if config is not None:
+        raise ValueError("config= builds a model with random weights; it cannot be combined with a checkpoint")
+    path = Path(checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"checkpoint {os.fspath(path)!r} is not a directory")
+
+    from workbench import checkpoints as ckpt
+
+    if ckpt.is_workbench_checkpoint(path):
+        manifest = ckpt.read_manifest(path)
+        try:
+            saved = ModelConfig.from_dict(manifest["model"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"corrupt workbench checkpoint {os.fspath(path)!r}: bad model config ({error})") from None
+        engine = Engine(_with_dtype(saved, dtype), mesh, **shape)
+        # orbax reads each shard onto its device and casts to the engine's dtype on the way in.
+        pure = ckpt.restore_params(path, ckpt.abstract_target(engine.abstract_params, engine.param_shardings))
+        engine.tokenizer = ckpt.tokenizer_from_manifest(manifest.get("tokenizer"), path, engine.config)
+    elif ckpt.is_hf_checkpoint(path):
+        engine = Engine(_with_dtype(ckpt.read_hf_config(path), dtype), mesh, **shape)
+        pure = ckpt.load_hf_params(path, engine, progress=progress)
+        engine.tokenizer = ckpt.tokenizer_for_hf_dir(path, engine.config)
     else:
-        raise ValueError(f"cannot load checkpoint {os.fspath(checkpoint)!r}: checkpoint loading is not available yet")
-    if dtype is not None:
-        config = config.replace(dtype=dtype, param_dtype=dtype)
-    engine = Engine(
-        config, mesh, decode_batch_size=decode_batch_size, max_prefill_length=max_prefill_length,
-        max_target_length=max_target_length,
-    )
-    return engine, engine.load_params(params, seed=seed)
+        raise ValueError(
+            f"{os.fspath(path)!r} is neither a workbench checkpoint (workbench.json) "
+            "nor a Hugging Face checkpoint (config.json)"
+        )
+    return engine, _as_params(engine, pure)
+
+
+def _with_dtype(config: ModelConfig, dtype: str | None) -> ModelConfig:
+    return config if dtype is None else config.replace(dtype=dtype, param_dtype=dtype)
+
+
+def _as_params(engine: Engine, pure: dict) -> Params:
+    """Arrays already placed in the engine's shardings and dtype, wrapped as its params State.
+
+    Not ``engine.load_params``: its cast would hold a second copy of every weight on device.
+    """
+    placed = jax.tree.leaves(pure)
+    expected = jax.tree.leaves(nnx.to_pure_dict(engine.abstract_params))
+    if len(placed) != len(expected) or any(a.shape != b.shape for a, b in zip(placed, expected)):
+        raise ValueError("checkpoint params do not match the model config")
+    state = jax.tree.map(lambda leaf: leaf, engine.abstract_params)
+    nnx.replace_by_pure_dict(state, pure)
+    return state

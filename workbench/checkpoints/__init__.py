@@ -1,8 +1,17 @@
-"""Checkpoints: workbench (orbax) directories; Hugging Face import and tokenizers come next."""
+"""Checkpoints: workbench (orbax) directories, Hugging Face safetensors import, tokenizers."""
 
+from workbench.checkpoints.hf import config_from_hf, is_hf_checkpoint, load_hf_params, read_hf_config
 from workbench.checkpoints.orbax import (
     abstract_target, is_workbench_checkpoint, read_config, read_manifest, restore_params, save_checkpoint,
 )
+from workbench.checkpoints.tokenizer import (
+    ByteTokenizer, HFTokenizer, StreamDecoder, Tokenizer, default_tokenizer, tokenizer_for_hf_dir,
+    tokenizer_from_manifest,
+)
 
-__all__ = ["abstract_target", "is_workbench_checkpoint", "read_config", "read_manifest", "restore_params",
-           "save_checkpoint"]
+__all__ = [
+    "ByteTokenizer", "HFTokenizer", "StreamDecoder", "Tokenizer", "abstract_target", "config_from_hf",
+    "default_tokenizer", "is_hf_checkpoint", "is_workbench_checkpoint", "load_hf_params", "read_config",
+    "read_hf_config", "read_manifest", "restore_params", "save_checkpoint", "tokenizer_for_hf_dir",
+    "tokenizer_from_manifest",
+]

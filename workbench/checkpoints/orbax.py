@@ -7,7 +7,8 @@ Layout of a checkpoint directory::
     params/          orbax StandardCheckpointer of nnx.to_pure_dict(params)
 
 Restores go straight into the target shardings, so a checkpoint saved on one mesh restores on
-any other.
+any other (and into another dtype, cast by orbax on the way in). Other files in the directory
+(a README, training records) are left alone.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from workbench.checkpoints.tokenizer import Tokenizer
 from workbench.model import ModelConfig
 
 MANIFEST = "workbench.json"
@@ -31,9 +33,17 @@ def is_workbench_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def save_checkpoint(
-    path: str | os.PathLike, config: ModelConfig, params: nnx.State | dict, *, tokenizer: dict | None = None
+    path: str | os.PathLike,
+    config: ModelConfig,
+    params: nnx.State | dict,
+    *,
+    tokenizer: Tokenizer | dict | None = None,
 ) -> Path:
-    """Write ``params`` (State or pure dict) and ``config`` to a new directory ``path``."""
+    """Write ``params`` (State or pure dict) and ``config`` to a new directory ``path``.
+
+    ``tokenizer``: a Tokenizer (say ``engine.tokenizer``; its files are copied in), or its
+    manifest entry such as ``{"type": "bytes"}``, or None.
+    """
     path = Path(path).absolute()
     if path.exists() and any(path.iterdir()):
         raise FileExistsError(f"checkpoint directory {path} exists and is not empty")
@@ -41,6 +51,8 @@ def save_checkpoint(
     pure = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path / "params", pure)
+    if isinstance(tokenizer, Tokenizer):
+        tokenizer = tokenizer.save(path)
     manifest = {"format": "workbench", "version": 1, "model": config.to_dict(), "tokenizer": tokenizer}
     (path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return path
@@ -63,9 +75,19 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
 
 def restore_params(path: str | os.PathLike, target: Any) -> dict:
     """The saved params as a pure dict, restored into ``target``: a pure dict of
-    ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)`` (say, from the engine's abstract params)."""
-    with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(Path(path).absolute() / "params", target)
+    ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)`` (say, from the engine's abstract params).
+
+    A missing, truncated or mismatched ``params/`` raises ValueError with orbax's first line.
+    """
+    params = Path(path).absolute() / "params"
+    if not params.is_dir():
+        raise ValueError(f"corrupt workbench checkpoint {Path(path)}: params/ is missing")
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(params, target)
+    except Exception as error:  # orbax and tensorstore raise many types, with long messages
+        first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise ValueError(f"corrupt workbench checkpoint {Path(path)}: cannot restore params ({first})") from None
 
 
 def abstract_target(abstract_params: nnx.State, shardings: Any) -> dict:

@@ -1,0 +1,146 @@
+"""The scheduler against the uncached forward pass, and its slot bookkeeping against its event log."""
+
+import collections
+
+import numpy as np
+import pytest
+
+import workbench
+from workbench.engine.scheduler import Scheduler, run_requests
+from conftest import lively_params
+
+SLOTS, PREFILL, TARGET = 2, 16, 64
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return workbench.Engine(workbench.ModelConfig.tiny(), workbench.make_mesh({"data": 2, "tensor": 4}),
+                            decode_batch_size=SLOTS, max_prefill_length=PREFILL, max_target_length=TARGET)
+
+
+@pytest.fixture(scope="module")
+def params(engine):
+    return lively_params(engine)
+
+
+def prompt(length, seed):
+    return np.random.default_rng(seed).integers(0, 256, size=length).tolist()
+
+
+PROMPTS = [prompt(3, 0), prompt(20, 1), prompt(9, 2), prompt(37, 3), prompt(5, 4)]  # 20 and 37: chunked
+
+
+@pytest.fixture(scope="module")
+def greedy_run(engine, params):
+    scheduler = Scheduler(engine, params, return_logits=True)
+    for p in PROMPTS:
+        scheduler.submit(p, max_new_tokens=7, ignore_eos=True)
+    return scheduler, scheduler.run()
+
+
+def test_tokens_and_logits_equal_the_uncached_forward(engine, params, greedy_run):
+    _, completions = greedy_run
+    assert [c.request.prompt for c in completions] == [tuple(p) for p in PROMPTS]
+    for completion in completions:
+        tokens, p = completion.tokens, list(completion.request.prompt)
+        full = np.asarray(engine.forward(params, np.array([p + tokens[:-1]])))[0]
+        expected = full[len(p) - 1 :]  # the rows the generated tokens were chosen from
+        assert tokens == expected.argmax(-1).tolist()
+        assert len(set(tokens)) > 1, "weights too dull: the comparison would prove little"
+        assert completion.logits.shape == (7, engine.config.vocab_size)
+        np.testing.assert_allclose(completion.logits, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+        assert completion.finish_reason == "max_new_tokens"
+
+
+def test_event_log_shows_requests_entering_and_leaving_slots(greedy_run):
+    scheduler, _ = greedy_run
+    occupant, admitted_late = {}, 0
+    per_request = collections.defaultdict(list)
+    for event in scheduler.events:
+        per_request[event.request].append(event.kind)
+        if event.kind == "insert":
+            assert event.slot not in occupant, "inserted into an occupied slot"
+            occupant[event.slot] = event.request
+            admitted_late += event.step > 0
+        elif event.kind == "free":
+            assert occupant.pop(event.slot) == event.request
+        assert len(occupant) <= SLOTS
+    assert not occupant
+    assert all(kinds == ["prefill", "insert", "finish", "free"] for kinds in per_request.values())
+    assert sorted(per_request) == list(range(len(PROMPTS)))
+    assert admitted_late == len(PROMPTS) - SLOTS, "requests beyond the slots wait in the queue"
+    chunks = [e.detail for e in scheduler.events if e.kind == "prefill"]
+    assert chunks == ["1 chunk(s)", "2 chunk(s)", "1 chunk(s)", "3 chunk(s)", "1 chunk(s)"]
+    # Each request runs 6 generate steps after its prefill; two slots -> ceil over three waves.
+    assert scheduler.step_count == 18
+
+
+def test_eos_ends_a_request_unless_ignored(engine, params, greedy_run):
+    _, completions = greedy_run
+    tokens = completions[2].tokens
+    stop = next(i for i in range(1, len(tokens)) if tokens[i] not in tokens[:i])  # a token's first appearance
+    eos = tokens[stop]
+    ended = run_requests(engine, params, [PROMPTS[2]], max_new_tokens=7, eos_ids=[eos])[0]
+    assert ended.tokens == tokens[: stop + 1] and ended.finish_reason == "eos"
+    ignored = run_requests(engine, params, [PROMPTS[2]], max_new_tokens=7, eos_ids=[eos], ignore_eos=True)[0]
+    assert ignored.tokens == tokens
+
+
+def test_eos_as_the_first_token_never_takes_a_slot(engine, params, greedy_run):
+    _, completions = greedy_run
+    scheduler = Scheduler(engine, params, eos_ids=[completions[0].tokens[0]])
+    scheduler.submit(PROMPTS[0], max_new_tokens=5)
+    scheduler.submit(PROMPTS[2], max_new_tokens=3, ignore_eos=True)
+    first, second = scheduler.run()
+    assert first.tokens == completions[0].tokens[:1] and first.finish_reason == "eos"
+    assert second.tokens == completions[2].tokens[:3]
+    kinds = [(e.request, e.kind, e.slot) for e in scheduler.events]
+    assert kinds[:4] == [(0, "prefill", 0), (0, "finish", 0), (0, "free", 0), (1, "prefill", 0)]
+    assert (0, "insert", 0) not in kinds
+
+
+def test_max_target_length_ends_a_request(engine, params):
+    long_prompt = prompt(TARGET - 4, 5)
+    (completion,) = run_requests(engine, params, [long_prompt], max_new_tokens=10, ignore_eos=True)
+    assert len(completion.tokens) == 4 and completion.finish_reason == "max_target_length"
+    full = np.asarray(engine.forward(params, np.array([long_prompt + completion.tokens[:-1]])))[0]
+    assert completion.tokens == full[len(long_prompt) - 1 :].argmax(-1).tolist()
+
+
+def test_callbacks_stream_every_token_in_order(engine, params, greedy_run):
+    _, expected = greedy_run
+    streamed, finished = collections.defaultdict(list), []
+    scheduler = Scheduler(engine, params, on_token=lambda r, t: streamed[r.id].append(t),
+                          on_finish=lambda c: finished.append(c.request.id))
+    for p in PROMPTS[:3]:
+        scheduler.submit(p, max_new_tokens=7, ignore_eos=True)
+    completions = scheduler.run()
+    assert [streamed[i] for i in range(3)] == [c.tokens for c in completions] == [c.tokens for c in expected[:3]]
+    assert sorted(finished) == [0, 1, 2] and completions[0].logits is None
+
+
+def test_sampling_repeats_for_a_seed(engine, params):
+    def sample(seed):
+        return [c.tokens for c in run_requests(engine, params, PROMPTS[:3], max_new_tokens=6, ignore_eos=True,
+                                               sampling=workbench.Sampling(temperature=1.0), seed=seed)]
+
+    first = sample(1)
+    assert first == sample(1)
+    assert first != sample(2)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ([], "non-empty"),
+    ([1, 384], "outside the vocabulary"),
+    ([-1], "outside the vocabulary"),
+    (list(range(TARGET)), "no room"),
+    ([1.5], "integers"),
+])
+def test_bad_requests(engine, params, bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        Scheduler(engine, params).submit(bad, max_new_tokens=4)
+
+
+def test_bad_max_new_tokens(engine, params):
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        Scheduler(engine, params).submit([1, 2], max_new_tokens=0)

@@ -1,0 +1,338 @@
+"""Hugging Face checkpoints: ``config.json`` -> ModelConfig, ``*.safetensors`` -> params on a mesh.
+
+Supported: LlamaForCausalLM (with Llama-3 rope scaling), MistralForCausalLM (sliding window) and
+Qwen2ForCausalLM (q/k/v bias, tied embeddings). Anything else -- another architecture, another
+rope type, biases elsewhere, experts, quantization -- is refused by name rather than loaded wrong.
+
+Every tensor goes straight into its target sharding, shard by shard: for each device,
+``jax.make_array_from_callback`` asks for the region of our array that device holds, and we
+read just that region from the file (``safe_open(...).get_slice``), reshape it from HF's layout
+to ours, and hand it over. The whole model is never on one device, nor twice on the host.
+
+HF stores a projection as ``[out, in]`` with heads flattened into one axis; we store
+``q [D, N, H]``, ``o [N, H, D]``, ``gate [D, F]`` and so on (see ``_layouts``). HF Llama's rope
+is the "rotate half" layout, which is ours, so q/k rows need no permutation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from workbench.engine import Engine
+from workbench.engine.engine import leaf_paths
+from workbench.model import ModelConfig, RopeScaling
+
+CONFIG_FILE = "config.json"
+INDEX_FILE = "model.safetensors.index.json"
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+ROPE_TYPES = ("default", "llama3")
+CHECKPOINT_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float32"}  # f16 widens exactly
+TENSOR_DTYPES = ("F32", "BF16", "F16")
+PROGRESS_BYTES = 256 * 2**20  # show a progress bar from this checkpoint size on
+
+
+def is_hf_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+# ---- config ------------------------------------------------------------------------------------
+def read_hf_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of the HF checkpoint in directory ``path`` (config.json, plus the EOS ids
+    of generation_config.json when it lists more)."""
+    path = Path(path)
+    hf = _read_json(path / CONFIG_FILE)
+    generation = path / "generation_config.json"
+    if generation.is_file():
+        extra = _ids(_read_json(generation).get("eos_token_id"))
+        hf = {**hf, "eos_token_id": list(dict.fromkeys(_ids(hf.get("eos_token_id")) + extra))}
+    return config_from_hf(hf)
+
+
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """Map an HF config dict to ours; raise ValueError naming the first unsupported feature."""
+    architectures = hf.get("architectures") or []
+    if len(architectures) != 1 or architectures[0] not in ARCHITECTURES:
+        named = ", ".join(architectures) or f"model_type {hf.get('model_type')!r}"
+        raise ValueError(f"unsupported architecture {named}; supported: {', '.join(ARCHITECTURES)}")
+    family = ARCHITECTURES[architectures[0]]
+
+    def refuse(feature: str) -> None:
+        raise ValueError(f"unsupported {architectures[0]} feature: {feature}")
+
+    if hf.get("quantization_config"):
+        refuse(f"quantization_config ({hf['quantization_config'].get('quant_method', 'quantized weights')})")
+    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
+        if hf.get(key):
+            refuse(f"mixture of experts ({key}={hf[key]})")
+    if hf.get("hidden_act", "silu") != "silu":
+        refuse(f"hidden_act {hf['hidden_act']!r} (only silu)")
+    if hf.get("attention_bias"):
+        refuse("attention_bias (bias on the q/k/v/o projections)")
+    if hf.get("mlp_bias"):
+        refuse("mlp_bias")
+    theta, scaling = _rope(hf, refuse)
+
+    heads = hf["num_attention_heads"]
+    dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    if dtype not in CHECKPOINT_DTYPES:
+        refuse(f"dtype {dtype!r}")
+    eos = _ids(hf.get("eos_token_id"))
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], embed_dim=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, mlp_dim=hf["intermediate_size"],
+        rope_theta=theta, rope_scaling=scaling, norm_eps=hf.get("rms_norm_eps", 1e-6),
+        qkv_bias=family == "qwen2", sliding_window=_sliding_window(hf, family, refuse),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        dtype=CHECKPOINT_DTYPES[dtype], param_dtype=CHECKPOINT_DTYPES[dtype],
+        bos_id=hf.get("bos_token_id"), eos_ids=tuple(eos), pad_id=hf.get("pad_token_id") or 0,
+    )
+
+
+def _rope(hf: dict[str, Any], refuse: Callable[[str], None]) -> tuple[float, RopeScaling | None]:
+    # transformers 5 writes rope_parameters (theta inside); older configs rope_theta + rope_scaling.
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        refuse(f"rope_type {kind!r} (supported: {', '.join(ROPE_TYPES)})")
+    if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        refuse("partial_rotary_factor")
+    if kind == "default":
+        return theta, None
+    return theta, RopeScaling(
+        factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
+        high_freq_factor=float(rope["high_freq_factor"]),
+        original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+    )
+
+
+def _sliding_window(hf: dict[str, Any], family: str, refuse: Callable[[str], None]) -> int | None:
+    window = hf.get("sliding_window")
+    if family == "qwen2" and not hf.get("use_sliding_window", False):
+        window = None
+    if family == "llama" or window is None:
+        return None
+    layer_types = hf.get("layer_types")
+    if layer_types is None and family == "qwen2":  # older Qwen2 configs: windows from max_window_layers on
+        first = hf.get("max_window_layers", 0)
+        layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(hf["num_hidden_layers"])]
+    if layer_types is not None and len(set(layer_types)) > 1:
+        refuse("sliding window on some layers only (layer_types mixes full and sliding attention)")
+    if layer_types is not None and layer_types and layer_types[0] == "full_attention":
+        return None
+    return int(window)
+
+
+def _ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, list) else [value])]
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        return json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"corrupt Hugging Face checkpoint: cannot read {file} ({error})") from None
+
+
+# ---- layouts -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Layout:
+    """Where one of our params sits in an HF tensor: HF dim ``i`` splits into the sizes
+    ``groups[i]`` (say ``N*H -> (N, H)``), and our axis ``j`` is axis ``perm[j]`` of that split."""
+
+    name: str
+    groups: tuple[tuple[int, ...], ...]
+    perm: tuple[int, ...]
+
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        return tuple(math.prod(sizes) for sizes in self.groups)
+
+
+def _layouts(config: ModelConfig) -> dict[str, Layout]:
+    """Our param path -> its HF tensor and layout, for every param of ``config``."""
+    d, n, k, h, f, v = (config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim, config.mlp_dim,
+                        config.vocab_size)
+    layouts = {
+        "embed/embedding": Layout("model.embed_tokens.weight", ((v,), (d,)), (0, 1)),  # [V, D]
+        "final_norm/scale": Layout("model.norm.weight", ((d,),), (0,)),
+    }
+    if not config.tie_embeddings:
+        layouts["lm_head"] = Layout("lm_head.weight", ((v,), (d,)), (1, 0))  # [V, D] -> [D, V]
+    for i in range(config.num_layers):
+        hf, ours = f"model.layers.{i}", f"layers/{i}"
+        layouts |= {
+            f"{ours}/attn_norm/scale": Layout(f"{hf}.input_layernorm.weight", ((d,),), (0,)),
+            f"{ours}/mlp_norm/scale": Layout(f"{hf}.post_attention_layernorm.weight", ((d,),), (0,)),
+            f"{ours}/attn/q": Layout(f"{hf}.self_attn.q_proj.weight", ((n, h), (d,)), (2, 0, 1)),  # [N*H, D] -> [D, N, H]
+            f"{ours}/attn/k": Layout(f"{hf}.self_attn.k_proj.weight", ((k, h), (d,)), (2, 0, 1)),
+            f"{ours}/attn/v": Layout(f"{hf}.self_attn.v_proj.weight", ((k, h), (d,)), (2, 0, 1)),
+            f"{ours}/attn/o": Layout(f"{hf}.self_attn.o_proj.weight", ((d,), (n, h)), (1, 2, 0)),  # [D, N*H] -> [N, H, D]
+            f"{ours}/mlp/gate": Layout(f"{hf}.mlp.gate_proj.weight", ((f,), (d,)), (1, 0)),  # [F, D] -> [D, F]
+            f"{ours}/mlp/up": Layout(f"{hf}.mlp.up_proj.weight", ((f,), (d,)), (1, 0)),
+            f"{ours}/mlp/down": Layout(f"{hf}.mlp.down_proj.weight", ((d,), (f,)), (1, 0)),  # [D, F] -> [F, D]
+        }
+        if config.qkv_bias:
+            layouts |= {
+                f"{ours}/attn/q_bias": Layout(f"{hf}.self_attn.q_proj.bias", ((n, h),), (0, 1)),  # [N*H] -> [N, H]
+                f"{ours}/attn/k_bias": Layout(f"{hf}.self_attn.k_proj.bias", ((k, h),), (0, 1)),
+                f"{ours}/attn/v_bias": Layout(f"{hf}.self_attn.v_proj.bias", ((k, h),), (0, 1)),
+            }
+    return layouts
+
+
+def read_region(tensor: Any, layout: Layout, index: tuple[slice, ...], shape: tuple[int, ...]) -> np.ndarray:
+    """``ours[index]`` read from the HF ``tensor`` (anything sliceable, e.g. a safetensors slice),
+    touching only the HF rows and columns that region needs."""
+    ranges = [s.indices(size)[:2] for s, size in zip(index, shape)]  # our axis -> (start, stop)
+    split_ranges: list[tuple[int, int]] = [(0, 0)] * len(ranges)
+    for axis, split_axis in enumerate(layout.perm):
+        split_ranges[split_axis] = ranges[axis]
+    hf_index, block_shape, within = [], [], []
+    axis = 0
+    for sizes in layout.groups:
+        # An HF dim split into (a, b, ...): the region's a-range is contiguous in HF rows when b...
+        # are whole; read that a-range of full rows, then cut b... after the reshape.
+        inner = math.prod(sizes[1:])
+        start, stop = split_ranges[axis]
+        hf_index.append(slice(start * inner, stop * inner))
+        block_shape += [stop - start, *sizes[1:]]
+        within += [slice(None)] + [slice(*split_ranges[axis + j]) for j in range(1, len(sizes))]
+        axis += len(sizes)
+    block = np.asarray(tensor[tuple(hf_index)]).reshape(block_shape)
+    return block[tuple(within)].transpose(layout.perm)
+
+
+# ---- tensors -----------------------------------------------------------------------------------
+def _tensor_files(path: Path) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file holding it."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"corrupt Hugging Face checkpoint: {index} has no weight_map")
+        return {name: path / file for name, file in weight_map.items()}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        other = sorted(p.name for p in path.glob("*.bin"))
+        hint = f" (found {other[0]}: only safetensors checkpoints are supported)" if other else ""
+        raise ValueError(f"no *.safetensors files in Hugging Face checkpoint {path}{hint}")
+    from safetensors import safe_open
+
+    names = {}
+    for file in files:
+        with safe_open(file, framework="numpy") as handle:
+            names |= {name: file for name in handle.keys()}
+    return names
+
+
+@contextlib.contextmanager
+def _open_tensors(files: dict[str, Path]) -> Iterator[Callable[[str], Any]]:
+    """``get(name)``: a lazily read safetensors slice; each file is opened once."""
+    from safetensors import safe_open
+
+    with contextlib.ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+
+        def get(name: str) -> Any:
+            file = files[name]
+            if file not in handles:
+                if not file.is_file():
+                    raise ValueError(f"corrupt Hugging Face checkpoint: {file.name} (holding {name}) is missing")
+                handles[file] = stack.enter_context(safe_open(file, framework="numpy"))
+            return handles[file].get_slice(name)
+
+        yield get
+
+
+def _check_tensors(files: dict[str, Path], layouts: dict[str, Layout], config: ModelConfig) -> None:
+    wanted = {layout.name for layout in layouts.values()}
+    missing = sorted(wanted - set(files))
+    if missing:
+        raise ValueError(f"Hugging Face checkpoint lacks tensor {missing[0]} ({len(missing)} missing in all)")
+    ignored = {"lm_head.weight"} if config.tie_embeddings else set()  # some tied checkpoints store it anyway
+    unexpected = sorted(n for n in set(files) - wanted - ignored if not n.endswith("rotary_emb.inv_freq"))
+    if unexpected:
+        raise ValueError(
+            f"unsupported Hugging Face checkpoint: unexpected tensor {unexpected[0]} "
+            f"({len(unexpected)} in all) -- a feature this loader does not implement"
+        )
+
+
+def load_hf_params(path: str | os.PathLike, engine: Engine, *, progress: bool | None = None) -> dict:
+    """The HF checkpoint's weights as a pure dict of arrays in ``engine.param_shardings``, in
+    the engine's parameter dtype. ``progress``: a tqdm bar on stderr (None: only for large ones)."""
+    path = Path(path)
+    layouts = _layouts(engine.config)
+    abstract = leaf_paths(engine.abstract_params)
+    shardings = leaf_paths(engine.param_shardings)
+    if set(layouts) != set(abstract):
+        raise ValueError(f"no HF layout for params {sorted(set(abstract) ^ set(layouts))}")
+    try:
+        files = _tensor_files(path)
+        _check_tensors(files, layouts, engine.config)
+        sizes = {}
+        with _open_tensors(files) as get:
+            for ours, layout in layouts.items():
+                tensor = get(layout.name)
+                if tuple(tensor.get_shape()) != layout.hf_shape:
+                    raise ValueError(
+                        f"Hugging Face tensor {layout.name} has shape {tuple(tensor.get_shape())} but "
+                        f"config.json implies {layout.hf_shape}"
+                    )
+                if tensor.get_dtype() not in TENSOR_DTYPES:
+                    raise ValueError(f"unsupported dtype {tensor.get_dtype()} of tensor {layout.name}")
+                sizes[ours] = math.prod(layout.hf_shape) * (4 if tensor.get_dtype() == "F32" else 2)
+            show = sum(sizes.values()) >= PROGRESS_BYTES if progress is None else progress
+            flat = {}
+            with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc=f"loading {path.name}",
+                      file=sys.stderr, disable=not show) as bar:
+                for ours, layout in layouts.items():
+                    flat[ours] = _place(get(layout.name), layout, abstract[ours], shardings[ours])
+                    bar.update(sizes[ours])
+    except ValueError:
+        raise
+    except Exception as error:  # safetensors' Rust errors, truncated files, bad headers
+        raise ValueError(f"corrupt Hugging Face checkpoint {path}: {str(error).splitlines()[0]}") from None
+    return _nest(flat)
+
+
+def _place(tensor: Any, layout: Layout, abstract: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    shape, dtype = tuple(abstract.shape), np.dtype(abstract.dtype)
+    read: dict[tuple, np.ndarray] = {}  # replicated shards share one read
+
+    def shard(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple(s.indices(n) for s, n in zip(index, shape))
+        if key not in read:
+            read[key] = read_region(tensor, layout, index, shape).astype(dtype)
+        return read[key]
+
+    return jax.make_array_from_callback(shape, sharding, shard, dtype=dtype)
+
+
+def _nest(flat: dict[str, Any]) -> dict:
+    """``{"layers/0/attn/q": x}`` -> ``{"layers": {0: {"attn": {"q": x}}}}`` (list indices as ints,
+    as ``nnx.to_pure_dict`` gives them)."""
+    tree: dict = {}
+    for path, leaf in flat.items():
+        node = tree
+        *parents, last = [int(k) if k.isdigit() else k for k in path.split("/")]
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = leaf
+    return tree
