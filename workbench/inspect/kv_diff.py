@@ -26,11 +26,11 @@ _SLOT_FIELDS = {
 
 
 def snapshot(tree: T) -> T:
-    """A copy of ``tree`` (a DecodeState, Prefix, cache ...) that survives donation.
+    """A host copy of ``tree`` (a DecodeState, Prefix, cache ...) that survives donation.
 
-    Arrays are copied to host numpy arrays; PRNG keys, which numpy cannot hold, become fresh
-    device keys with the same data. The snapshot works wherever the original did: in
-    ``kv_cache``, ``kv_cache_diff``, and as a state to hand back to the engine (a rewind).
+    Every array becomes a numpy array (a real copy, never a view of a buffer XLA may reuse);
+    a PRNG key becomes its raw key data (``jax.random.key_data``), since numpy has no key
+    type. ``kv_cache`` and ``kv_cache_diff`` take snapshots as they take the originals.
     """
     def copy(x: Any) -> Any:
         if not isinstance(x, jax.Array):
@@ -38,8 +38,8 @@ def snapshot(tree: T) -> T:
         if x.is_deleted():
             raise ValueError("cannot snapshot a donated (deleted) array: snapshot the state before insert/generate")
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return jax.random.wrap_key_data(np.array(jax.random.key_data(x)), impl=jax.random.key_impl(x))
-        return np.array(x, copy=True)  # a real copy: never a view of a buffer XLA may reuse
+            x = jax.random.key_data(x)
+        return np.array(x, copy=True)
 
     return jax.tree.map(copy, tree)
 

@@ -161,7 +161,9 @@ class ShardingReport(Report):
                 raise ValueError("name a leaf: this report holds several (its paths are in to_rows())")
             return next(iter(self._leaves))
         if leaf not in self._leaves:
-            raise ValueError(f"no leaf {leaf!r} in this report; leaves are: {', '.join(list(self._leaves)[:8])} ...")
+            known = list(self._leaves)
+            more = f" and {len(known) - 8} more" if len(known) > 8 else ""
+            raise ValueError(f"no leaf {leaf!r} in this report; leaves are: {', '.join(known[:8])}{more}")
         return leaf
 
     def _grid(self, path: str) -> tuple[list[str], list[str], np.ndarray]:

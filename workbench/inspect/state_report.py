@@ -168,10 +168,10 @@ def state(engine: Any, params: nnx.State | dict, decode_state: DecodeState | Non
     rows = _collection(engine, "params", engine.abstract_params, params)
     if decode_state is None:
         rows += _collection(engine, "cache", engine.abstract_prefill_cache, None)
-        source = "prefill cache (abstract)"
     else:
         rows += _collection(engine, "cache", engine.abstract_decode_cache, decode_state.cache)
-        rows += _slot_rows(engine, decode_state)
-        source = "decode state"
     rows += _collection(engine, "rest", engine.abstract_rest, engine.rest)
+    if decode_state is not None:
+        rows += _slot_rows(engine, decode_state)
+    source = "prefill cache (abstract)" if decode_state is None else "decode state"
     return StateReport(rows, source, engine.mesh)
