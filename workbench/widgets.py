@@ -107,6 +107,7 @@ class KVCacheExplorer(_Explorer):
         self.buttons["generate"].on_click(lambda _: self._guarded(self.generate))
         for slider in (self.layer, self.slot, self.head):
             slider.observe(lambda _: self._draw_detail(), names="value")
+        self._report_cache: Any = None  # kv_cache of the current state, made once per step
         self.status_view, self.diff_view = w.HTML(), w.HTML()
         self.occupancy_view, self.detail_view = w.Image(format="png"), w.Image(format="png")
         self.widget = w.VBox([
@@ -135,7 +136,8 @@ class KVCacheExplorer(_Explorer):
         before = snapshot(self.state)
         self.state = self.engine.insert(self.prefix, self.state, slot)
         self.slot_tokens[slot] = list(self._pending)
-        self.slot.value = slot
+        self._report_cache = None
+        self.slot.value = slot  # show the slot just filled (redraws the detail view if it moved)
         self.status = f"insert: prefix of {len(self._pending)} tokens into slot {slot}"
         return self._show(kv_cache_diff(before, self.state))
 
@@ -161,12 +163,15 @@ class KVCacheExplorer(_Explorer):
 
     def _show(self, diff: KVCacheDiff) -> KVCacheDiff:
         self.last_diff = diff
+        self._report_cache = None
         self._refresh()
         return diff
 
     def _report(self) -> Any:
-        tokens = {s: [self.labels(t) for t in ts] for s, ts in self.slot_tokens.items()}
-        return kv_cache(self.state, tokens=tokens)
+        if self._report_cache is None:
+            tokens = {s: [self.labels(t) for t in ts] for s, ts in self.slot_tokens.items()}
+            self._report_cache = kv_cache(self.state, tokens=tokens)
+        return self._report_cache
 
     def _refresh(self) -> None:
         self.status_view.value = f"<b>{html.escape(self.status)}</b>"

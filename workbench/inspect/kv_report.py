@@ -98,6 +98,12 @@ def _stats(keys: tuple, values: tuple) -> dict[str, jax.Array]:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
 
 
+def _bucket(n: int, length: int) -> int:
+    """``n`` rounded up to a multiple of 16 (at most ``length``): the plots' reductions compile
+    once per bucket, not once per step as a sequence grows; the host drops the extra columns."""
+    return min(length, -(-n // 16) * 16)
+
+
 @functools.partial(jax.jit, static_argnames=("n",))
 def _occupancy(keys: tuple, values: tuple, n: int) -> jax.Array:
     """[B, n]: how many layers hold a K/V at each slot and position."""
@@ -109,6 +115,10 @@ def _rows(x: jax.Array, slot: jax.Array, n: int, head: int | None) -> jax.Array:
     """One slot's first ``n`` positions: norms per kv head [n, K], or one head's values [n, H]."""
     rows = jax.lax.dynamic_index_in_dim(x, slot, 0, keepdims=False)[:n].astype(jnp.float32)  # [n, K, H]
     return jnp.linalg.norm(rows, axis=-1) if head is None else rows[:, head]
+
+
+def _read_rows(x: Any, slot: int, n: int, head: int | None) -> np.ndarray:
+    return np.asarray(_rows(x, jnp.int32(slot), _bucket(n, x.shape[1]), head))[:n]
 
 
 def _token_labels(tokens: Tokens | None) -> dict[int | None, list[str]]:
@@ -198,7 +208,7 @@ class KVCacheReport(Report):
           kv heads x positions, or with ``head`` that head's K and V values over dims x positions.
         Token labels (``tokens=`` of ``kv_cache``) mark the position axis.
         """
-        slots, _, heads, _ = self.source.shape
+        slots, length, heads, _ = self.source.shape
         n_layers = len(self.source.paths)
         for name, value, size in (("layer", layer, n_layers), ("slot", slot, slots), ("head", head, heads)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
@@ -212,17 +222,16 @@ class KVCacheReport(Report):
             if head is not None:
                 raise ValueError("head= picks a head within a layer or slot view: pass layer= or slot= too")
             n = self._positions_shown(range(slots))
-            written = np.asarray(_occupancy(self.source.keys, self.source.values, n))
+            written = np.asarray(_occupancy(self.source.keys, self.source.values, _bucket(n, length)))[:, :n]
             nexts = [None] * slots if self.source.next_positions is None else [int(p) for p in self.source.next_positions]
             return plots.occupancy(written, nexts, layers=n_layers, title=f"{self.source.kind}: slot occupancy",
                                    xticklabels=self._xticklabels(None, n))
         n = self._positions_shown([slot])
         ticks = self._xticklabels(slot, n)
-        at = jnp.int32(slot)
         if layer is None:
             def per_layer(x):  # [n] per layer: norm of one head, or mean of the heads' norms
-                norms = _rows(x, at, n, None)  # [n, K]
-                return np.asarray(norms[:, head] if head is not None else norms.mean(-1))
+                norms = _read_rows(x, slot, n, None)  # [n, K]
+                return norms[:, head] if head is not None else norms.mean(-1)
             panels = [(f"|{name}|", np.stack([per_layer(x) for x in xs]))
                       for name, xs in (("K", self.source.keys), ("V", self.source.values))]
             which = "mean over kv heads" if head is None else f"kv head {head}"
@@ -230,8 +239,8 @@ class KVCacheReport(Report):
                                   title=f"slot {slot}: K and V norms per layer ({which})", colorbar="norm",
                                   yticklabels=[str(i) for i in range(n_layers)])
         k, v = self.source.keys[layer], self.source.values[layer]
-        panels = [(f"{'|K|' if head is None else 'K'}", np.asarray(_rows(k, at, n, head)).T),
-                  (f"{'|V|' if head is None else 'V'}", np.asarray(_rows(v, at, n, head)).T)]
+        panels = [("|K|" if head is None else "K", _read_rows(k, slot, n, head).T),
+                  ("|V|" if head is None else "V", _read_rows(v, slot, n, head).T)]
         if head is None:
             return plots.heatmaps(panels, xlabel="position", ylabel="kv head", xticklabels=ticks, colorbar="norm",
                                   title=f"layer {layer}, slot {slot}: K and V norms per kv head",
