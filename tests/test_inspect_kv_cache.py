@@ -73,6 +73,7 @@ def test_filled_lengths_equal_the_inserted_prompt_lengths(filled):
         assert {"path", "shape", "dtype", "bytes"} <= set(row)
     assert sum(r["bytes"] for r in rows) == sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.cache))
     assert report.notes == ()  # every active slot's writes agree with its next position
+    assert report.to_tree()["layers"]["3"]["attn"]["cache"]["slot 2"]["filled"] == len(PROMPTS[2])
 
 
 def test_max_abs_matches_the_cache_and_floats_print_rounded(filled):

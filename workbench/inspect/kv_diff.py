@@ -63,6 +63,8 @@ def _arrow(before: Any, after: Any) -> str:
 class KVCacheDiff(Report):
     """Which slots, layers and positions changed between two KV caches.
 
+    A K/V row is one (layer, slot, position): its key and value vectors for every kv head.
+
     ``.slots`` (cache or bookkeeping changed), ``.layers`` (cache changed), ``.positions``
     ({slot: changed positions, over all layers}); ``to_rows()`` has one row per changed
     (slot, layer) with its positions and the bytes of k and v written there.
@@ -113,7 +115,7 @@ class KVCacheDiff(Report):
         changed = ", ".join(str(s) for s in self.slots) or "none"
         self.title = (
             f"KV cache diff of a {new.kind}: slots changed: {changed}; layers: {fmt_ranges(self.layers)}; "
-            f"{int(self.mask.sum())} (layer, slot, position) rows written"
+            f"{int(self.mask.sum())} K/V rows changed"
         )
         self.tables = (Table("", columns, tuple(summary)),) if summary else ()
         self.notes = ("nothing changed",) if not self.slots else ()

@@ -172,13 +172,15 @@ class Report:
         return [dict(row) for row in self.tables[0].rows] if self.tables else []
 
     def to_tree(self) -> dict[str, Any]:
-        """The rows nested by path (``{"layers": {"0": {...}}}``): display it in a notebook
-        set up by ``workbench.notebook_setup()`` and treescope renders it as a foldable tree."""
+        """The rows nested by collection, path and slot (``{"params": {"layers": {"0": ...}}}``):
+        displayed in a notebook set up by ``workbench.notebook_setup()``, treescope renders it
+        as a foldable tree."""
         tree: dict[str, Any] = {}
         for row in self.to_rows():
             node = tree
             parts = [str(row["collection"])] if "collection" in row else []
             parts += [p for p in str(row["path"]).split("/") if p]
+            parts += [f"slot {row['slot']}"] if "slot" in row else []
             for part in parts[:-1]:
                 node = node.setdefault(part, {})
             node[parts[-1] if parts else ""] = row

@@ -16,6 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, Sharding, SingleDeviceSharding
 
 from workbench.engine.engine import leaf_paths
+from workbench.sharding import describe_mesh
 from workbench.inspect import plots
 from workbench.inspect.report import Column, Report, Table, fmt_bytes, fmt_int, fmt_shape, fmt_spec, nbytes
 
@@ -144,7 +145,7 @@ class ShardingReport(Report):
         )
         total = sum(r["bytes"] for r in rows)
         held = sum(r["device_bytes"] for r in rows)
-        where = f"mesh {_describe_mesh(mesh)}" if mesh is not None else f"{len(device_ids)} devices"
+        where = f"mesh {describe_mesh(mesh)}" if mesh is not None else f"{len(device_ids)} devices"
         self.title = f"sharding: {len(rows)} arrays, {fmt_bytes(total)} on {where}"
         self.tables = (
             Table("", leaf_columns, tuple(rows)),
@@ -224,10 +225,6 @@ class ShardingReport(Report):
                 labels[r, c] = f"d{device}\n-"
         title = f"{path or 'array'} {fmt_shape(shape)}: {where.shards} pieces x {where.replication} copies"
         return plots.grid(groups, labels, row_labels=rows, col_labels=cols, title=title)
-
-
-def _describe_mesh(mesh: Mesh) -> str:
-    return ",".join(f"{name}={size}" for name, size in mesh.shape.items())
 
 
 def sharding(tree_or_array: Any, mesh: Mesh | None = None) -> ShardingReport:

@@ -65,14 +65,14 @@ def _row(collection: str, path: str, kind: str, axes: Any, shape: tuple, dtype: 
 
 
 def _collection(engine: Any, collection: str, abstract: nnx.State, concrete: Any | None) -> list[dict[str, Any]]:
-    variables = _variables(abstract)
+    variables = _variables(abstract)  # the model's declaration: type and logical axes
+    kinds = {path: type(v).__name__ for path, v in variables.items()}
     leaves = None
     if concrete is not None:
         leaves = leaf_paths(concrete)
         _check_leaves(collection, variables, leaves)
-        # Variables of the concrete State name the type truthfully; a pure dict borrows the engine's.
-        if isinstance(concrete, nnx.State):
-            variables = {**variables, **_variables(concrete)}
+        if isinstance(concrete, nnx.State):  # its own Variables name their type; a pure dict has none
+            kinds.update({path: type(v).__name__ for path, v in _variables(concrete).items()})
     rows = []
     for path, variable in variables.items():
         axes = variable.get_metadata().get("out_sharding")
@@ -82,7 +82,7 @@ def _collection(engine: Any, collection: str, abstract: nnx.State, concrete: Any
             shape, dtype, actual = leaf_metadata(f"{collection} {path}", leaves[path])
         expected = NamedSharding(engine.mesh, rules_table.logical_to_spec(axes, shape, engine.mesh, engine.rules))
         declared = rules_table.declared_spec(axes, engine.rules)
-        rows.append(_row(collection, path, type(variable).__name__, axes, shape, dtype, actual, expected, declared))
+        rows.append(_row(collection, path, kinds[path], axes, shape, dtype, actual, expected, declared))
     return rows
 
 
