@@ -1,0 +1,192 @@
+"""``python -m workbench generate``: the JSON contract against the forward oracle, streamed text,
+and one ``error: ...`` line (exit 2) for every bad input. Mostly in-process through
+``workbench.cli.main``; two real subprocesses prove --host-devices and the one-line error."""
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import workbench
+from workbench.checkpoints import ByteTokenizer, save_checkpoint
+from workbench.cli import main
+from workbench.engine.scheduler import run_requests
+from conftest import lively_params
+
+ENGINE = ["--mesh", "data=2,tensor=2", "--decode-batch", "2", "--max-prefill-length", "16",
+          "--max-target-length", "64"]
+REQUESTS = ["--prompt", "def f(x):", "--prompt-ids", "72,101,108,108,111", "--prompt", "import os, sys\nfrom "]
+PROMPT_IDS = [list(b"def f(x):"), [72, 101, 108, 108, 111], list(b"import os, sys\nfrom ")]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """Lively tiny() weights (the default model may be random and dull) with the bytes tokenizer."""
+    engine = workbench.Engine(workbench.ModelConfig.tiny(), workbench.make_mesh({"data": 1}), decode_batch_size=1,
+                              max_prefill_length=16, max_target_length=64)
+    path = tmp_path_factory.mktemp("cli") / "lively"
+    return save_checkpoint(path, engine.config, lively_params(engine), tokenizer=ByteTokenizer())
+
+
+def generate(capsys, *args):
+    code = main(["generate", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def oracle(checkpoint):
+    engine, params = workbench.load(checkpoint, mesh={"data": 2, "tensor": 2}, decode_batch_size=2,
+                                    max_prefill_length=16, max_target_length=64)
+
+    def rows(prompt, tokens):  # the forward pass's logits rows the generated tokens come from
+        return np.asarray(engine.forward(params, np.array([prompt + tokens[:-1]])))[0, len(prompt) - 1 :]
+
+    return engine, params, rows
+
+
+@pytest.fixture(scope="module")
+def json_run(checkpoint):
+    """One --json --return-logits run, shared (a module fixture cannot use capsys: capture by hand)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["generate", "--checkpoint", str(checkpoint), *ENGINE, *REQUESTS, "--max-new-tokens", "6",
+                     "--ignore-eos", "--json", "--return-logits"])
+    return code, json.loads(out.getvalue()), err.getvalue()
+
+
+def test_json_requests_match_the_forward_oracle(json_run, oracle):
+    code, report, err = json_run
+    engine, _, rows = oracle
+    assert code == 0 and err == ""
+    assert report["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
+    assert report["sampling"] == {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0}
+    assert [r["prompt_ids"] for r in report["requests"]] == PROMPT_IDS  # input order, text encoded as bytes
+    for request in report["requests"]:
+        expected = rows(request["prompt_ids"], request["tokens"])
+        assert request["tokens"] == expected.argmax(-1).tolist() and len(request["tokens"]) == 6
+        assert len(set(request["tokens"])) > 1
+        logits = np.array(request["logits"], np.float32)
+        assert logits.shape == (6, engine.config.vocab_size)
+        np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+        assert request["text"] == engine.tokenizer.decode(request["tokens"])
+        assert request["finish_reason"] == "max_new_tokens"
+
+
+def test_text_streams_in_input_order(capsys, checkpoint, json_run):
+    _, report, _ = json_run
+    code, out, err = generate(capsys, "--checkpoint", str(checkpoint), *ENGINE, *REQUESTS, "--max-new-tokens", "6",
+                              "--ignore-eos")
+    assert code == 0
+    blocks = [
+        f"=== request {i} ===\n{bytes(r['prompt_ids']).decode()}{r['text']}\n[6 tokens, max_new_tokens]\n"
+        for i, r in enumerate(report["requests"])
+    ]
+    assert out == "".join(blocks)
+    assert "generating" in err and "18/18" in err  # the progress bar, on stderr
+
+
+def test_sampling_flags_and_seed(capsys, checkpoint, oracle):
+    code, out, _ = generate(capsys, "--checkpoint", str(checkpoint), *ENGINE, *REQUESTS, "--max-new-tokens", "5",
+                            "--ignore-eos", "--json", "--top-k", "40", "--seed", "1")
+    assert code == 0
+    report = json.loads(out)
+    assert report["sampling"] == {"temperature": 1.0, "top_k": 40, "top_p": 1.0, "seed": 1}
+    engine, params, _ = oracle
+
+    def sampled(seed):  # the same requests through the scheduler API
+        return [c.tokens for c in run_requests(engine, params, PROMPT_IDS, max_new_tokens=5, ignore_eos=True,
+                                               sampling=workbench.Sampling(temperature=1.0, top_k=40), seed=seed)]
+
+    assert [r["tokens"] for r in report["requests"]] == sampled(1) != sampled(2)
+
+
+def test_max_new_tokens_past_the_target_length_is_clipped(capsys, checkpoint):
+    prompt = list(range(40, 100))  # 60 of the 64 positions
+    code, out, err = generate(capsys, "--checkpoint", str(checkpoint), *ENGINE, "--prompt-ids",
+                              ",".join(map(str, prompt)), "--max-new-tokens", "10", "--ignore-eos", "--json")
+    assert code == 0
+    assert err.startswith("warning: request 0: --max-new-tokens 10 clipped to 4")
+    (request,) = json.loads(out)["requests"]
+    assert request["finish_reason"] == "max_target_length" and len(request["tokens"]) == 4
+
+
+def bad_checkpoints(tmp: Path, checkpoint: Path) -> dict[str, Path]:
+    (tmp / "hf").mkdir(exist_ok=True)
+    (tmp / "hf" / "config.json").write_text("{")
+    (tmp / "orbax").mkdir(exist_ok=True)
+    (tmp / "orbax" / "workbench.json").write_text('{"format": "workbench", "model": {"vocab_size": -1}}')
+    untokenized = tmp / "untokenized"
+    if not untokenized.exists():
+        untokenized.mkdir()
+        (untokenized / "params").symlink_to(checkpoint / "params")
+        manifest = json.loads((checkpoint / "workbench.json").read_text())
+        (untokenized / "workbench.json").write_text(json.dumps(manifest | {"tokenizer": None}))
+    return {"missing": tmp / "missing", "hf": tmp / "hf", "orbax": tmp / "orbax", "untokenized": untokenized}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt-ids", "1,x"], "malformed ids '1,x'"),
+    (["--prompt-ids", "1,,2"], "malformed ids"),
+    (["--prompt-ids", "1,400"], "request 0: token id 400 is outside the vocabulary (0..383)"),
+    (["--prompt", "ok", "--prompt-ids", "-1"], "request 1: token id -1 is outside the vocabulary"),
+    (["--prompt", ""], "request 0: empty prompt"),
+    (["--prompt-ids", ""], "empty prompt"),
+    ([], "give at least one --prompt or --prompt-ids"),
+    (["--prompt", "x", "--checkpoint", "{missing}"], "does not exist"),
+    (["--prompt", "x", "--checkpoint", "{hf}"], "corrupt Hugging Face checkpoint"),
+    (["--prompt", "x", "--checkpoint", "{orbax}"], "corrupt workbench checkpoint"),
+    (["--prompt", "x", "--checkpoint", "{untokenized}"], "no tokenizer; give --prompt-ids"),
+    (["--prompt", "x", "--mesh", "data=16"], "needs 16 devices but only 8 exist"),
+    (["--prompt", "x", "--mesh", "data=2,tensor=3"], "tensor axis (3) does not divide the model's 8 heads"),
+    (["--prompt", "x", "--mesh", "data=two"], "malformed mesh"),
+    (["--prompt", "x", "--mesh", "rows=2"], "unknown mesh axis 'rows'"),
+    (["--prompt-ids", ",".join(["7"] * 70)], "request 0: prompt of 70 tokens leaves no room to generate within "
+                                             "max_target_length (64)"),
+    (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be positive"),
+    (["--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
+    (["--prompt", "x", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["--prompt", "x", "--return-logits"], "--return-logits needs --json"),
+    (["--prompt", "x", "--dtype", "float16"], "invalid choice: 'float16'"),
+    (["--prompt", "x", "--decode-batch", "0"], "decode_batch_size must be positive"),
+])
+def test_bad_input_is_one_error_line(capsys, tmp_path_factory, checkpoint, args, message):
+    tmp = tmp_path_factory.getbasetemp() / "bad_checkpoints"
+    tmp.mkdir(exist_ok=True)
+    args = [a.format(**bad_checkpoints(tmp, checkpoint)) for a in args]
+    if "--checkpoint" not in args:
+        args = ["--checkpoint", str(checkpoint), *args]
+    engine_flags = ENGINE[2:] if "--mesh" in args else ENGINE  # the case's own --mesh replaces ours
+    code, out, err = generate(capsys, *engine_flags, *args)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err
+
+
+def run_cli(*args):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # only --host-devices sets the count
+    return subprocess.run([sys.executable, "-m", "workbench", "generate", *args], capture_output=True, text=True,
+                          env=env, cwd=Path(__file__).parent.parent, timeout=300)
+
+
+def test_subprocess_host_devices_and_json(checkpoint, json_run):
+    _, report, _ = json_run
+    done = run_cli("--host-devices", "4", "--checkpoint", str(checkpoint), *ENGINE, "--prompt-ids",
+                   "72,101,108,108,111", "--max-new-tokens", "6", "--ignore-eos", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
+    assert result["requests"][0]["tokens"] == report["requests"][1]["tokens"]
+
+
+def test_subprocess_error_is_one_line():
+    done = run_cli("--host-devices", "2", "--mesh", "data=4", "--prompt", "x")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("error: mesh data=4 needs 4 devices but only 2 exist")
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
