@@ -2,12 +2,20 @@
 
 Positions are absolute and explicit. A query at position ``p`` sees keys at positions ``<= p``
 (and ``> p - sliding_window`` when a window is set). With a cache, the new keys and values are
-first written at their positions, then the query attends over the whole cache; cache index ==
+first written at their positions, then the query attends over the cache; cache index ==
 absolute position, so every decode slot advances on its own. A position at or past the cache
 length marks a padding token: its write is dropped, and nothing else ever lands there.
+
+Speed (decode is bound by the bytes it reads): with a cache, attention reads only a prefix of
+it -- the shortest of a few static key lengths (:func:`key_buckets`) that covers the furthest
+live position, picked on device by ``lax.switch``, so one compiled step serves every length
+and a 64-token request in a 1024-position cache reads 128 positions, not 1024. A single query
+per sequence (decode) reads the ``[B, S, K, H]`` cache as it lies (see ``_attend_one``).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +26,19 @@ from workbench.model.layers import apply_rope, param
 
 CACHE_AXES = ("cache_batch", "cache_seq", "cache_kv_heads", "cache_head_dim")
 _MASKED = -1e30  # finite, so a row with nothing visible (a padding query) gives no NaN
+MIN_KEY_BUCKET = 128
+
+
+def key_buckets(cache_length: int) -> tuple[int, ...]:
+    """The key lengths attention over a cache may read: 128, 256, ... doubling, then the whole cache.
+
+    Doubling keeps the branches few (compile time) while reading at most twice what is live.
+    """
+    buckets, size = [], MIN_KEY_BUCKET
+    while size < cache_length:
+        buckets.append(size)
+        size *= 2
+    return (*buckets, cache_length)
 
 
 class KVCache(nnx.Module):
@@ -65,20 +86,58 @@ class Attention(nnx.Module):
         q = apply_rope(self._project(x, "q"), rope)  # [B, T, N, H]
         k = apply_rope(self._project(x, "k"), rope)  # [B, T, K, H]
         v = self._project(x, "v")
+        b, t, n, h = q.shape
+        q = q.reshape(b, t, n // self.groups, self.groups, h) * (h**-0.5)  # [B, T, K, G, H]
         if self.cache is None:
-            key_positions = positions  # [B, S=T]
+            out = self._attend(q, k, v, positions, positions)
         else:
             k, v = self.cache.update(k, v, positions)  # [B, S, K, H]
-            key_positions = jnp.broadcast_to(jnp.arange(k.shape[1]), k.shape[:2])
+            out = self._attend_cache(q, k, v, positions)
+        return jnp.einsum("BTNH,NHD->BTD", out.reshape(b, t, n, h), self.o[...].astype(self.dtype))
 
-        visible = key_positions[:, None, :] <= positions[:, :, None]  # [B, T, S]
+    def _attend_cache(self, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array) -> jax.Array:
+        """Attention over the first L cache positions, L the smallest bucket covering every live query."""
+        cache_length = k.shape[1]
+        buckets = key_buckets(cache_length)
+
+        def attend_prefix(length: int, q, k, v, positions):
+            key_positions = jnp.broadcast_to(jnp.arange(length), (k.shape[0], length))
+            return self._attend(q, k[:, :length], v[:, :length], positions, key_positions)
+
+        if len(buckets) == 1:
+            return attend_prefix(cache_length, q, k, v, positions)
+        # Keys a live query can see: 0 .. its position. Padding (position >= S) needs none.
+        needed = jnp.max(jnp.where(positions < cache_length, positions + 1, 0))
+        branch = jnp.searchsorted(jnp.asarray(buckets), needed)  # the first bucket >= needed
+        branches = [functools.partial(attend_prefix, length) for length in buckets]
+        return jax.lax.switch(branch, branches, q, k, v, positions)
+
+    def _attend(self, q, k, v, query_positions, key_positions) -> jax.Array:
+        """Softmax attention: q [B, T, K, G, H] (scaled), k, v [B, S, K, H] -> [B, T, K, G, H]."""
+        visible = key_positions[:, None, :] <= query_positions[:, :, None]  # [B, T, S]
         if self.window is not None:
-            visible &= key_positions[:, None, :] > positions[:, :, None] - self.window
-
-        b, t, n, h = q.shape
-        q = q.reshape(b, t, n // self.groups, self.groups, h) * (h**-0.5)
+            visible &= key_positions[:, None, :] > query_positions[:, :, None] - self.window
+        if q.shape[1] == 1:
+            return self._attend_one(q[:, 0], k, v, visible[:, 0])[:, None]
         scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k).astype(jnp.float32)
         scores = jnp.where(visible[:, None, None], scores, _MASKED)
         weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", weights, v).reshape(b, t, n, h)
-        return jnp.einsum("BTNH,NHD->BTD", out, self.o[...].astype(self.dtype))
+        return jnp.einsum("BKGTS,BSKH->BTKGH", weights, v)
+
+    def _attend_one(self, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
+        """One query per sequence (decode): q [B, K, G, H], k, v [B, S, K, H], visible [B, S] -> [B, K, G, H].
+
+        As einsums batched over (B, K), XLA would copy the cache into a [B, K, S, H] transpose on
+        every step. Here both products contract the cache's contiguous (K, H) minor dims instead,
+        against a block-diagonal query ([K*H, K*G], zero where the kv heads differ): K times the
+        multiply-adds of a small product, but one pass over the cache and no copy of it.
+        """
+        b, s, kv, h = k.shape
+        g = q.shape[2]
+        eye = jnp.eye(kv, dtype=q.dtype)
+        q_blocks = jnp.einsum("BKGH,KJ->BKHJG", q, eye).reshape(b, kv * h, kv * g)
+        scores = jnp.einsum("BSX,BXY->BSY", k.reshape(b, s, kv * h), q_blocks).astype(jnp.float32)  # [B, S, K*G]
+        scores = jnp.where(visible[:, :, None], scores, _MASKED)
+        weights = jax.nn.softmax(scores, axis=1).astype(self.dtype)
+        out = jnp.einsum("BSY,BSX->BYX", weights, v.reshape(b, s, kv * h)).reshape(b, kv, g, kv, h)
+        return jnp.einsum("BKGJH,KJ->BKGH", out, eye)  # the blocks whose kv heads match

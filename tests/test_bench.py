@@ -1,0 +1,78 @@
+"""The bench command's smoke run (tiny model, a few steps) and its byte count, worked out by hand.
+
+No timing is asserted: the figures only have to be positive, finite and consistent with each other.
+"""
+
+import json
+import math
+
+import pytest
+
+import workbench
+from workbench.bench import bytes_per_step
+from workbench.cli import main
+
+KEYS = {"prefill_ms", "insert_ms", "generate_step_ms", "decode_tokens_per_s", "bytes_per_step",
+        "achieved_gb_per_s", "compiles"}
+ARGS = ["bench", "--decode-batch", "4", "--prompt-length", "20", "--steps", "3", "--max-target-length", "64",
+        "--max-prefill-length", "32", "--mesh", "data=2,tensor=2"]
+
+
+@pytest.fixture(scope="module")
+def bench_run():
+    capture = pytest.MonkeyPatch()
+    import io
+    import sys
+
+    out, err = io.StringIO(), io.StringIO()
+    capture.setattr(sys, "stdout", out)
+    capture.setattr(sys, "stderr", err)
+    try:
+        code = main([*ARGS, "--json"])
+    finally:
+        capture.undo()
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_json_has_the_figures(bench_run):
+    code, out, err = bench_run
+    assert code == 0, err
+    figures = json.loads(out)
+    assert set(figures) == KEYS
+    assert figures["compiles"] == {"prefill": 1, "insert": 1, "generate": 1}
+    for key in KEYS - {"compiles"}:
+        assert figures[key] > 0 and math.isfinite(figures[key]), key
+    step_s = figures["generate_step_ms"] / 1e3
+    assert figures["decode_tokens_per_s"] == pytest.approx(4 / step_s)
+    assert figures["achieved_gb_per_s"] == pytest.approx(figures["bytes_per_step"] / step_s / 1e9)
+
+
+def test_table_goes_to_stderr(bench_run):
+    _, out, err = bench_run
+    assert out.count("\n") == 1  # only the JSON line
+    for label in ("prefill", "insert", "generate step", "achieved", "compiles"):
+        assert label in err
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_bytes_per_step_by_hand(tied):
+    config = workbench.ModelConfig.tiny(tie_embeddings=tied)
+    engine = workbench.Engine(config, workbench.make_mesh({"data": 1}), decode_batch_size=4,
+                              max_prefill_length=16, max_target_length=32)
+    params = engine.abstract_params  # shapes and dtypes are all the count needs
+    d, kv_per_token = config.embed_dim, config.num_layers * 2 * config.num_kv_heads * config.head_dim * 4
+    weights = config.num_params() * 4
+    if not tied:  # the embedding table is only gathered from: one row per slot
+        weights -= config.vocab_size * d * 4 - 4 * d * 4
+    assert bytes_per_step(engine, params, cached_tokens=10.5) == weights + 4 * 10.5 * kv_per_token
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prompt-length", "40"], "exceeds max_prefill_length"),
+    (["--steps", "60"], "exceeds max_target_length"),
+    (["--steps", "0"], "--steps must be positive"),
+])
+def test_bad_input_is_one_line(flags, message, capsys):
+    assert main([*ARGS, *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err

@@ -1,0 +1,148 @@
+"""Speed of the engine's three calls, measured the way a server would use them.
+
+Decode is bound by memory bandwidth: a step reads every weight once and the live part of each
+slot's KV cache, and little else. :func:`bytes_per_step` counts exactly that (the bytes a step
+cannot avoid reading), so ``achieved_gb_per_s`` compares with the machine's read bandwidth and
+says how close a step is to the physical limit; reading more than that (cache positions no
+query can see) shows up as a lower figure, never as a higher one.
+
+Every timed call is blocked until its results (the whole decode state included) are ready, and
+every call is warmed up first; ``compiles`` counts the traces the engine saw, warm-up included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from workbench.engine.engine import Engine, Params, leaf_paths
+
+COMPILED = ("prefill", "insert", "generate")
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchResult:
+    """Medians of the timed calls; times in milliseconds."""
+
+    prefill_ms: float  # one prompt of ``prompt_length`` tokens
+    insert_ms: float  # one prefix into one slot
+    generate_step_ms: float  # one decode step over all slots
+    decode_tokens_per_s: float
+    bytes_per_step: int  # weights + live KV cache one step reads
+    achieved_gb_per_s: float
+    compiles: dict[str, int]  # traces of each jitted body, warm-up included
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _timed(call: Callable[[], Any]) -> float:
+    """Seconds until everything ``call`` returns is ready."""
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    return time.perf_counter() - start
+
+
+def bytes_per_step(engine: Engine, params: Params, cached_tokens: float) -> int:
+    """Bytes one decode step must read: every weight, plus ``cached_tokens`` (mean per slot) of
+    keys and values in every layer for every slot.
+
+    The token embedding is the exception among the weights: a step gathers one row per slot
+    from it -- unless the embedding is tied, when it is also the output projection, read whole.
+    """
+    slots = engine.max_concurrent_decodes
+    weights = 0
+    for path, leaf in leaf_paths(params).items():
+        nbytes = leaf.size * leaf.dtype.itemsize
+        if path == "embed/embedding" and not engine.config.tie_embeddings:
+            nbytes = slots * leaf.shape[1] * leaf.dtype.itemsize
+        weights += nbytes
+    cache_leaves = leaf_paths(engine.abstract_decode_cache).values()  # k and v: [B, S, K, H] per layer
+    per_token = sum(leaf.size // (leaf.shape[0] * leaf.shape[1]) * leaf.dtype.itemsize for leaf in cache_leaves)
+    return int(weights + slots * cached_tokens * per_token)
+
+
+def check_shape(prompt_length: int, steps: int, max_prefill_length: int, max_target_length: int) -> None:
+    """Raise ValueError unless ``steps`` decode steps after a ``prompt_length``-token prompt fit the engine."""
+    for name, value in [("prompt length", prompt_length), ("steps", steps)]:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if prompt_length > max_prefill_length:
+        raise ValueError(f"prompt length {prompt_length} exceeds max_prefill_length ({max_prefill_length})")
+    if prompt_length + steps > max_target_length:
+        raise ValueError(
+            f"prompt length {prompt_length} + {steps} steps exceeds max_target_length ({max_target_length}): "
+            "the slots would fill up while being timed"
+        )
+
+
+def measure(
+    engine: Engine, params: Params, *, prompt_length: int = 64, steps: int = 32, repeats: int = 5
+) -> BenchResult:
+    """Time prefill (``prompt_length`` tokens), insert (one slot) and ``steps`` decode steps with
+    every slot busy. Each slot holds the same ``prompt_length``-token prompt."""
+    check_shape(prompt_length, steps, engine.max_prefill_length, engine.max_target_length)
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    slots = engine.max_concurrent_decodes
+    prompt = np.random.default_rng(0).integers(0, engine.config.vocab_size, size=prompt_length)
+    padded, true_length = engine.pad(prompt)
+
+    def prefill():
+        return engine.prefill(params=params, padded_tokens=padded, true_length=true_length)
+
+    def fill(state):
+        for slot in range(slots):
+            state = engine.insert(prefix, state, slot)
+        return state
+
+    # Warm-up: every call compiles here, and none is timed.
+    prefix, _ = prefill()
+    state = fill(engine.init_decode_state(0))
+    state, _ = engine.generate(params, state)
+    jax.block_until_ready(state)
+
+    prefill_s = statistics.median(_timed(prefill) for _ in range(repeats))
+    insert_times = []
+    for i in range(max(repeats, slots)):
+        start = time.perf_counter()
+        state = engine.insert(prefix, state, i % slots)
+        jax.block_until_ready(state)
+        insert_times.append(time.perf_counter() - start)
+
+    state = fill(state)  # every slot restarts at position prompt_length
+    step_times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, result = engine.generate(params, state)
+        jax.block_until_ready((state, result))
+        step_times.append(time.perf_counter() - start)
+    if not np.asarray(result.data)[:, 1].all():
+        raise RuntimeError("a slot stopped during the timed steps: the figures would undercount")
+
+    step_s = statistics.median(step_times)
+    # Step i writes position prompt_length + i and reads prompt_length + i + 1 cached tokens.
+    bytes_read = bytes_per_step(engine, params, prompt_length + (steps + 1) / 2)
+    return BenchResult(
+        prefill_ms=prefill_s * 1e3,
+        insert_ms=statistics.median(insert_times) * 1e3,
+        generate_step_ms=step_s * 1e3,
+        decode_tokens_per_s=slots / step_s,
+        bytes_per_step=bytes_read,
+        achieved_gb_per_s=bytes_read / step_s / 1e9,
+        compiles={name: int(engine.compile_counts[name]) for name in COMPILED},
+    )
+
+
+def numpy_read_gb_per_s(gib: float = 1.0, repeats: int = 5) -> float:
+    """The machine's read bandwidth as numpy sees it: the median time to sum ``gib`` GiB of float32."""
+    data = np.ones(int(gib * 2**30) // 4, np.float32)
+    data.sum()  # touch every page before timing
+    seconds = statistics.median(_timed(data.sum) for _ in range(repeats))
+    return data.nbytes / seconds / 1e9

@@ -1,0 +1,56 @@
+"""``python -m workbench bench``: prefill, insert and decode speed, after warm-up.
+
+A table goes to stderr; with ``--json``, one object with the same figures goes to stdout:
+``prefill_ms``, ``insert_ms``, ``generate_step_ms`` (median), ``decode_tokens_per_s``,
+``bytes_per_step``, ``achieved_gb_per_s`` and ``compiles`` (``{"prefill": n, "insert": n,
+"generate": n}``). See :mod:`workbench.bench` for what is measured and how.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from workbench.cli.common import CliError, add_engine_arguments, load_engine
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_engine_arguments(parser)
+    group = parser.add_argument_group("benchmark")
+    group.add_argument("--prompt-length", type=int, default=64, metavar="L", help="tokens per prompt (default 64)")
+    group.add_argument("--steps", type=int, default=32, metavar="N", help="timed decode steps (default 32)")
+    group.add_argument("--json", action="store_true", help="print the figures as one JSON object on stdout")
+
+
+def run(args: argparse.Namespace) -> int:
+    for flag, value in [("--prompt-length", args.prompt_length), ("--steps", args.steps)]:
+        if value < 1:
+            raise CliError(f"{flag} must be positive, got {value}")
+    from workbench.bench import check_shape, measure
+
+    # Before loading anything: a shape that cannot work should not cost a model load to find out.
+    check_shape(args.prompt_length, args.steps, args.max_prefill_length, args.max_target_length)
+    engine, params = load_engine(args)
+    result = measure(engine, params, prompt_length=args.prompt_length, steps=args.steps)
+    config = engine.config
+    print(
+        f"bench: {config.num_params() / 1e6:.1f}M params ({config.param_dtype}), decode batch "
+        f"{engine.max_concurrent_decodes}, prompt {args.prompt_length} tokens, {args.steps} steps, "
+        f"mesh {dict(engine.mesh.shape)} on {engine.mesh.devices.flat[0].platform}",
+        file=sys.stderr,
+    )
+    rows = [
+        ("prefill", f"{result.prefill_ms:10.2f} ms", f"{args.prompt_length} tokens"),
+        ("insert", f"{result.insert_ms:10.2f} ms", "one slot"),
+        ("generate step", f"{result.generate_step_ms:10.2f} ms", "median"),
+        ("decode", f"{result.decode_tokens_per_s:10.1f} tok/s", "all slots"),
+        ("bytes per step", f"{result.bytes_per_step / 1e6:10.1f} MB", "weights + live KV cache"),
+        ("achieved", f"{result.achieved_gb_per_s:10.2f} GB/s", "bytes per step / step time"),
+        ("compiles", "  " + "  ".join(f"{k} {v}" for k, v in result.compiles.items()), "warm-up included"),
+    ]
+    for name, value, note in rows:
+        print(f"  {name:15s} {value:28s} {note}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    return 0
