@@ -101,7 +101,8 @@ def test_nan_and_inf_are_counted_per_layer_and_slot(filled):
 
 def test_a_prefix_holds_its_prompt(engine, params):
     report = inspect.kv_cache(prefill(engine, params, PROMPTS[2]))
-    assert [(r["slot"], r["filled"], r["next_position"], r["active"]) for r in report.to_rows()] == [(0, 9, 9, None)] * LAYERS
+    rows = [(r["slot"], r["filled"], r["next_position"], r["active"]) for r in report.to_rows()]
+    assert rows == [(0, 9, 9, None)] * LAYERS
     assert "KV cache of a prefix" in str(report)
 
 

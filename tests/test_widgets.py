@@ -37,7 +37,8 @@ def step_by_clicks(engine, params):
     seen["prefill"] = (explorer.last_diff, explorer.status, int(explorer.prefix.token))
     explorer.slot.value = 2
     explorer.buttons["insert"].click()
-    seen["insert"] = (explorer.last_diff, explorer.diff_view.value, {s: list(t) for s, t in explorer.slot_tokens.items()})
+    slot_tokens = {s: list(t) for s, t in explorer.slot_tokens.items()}
+    seen["insert"] = (explorer.last_diff, explorer.diff_view.value, slot_tokens)
     explorer.buttons["generate"].click()
     seen["generate"] = explorer.last_diff
     return explorer, seen

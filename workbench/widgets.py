@@ -125,7 +125,8 @@ class KVCacheExplorer(_Explorer):
         self.prefix, result = self.engine.prefill(params=self.params, padded_tokens=padded, true_length=length)
         empty = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), self.prefix)
         self._pending = prompt
-        self.status = f"prefill: {length} tokens (bucket {len(padded)}), first token {int(np.asarray(result.data)[0, 0])}"
+        first = int(np.asarray(result.data)[0, 0])
+        self.status = f"prefill: {length} tokens (bucket {len(padded)}), first token {first}"
         return self._show(kv_cache_diff(empty, self.prefix))
 
     def insert(self, slot: int | None = None) -> KVCacheDiff:

@@ -72,7 +72,9 @@ class KVCacheDiff(Report):
 
     def __init__(self, before: Any, after: Any):
         if type(before) is not type(after):
-            raise TypeError(f"before and after must be the same kind, got {type(before).__name__} and {type(after).__name__}")
+            raise TypeError(
+                f"before and after must be the same kind, got {type(before).__name__} and {type(after).__name__}"
+            )
         old, new = kv_source(before, role="before"), kv_source(after, role="after")
         if old.shape != new.shape or len(old.paths) != len(new.paths):
             raise ValueError(f"before and after caches differ in shape: {old.shape} x {len(old.paths)} layers "

@@ -21,7 +21,7 @@ import numpy as np
 from workbench.engine import DecodeState, Prefix
 from workbench.engine.engine import leaf_paths
 from workbench.inspect import plots
-from workbench.inspect.report import Column, Report, Table, fmt_bytes, fmt_float, fmt_int, nbytes
+from workbench.inspect.report import Column, Report, Table, fmt_bytes, fmt_float, fmt_int, nbytes, plural
 
 Tokens = Sequence[int | str] | str | Mapping[int, Sequence[int | str] | str]
 
@@ -73,7 +73,9 @@ def kv_source(obj: Any, *, role: str = "input") -> KVSource:
     keys, values = tuple(pairs[p]["k"] for p in order), tuple(pairs[p]["v"] for p in order)
     shapes = {tuple(np.shape(x)) for x in keys + values}
     if len(shapes) != 1 or len(next(iter(shapes))) != 4:
-        raise ValueError(f"the {role}'s k/v caches must all be [slots, positions, kv_heads, head_dim], got {sorted(shapes)}")
+        raise ValueError(
+            f"the {role}'s k/v caches must all be [slots, positions, kv_heads, head_dim], got {sorted(shapes)}"
+        )
     next_positions = active = None
     if kind == "decode state":
         next_positions, active = np.asarray(obj.positions).astype(int), np.asarray(obj.active).astype(bool)
@@ -163,9 +165,9 @@ class KVCacheReport(Report):
                 })
         total = sum(r["bytes"] for r in rows)
         self.title = (
-            f"KV cache of a {source.kind}: {len(source.paths)} layers x {slots} slot{'s' * (slots != 1)} x "
-            f"{length} positions x "
-            f"{heads} kv heads x {dim} dims, k and v in {dtype}, {fmt_bytes(total)}"
+            f"KV cache of a {source.kind}: {plural(len(source.paths), 'layer')} x {plural(slots, 'slot')} x "
+            f"{plural(length, 'position')} x {plural(heads, 'kv head')} x {plural(dim, 'dim')}, "
+            f"k and v in {dtype}, {fmt_bytes(total)}"
         )
         dash = lambda x: "-" if x is None else str(x)
         columns = (
@@ -223,7 +225,8 @@ class KVCacheReport(Report):
                 raise ValueError("head= picks a head within a layer or slot view: pass layer= or slot= too")
             n = self._positions_shown(range(slots))
             written = np.asarray(_occupancy(self.source.keys, self.source.values, _bucket(n, length)))[:, :n]
-            nexts = [None] * slots if self.source.next_positions is None else [int(p) for p in self.source.next_positions]
+            known = self.source.next_positions
+            nexts = [None] * slots if known is None else [int(p) for p in known]
             return plots.occupancy(written, nexts, layers=n_layers, title=f"{self.source.kind}: slot occupancy",
                                    xticklabels=self._xticklabels(None, n))
         n = self._positions_shown([slot])

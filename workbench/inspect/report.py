@@ -45,6 +45,13 @@ def fmt_float(x: float | None, digits: int = 4) -> str:
     return f"{x:.{digits}g}"
 
 
+def plural(n: int, word: str) -> str:
+    """``1 piece``, ``4 pieces``, ``2 copies``: the count and its noun."""
+    if n == 1:
+        return f"{n} {word}"
+    return f"{n} {word[:-1]}ies" if word.endswith("y") else f"{n} {word}s"
+
+
 def fmt_shape(shape: Sequence[int] | None) -> str:
     return "-" if shape is None else "[" + ", ".join(str(int(d)) for d in shape) + "]"
 
@@ -153,7 +160,10 @@ class Table:
             for r in self.cells()
         )
         caption = f'<caption style="text-align:left;font-weight:bold">{html.escape(self.title)}</caption>'
-        return f'<table style="border-collapse:collapse">{caption if self.title else ""}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+        return (
+            f'<table style="border-collapse:collapse">{caption if self.title else ""}'
+            f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        )
 
 
 class Report:

@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, Sharding, SingleDeviceSharding
 from workbench.engine.engine import leaf_paths
 from workbench.sharding import describe_mesh
 from workbench.inspect import plots
-from workbench.inspect.report import Column, Report, Table, fmt_bytes, fmt_int, fmt_shape, fmt_spec, nbytes
+from workbench.inspect.report import Column, Report, Table, fmt_bytes, fmt_int, fmt_shape, fmt_spec, nbytes, plural
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +50,10 @@ def placement(shape: tuple[int, ...], dtype: Any, sharding: Sharding) -> Placeme
         replication=len(index_map) // len(pieces),
         bytes_per_device={device: nbytes(size, dtype) for device, size in sizes.items()},
     )
+
+
+def _pieces(where: Placement) -> str:
+    return f"{plural(where.shards, 'piece')} x {plural(where.replication, 'copy')}"
 
 
 def describe_sharding(sharding: Sharding | None, ndim: int) -> str:
@@ -95,7 +99,9 @@ def leaf_metadata(path: str, leaf: Any) -> tuple[tuple[int, ...], Any, Sharding]
         if leaf.sharding is None:
             raise ValueError(f"{where} is a ShapeDtypeStruct without a sharding")
         return tuple(leaf.shape), leaf.dtype, leaf.sharding
-    raise TypeError(f"{where} is a {type(leaf).__name__}, not a jax.Array on devices (or a ShapeDtypeStruct with a sharding)")
+    raise TypeError(
+        f"{where} is a {type(leaf).__name__}, not a jax.Array on devices (or a ShapeDtypeStruct with a sharding)"
+    )
 
 
 class ShardingReport(Report):
@@ -196,11 +202,12 @@ class ShardingReport(Report):
         lead = max(len(r) for r in rows)
         lines = [
             f"{path or 'array'}  {fmt_shape(shape)} {dtype}  spec {describe_sharding(s, len(shape))}  "
-            f"shard {fmt_shape(where.shard_shape)}  {where.shards} pieces x {where.replication} copies  "
+            f"shard {fmt_shape(where.shard_shape)}  {_pieces(where)}  "
             f"{fmt_int(max(where.bytes_per_device.values()))} bytes per device",
             " " * lead + "  " + "  ".join(c.ljust(w) for c, w in zip(cols, widths)),
         ]
-        lines += [r.ljust(lead) + "  " + "  ".join(c.ljust(w) for c, w in zip(line, widths)) for r, line in zip(rows, cells)]
+        for label, line in zip(rows, cells):
+            lines.append(label.ljust(lead) + "  " + "  ".join(c.ljust(w) for c, w in zip(line, widths)))
         return "\n".join(line.rstrip() for line in lines)
 
     def plot(self, leaf: str | None = None):
@@ -223,7 +230,7 @@ class ShardingReport(Report):
                 labels[r, c] = f"d{device}\n[{fmt_index(index, shape)}]\n{fmt_bytes(where.bytes_per_device[device])}"
             else:
                 labels[r, c] = f"d{device}\n-"
-        title = f"{path or 'array'} {fmt_shape(shape)}: {where.shards} pieces x {where.replication} copies"
+        title = f"{path or 'array'} {fmt_shape(shape)}: {_pieces(where)}"
         return plots.grid(groups, labels, row_labels=rows, col_labels=cols, title=title)
 
 
