@@ -62,7 +62,16 @@ def read_hf_config(path: str | os.PathLike) -> ModelConfig:
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """Map an HF config dict to ours; raise ValueError naming the first unsupported feature."""
+    try:
+        return _config_from_hf(hf)
+    except KeyError as error:
+        raise ValueError(f"corrupt Hugging Face config: {error.args[0]!r} is missing") from None
+
+
+def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     architectures = hf.get("architectures") or []
+    if isinstance(architectures, str):
+        architectures = [architectures]
     if len(architectures) != 1 or architectures[0] not in ARCHITECTURES:
         named = ", ".join(architectures) or f"model_type {hf.get('model_type')!r}"
         raise ValueError(f"unsupported architecture {named}; supported: {', '.join(ARCHITECTURES)}")

@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="repeatable; each is one request")
     requests.add_argument("--prompt-ids", dest="requests", action=_AddRequest, const="ids", type=parse_ids,
                           metavar="1,2,3", help="repeatable; each is one request")
-    requests.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
+    requests.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="per request (default 32)")
     requests.add_argument("--ignore-eos", action="store_true", help="run every request to --max-new-tokens")
     sampling = parser.add_argument_group("sampling (no sampling flag: greedy)")
     sampling.add_argument("--temperature", type=float, default=None, metavar="T")
@@ -69,6 +69,14 @@ def _sampling(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (ValueError, TypeError, FileNotFoundError) as error:  # one line, whatever raised it
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        raise CliError(lines[0]) from None
+
+
+def _run(args: argparse.Namespace) -> int:
     if not args.requests:
         raise CliError("give at least one --prompt or --prompt-ids")
     for index, (kind, value) in enumerate(args.requests):
