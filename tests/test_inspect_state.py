@@ -1,6 +1,8 @@
 """inspect.state: rows per leaf of params, cache and rest, checked against the arrays themselves."""
 
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -155,3 +157,15 @@ def test_bad_input_is_named(engine, params, decode_state):
     engine.generate(params, donated)
     with pytest.raises(ValueError, match="donated"):
         inspect.state(engine, params, donated)
+
+
+def test_the_engine_never_imports_the_inspectors():
+    # (treescope is left out of the check: flax itself imports it.)
+    code = (
+        "import sys, workbench, workbench.engine, workbench.load;"
+        " print(sorted(m for m in sys.modules if m.split('.')[0] in"
+        " ('matplotlib', 'ipywidgets') or m.startswith(('workbench.inspect', 'workbench.widgets',"
+        " 'workbench.notebook'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
