@@ -9,6 +9,7 @@ import workbench
 from workbench.checkpoints import (
     ByteTokenizer, HFTokenizer, StreamDecoder, default_tokenizer, read_hf_config, save_checkpoint,
 )
+from conftest import lively_params
 from test_checkpoints import SHAPE, SMALL, pure_numpy, write_hf
 
 TEXTS = ["def main():\n    return 0\n", "héllo wörld — ünïcode ✓", "emoji 🙂 and 漢字", ""]
@@ -77,7 +78,7 @@ def test_corrupt_tokenizer_file(tmp_path):
 def test_checkpoints_carry_their_tokenizer(tokenizer_file, tmp_path):
     config = SMALL.replace(vocab_size=HFTokenizer(tokenizer_file).vocab_size)
     engine = workbench.Engine(config, workbench.make_mesh({"data": 1}), **SHAPE)
-    pure = pure_numpy(engine.load_params(None, seed=1))
+    pure = pure_numpy(lively_params(engine))
     hf_dir = write_hf(tmp_path / "hf", config, pure, eos_token_id=[2, 5])
     (hf_dir / "generation_config.json").write_text('{"eos_token_id": [2, 7]}')
     engine, params = workbench.load(hf_dir, **SHAPE)

@@ -1,6 +1,7 @@
 """Checkpoints: workbench (orbax) directories, Hugging Face safetensors import, tokenizers."""
 
-from workbench.checkpoints.hf import config_from_hf, is_hf_checkpoint, load_hf_params, read_hf_config
+from workbench.checkpoints.hf import load_hf_params
+from workbench.checkpoints.hf_config import config_from_hf, is_hf_checkpoint, read_hf_config
 from workbench.checkpoints.orbax import (
     abstract_target, is_workbench_checkpoint, read_config, read_manifest, restore_params, save_checkpoint,
 )

@@ -1,8 +1,8 @@
-"""Hugging Face checkpoints: ``config.json`` -> ModelConfig, ``*.safetensors`` -> params on a mesh.
+"""Hugging Face checkpoints: ``*.safetensors`` -> params on a mesh (the config: ``hf_config``).
 
-Supported: LlamaForCausalLM (with Llama-3 rope scaling), MistralForCausalLM (sliding window) and
-Qwen2ForCausalLM (q/k/v bias, tied embeddings). Anything else -- another architecture, another
-rope type, biases elsewhere, experts, quantization -- is refused by name rather than loaded wrong.
+One file or several (``model.safetensors.index.json``); float32, bfloat16 or float16 tensors.
+A missing tensor, a tensor of the wrong shape, or one the model has no place for (``o_proj.bias``,
+say) is an error that names it.
 
 Every tensor goes straight into its target sharding, shard by shard: for each device,
 ``jax.make_array_from_callback`` asks for the region of our array that device holds, and we
@@ -17,7 +17,6 @@ is the "rotate half" layout, which is ours, so q/k rows need no permutation.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sys
@@ -30,132 +29,14 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from workbench.checkpoints.hf_config import read_json
 from workbench.engine import Engine
 from workbench.engine.engine import leaf_paths
-from workbench.model import ModelConfig, RopeScaling
+from workbench.model import ModelConfig
 
-CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
-ROPE_TYPES = ("default", "llama3")
-CHECKPOINT_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float32"}  # f16 widens exactly
 TENSOR_DTYPES = ("F32", "BF16", "F16")
 PROGRESS_BYTES = 256 * 2**20  # show a progress bar from this checkpoint size on
-
-
-def is_hf_checkpoint(path: str | os.PathLike) -> bool:
-    return (Path(path) / CONFIG_FILE).is_file()
-
-
-# ---- config ------------------------------------------------------------------------------------
-def read_hf_config(path: str | os.PathLike) -> ModelConfig:
-    """The ModelConfig of the HF checkpoint in directory ``path`` (config.json, plus the EOS ids
-    of generation_config.json when it lists more)."""
-    path = Path(path)
-    hf = _read_json(path / CONFIG_FILE)
-    generation = path / "generation_config.json"
-    if generation.is_file():
-        extra = _ids(_read_json(generation).get("eos_token_id"))
-        hf = {**hf, "eos_token_id": list(dict.fromkeys(_ids(hf.get("eos_token_id")) + extra))}
-    return config_from_hf(hf)
-
-
-def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """Map an HF config dict to ours; raise ValueError naming the first unsupported feature."""
-    try:
-        return _config_from_hf(hf)
-    except KeyError as error:
-        raise ValueError(f"corrupt Hugging Face config: {error.args[0]!r} is missing") from None
-
-
-def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    architectures = hf.get("architectures") or []
-    if isinstance(architectures, str):
-        architectures = [architectures]
-    if len(architectures) != 1 or architectures[0] not in ARCHITECTURES:
-        named = ", ".join(architectures) or f"model_type {hf.get('model_type')!r}"
-        raise ValueError(f"unsupported architecture {named}; supported: {', '.join(ARCHITECTURES)}")
-    family = ARCHITECTURES[architectures[0]]
-
-    def refuse(feature: str) -> None:
-        raise ValueError(f"unsupported {architectures[0]} feature: {feature}")
-
-    if hf.get("quantization_config"):
-        refuse(f"quantization_config ({hf['quantization_config'].get('quant_method', 'quantized weights')})")
-    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
-        if hf.get(key):
-            refuse(f"mixture of experts ({key}={hf[key]})")
-    if hf.get("hidden_act", "silu") != "silu":
-        refuse(f"hidden_act {hf['hidden_act']!r} (only silu)")
-    if hf.get("attention_bias"):
-        refuse("attention_bias (bias on the q/k/v/o projections)")
-    if hf.get("mlp_bias"):
-        refuse("mlp_bias")
-    theta, scaling = _rope(hf, refuse)
-
-    heads = hf["num_attention_heads"]
-    dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
-    if dtype not in CHECKPOINT_DTYPES:
-        refuse(f"dtype {dtype!r}")
-    eos = _ids(hf.get("eos_token_id"))
-    return ModelConfig(
-        vocab_size=hf["vocab_size"], embed_dim=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
-        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, mlp_dim=hf["intermediate_size"],
-        rope_theta=theta, rope_scaling=scaling, norm_eps=hf.get("rms_norm_eps", 1e-6),
-        qkv_bias=family == "qwen2", sliding_window=_sliding_window(hf, family, refuse),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        dtype=CHECKPOINT_DTYPES[dtype], param_dtype=CHECKPOINT_DTYPES[dtype],
-        bos_id=hf.get("bos_token_id"), eos_ids=tuple(eos), pad_id=hf.get("pad_token_id") or 0,
-    )
-
-
-def _rope(hf: dict[str, Any], refuse: Callable[[str], None]) -> tuple[float, RopeScaling | None]:
-    # transformers 5 writes rope_parameters (theta inside); older configs rope_theta + rope_scaling.
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in ROPE_TYPES:
-        refuse(f"rope_type {kind!r} (supported: {', '.join(ROPE_TYPES)})")
-    if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
-        refuse("partial_rotary_factor")
-    if kind == "default":
-        return theta, None
-    return theta, RopeScaling(
-        factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
-        high_freq_factor=float(rope["high_freq_factor"]),
-        original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
-    )
-
-
-def _sliding_window(hf: dict[str, Any], family: str, refuse: Callable[[str], None]) -> int | None:
-    window = hf.get("sliding_window")
-    if family == "qwen2" and not hf.get("use_sliding_window", False):
-        window = None
-    if family == "llama" or window is None:
-        return None
-    layer_types = hf.get("layer_types")
-    if layer_types is None and family == "qwen2":  # older Qwen2 configs: windows from max_window_layers on
-        first = hf.get("max_window_layers", 0)
-        layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(hf["num_hidden_layers"])]
-    if layer_types is not None and len(set(layer_types)) > 1:
-        refuse("sliding window on some layers only (layer_types mixes full and sliding attention)")
-    if layer_types is not None and layer_types and layer_types[0] == "full_attention":
-        return None
-    return int(window)
-
-
-def _ids(value: Any) -> list[int]:
-    if value is None:
-        return []
-    return [int(v) for v in (value if isinstance(value, list) else [value])]
-
-
-def _read_json(file: Path) -> dict[str, Any]:
-    try:
-        return json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"corrupt Hugging Face checkpoint: cannot read {file} ({error})") from None
 
 
 # ---- layouts -----------------------------------------------------------------------------------
@@ -185,16 +66,18 @@ def _layouts(config: ModelConfig) -> dict[str, Layout]:
         layouts["lm_head"] = Layout("lm_head.weight", ((v,), (d,)), (1, 0))  # [V, D] -> [D, V]
     for i in range(config.num_layers):
         hf, ours = f"model.layers.{i}", f"layers/{i}"
+        # Projections: HF [out, in] -> ours [in, out], heads split out (q: [N*H, D] -> [D, N, H];
+        # o: [D, N*H] -> [N, H, D]; gate/up: [F, D] -> [D, F]; down: [D, F] -> [F, D]).
         layouts |= {
             f"{ours}/attn_norm/scale": Layout(f"{hf}.input_layernorm.weight", ((d,),), (0,)),
             f"{ours}/mlp_norm/scale": Layout(f"{hf}.post_attention_layernorm.weight", ((d,),), (0,)),
-            f"{ours}/attn/q": Layout(f"{hf}.self_attn.q_proj.weight", ((n, h), (d,)), (2, 0, 1)),  # [N*H, D] -> [D, N, H]
+            f"{ours}/attn/q": Layout(f"{hf}.self_attn.q_proj.weight", ((n, h), (d,)), (2, 0, 1)),
             f"{ours}/attn/k": Layout(f"{hf}.self_attn.k_proj.weight", ((k, h), (d,)), (2, 0, 1)),
             f"{ours}/attn/v": Layout(f"{hf}.self_attn.v_proj.weight", ((k, h), (d,)), (2, 0, 1)),
-            f"{ours}/attn/o": Layout(f"{hf}.self_attn.o_proj.weight", ((d,), (n, h)), (1, 2, 0)),  # [D, N*H] -> [N, H, D]
-            f"{ours}/mlp/gate": Layout(f"{hf}.mlp.gate_proj.weight", ((f,), (d,)), (1, 0)),  # [F, D] -> [D, F]
+            f"{ours}/attn/o": Layout(f"{hf}.self_attn.o_proj.weight", ((d,), (n, h)), (1, 2, 0)),
+            f"{ours}/mlp/gate": Layout(f"{hf}.mlp.gate_proj.weight", ((f,), (d,)), (1, 0)),
             f"{ours}/mlp/up": Layout(f"{hf}.mlp.up_proj.weight", ((f,), (d,)), (1, 0)),
-            f"{ours}/mlp/down": Layout(f"{hf}.mlp.down_proj.weight", ((d,), (f,)), (1, 0)),  # [D, F] -> [F, D]
+            f"{ours}/mlp/down": Layout(f"{hf}.mlp.down_proj.weight", ((d,), (f,)), (1, 0)),
         }
         if config.qkv_bias:
             layouts |= {
@@ -232,7 +115,7 @@ def _tensor_files(path: Path) -> dict[str, Path]:
     """HF tensor name -> the safetensors file holding it."""
     index = path / INDEX_FILE
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"corrupt Hugging Face checkpoint: {index} has no weight_map")
         return {name: path / file for name, file in weight_map.items()}

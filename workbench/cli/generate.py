@@ -36,7 +36,9 @@ def parse_ids(text: str) -> list[int]:
     try:
         return [int(part) for part in parts]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"malformed ids {text!r}: expected comma-separated integers like 1,2,3") from None
+        raise argparse.ArgumentTypeError(
+            f"malformed ids {text!r}: expected comma-separated integers like 1,2,3"
+        ) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -123,7 +123,9 @@ class Scheduler:
             raise ValueError(f"token id {int(ids[bad][0])} is outside the vocabulary (0..{vocab - 1})")
         limit = self.engine.max_target_length
         if ids.size >= limit:
-            raise ValueError(f"prompt of {ids.size} tokens leaves no room to generate within max_target_length ({limit})")
+            raise ValueError(
+                f"prompt of {ids.size} tokens leaves no room to generate within max_target_length ({limit})"
+            )
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         request = Request(len(self._requests), tuple(int(i) for i in ids), max_new_tokens, bool(ignore_eos))
