@@ -37,6 +37,8 @@ EventKind = Literal["prefill", "insert", "finish", "free"]
 
 @dataclasses.dataclass(frozen=True)
 class Request:
+    """A queued prompt; ``id`` is its submission index."""
+
     id: int
     prompt: tuple[int, ...]
     max_new_tokens: int
