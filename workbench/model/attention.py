@@ -93,7 +93,10 @@ class Attention(nnx.Module):
         else:
             k, v = self.cache.update(k, v, positions)  # [B, S, K, H]
             out = self._attend_cache(q, k, v, positions)
-        return jnp.einsum("BTNH,NHD->BTD", out.reshape(b, t, n, h), self.o[...].astype(self.dtype))
+        # One contracting dim (N*H): given "BTNH,NHD", XLA orders the two as (H, N) and transposes
+        # the o weights into that order on every call.
+        o = self.o[...].astype(self.dtype).reshape(n * h, -1)
+        return jnp.einsum("BTX,XD->BTD", out.reshape(b, t, n * h), o)
 
     def _attend_cache(self, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array) -> jax.Array:
         """Attention over the first L cache positions, L the smallest bucket covering every live query."""
@@ -134,10 +137,13 @@ class Attention(nnx.Module):
         """
         b, s, kv, h = k.shape
         g = q.shape[2]
+        # Elementwise products with the identity, not einsums: a dot would pick its own output
+        # layout, and XLA would then re-lay-out the o projection's weights on every step.
         eye = jnp.eye(kv, dtype=q.dtype)
-        q_blocks = jnp.einsum("BKGH,KJ->BKHJG", q, eye).reshape(b, kv * h, kv * g)
+        q_blocks = jnp.swapaxes(q, 2, 3)[:, :, :, None, :] * eye[:, None, :, None]  # [B, K, H, J, G]
+        q_blocks = q_blocks.reshape(b, kv * h, kv * g)
         scores = jnp.einsum("BSX,BXY->BSY", k.reshape(b, s, kv * h), q_blocks).astype(jnp.float32)  # [B, S, K*G]
         scores = jnp.where(visible[:, :, None], scores, _MASKED)
         weights = jax.nn.softmax(scores, axis=1).astype(self.dtype)
         out = jnp.einsum("BSY,BSX->BYX", weights, v.reshape(b, s, kv * h)).reshape(b, kv, g, kv, h)
-        return jnp.einsum("BKGJH,KJ->BKGH", out, eye)  # the blocks whose kv heads match
+        return jnp.sum(out * eye[:, None, :, None], axis=3)  # the blocks whose kv heads match
