@@ -299,8 +299,7 @@ class Engine:
         steps = jnp.arange(tokens.shape[0])
         # Padding goes to position S (past the cache): its K/V writes are dropped.
         positions = jnp.where(steps < true_length, start + steps, self.max_target_length)
-        logits = model(tokens[None], positions[None])[0]  # [P, V]
-        last = logits[true_length - 1]
+        last = model(tokens[None], positions[None], logits_at=(true_length - 1)[None])[0]  # [V]
         token = sample(last[None], key, sampling)[0]
         prefix = Prefix(
             cache=nnx.to_pure_dict(nnx.state(model, nnx.Cache)), length=start + true_length, token=token, logits=last

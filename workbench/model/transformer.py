@@ -40,17 +40,27 @@ class Transformer(nnx.Module):
         if not config.tie_embeddings:
             self.lm_head = param(rngs, (config.embed_dim, config.vocab_size), ("embed", "vocab"), config.weight_dtype)
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-        """Logits [B, T, V] in float32 for ``tokens`` [B, T] at absolute ``positions`` [B, T]."""
+    def __call__(
+        self, tokens: jax.Array, positions: jax.Array | None = None, *, logits_at: jax.Array | None = None
+    ) -> jax.Array:
+        """Logits [B, T, V] in float32 for ``tokens`` [B, T] at absolute ``positions`` [B, T].
+
+        With ``logits_at`` [B] (one index into T per row) only those rows' logits, [B, V]: prefill
+        needs just the last prompt token's, and the vocabulary projection of every position would
+        be about half of its work.
+        """
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = self.embed(tokens)  # [B, T, D]
         rope = self.rope(positions)
         for layer in self.layers:
             x = layer(x, positions, rope)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, D]
         x = self.final_norm(x)
         if self.config.tie_embeddings:
             logits = self.embed.attend(x)
         else:
             logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype))
-        return logits.astype(jnp.float32)
+        logits = logits.astype(jnp.float32)
+        return logits if logits_at is None else logits[:, 0]
