@@ -40,17 +40,18 @@ def run(args: argparse.Namespace) -> int:
         f"mesh {dict(engine.mesh.shape)} on {engine.mesh.devices.flat[0].platform}",
         file=sys.stderr,
     )
+    compiles = ", ".join(f"{name} {count}" for name, count in result.compiles.items())
     rows = [
-        ("prefill", f"{result.prefill_ms:10.2f} ms", f"{args.prompt_length} tokens"),
-        ("insert", f"{result.insert_ms:10.2f} ms", "one slot"),
-        ("generate step", f"{result.generate_step_ms:10.2f} ms", "median"),
-        ("decode", f"{result.decode_tokens_per_s:10.1f} tok/s", "all slots"),
-        ("bytes per step", f"{result.bytes_per_step / 1e6:10.1f} MB", "weights + live KV cache"),
-        ("achieved", f"{result.achieved_gb_per_s:10.2f} GB/s", "bytes per step / step time"),
-        ("compiles", "  " + "  ".join(f"{k} {v}" for k, v in result.compiles.items()), "warm-up included"),
+        ("prefill", f"{result.prefill_ms:.2f} ms", f"{args.prompt_length}-token prompt"),
+        ("insert", f"{result.insert_ms:.3f} ms", "one slot"),
+        ("generate step", f"{result.generate_step_ms:.2f} ms", "median"),
+        ("decode", f"{result.decode_tokens_per_s:.1f} tokens/s", "every slot busy"),
+        ("bytes per step", f"{result.bytes_per_step / 1e6:.1f} MB", "weights + live KV cache"),
+        ("achieved", f"{result.achieved_gb_per_s:.2f} GB/s", "bytes per step / step time"),
+        ("compiles", compiles, "warm-up included"),
     ]
     for name, value, note in rows:
-        print(f"  {name:15s} {value:28s} {note}", file=sys.stderr)
+        print(f"  {name:15s} {value:>32s}   {note}", file=sys.stderr)
     if args.json:
         print(json.dumps(result.to_dict()))
     return 0

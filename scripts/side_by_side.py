@@ -1,0 +1,279 @@
+"""Side by side: workbench against transformers' greedy ``generate`` on one Llama checkpoint.
+
+    .venv/bin/python scripts/side_by_side.py OUT_DIR [--quick]
+
+Both read the same Hugging Face checkpoint (a 56M-parameter Llama, ``ModelConfig.llama_56m()``,
+random weights saved with ``save_pretrained``) in float32 on the CPU, in one run. Writes to
+OUT_DIR: ``results.md`` (tables and the four targets), ``results.json``, and three plots --
+decode step time against decode batch and against context length, prefill time against prompt
+length. The machine's read bandwidth (numpy summing 1 GiB) is measured in the same run, before
+and after; the higher figure is the one the achieved bandwidth is held against.
+
+Transformers' step time is the median gap between consecutive calls of a stopping criterion,
+i.e. one pass of its decode loop (forward, greedy pick, bookkeeping); ours is the median of
+``engine.generate`` calls, each blocked until ready (:func:`workbench.bench.measure`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+STEPS = 32
+PROMPT = 64
+TARGET_BATCH = 8
+
+
+def make_checkpoint(path: Path) -> None:
+    """A random Llama of the preset's shape, saved the way Hugging Face models are shipped."""
+    import torch
+    import transformers
+
+    from workbench import ModelConfig
+
+    c = ModelConfig.llama_56m()
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.embed_dim, intermediate_size=c.mlp_dim,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim, rope_theta=c.rope_theta, rms_norm_eps=c.norm_eps, max_position_embeddings=4096,
+        tie_word_embeddings=False, bos_token_id=c.bos_id, eos_token_id=c.eos_ids[0], pad_token_id=c.pad_id,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+
+
+class _StepClock:
+    """A stopping criterion that never stops and notes when each decode step ends."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+def hf_step_ms(model, batch: int, context: int, steps: int) -> float:
+    """Median ms per decode step of greedy ``generate`` for ``batch`` prompts of ``context`` tokens."""
+    import torch
+    from transformers import StoppingCriteriaList
+
+    ids = torch.from_numpy(np.random.default_rng(1).integers(3, model.config.vocab_size, (batch, context)))
+    clock = _StepClock()
+    with torch.inference_mode():
+        model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=steps + 1,
+            min_new_tokens=steps + 1, stopping_criteria=StoppingCriteriaList([clock]),
+        )
+    return statistics.median(np.diff(clock.times)) * 1e3
+
+
+def hf_prefill_ms(model, length: int, repeats: int = 5) -> float:
+    """Median ms of the forward pass ``generate`` makes over a ``length``-token prompt: it fills a
+    fresh cache and projects only the last position onto the vocabulary (``logits_to_keep=1``)."""
+    import torch
+
+    ids = torch.from_numpy(np.random.default_rng(2).integers(3, model.config.vocab_size, (1, length)))
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            model(ids, use_cache=True, logits_to_keep=1)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times[1:]) * 1e3
+
+
+def parity(engine, params, model) -> float:
+    """Max |ours - theirs| / max |theirs| of the logits of one 16-token sequence: same weights?"""
+    import torch
+
+    tokens = np.random.default_rng(3).integers(3, engine.config.vocab_size, (1, 16))
+    ours = np.asarray(engine.forward(params, tokens))
+    with torch.inference_mode():
+        theirs = model(torch.from_numpy(tokens)).logits.numpy()
+    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+
+
+def plot(path: Path, xs, series: dict[str, list[float]], xlabel: str, ylabel: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, ys in series.items():
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--quick", action="store_true", help="fewer points and steps (a smoke run)")
+    args = parser.parse_args(argv)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+
+    import torch
+    import transformers
+
+    import jax
+    import workbench
+    from workbench.bench import measure, numpy_read_gb_per_s
+
+    transformers.utils.logging.disable_progress_bar()
+    steps = 8 if args.quick else STEPS
+    batches = [1, 8, 64] if args.quick else [1, 4, 8, 16, 32, 64]
+    contexts = [64, 256] if args.quick else [64, 128, 256, 512, 1024]
+    lengths = [16, 64, 256] if args.quick else [16, 32, 64, 128, 256, 512, 1024]
+    load_before = os.getloadavg()
+    bandwidth = [numpy_read_gb_per_s()]
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    log(f"numpy read bandwidth {bandwidth[0]:.1f} GB/s; load {load_before[0]:.2f}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(tmp) / "llama-56m"
+        make_checkpoint(checkpoint)
+        model = transformers.LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+        hf_step_ms(model, 2, 16, 2)  # warm-up
+
+        by_batch = []
+        for batch in batches:
+            engine, params = workbench.load(checkpoint, decode_batch_size=batch)
+            if batch == TARGET_BATCH:
+                parity_error = parity(engine, params, model)
+            ours = measure(engine, params, prompt_length=PROMPT, steps=steps)
+            theirs = hf_step_ms(model, batch, PROMPT, steps)
+            by_batch.append(dict(batch=batch, ours=ours.to_dict(), hf_step_ms=theirs))
+            log(f"batch {batch:3d}: ours {ours.generate_step_ms:7.2f} ms/step ({ours.achieved_gb_per_s:.1f} GB/s), "
+                f"insert {ours.insert_ms:.2f} ms | transformers {theirs:7.2f} ms/step")
+            del engine, params
+
+        engine, params = workbench.load(
+            checkpoint, decode_batch_size=TARGET_BATCH, max_prefill_length=max(contexts + lengths),
+            max_target_length=max(contexts) + steps,
+        )
+        by_context = []
+        for context in contexts:
+            ours = measure(engine, params, prompt_length=context, steps=steps)
+            theirs = hf_step_ms(model, TARGET_BATCH, context, steps)
+            by_context.append(dict(context=context, ours=ours.to_dict(), hf_step_ms=theirs))
+            log(f"context {context:5d}: ours {ours.generate_step_ms:7.2f} ms/step | transformers {theirs:7.2f} ms/step")
+        context_compiles = dict(engine.compile_counts)
+
+        by_length = []
+        prefills_before = engine.compile_counts["prefill"]
+        buckets = sorted({engine.bucket(n) for n in lengths} | {engine.bucket(c) for c in contexts})
+        for length in lengths:
+            ours = measure(engine, params, prompt_length=length, steps=1)
+            theirs = hf_prefill_ms(model, length)
+            by_length.append(dict(length=length, ours_prefill_ms=ours.prefill_ms, hf_prefill_ms=theirs))
+            log(f"prompt {length:5d}: ours prefill {ours.prefill_ms:8.2f} ms | transformers {theirs:8.2f} ms")
+        final_compiles = dict(engine.compile_counts)
+        del engine, params
+
+    bandwidth.append(numpy_read_gb_per_s())
+    load_after = os.getloadavg()
+    numpy_gb_s = max(bandwidth)
+    at_target = next(p for p in by_batch if p["batch"] == TARGET_BATCH)
+    insert = {p["batch"]: p["ours"]["insert_ms"] for p in by_batch}
+    speedup = at_target["hf_step_ms"] / at_target["ours"]["generate_step_ms"]
+    fraction = at_target["ours"]["achieved_gb_per_s"] / numpy_gb_s
+    insert_ratio = insert[max(batches)] / insert[TARGET_BATCH]
+    generate_once = all(p["ours"]["compiles"]["generate"] == 1 for p in by_batch) and final_compiles["generate"] == 1
+    prefill_per_bucket = final_compiles["prefill"] == len(buckets)
+    targets = [
+        (f"decode step >= 2x faster than transformers (batch {TARGET_BATCH}, {PROMPT}-token prompts)",
+         f"{speedup:.2f}x ({at_target['ours']['generate_step_ms']:.1f} vs {at_target['hf_step_ms']:.1f} ms)", speedup >= 2),
+        ("achieved bandwidth >= 50% of numpy's read bandwidth",
+         f"{100 * fraction:.0f}% ({at_target['ours']['achieved_gb_per_s']:.2f} of {numpy_gb_s:.2f} GB/s)", fraction >= 0.5),
+        (f"insert at batch {max(batches)} <= 1.5x insert at batch {TARGET_BATCH}",
+         f"{insert_ratio:.2f}x ({insert[max(batches)]:.3f} vs {insert[TARGET_BATCH]:.3f} ms)", insert_ratio <= 1.5),
+        ("generate compiled once; prefill once per length bucket",
+         f"generate {final_compiles['generate']} over {len(contexts) + len(lengths)} runs of one engine; prefill "
+         f"{final_compiles['prefill']} for buckets {buckets}", generate_once and prefill_per_bucket),
+    ]
+
+    results = dict(
+        numpy_gb_per_s=bandwidth, load_average=[load_before, load_after], parity_max_rel_error=parity_error,
+        steps=steps, by_batch=by_batch, by_context=by_context, by_length=by_length,
+        compiles=dict(context_sweep=context_compiles, final=final_compiles, buckets=buckets),
+        targets=[dict(target=t, measured=m, met=bool(ok)) for t, m, ok in targets],
+        versions=dict(jax=jax.__version__, torch=torch.__version__, transformers=transformers.__version__),
+    )
+    (args.out_dir / "results.json").write_text(json.dumps(results, indent=1))
+
+    plot(args.out_dir / "step_vs_batch.png", batches,
+         {"workbench": [p["ours"]["generate_step_ms"] for p in by_batch], "transformers": [p["hf_step_ms"] for p in by_batch]},
+         "decode batch", "ms per decode step", f"decode step, {PROMPT}-token prompts")
+    plot(args.out_dir / "step_vs_context.png", contexts,
+         {"workbench": [p["ours"]["generate_step_ms"] for p in by_context], "transformers": [p["hf_step_ms"] for p in by_context]},
+         "context length (prompt tokens)", "ms per decode step", f"decode step, batch {TARGET_BATCH}")
+    plot(args.out_dir / "prefill_vs_length.png", lengths,
+         {"workbench": [p["ours_prefill_ms"] for p in by_length], "transformers": [p["hf_prefill_ms"] for p in by_length]},
+         "prompt length", "ms per prefill", "prefill, batch 1")
+
+    lines = [
+        "# workbench vs transformers, side by side",
+        "",
+        f"Llama 56M (hidden 512, 8 layers, 8 heads / 4 kv heads, MLP 1408, vocab 32000), float32, one HF checkpoint "
+        f"(logits agree to {parity_error:.1e} relative). CPU: {os.cpu_count()} cores; load average "
+        f"{load_before[0]:.2f} before, {load_after[0]:.2f} after. numpy read bandwidth (sum of 1 GiB): "
+        + ", ".join(f"{b:.2f}" for b in bandwidth) + f" GB/s. {steps} decode steps per point, medians. "
+        f"jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}.",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+        *[f"| {t} | {m} | {'yes' if ok else 'NO'} |" for t, m, ok in targets],
+        "",
+        f"## Decode step against decode batch ({PROMPT}-token prompts)",
+        "",
+        "| batch | workbench ms/step | transformers ms/step | speedup | workbench GB/s | insert ms |",
+        "|---|---|---|---|---|---|",
+        *[f"| {p['batch']} | {p['ours']['generate_step_ms']:.2f} | {p['hf_step_ms']:.2f} | "
+          f"{p['hf_step_ms'] / p['ours']['generate_step_ms']:.2f}x | {p['ours']['achieved_gb_per_s']:.2f} | "
+          f"{p['ours']['insert_ms']:.3f} |" for p in by_batch],
+        "",
+        f"## Decode step against context length (batch {TARGET_BATCH})",
+        "",
+        "| context | workbench ms/step | transformers ms/step | speedup | workbench GB/s |",
+        "|---|---|---|---|---|",
+        *[f"| {p['context']} | {p['ours']['generate_step_ms']:.2f} | {p['hf_step_ms']:.2f} | "
+          f"{p['hf_step_ms'] / p['ours']['generate_step_ms']:.2f}x | {p['ours']['achieved_gb_per_s']:.2f} |"
+          for p in by_context],
+        "",
+        "## Prefill against prompt length (batch 1)",
+        "",
+        "| prompt | workbench ms | transformers ms | speedup |",
+        "|---|---|---|---|",
+        *[f"| {p['length']} | {p['ours_prefill_ms']:.2f} | {p['hf_prefill_ms']:.2f} | "
+          f"{p['hf_prefill_ms'] / p['ours_prefill_ms']:.2f}x |" for p in by_length],
+        "",
+        "![step vs batch](step_vs_batch.png) ![step vs context](step_vs_context.png) "
+        "![prefill vs length](prefill_vs_length.png)",
+        "",
+    ]
+    (args.out_dir / "results.md").write_text("\n".join(lines))
+    log("\n".join(lines[:12]))
+    return 0 if all(ok for _, _, ok in targets) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
