@@ -144,3 +144,22 @@ def test_bad_requests(engine, params, bad, match):
 def test_bad_max_new_tokens(engine, params):
     with pytest.raises(ValueError, match="max_new_tokens"):
         Scheduler(engine, params).submit([1, 2], max_new_tokens=0)
+
+
+def test_decode_state_positions_follow_each_slots_request(engine, params):
+    """After every step, an occupied slot's next position is its prompt plus its tokens so far,
+    less one (the newest token is the next input, not yet in the cache)."""
+    streamed = collections.defaultdict(list)
+    scheduler = Scheduler(engine, params, on_token=lambda r, t: streamed[r.id].append(t))
+    for p in PROMPTS[:3]:
+        scheduler.submit(p, max_new_tokens=4, ignore_eos=True)
+    checked = 0
+    while scheduler.busy:
+        scheduler.step()
+        state = scheduler.decode_state
+        positions, active = np.asarray(state.positions), np.asarray(state.active)
+        assert sorted(np.flatnonzero(active).tolist()) == sorted(scheduler.slots)
+        for slot, request in scheduler.slots.items():
+            assert positions[slot] == len(request.prompt) + len(streamed[request.id]) - 1
+            checked += 1
+    assert checked >= 6

@@ -29,7 +29,7 @@ import numpy as np
 
 from workbench.engine.engine import Engine, Params
 from workbench.engine.sampling import GREEDY, Sampling
-from workbench.engine.types import Prefix
+from workbench.engine.types import DecodeState, Prefix
 
 FinishReason = Literal["eos", "max_new_tokens", "max_target_length"]
 EventKind = Literal["prefill", "insert", "finish", "free"]
@@ -138,6 +138,12 @@ class Scheduler:
     @property
     def busy(self) -> bool:
         return bool(self.queue or self.slots)
+
+    @property
+    def decode_state(self) -> DecodeState:
+        """The engine's decode state after the last step, for inspection: read it before the
+        next ``step``, which donates it (its arrays are deleted then)."""
+        return self._state
 
     def completions(self) -> list[Completion]:
         """The finished requests, in submission order."""
