@@ -4,6 +4,8 @@ the decode state updated in place (the invariant decode speed rests on).
 No timing is asserted: the figures only have to be positive, finite and consistent with each other.
 """
 
+import contextlib
+import io
 import json
 import math
 
@@ -22,17 +24,10 @@ ARGS = ["bench", "--decode-batch", "4", "--prompt-length", "20", "--steps", "3",
 
 @pytest.fixture(scope="module")
 def bench_run():
-    capture = pytest.MonkeyPatch()
-    import io
-    import sys
-
+    """(exit code, stdout, stderr) of one bench run, shared by the tests that read it."""
     out, err = io.StringIO(), io.StringIO()
-    capture.setattr(sys, "stdout", out)
-    capture.setattr(sys, "stderr", err)
-    try:
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main([*ARGS, "--json"])
-    finally:
-        capture.undo()
     return code, out.getvalue(), err.getvalue()
 
 
@@ -72,7 +67,7 @@ def test_bytes_per_step_by_hand(tied):
 @pytest.mark.parametrize("flags, message", [
     (["--prompt-length", "40"], "exceeds max_prefill_length"),
     (["--steps", "60"], "exceeds max_target_length"),
-    (["--steps", "0"], "--steps must be positive"),
+    (["--steps", "0"], "steps must be a positive int, got 0"),
 ])
 def test_bad_input_is_one_line(flags, message, capsys):
     assert main([*ARGS, *flags]) == 2

@@ -1,10 +1,10 @@
 """Speed of the engine's three calls, measured the way a server would use them.
 
-Decode is bound by memory bandwidth: a step reads every weight once and the live part of each
-slot's KV cache, and little else. :func:`bytes_per_step` counts exactly that (the bytes a step
-cannot avoid reading), so ``achieved_gb_per_s`` compares with the machine's read bandwidth and
-says how close a step is to the physical limit; reading more than that (cache positions no
-query can see) shows up as a lower figure, never as a higher one.
+A decode step must read every weight once and the live part of each slot's KV cache; that, over
+the machine's read bandwidth, is the floor of its time. :func:`bytes_per_step` counts exactly
+those bytes, so ``achieved_gb_per_s`` compares with the machine's read bandwidth and says how
+close a step comes to that floor; reading more than needed (cache positions no query can see)
+shows up as a lower figure, never as a higher one.
 
 Every timed call is blocked until its results (the whole decode state included) are ready, and
 every call is warmed up first; ``compiles`` counts the traces the engine saw, warm-up included.

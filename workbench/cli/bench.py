@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from workbench.cli.common import CliError, add_engine_arguments, load_engine
+from workbench.cli.common import add_engine_arguments, load_engine
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,9 +24,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for flag, value in [("--prompt-length", args.prompt_length), ("--steps", args.steps)]:
-        if value < 1:
-            raise CliError(f"{flag} must be positive, got {value}")
     from workbench.bench import check_shape, measure
 
     # Before loading anything: a shape that cannot work should not cost a model load to find out.
