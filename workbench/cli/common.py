@@ -45,7 +45,13 @@ def apply_host_devices(count: int | None) -> None:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
     import jax
 
-    jax.config.update("jax_num_cpu_devices", count)
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # JAX already started (say, in a notebook): fine if it has what was asked
+        if jax.device_count() != count:
+            raise CliError(
+                f"--host-devices {count}: JAX has already started with {jax.device_count()} devices"
+            ) from None
 
 
 def load_engine(args: argparse.Namespace, **overrides: Any):
