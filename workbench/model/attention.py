@@ -10,7 +10,9 @@ Speed (decode is bound by the bytes it reads): with a cache, attention reads onl
 it -- the shortest of a few static key lengths (:func:`key_buckets`) that covers the furthest
 live position, picked on device by ``lax.switch``, so one compiled step serves every length
 and a 64-token request in a 1024-position cache reads 128 positions, not 1024. A single query
-per sequence (decode) reads the ``[B, S, K, H]`` cache as it lies (see ``_attend_one``).
+per sequence (decode) reads the ``[B, S, K, H]`` cache as it lies: a prefix of it through
+elementwise products and sums that XLA fuses with the slice (``_attend_one_fused``), the whole
+cache through two dots (``_attend_one``).
 """
 
 from __future__ import annotations
@@ -105,7 +107,8 @@ class Attention(nnx.Module):
 
         def attend_prefix(length: int, q, k, v, positions):
             key_positions = jnp.broadcast_to(jnp.arange(length), (k.shape[0], length))
-            return self._attend(q, k[:, :length], v[:, :length], positions, key_positions)
+            sliced = length < cache_length
+            return self._attend(q, k[:, :length], v[:, :length], positions, key_positions, sliced=sliced)
 
         if len(buckets) == 1:
             return attend_prefix(cache_length, q, k, v, positions)
@@ -115,13 +118,17 @@ class Attention(nnx.Module):
         branches = [functools.partial(attend_prefix, length) for length in buckets]
         return jax.lax.switch(branch, branches, q, k, v, positions)
 
-    def _attend(self, q, k, v, query_positions, key_positions) -> jax.Array:
-        """Softmax attention: q [B, T, K, G, H] (scaled), k, v [B, S, K, H] -> [B, T, K, G, H]."""
+    def _attend(self, q, k, v, query_positions, key_positions, sliced: bool = False) -> jax.Array:
+        """Softmax attention: q [B, T, K, G, H] (scaled), k, v [B, S, K, H] -> [B, T, K, G, H].
+
+        ``sliced``: k and v are a prefix sliced from a longer cache.
+        """
         visible = key_positions[:, None, :] <= query_positions[:, :, None]  # [B, T, S]
         if self.window is not None:
             visible &= key_positions[:, None, :] > query_positions[:, :, None] - self.window
         if q.shape[1] == 1:
-            return self._attend_one(q[:, 0], k, v, visible[:, 0])[:, None]
+            attend_one = self._attend_one_fused if sliced else self._attend_one
+            return attend_one(q[:, 0], k, v, visible[:, 0])[:, None]
         scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k).astype(jnp.float32)
         scores = jnp.where(visible[:, None, None], scores, _MASKED)
         weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
@@ -147,3 +154,16 @@ class Attention(nnx.Module):
         weights = jax.nn.softmax(scores, axis=1).astype(self.dtype)
         out = jnp.einsum("BSY,BSX->BYX", weights, v.reshape(b, s, kv * h)).reshape(b, kv, g, kv, h)
         return jnp.sum(out * eye[:, None, :, None], axis=3)  # the blocks whose kv heads match
+
+    def _attend_one_fused(self, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
+        """``_attend_one`` for keys sliced from a longer cache, as products and sums, no dot.
+
+        A dot needs its operands in buffers of their own, so feeding it a cache prefix costs a
+        copy of the prefix per step; these reductions fuse with the slice and read the cache in
+        place. On 2 CPU cores, 8 layers, batch 8, a 128-position prefix of a 1024 cache: 3.7 ms
+        against 7.9 ms for the dots; the whole cache, which needs no slice: 35 ms against 22 ms.
+        """
+        scores = jnp.sum(q[:, None] * k[:, :, :, None, :], axis=-1).astype(jnp.float32)  # [B, S, K, G]
+        scores = jnp.where(visible[:, :, None, None], scores, _MASKED)
+        weights = jax.nn.softmax(scores, axis=1).astype(self.dtype)
+        return jnp.sum(weights[..., None] * v[:, :, :, None, :], axis=1)  # [B, K, G, H]
