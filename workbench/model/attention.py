@@ -129,10 +129,18 @@ class Attention(nnx.Module):
         if q.shape[1] == 1:
             attend_one = self._attend_one_fused if sliced else self._attend_one
             return attend_one(q[:, 0], k, v, visible[:, 0])[:, None]
-        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k).astype(jnp.float32)
+        # Batched over (B, K) with the G query heads of a kv head stacked on T: one tall product
+        # per kv head. Left to "BTKGH,BSKH->BKGTS", XLA picks slower layouts (1024 tokens on
+        # 2 CPU cores: 145 against 104 ms a layer).
+        b, t, kv, g, h = q.shape
+        s = k.shape[1]
+        q = jnp.transpose(q, (0, 2, 3, 1, 4)).reshape(b, kv, g * t, h)
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, K, S, H]
+        scores = jnp.einsum("BKMH,BKSH->BKMS", q, k).reshape(b, kv, g, t, s).astype(jnp.float32)
         scores = jnp.where(visible[:, None, None], scores, _MASKED)
-        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        return jnp.einsum("BKGTS,BSKH->BTKGH", weights, v)
+        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype).reshape(b, kv, g * t, s)
+        out = jnp.einsum("BKMS,BKSH->BKMH", weights, v).reshape(b, kv, g, t, h)
+        return jnp.transpose(out, (0, 3, 1, 2, 4))  # [B, T, K, G, H]
 
     def _attend_one(self, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
         """One query per sequence (decode): q [B, K, G, H], k, v [B, S, K, H], visible [B, S] -> [B, K, G, H].
