@@ -8,27 +8,12 @@ import matplotlib
 import numpy as np
 import pytest
 
-import workbench
 from workbench import inspect
-from conftest import lively_params
 
 matplotlib.use("Agg")
 
 SLOTS, LAYERS, KV_HEADS = 4, 4, 4
 PROMPTS = {1: [72, 101, 108, 108, 111], 2: list(range(40, 49)), 3: list(range(100, 113))}  # slot -> prompt
-
-
-@pytest.fixture(scope="module")
-def engine():
-    return workbench.Engine(
-        workbench.ModelConfig.tiny(), workbench.make_mesh({"data": 2, "tensor": 4}),
-        decode_batch_size=SLOTS, max_prefill_length=32, max_target_length=64,
-    )
-
-
-@pytest.fixture(scope="module")
-def params(engine):
-    return lively_params(engine)
 
 
 def prefill(engine, params, tokens):

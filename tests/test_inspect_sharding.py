@@ -16,19 +16,6 @@ from workbench.engine.engine import leaf_paths
 matplotlib.use("Agg")
 
 
-@pytest.fixture(scope="module")
-def engine():
-    return workbench.Engine(
-        workbench.ModelConfig.tiny(), workbench.make_mesh({"data": 2, "tensor": 4}),
-        decode_batch_size=4, max_prefill_length=32, max_target_length=64,
-    )
-
-
-@pytest.fixture(scope="module")
-def params(engine):
-    return engine.load_params(seed=0)
-
-
 def shard_bytes(array) -> dict[int, int]:
     """Bytes each device holds, from the array's own shards (their index slices)."""
     out = {}

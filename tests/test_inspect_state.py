@@ -10,22 +10,8 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-import workbench
 from workbench import inspect
 from workbench.engine.engine import leaf_paths
-
-
-@pytest.fixture(scope="module")
-def engine():
-    return workbench.Engine(
-        workbench.ModelConfig.tiny(), workbench.make_mesh({"data": 2, "tensor": 4}),
-        decode_batch_size=4, max_prefill_length=32, max_target_length=64,
-    )
-
-
-@pytest.fixture(scope="module")
-def params(engine):
-    return engine.load_params(seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -9,24 +9,10 @@ import treescope
 
 import workbench
 from workbench import inspect, widgets
-from conftest import lively_params
 
 matplotlib.use("Agg")
 PROMPTS = [[72, 101, 108, 108, 111], [104, 105]]
 PNG = b"\x89PNG"
-
-
-@pytest.fixture(scope="module")
-def engine():
-    return workbench.Engine(
-        workbench.ModelConfig.tiny(), workbench.make_mesh({"data": 2, "tensor": 4}),
-        decode_batch_size=4, max_prefill_length=32, max_target_length=64,
-    )
-
-
-@pytest.fixture(scope="module")
-def params(engine):
-    return lively_params(engine)
 
 
 def step_by_clicks(engine, params):
