@@ -32,9 +32,10 @@ Params = nnx.State
 Rules = Sequence[tuple[str, str | None]]
 MIN_BUCKET = 16
 # XLA:CPU hands dots to the YNNPACK library by default. Decode multiplies a few rows (one per
-# slot) by every weight, and there Eigen's kernels read the weights faster: 6.2 against 4.7 GB/s
-# on 2 cores, a 56M Llama step at batch 8 from 40 to 31 ms. Prefill's long row blocks are faster
-# with YNNPACK (1024 tokens: 1.3 against 1.9 s), so only generate opts out.
+# slot) by every weight, and there Eigen's kernels are faster: a 56M Llama step at batch 8 on
+# 2 cores, 33 against 43 ms (medians, interleaved in one process). Prefill's long row blocks
+# show no clear winner (64 tokens: 60 against 65 ms with YNNPACK; 1024: 0.99 against 0.96 s),
+# so only generate opts out.
 DECODE_CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
