@@ -199,3 +199,35 @@ def test_a_note_flags_writes_that_disagree_with_the_next_position(filled):
     for name in ("k", "v"):
         snap.cache["layers"][0]["attn"]["cache"][name][2, 4] = 0  # erase one position of slot 2
     assert inspect.kv_cache(snap).notes == ("layer 0 slot 2: 8 positions filled, next position 9",)
+
+
+def test_diff_tolerance_counts_only_rows_off_by_more_than_atol():
+    # Two layers of [2 slots, 8 positions, 2 kv heads, 4 dims], changed by hand: the truth is the list below.
+    before = {"layers": {i: {"attn": {"cache": {"k": np.zeros((2, 8, 2, 4), np.float32),
+                                                "v": np.zeros((2, 8, 2, 4), np.float32)}}} for i in range(2)}}
+    before["layers"][0]["attn"]["cache"]["k"][1, 2, 0, 0] = np.nan  # NaN in both: not a change
+    before["layers"][1]["attn"]["cache"]["v"][0, 6, 1, 3] = np.inf  # inf in both: not a change
+    after = jax.tree.map(np.copy, before)
+    after["layers"][0]["attn"]["cache"]["k"][0, 3, 1, 2] += 1e-6  # rounding noise
+    after["layers"][1]["attn"]["cache"]["v"][1, 5, 0, 0] += 1e-3  # a real change
+    after["layers"][1]["attn"]["cache"]["k"][0, 7, 0, 1] = np.nan  # a value became NaN
+    exact, tolerant = inspect.kv_cache_diff(before, after), inspect.kv_cache_diff(before, after, atol=1e-5)
+    assert set(zip(*np.nonzero(exact.mask))) == {(0, 0, 3), (1, 1, 5), (1, 0, 7)}
+    assert set(zip(*np.nonzero(tolerant.mask))) == {(1, 1, 5), (1, 0, 7)}
+    assert (exact.atol, tolerant.atol) == (0.0, 1e-5)
+    assert "3 K/V rows changed (any bit)" in str(exact)
+    assert "2 K/V rows changed (by more than 1e-05)" in str(tolerant)
+    assert tolerant.positions == {0: (7,), 1: (5,)}
+    for bad in (-1.0, "1e-5", True, float("nan")):
+        with pytest.raises(ValueError, match="atol must be a non-negative number"):
+            inspect.kv_cache_diff(before, after, atol=bad)
+
+
+def test_diff_with_tolerance_ignores_rounding_between_buckets(engine, params):
+    # The same prompt prefilled in two buckets: different programs, equal in theory.
+    tokens = list(range(60, 73))
+    small = engine.prefill(params=params, padded_tokens=engine.pad(tokens)[0], true_length=len(tokens))[0]
+    padded = np.full(32, engine.config.pad_id, np.int32)
+    padded[: len(tokens)] = tokens
+    large = engine.prefill(params=params, padded_tokens=padded, true_length=len(tokens))[0]
+    assert not inspect.kv_cache_diff(small, large, atol=1e-5).mask.any()

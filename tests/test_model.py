@@ -47,7 +47,9 @@ def test_sliding_window_changes_what_is_seen():
         engine = workbench.Engine(ModelConfig.tiny(sliding_window=window), mesh, decode_batch_size=1,
                                   max_prefill_length=16, max_target_length=16)
         logits[window] = np.asarray(engine.forward(lively_params(engine), tokens))[0]
-    np.testing.assert_array_equal(logits[None][:4], logits[4][:4])  # within the window: identical
+    # Within the window the two models see the same keys; they are different programs, so equal
+    # within float rounding rather than bit for bit.
+    np.testing.assert_allclose(logits[4][:4], logits[None][:4], rtol=0, atol=1e-5 * np.abs(logits[None]).max())
     assert np.abs(logits[None][4:] - logits[4][4:]).max() > 1e-3
 
 

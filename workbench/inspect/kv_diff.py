@@ -45,10 +45,12 @@ def snapshot(tree: T) -> T:
 
 
 @jax.jit
-def _changed(before_k: tuple, before_v: tuple, after_k: tuple, after_v: tuple) -> jax.Array:
-    """[L, B, S]: whether any key or value element at (layer, slot, position) differs."""
+def _changed(before_k: tuple, before_v: tuple, after_k: tuple, after_v: tuple, atol: jax.Array) -> jax.Array:
+    """[L, B, S]: whether any key or value element at (layer, slot, position) differs by more than ``atol``."""
     def differs(a, b):  # NaN == NaN here: a NaN left in place is not a change
-        return ~((a == b) | (jnp.isnan(a) & jnp.isnan(b)))
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+        same = (a == b) | (jnp.abs(a - b) <= atol) | (jnp.isnan(a) & jnp.isnan(b))
+        return ~same
 
     return jnp.stack([
         jnp.any(differs(bk, ak) | differs(bv, av), axis=(2, 3))
@@ -63,14 +65,19 @@ def _arrow(before: Any, after: Any) -> str:
 class KVCacheDiff(Report):
     """Which slots, layers and positions changed between two KV caches.
 
-    A K/V row is one (layer, slot, position): its key and value vectors for every kv head.
+    A K/V row is one (layer, slot, position): its key and value vectors for every kv head. It
+    counts as changed when some element differs by more than ``atol`` (0: any bit of a value;
+    NaN equals NaN). ``.atol`` is the tolerance used; the title says it.
 
     ``.slots`` (cache or bookkeeping changed), ``.layers`` (cache changed), ``.positions``
     ({slot: changed positions, over all layers}); ``to_rows()`` has one row per changed
     (slot, layer) with its positions and the bytes of k and v written there.
     """
 
-    def __init__(self, before: Any, after: Any):
+    def __init__(self, before: Any, after: Any, *, atol: float = 0.0):
+        if isinstance(atol, bool) or not isinstance(atol, (int, float, np.floating, np.integer)) or not atol >= 0:
+            raise ValueError(f"atol must be a non-negative number, got {atol!r}")
+        self.atol = float(atol)
         if type(before) is not type(after):
             raise TypeError(
                 f"before and after must be the same kind, got {type(before).__name__} and {type(after).__name__}"
@@ -79,7 +86,7 @@ class KVCacheDiff(Report):
         if old.shape != new.shape or len(old.paths) != len(new.paths):
             raise ValueError(f"before and after caches differ in shape: {old.shape} x {len(old.paths)} layers "
                              f"vs {new.shape} x {len(new.paths)} layers")
-        self.mask = np.asarray(_changed(old.keys, old.values, new.keys, new.values))  # [L, B, S]
+        self.mask = np.asarray(_changed(old.keys, old.values, new.keys, new.values, jnp.float32(self.atol)))  # [L, B, S]
         slots, _, heads, dim = new.shape
         dtype = new.keys[0].dtype
         rows = []
@@ -117,10 +124,15 @@ class KVCacheDiff(Report):
         changed = ", ".join(str(s) for s in self.slots) or "none"
         self.title = (
             f"KV cache diff of a {new.kind}: slots changed: {changed}; layers: {fmt_ranges(self.layers)}; "
-            f"{int(self.mask.sum())} K/V rows changed"
+            f"{int(self.mask.sum())} K/V rows changed {self.tolerance}"
         )
         self.tables = (Table("", columns, tuple(summary)),) if summary else ()
         self.notes = ("nothing changed",) if not self.slots else ()
+
+    @property
+    def tolerance(self) -> str:
+        """``"(any bit)"`` or ``"(by more than 1e-05)"``: what counted as a change."""
+        return "(any bit)" if self.atol == 0 else f"(by more than {self.atol:g})"
 
     def to_rows(self) -> list[dict[str, Any]]:
         return [dict(row) for row in self._rows]
@@ -130,10 +142,17 @@ def _plain(x: Any) -> Any:
     return bool(x) if isinstance(x, (bool, np.bool_)) else int(x)
 
 
-def kv_cache_diff(before: DecodeState | Prefix | dict, after: DecodeState | Prefix | dict) -> KVCacheDiff:
+def kv_cache_diff(
+    before: DecodeState | Prefix | dict, after: DecodeState | Prefix | dict, *, atol: float = 0.0
+) -> KVCacheDiff:
     """What changed from ``before`` to ``after`` (two decode states, prefixes or cache dicts).
 
     ``before`` must still be readable: since insert/generate donate the decode state, pass
     ``snapshot(state)`` taken before the call.
+
+    ``atol``: a K/V row counts as changed when some key or value element differs by more than
+    this. Keep 0 where the engine copies bits (insert copies a prefix); use a tolerance such as
+    1e-5 to compare caches computed by different shapes or code paths, whose float32 sums round
+    differently on different CPUs.
     """
-    return KVCacheDiff(before, after)
+    return KVCacheDiff(before, after, atol=atol)
