@@ -17,7 +17,7 @@ from safetensors.numpy import save_file
 
 import workbench
 from workbench.checkpoints import ByteTokenizer, config_from_hf, hf, save_checkpoint
-from workbench.engine.engine import leaf_paths
+from workbench.trees import leaf_paths
 from conftest import lively_params
 
 SHAPE = dict(decode_batch_size=2, max_prefill_length=16, max_target_length=32)

@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import workbench
 from workbench import inspect
-from workbench.engine.engine import leaf_paths
+from workbench.trees import leaf_paths
 
 matplotlib.use("Agg")
 

@@ -11,7 +11,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from workbench import inspect
-from workbench.engine.engine import leaf_paths
+from workbench.trees import leaf_paths
 
 
 @pytest.fixture(scope="module")

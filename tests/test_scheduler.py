@@ -134,7 +134,7 @@ def test_sampling_repeats_for_a_seed(engine, params):
     ([1, 384], "outside the vocabulary"),
     ([-1], "outside the vocabulary"),
     (list(range(TARGET)), "no room"),
-    ([1.5], "integers"),
+    ([1.5], "integer token ids"),
 ])
 def test_bad_requests(engine, params, bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
