@@ -101,6 +101,10 @@ def choose(kernels: str, queries: int, sliced: bool) -> Callable[..., jax.Array]
         return reference
     if kernels != "xla_cpu":
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    # The figures behind each choice (2 CPU cores, the medians the commits that chose them quote):
+    # prefill of 1024 tokens, 145 ms a layer with reference's einsums against 104 ms stacked;
+    # decode, 8 layers at batch 8, a 128-position prefix of a 1024 cache: 3.7 ms with products
+    # against 7.9 ms with dots; over the whole cache (no slice): 35 ms against 22 ms.
     if queries > 1:
         return stacked
     return sliced_products if sliced else block_diagonal
@@ -114,8 +118,9 @@ def compiler_options(platform: str, step: str) -> dict[str, str] | None:
     """XLA options for one jitted engine step (``"prefill"``, ``"generate"``, ...) on ``platform``.
 
     XLA:CPU hands dots to the YNNPACK library by default. Decode multiplies a few rows (one per
-    slot) by every weight, and there Eigen's kernels are faster (the figures are in the README's
-    speed section); prefill's long row blocks show no clear winner, so only generate opts out.
+    slot) by every weight, and there Eigen's kernels are faster: a 56M Llama step at batch 8 on
+    2 cores, 33 against 43 ms (medians, interleaved in one process). Prefill's long row blocks
+    show no clear winner, so only generate opts out.
     The option is an experimental one of XLA:CPU; other platforms get none.
     """
     if platform == "cpu" and step == "generate":
