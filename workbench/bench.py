@@ -102,6 +102,8 @@ def measure(
             state = engine.insert(prefix, state, slot)
         return state
 
+    # Stepped by hand, not through the Scheduler, on purpose: each engine call is timed alone,
+    # blocked until ready, with no host bookkeeping in the measurement.
     # Warm-up: every call compiles here, and none is timed.
     prefix, _ = prefill()
     state = fill(engine.init_decode_state(0))
