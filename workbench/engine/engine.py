@@ -26,14 +26,14 @@ from jax.sharding import Mesh, NamedSharding
 
 from workbench import sharding as shd
 from workbench import trees
-from workbench.checks import check_int, check_token_ids
+from workbench.checks import check_int
+from workbench.engine.inputs import bucket, check_decode_state, check_slot, check_tokens, pad
 from workbench.engine.sampling import GREEDY, Sampling, sample
 from workbench.engine.types import DecodeState, Prefix, ResultTokens
 from workbench.model import ModelConfig, Transformer, kernels
 
 Params = nnx.State
 Rules = Sequence[tuple[str, str | None]]
-MIN_BUCKET = 16
 
 
 def _model(config: ModelConfig, cache: tuple[int, int] | None = None, seed: int = 0) -> Transformer:
@@ -50,6 +50,9 @@ class Engine:
 
     ``tokenizer``: the checkpoint's (``workbench.load`` passes it); ``get_tokenizer`` returns it.
     """
+
+    samples_per_slot = 1  # JetStream's properties that never change here
+    use_chunked_prefill = True
 
     def __init__(
         self,
@@ -116,8 +119,8 @@ class Engine:
         # setup. rest holds derived buffers (rope frequencies); XLA prunes the unused weight init.
         self.rest = jax.jit(lambda: nnx.split(_model(config), nnx.Param, ...)[2], out_shardings=self.rest_shardings)()
         self._init_params_jit = jax.jit(
-            lambda seed: nnx.split(_model(config, seed=seed), nnx.Param, ...)[1],
-            static_argnums=0, out_shardings=self.param_shardings,
+            lambda seed: nnx.split(_model(config, seed=seed), nnx.Param, ...)[1], static_argnums=0,
+            out_shardings=self.param_shardings
         )
         self._cast_params_jit = jax.jit(
             lambda p: jax.tree.map(lambda x, a: x.astype(a.dtype), p, self.abstract_params),
@@ -136,10 +139,12 @@ class Engine:
         self._insert_jit = jax.jit(self._insert_body, donate_argnums=(1,), out_shardings=state_out)
         self._generate_jit = jax.jit(
             self._generate_body, static_argnames=("sampling",), donate_argnums=(2,),
-            out_shardings=(state_out, self.result_shardings),
-            compiler_options=kernels.compiler_options(self._mesh.devices.flat[0].platform, "generate"),
+            out_shardings=(state_out, self.result_shardings), compiler_options=self._compiler_options("generate")
         )
         self._free_jit = jax.jit(self._free_body, donate_argnums=(0,), out_shardings=state_out)
+
+    def _compiler_options(self, step: str) -> dict[str, str] | None:
+        return kernels.compiler_options(self._mesh.devices.flat[0].platform, step)
 
     # ---- JetStream's properties (docs/engine-api.md) ---------------------------------------------
     @property
@@ -152,16 +157,8 @@ class Engine:
         return self._max_prefill_length
 
     @property
-    def samples_per_slot(self) -> int:
-        return 1
-
-    @property
     def mesh(self) -> Mesh:
         return self._mesh
-
-    @property
-    def use_chunked_prefill(self) -> bool:
-        return True
 
     @property
     def prefill_chunk_size(self) -> int:
@@ -199,7 +196,7 @@ class Engine:
         tokens = np.asarray(tokens)
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be 2-D [batch, length], got shape {tokens.shape}")
-        self._check_tokens(tokens.reshape(-1), max_length=None)
+        check_tokens(tokens.reshape(-1), self.config.vocab_size, None)
         return self._forward_jit(params, self.rest, jnp.asarray(tokens, jnp.int32))
 
     def _forward_body(self, params, rest, tokens):
@@ -221,7 +218,7 @@ class Engine:
     def free_resource(self, slot: int, decode_state: DecodeState | None = None) -> DecodeState | None:
         """Release ``slot``. With a decode state, returns it with the slot emptied (valid=0 until
         the next insert); without one (JetStream's signature) it only checks the slot."""
-        slot = self._check_slot(slot)
+        slot = check_slot(slot, self.max_concurrent_decodes)
         if decode_state is None:
             return None
         return self._free_jit(decode_state, jnp.int32(slot))
@@ -231,18 +228,12 @@ class Engine:
 
     # ---- prefill ---------------------------------------------------------------------------------
     def bucket(self, length: int) -> int:
-        """The padded length for a prompt (chunk) of ``length`` tokens: a power of two >= 16,
-        at most max_prefill_length -- so prefill compiles once per bucket, a handful in all."""
-        if length < 1 or length > self.max_prefill_length:
-            raise ValueError(f"prompt length {length} is outside 1..max_prefill_length ({self.max_prefill_length})")
-        return min(max(MIN_BUCKET, 1 << (length - 1).bit_length()), self.max_prefill_length)
+        """The padded length for a prompt (chunk) of ``length`` tokens (``inputs.bucket``)."""
+        return bucket(length, self.max_prefill_length)
 
     def pad(self, tokens: Sequence[int] | np.ndarray) -> tuple[np.ndarray, int]:
         """(padded int32 tokens of bucket length, true length), padded with the pad id."""
-        tokens = np.asarray(tokens, dtype=np.int32).reshape(-1)
-        padded = np.full((self.bucket(len(tokens)),), self.config.pad_id, np.int32)
-        padded[: len(tokens)] = tokens
-        return padded, len(tokens)
+        return pad(tokens, self.config.pad_id, self.max_prefill_length)
 
     def prefill(
         self,
@@ -260,7 +251,7 @@ class Engine:
         holds the earlier prefix plus these tokens; its first token is sampled from the logits
         at the last real position. Chunked prefill equals one prefill of the whole prompt.
         """
-        tokens = self._check_tokens(padded_tokens, max_length=self.max_prefill_length)
+        tokens = check_tokens(padded_tokens, self.config.vocab_size, self.max_prefill_length)
         true_length = check_int("true_length", true_length)
         if not 0 < true_length <= tokens.shape[0]:
             raise ValueError(f"true_length must be in 1..{tokens.shape[0]} (the padded length), got {true_length}")
@@ -304,8 +295,8 @@ class Engine:
         """Put one prefix into several slots at once (e.g. several samples of one prompt)."""
         if not isinstance(prefix, Prefix):
             raise TypeError(f"prefix must be a Prefix from prefill, got {type(prefix).__name__}")
-        self._check_decode_state(decode_state)
-        slots = [self._check_slot(s) for s in slots]
+        check_decode_state(decode_state)
+        slots = [check_slot(s, self.max_concurrent_decodes) for s in slots]
         if not slots or len(set(slots)) != len(slots):
             raise ValueError(f"slots must be a non-empty list of distinct slots, got {slots}")
         return self._insert_jit(prefix, decode_state, jnp.asarray(slots, jnp.int32))
@@ -334,7 +325,7 @@ class Engine:
         A slot is valid when it holds a request and its cache has room; a full slot
         (position == max_target_length) stops with valid=0 rather than wrapping around.
         """
-        self._check_decode_state(decode_state)
+        check_decode_state(decode_state)
         return self._generate_jit(params, self.rest, decode_state, sampling=sampling or GREEDY)
 
     def _generate_body(self, params, rest, state: DecodeState, *, sampling: Sampling):
@@ -353,30 +344,3 @@ class Engine:
         )
         data = jnp.stack([tokens, live.astype(jnp.int32), lengths], axis=-1)
         return new_state, ResultTokens(data=data, logits=logits)
-
-    # ---- input checks ----------------------------------------------------------------------------
-    def _check_decode_state(self, decode_state: Any) -> None:
-        if not isinstance(decode_state, DecodeState):
-            raise TypeError(f"decode_state must be a DecodeState, got {type(decode_state).__name__}")
-
-    def _check_slot(self, slot: Any) -> int:
-        slot = check_int("slot", slot)
-        if not 0 <= slot < self.max_concurrent_decodes:
-            raise ValueError(
-                f"slot {slot} is out of range: the engine has slots 0..{self.max_concurrent_decodes - 1}"
-            )
-        return slot
-
-    def _check_tokens(self, padded_tokens: Any, max_length: int | None) -> np.ndarray:
-        tokens = np.asarray(padded_tokens)
-        if tokens.dtype.kind in "iu" and tokens.ndim != 1:
-            raise ValueError(f"padded_tokens must be 1-D [padded_length], got shape {tokens.shape}")
-        tokens = check_token_ids(tokens, self.config.vocab_size, what="padded_tokens")
-        if tokens.shape[0] == 0:
-            raise ValueError("padded_tokens is empty")
-        if max_length is not None and tokens.shape[0] > max_length:
-            raise ValueError(
-                f"padded prompt of {tokens.shape[0]} tokens exceeds max_prefill_length ({self.max_prefill_length}); "
-                "prefill longer prompts in chunks through existing_prefix"
-            )
-        return tokens
