@@ -4,9 +4,9 @@ NNX model split once.
 The engine builds two abstract models (``nnx.eval_shape``, nothing materialised): a prefill
 model (batch 1) and a decode model (``max_concurrent_decodes`` slots), both with KV caches over
 ``max_target_length`` positions, and splits each once into ``(graphdef, params, cache, rest)``.
-Parameters are shared between the two. Every jitted body re-forms its model with
-``nnx.merge(graphdef, params, cache, rest, copy=True)``, runs it, and hands the cache back as a
-plain dict.
+Parameters are shared between the two. The jitted bodies are pure functions in
+:mod:`workbench.engine.steps`; this class checks input, holds the shapes and shardings, and
+calls them.
 
 Compiles: prefill once per padded length, generate once per sampling setting, insert once per
 number of slots filled at a time. ``compile_counts`` counts the traces of each.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -28,7 +29,8 @@ from workbench import sharding as shd
 from workbench import trees
 from workbench.checks import check_int
 from workbench.engine.inputs import bucket, check_decode_state, check_slot, check_tokens, pad
-from workbench.engine.sampling import GREEDY, Sampling, sample
+from workbench.engine import steps
+from workbench.engine.sampling import GREEDY, Sampling
 from workbench.engine.types import DecodeState, Prefix, ResultTokens
 from workbench.model import ModelConfig, Transformer, kernels
 
@@ -39,10 +41,6 @@ Rules = Sequence[tuple[str, str | None]]
 def _model(config: ModelConfig, cache: tuple[int, int] | None = None, seed: int = 0) -> Transformer:
     with nnx.use_eager_sharding(False):  # shardings come from our own rules, applied by jit
         return Transformer(config, rngs=nnx.Rngs(seed), cache=cache)
-
-
-def _zeros(abstract: nnx.State) -> dict:
-    return nnx.to_pure_dict(jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), abstract))
 
 
 class Engine:
@@ -115,7 +113,9 @@ class Engine:
         """The jitted steps, grouped: setup (rest, params, empty caches), the oracle, then the
         API steps. Donation: the decode state (every KV cache) flows through insert, generate
         and free; donating it lets XLA update the caches in place instead of copying all slots."""
-        config, state_out = self.config, self.decode_state_shardings
+        config, counts, state_out = self.config, self.compile_counts, self.decode_state_shardings
+        prefill_model = steps.CachedModel(self.prefill_graphdef, self.abstract_prefill_cache, self.max_target_length)
+        decode_model = steps.CachedModel(self.decode_graphdef, self.abstract_decode_cache, self.max_target_length)
         # setup. rest holds derived buffers (rope frequencies); XLA prunes the unused weight init.
         self.rest = jax.jit(lambda: nnx.split(_model(config), nnx.Param, ...)[2], out_shardings=self.rest_shardings)()
         self._init_params_jit = jax.jit(
@@ -127,21 +127,25 @@ class Engine:
             out_shardings=self.param_shardings,
         )
         self._empty_prefix_jit = jax.jit(
-            lambda: _zeros(self.abstract_prefill_cache), out_shardings=self.prefix_shardings.cache
+            partial(steps.zeros, self.abstract_prefill_cache), out_shardings=self.prefix_shardings.cache
         )
-        self._init_state_jit = jax.jit(self._init_state_body, out_shardings=state_out)
-        # the oracle
-        self._forward_jit = jax.jit(self._forward_body)
+        self._init_state_jit = jax.jit(
+            partial(steps.init_decode_state, self.abstract_decode_cache, self.max_concurrent_decodes),
+            out_shardings=state_out,
+        )
+        # the oracle: the uncached forward pass
+        self._forward_jit = jax.jit(lambda p, rest, t: nnx.merge(self.forward_graphdef, p, rest, copy=True)(t))
         # the API steps
         self._prefill_jit = jax.jit(
-            self._prefill_body, static_argnames=("sampling",), out_shardings=(self.prefix_shardings, self.result_shardings)
+            partial(steps.prefill, prefill_model, counts), static_argnames=("sampling",),
+            out_shardings=(self.prefix_shardings, self.result_shardings),
         )
-        self._insert_jit = jax.jit(self._insert_body, donate_argnums=(1,), out_shardings=state_out)
+        self._insert_jit = jax.jit(partial(steps.insert, counts), donate_argnums=(1,), out_shardings=state_out)
         self._generate_jit = jax.jit(
-            self._generate_body, static_argnames=("sampling",), donate_argnums=(2,),
+            partial(steps.generate, decode_model, counts), static_argnames=("sampling",), donate_argnums=(2,),
             out_shardings=(state_out, self.result_shardings), compiler_options=self._compiler_options("generate")
         )
-        self._free_jit = jax.jit(self._free_body, donate_argnums=(0,), out_shardings=state_out)
+        self._free_jit = jax.jit(steps.free, donate_argnums=(0,), out_shardings=state_out)
 
     def _compiler_options(self, step: str) -> dict[str, str] | None:
         return kernels.compiler_options(self._mesh.devices.flat[0].platform, step)
@@ -199,21 +203,11 @@ class Engine:
         check_tokens(tokens.reshape(-1), self.config.vocab_size, None)
         return self._forward_jit(params, self.rest, jnp.asarray(tokens, jnp.int32))
 
-    def _forward_body(self, params, rest, tokens):
-        return nnx.merge(self.forward_graphdef, params, rest, copy=True)(tokens)
-
     # ---- decode state ----------------------------------------------------------------------------
     def init_decode_state(self, rng: jax.Array | int | None = None) -> DecodeState:
         """All slots empty; ``rng`` (a key or seed) drives sampling in generate."""
         key = jax.random.key(0 if rng is None else rng) if not isinstance(rng, jax.Array) else rng
         return self._init_state_jit(key)
-
-    def _init_state_body(self, key: jax.Array) -> DecodeState:
-        zeros = jnp.zeros((self.max_concurrent_decodes,), jnp.int32)
-        return DecodeState(
-            cache=_zeros(self.abstract_decode_cache), positions=zeros, tokens=zeros, lengths=zeros,
-            active=jnp.zeros((self.max_concurrent_decodes,), bool), rng=key,
-        )
 
     def free_resource(self, slot: int, decode_state: DecodeState | None = None) -> DecodeState | None:
         """Release ``slot``. With a decode state, returns it with the slot emptied (valid=0 until
@@ -222,9 +216,6 @@ class Engine:
         if decode_state is None:
             return None
         return self._free_jit(decode_state, jnp.int32(slot))
-
-    def _free_body(self, state: DecodeState, slot: jax.Array) -> DecodeState:
-        return state.replace(active=state.active.at[slot].set(False))
 
     # ---- prefill ---------------------------------------------------------------------------------
     def bucket(self, length: int) -> int:
@@ -271,21 +262,6 @@ class Engine:
             sampling=sampling or GREEDY,
         )
 
-    def _prefill_body(self, params, rest, cache, tokens, start, true_length, key, *, sampling):
-        self.compile_counts["prefill"] += 1
-        cache = trees.fill(self.abstract_prefill_cache, cache)
-        model = nnx.merge(self.prefill_graphdef, params, cache, rest, copy=True)
-        steps = jnp.arange(tokens.shape[0])
-        # Padding goes to position S (past the cache): its K/V writes are dropped.
-        positions = jnp.where(steps < true_length, start + steps, self.max_target_length)
-        last = model(tokens[None], positions[None], logits_at=(true_length - 1)[None])[0]  # [V]
-        token = sample(last[None], key, sampling)[0]
-        prefix = Prefix(
-            cache=nnx.to_pure_dict(nnx.state(model, nnx.Cache)), length=start + true_length, token=token, logits=last
-        )
-        data = jnp.stack([token, jnp.int32(1), jnp.int32(1)])[None]
-        return prefix, ResultTokens(data=data, logits=last[None])
-
     # ---- insert ----------------------------------------------------------------------------------
     def insert(self, prefix: Prefix, decode_state: DecodeState, slot: int) -> DecodeState:
         """Put ``prefix`` into decode slot ``slot`` (the decode state is donated)."""
@@ -301,21 +277,6 @@ class Engine:
             raise ValueError(f"slots must be a non-empty list of distinct slots, got {slots}")
         return self._insert_jit(prefix, decode_state, jnp.asarray(slots, jnp.int32))
 
-    def _insert_body(self, prefix: Prefix, state: DecodeState, slots: jax.Array) -> DecodeState:
-        self.compile_counts["insert"] += 1
-        n = slots.shape[0]
-
-        def put(rows: jax.Array, value: jax.Array) -> jax.Array:
-            return rows.at[slots].set(jnp.broadcast_to(value.astype(rows.dtype), (n, *value.shape[1:])))
-
-        return state.replace(
-            cache=jax.tree.map(put, state.cache, prefix.cache),
-            positions=state.positions.at[slots].set(prefix.length),
-            tokens=state.tokens.at[slots].set(prefix.token),
-            lengths=state.lengths.at[slots].set(1),
-            active=state.active.at[slots].set(True),
-        )
-
     # ---- generate --------------------------------------------------------------------------------
     def generate(
         self, params: Params, decode_state: DecodeState, *, sampling: Sampling | None = None
@@ -327,20 +288,3 @@ class Engine:
         """
         check_decode_state(decode_state)
         return self._generate_jit(params, self.rest, decode_state, sampling=sampling or GREEDY)
-
-    def _generate_body(self, params, rest, state: DecodeState, *, sampling: Sampling):
-        self.compile_counts["generate"] += 1
-        live = state.active & (state.positions < self.max_target_length)  # [B]
-        positions = jnp.where(live, state.positions, self.max_target_length)  # dead slots write nothing
-        cache = trees.fill(self.abstract_decode_cache, state.cache)
-        model = nnx.merge(self.decode_graphdef, params, cache, rest, copy=True)
-        logits = model(state.tokens[:, None], positions[:, None])[:, 0]  # [B, V]
-        rng, key = jax.random.split(state.rng)
-        tokens = jnp.where(live, sample(logits, key, sampling), state.tokens)
-        lengths = state.lengths + live
-        new_state = state.replace(
-            cache=nnx.to_pure_dict(nnx.state(model, nnx.Cache)),
-            positions=state.positions + live, tokens=tokens, lengths=lengths, rng=rng,
-        )
-        data = jnp.stack([tokens, live.astype(jnp.int32), lengths], axis=-1)
-        return new_state, ResultTokens(data=data, logits=logits)
