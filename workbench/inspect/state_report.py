@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 from flax import nnx
 from jax.sharding import NamedSharding
 
