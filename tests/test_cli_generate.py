@@ -17,7 +17,7 @@ import workbench
 from workbench.checkpoints import ByteTokenizer, save_checkpoint
 from workbench.cli import main
 from workbench.engine.scheduler import run_requests
-from conftest import lively_params
+from helpers import lively_params
 
 ENGINE = ["--mesh", "data=2,tensor=2", "--decode-batch", "2", "--max-prefill-length", "16",
           "--max-target-length", "64"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import workbench
-from conftest import lively_params
+from helpers import lively_params
 from workbench.model import kernels
 
 B, S, K, G, H = 3, 40, 2, 3, 8

@@ -8,7 +8,7 @@ import pytest
 import workbench
 from workbench.model import ModelConfig, RopeScaling
 from workbench.model.layers import rope_frequencies
-from conftest import lively_params
+from helpers import lively_params
 
 VARIANTS = {
     "gqa-tied": ModelConfig.tiny(),

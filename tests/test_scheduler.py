@@ -7,7 +7,7 @@ import pytest
 
 import workbench
 from workbench.engine.scheduler import Scheduler, run_requests
-from conftest import lively_params
+from helpers import lively_params, prompt
 
 SLOTS, PREFILL, TARGET = 2, 16, 64
 
@@ -21,10 +21,6 @@ def engine():
 @pytest.fixture(scope="module")
 def params(engine):
     return lively_params(engine)
-
-
-def prompt(length, seed):
-    return np.random.default_rng(seed).integers(0, 256, size=length).tolist()
 
 
 PROMPTS = [prompt(3, 0), prompt(20, 1), prompt(9, 2), prompt(37, 3), prompt(5, 4)]  # 20 and 37: chunked

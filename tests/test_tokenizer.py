@@ -9,8 +9,8 @@ import workbench
 from workbench.checkpoints import (
     ByteTokenizer, HFTokenizer, StreamDecoder, default_tokenizer, read_hf_config, save_checkpoint,
 )
-from conftest import lively_params
-from test_checkpoints import SHAPE, SMALL, pure_numpy, write_hf
+from helpers import lively_params
+from helpers import SHAPE, SMALL, pure_numpy, write_hf
 
 TEXTS = ["def main():\n    return 0\n", "héllo wörld — ünïcode ✓", "emoji 🙂 and 漢字", ""]
 
