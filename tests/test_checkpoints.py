@@ -15,9 +15,10 @@ import pytest
 from flax import nnx
 
 import workbench
+from helpers import SHAPE, SMALL, hf_config, lively_params, pure_numpy, write_hf
 from workbench.checkpoints import ByteTokenizer, config_from_hf, hf, save_checkpoint
 from workbench.trees import leaf_paths
-from helpers import SHAPE, SMALL, hf_config, lively_params, pure_numpy, write_hf
+
 
 def engine_for(config, mesh):
     return workbench.Engine(config, workbench.make_mesh(mesh), **SHAPE)

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 import workbench
+from helpers import lively_params
 from workbench.checkpoints import ByteTokenizer, save_checkpoint
 from workbench.cli import main
 from workbench.engine.scheduler import run_requests
-from helpers import lively_params
 
 ENGINE = ["--mesh", "data=2,tensor=2", "--decode-batch", "2", "--max-prefill-length", "16",
           "--max-target-length", "64"]

@@ -6,8 +6,8 @@ import pytest
 from flax import nnx
 
 import workbench
-from workbench import Sampling
 from helpers import assert_close, prefill, prompt
+from workbench import Sampling
 
 SLOTS, PREFILL, TARGET = 4, 32, 64  # the shape of conftest's shared `engine` (data=2 x tensor=4)
 

@@ -7,7 +7,8 @@ import jax
 import matplotlib
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import workbench
 from workbench import inspect

@@ -2,10 +2,10 @@
 bfloat16, over whole caches and sliced prefixes, with padding queries and a sliding window."""
 
 import jax
-from flax import nnx
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import workbench
 from helpers import lively_params
@@ -20,7 +20,8 @@ def inputs(t: int, dtype: str, seed: int = 0):
     q = jax.random.normal(keys[0], (B, t, K, G, H)).astype(dtype) * H**-0.5
     k = jax.random.normal(keys[1], (B, S, K, H)).astype(dtype)
     v = jax.random.normal(keys[2], (B, S, K, H)).astype(dtype)
-    query_positions = jnp.array([[S - t + i for i in range(t)], [5 + i for i in range(t)], [S + 1] * t])  # row 2: padding
+    # row 0 ends at the last position, row 1 early, row 2 is padding (past the cache)
+    query_positions = jnp.array([[S - t + i for i in range(t)], [5 + i for i in range(t)], [S + 1] * t])
     visible = jnp.arange(S)[None, None, :] <= query_positions[:, :, None]
     visible &= jnp.arange(S)[None, None, :] > query_positions[:, :, None] - 24  # a window
     return q, k, v, visible
@@ -55,7 +56,8 @@ def test_a_reference_model_gives_the_tuned_models_logits(engine):
 
     def logits(kind: str):
         with nnx.use_eager_sharding(False):
-            model = workbench.Transformer(engine.config, rngs=nnx.Rngs(0), cache=(2, 200), kernels=kind)  # buckets 128, 200: sliced
+            # a cache of 200: key buckets 128 and 200, so decode reads a sliced prefix
+            model = workbench.Transformer(engine.config, rngs=nnx.Rngs(0), cache=(2, 200), kernels=kind)
         nnx.update(model, jax.device_get(params))
         positions = np.broadcast_to(np.arange(20), (2, 20))
         prompt = model(tokens[:, :19], positions[:, :19])

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import workbench
-from workbench.engine.scheduler import Scheduler, run_requests
 from helpers import lively_params, prompt
+from workbench.engine.scheduler import Scheduler, run_requests
 
 SLOTS, PREFILL, TARGET = 2, 16, 64
 

@@ -14,7 +14,16 @@ The engine's contract with JetStream's API, difference by difference: ``docs/eng
 """
 
 from workbench.engine import (
-    GREEDY, Completion, DecodeState, Engine, Prefix, ResultTokens, Sampling, Scheduler, SlotData, run_requests,
+    GREEDY,
+    Completion,
+    DecodeState,
+    Engine,
+    Prefix,
+    ResultTokens,
+    Sampling,
+    Scheduler,
+    SlotData,
+    run_requests,
 )
 from workbench.load import load
 from workbench.model import ModelConfig, Transformer, preset

@@ -21,8 +21,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from workbench.engine.engine import Engine, Params
 from workbench.checks import check_int
+from workbench.engine.engine import Engine, Params
 from workbench.trees import leaf_paths
 
 COMPILED = ("prefill", "insert", "generate")

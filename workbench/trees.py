@@ -52,7 +52,9 @@ def check_matches(what: str, abstract: Any, tree: Any) -> None:
     want, got = leaf_paths(abstract), leaf_paths(tree)
     for path, expected in want.items():
         if path not in got:
-            raise ValueError(f"{what} do not match the model: {path} is missing (expected shape {tuple(expected.shape)})")
+            raise ValueError(
+                f"{what} do not match the model: {path} is missing (expected shape {tuple(expected.shape)})"
+            )
         shape = tuple(np.shape(got[path]))
         if shape != tuple(expected.shape):
             raise ValueError(

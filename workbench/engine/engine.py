@@ -28,8 +28,8 @@ from jax.sharding import Mesh, NamedSharding
 from workbench import sharding as shd
 from workbench import trees
 from workbench.checks import check_int
-from workbench.engine.inputs import bucket, check_decode_state, check_slot, check_tokens, pad
 from workbench.engine import steps
+from workbench.engine.inputs import bucket, check_decode_state, check_slot, check_tokens, pad
 from workbench.engine.sampling import GREEDY, Sampling
 from workbench.engine.types import DecodeState, Prefix, ResultTokens
 from workbench.model import ModelConfig, Transformer, kernels
@@ -64,14 +64,16 @@ class Engine:
         tokenizer: Any = None,
     ):
         slots = check_int("decode_batch_size", decode_batch_size, positive=True)
-        self._max_prefill_length = check_int("max_prefill_length", max_prefill_length, positive=True)
+        self.max_prefill_length = check_int("max_prefill_length", max_prefill_length, positive=True)
         self.max_target_length = check_int("max_target_length", max_target_length, positive=True)
         if max_prefill_length > max_target_length:
-            raise ValueError(f"max_prefill_length ({max_prefill_length}) exceeds max_target_length ({max_target_length})")
+            raise ValueError(
+                f"max_prefill_length ({max_prefill_length}) exceeds max_target_length ({max_target_length})"
+            )
         tensor = mesh.shape.get("tensor", 1)
         if config.num_heads % tensor:
             raise ValueError(f"the mesh's tensor axis ({tensor}) does not divide the model's {config.num_heads} heads")
-        self.config, self._mesh, self.rules, self.tokenizer = config, mesh, tuple(rules), tokenizer
+        self.config, self.mesh, self.rules, self.tokenizer = config, mesh, tuple(rules), tokenizer
         self._max_concurrent_decodes = slots
         self.compile_counts: collections.Counter[str] = collections.Counter()
         self._split_models()
@@ -92,7 +94,7 @@ class Engine:
 
     def _derive_shardings(self) -> None:
         """Every sharding from the rules table: params, rest, prefix, decode state, results."""
-        mesh, rules = self._mesh, self.rules
+        mesh, rules = self.mesh, self.rules
         rep = shd.replicated(mesh)
         slots = NamedSharding(
             mesh, shd.logical_to_spec(("cache_batch",), (self.max_concurrent_decodes,), mesh, rules)
@@ -148,7 +150,7 @@ class Engine:
         self._free_jit = jax.jit(steps.free, donate_argnums=(0,), out_shardings=state_out)
 
     def _compiler_options(self, step: str) -> dict[str, str] | None:
-        return kernels.compiler_options(self._mesh.devices.flat[0].platform, step)
+        return kernels.compiler_options(self.mesh.devices.flat[0].platform, step)
 
     # ---- JetStream's properties (docs/engine-api.md) ---------------------------------------------
     @property
@@ -157,17 +159,9 @@ class Engine:
         return self._max_concurrent_decodes
 
     @property
-    def max_prefill_length(self) -> int:
-        return self._max_prefill_length
-
-    @property
-    def mesh(self) -> Mesh:
-        return self._mesh
-
-    @property
     def prefill_chunk_size(self) -> int:
         """JetStream's name for the chunk length: here always ``max_prefill_length``."""
-        return self._max_prefill_length
+        return self.max_prefill_length
 
     def get_prefix_destination_sharding(self) -> Prefix:
         return self.prefix_shardings

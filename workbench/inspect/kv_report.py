@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from workbench.checks import check_not_donated, is_int
 from workbench.engine import DecodeState, Prefix
 from workbench.inspect import plots
 from workbench.inspect.report import Column, Report, Table, fmt_bytes, fmt_float, fmt_int, nbytes, plural
-from workbench.checks import check_not_donated, is_int
 from workbench.trees import leaf_paths
 
 Tokens = Sequence[int | str] | str | Mapping[int, Sequence[int | str] | str]

@@ -15,10 +15,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, Sharding, SingleDeviceSharding
 
-from workbench.sharding import describe_mesh
+from workbench.checks import check_not_donated
 from workbench.inspect import plots
 from workbench.inspect.report import Column, Report, Table, fmt_bytes, fmt_int, fmt_shape, fmt_spec, nbytes, plural
-from workbench.checks import check_not_donated
+from workbench.sharding import describe_mesh
 from workbench.trees import leaf_paths
 
 

@@ -15,9 +15,9 @@ from jax.sharding import NamedSharding
 
 from workbench import sharding as rules_table
 from workbench.engine import DecodeState, Engine
-from workbench.trees import check_matches, leaf_paths, variables
 from workbench.inspect.report import Column, Report, Table, fmt_axes, fmt_bytes, fmt_int, fmt_shape, fmt_spec, nbytes
-from workbench.inspect.sharding_report import leaf_metadata, describe_sharding, placement
+from workbench.inspect.sharding_report import describe_sharding, leaf_metadata, placement
+from workbench.trees import check_matches, leaf_paths, variables
 
 _SLOT_FIELDS = ("positions", "tokens", "lengths", "active", "rng")
 

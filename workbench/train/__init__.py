@@ -45,11 +45,25 @@ its train.json records every file, the loss curve and the stream digests.
 
 from workbench.load import DEFAULT_MODEL_DIR
 from workbench.train.corpus import (
-    EXCLUDED_DIRS, HELD_OUT_MODULUS, Corpus, corpus_files, encode_files, is_held_out, load_corpus, random_windows,
-    spaced_windows, stdlib_root,
+    EXCLUDED_DIRS,
+    HELD_OUT_MODULUS,
+    Corpus,
+    corpus_files,
+    encode_files,
+    is_held_out,
+    load_corpus,
+    random_windows,
+    spaced_windows,
+    stdlib_root,
 )
 from workbench.train.loop import (
-    TrainConfig, build_model, evaluate, greedy_continuation, make_loss, make_optimizer, train,
+    TrainConfig,
+    build_model,
+    evaluate,
+    greedy_continuation,
+    make_loss,
+    make_optimizer,
+    train,
 )
 
 __all__ = [

@@ -20,13 +20,13 @@ from workbench.sharding import make_mesh
 from workbench.train.corpus import EXCLUDED_DIRS, HELD_OUT_MODULUS, load_corpus, stdlib_root
 from workbench.train.loop import TrainConfig, evaluate, greedy_continuation, train
 
-
+DESCRIPTION = "Train the default model: the workbench's own Transformer on the Python standard library's source."
 SAMPLE_PROMPTS = ("def __init__(self", "import os\nimport ", "    for i in range(", "class ")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     defaults = TrainConfig()
-    parser = argparse.ArgumentParser(prog="python -m workbench.train", description="Train the default model: the workbench's own Transformer on the Python standard library's source.")
+    parser = argparse.ArgumentParser(prog="python -m workbench.train", description=DESCRIPTION)
     parser.add_argument("--out", required=True, help="new checkpoint directory (must not exist or be empty)")
     for field in dataclasses.fields(TrainConfig):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(getattr(defaults, field.name)),

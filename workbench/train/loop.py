@@ -43,7 +43,9 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
         for length in (self.seq_len, self.long_seq_len):
             if self.batch_tokens % length:
-                raise ValueError(f"batch_tokens ({self.batch_tokens}) must be a multiple of the sequence length {length}")
+                raise ValueError(
+                    f"batch_tokens ({self.batch_tokens}) must be a multiple of the sequence length {length}"
+                )
         if not 0.0 <= self.long_fraction <= 1.0:
             raise ValueError(f"long_fraction must be in [0, 1], got {self.long_fraction}")
 
