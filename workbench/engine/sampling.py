@@ -39,10 +39,9 @@ class Sampling:
 GREEDY = Sampling()
 
 
-def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
-    """Token ids [B] from float32 logits [B, V]; deterministic for a given key."""
-    if sampling.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+def filtered_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
+    """Logits [..., V] divided by the temperature, with the tokens top-k and top-p drop at -inf:
+    what a non-greedy ``sample`` draws from (``probabilities`` is their softmax)."""
     logits = logits / sampling.temperature
     if 0 < sampling.top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
@@ -54,4 +53,16 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
         kept = jnp.where(before < sampling.top_p, ordered, jnp.inf)
         threshold = jnp.min(kept, axis=-1, keepdims=True)
         logits = jnp.where(logits < threshold, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return logits
+
+
+def probabilities(logits: jax.Array, sampling: Sampling) -> jax.Array:
+    """The distribution [..., V] a non-greedy ``sample`` draws each token from."""
+    return jax.nn.softmax(filtered_logits(logits, sampling), axis=-1)
+
+
+def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+    """Token ids [B] from float32 logits [B, V]; deterministic for a given key."""
+    if sampling.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, filtered_logits(logits, sampling), axis=-1).astype(jnp.int32)
