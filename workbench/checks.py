@@ -42,6 +42,6 @@ def check_not_donated(leaf: Any, where: str) -> None:
     """ValueError when ``leaf`` is an array that a call donated (insert, generate, free_resource)."""
     if isinstance(leaf, jax.Array) and leaf.is_deleted():
         raise ValueError(
-            f"{where} was donated to insert, generate or free_resource (its arrays are deleted): inspect the "
-            "state the call returned, or take workbench.inspect.snapshot(state) before the call"
+            f"{where} was donated to insert/generate (its arrays are deleted): take "
+            "workbench.inspect.snapshot(state) before the call, and pass the snapshot"
         )
