@@ -17,7 +17,9 @@ $(STAMP): pyproject.toml
 tour: setup  ## the short tour: default model, 8 simulated CPU devices, prefill -> insert -> generate
 	$(PY) -m workbench tour
 
-test: setup  ## the whole suite: unit tests, parity tests and the notebooks under strict nbval
+test: setup  ## ruff (lint, then format check), then the whole suite: unit and parity tests, notebooks under strict nbval
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest
 
 notebooks: setup  ## re-execute every notebook in place and store its outputs (what nbval compares)

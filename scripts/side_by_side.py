@@ -285,10 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
+    import jax
     import torch
     import transformers
-
-    import jax
 
     transformers.utils.logging.disable_progress_bar()
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731

@@ -7,24 +7,10 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from flax import nnx  # noqa: E402
 
 import workbench  # noqa: E402
-
-
-def lively_params(engine: workbench.Engine, seed: int = 0) -> nnx.State:
-    """Random weights scaled so the model's greedy tokens vary (0.02-std init gives one token
-    over and over, which would make token comparisons weak): twice fan-in scaling, norms near 1."""
-    rng = np.random.default_rng(seed)
-
-    def draw(leaf):
-        if len(leaf.shape) == 1:
-            return (1 + 0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)
-        return (2 * rng.standard_normal(leaf.shape) / np.sqrt(leaf.shape[0])).astype(np.float32)
-
-    return engine.load_params(jax.tree.map(draw, nnx.to_pure_dict(engine.abstract_params)))
+from helpers import lively_params  # noqa: E402
 
 
 @pytest.fixture(scope="session")

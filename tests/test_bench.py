@@ -9,12 +9,12 @@ import io
 import json
 import math
 
-import jax
 import pytest
 
 import workbench
 from workbench.bench import bytes_per_step
 from workbench.cli import main
+from workbench.trees import buffer_pointers
 
 KEYS = {"prefill_ms", "insert_ms", "generate_step_ms", "decode_tokens_per_s", "bytes_per_step",
         "achieved_gb_per_s", "compiles"}
@@ -84,8 +84,7 @@ def test_decode_state_is_updated_in_place(mesh):
     params = engine.load_params()
 
     def buffers(state):
-        return [shard.data.unsafe_buffer_pointer() for leaf in jax.tree.leaves(state.cache)
-                for shard in leaf.addressable_shards]
+        return buffer_pointers(state.cache)
 
     padded, true_length = engine.pad([1, 2, 3])
     prefix, _ = engine.prefill(params=params, padded_tokens=padded, true_length=true_length)

@@ -13,24 +13,15 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
-from safetensors.numpy import save_file
 
 import workbench
+from helpers import SHAPE, SMALL, hf_config, lively_params, pure_numpy, write_hf
 from workbench.checkpoints import ByteTokenizer, config_from_hf, hf, save_checkpoint
-from workbench.engine.engine import leaf_paths
-from conftest import lively_params
-
-SHAPE = dict(decode_batch_size=2, max_prefill_length=16, max_target_length=32)
-SMALL = workbench.ModelConfig(vocab_size=96, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-                              mlp_dim=48, bos_id=1, eos_ids=(2,))
+from workbench.trees import leaf_paths
 
 
 def engine_for(config, mesh):
     return workbench.Engine(config, workbench.make_mesh(mesh), **SHAPE)
-
-
-def pure_numpy(params):
-    return jax.tree.map(np.asarray, nnx.to_pure_dict(params))
 
 
 def assert_bit_exact(actual, expected):
@@ -118,61 +109,6 @@ def test_load_refuses_what_is_not_a_checkpoint(tmp_path):
 
 
 # ---- Hugging Face --------------------------------------------------------------------------------
-def hf_tensors(config, pure):
-    """Our params in HF's names and layouts ([out, in] projections, heads flattened)."""
-    d, n, k, h = config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim
-    tensors = {"model.embed_tokens.weight": pure["embed"]["embedding"],
-               "model.norm.weight": pure["final_norm"]["scale"]}
-    if not config.tie_embeddings:
-        tensors["lm_head.weight"] = pure["lm_head"].T
-    for i, layer in pure["layers"].items():
-        attn, mlp, prefix = layer["attn"], layer["mlp"], f"model.layers.{i}"
-        tensors |= {
-            f"{prefix}.input_layernorm.weight": layer["attn_norm"]["scale"],
-            f"{prefix}.post_attention_layernorm.weight": layer["mlp_norm"]["scale"],
-            f"{prefix}.self_attn.q_proj.weight": attn["q"].reshape(d, n * h).T,
-            f"{prefix}.self_attn.k_proj.weight": attn["k"].reshape(d, k * h).T,
-            f"{prefix}.self_attn.v_proj.weight": attn["v"].reshape(d, k * h).T,
-            f"{prefix}.self_attn.o_proj.weight": attn["o"].reshape(n * h, d).T,
-            f"{prefix}.mlp.gate_proj.weight": mlp["gate"].T,
-            f"{prefix}.mlp.up_proj.weight": mlp["up"].T,
-            f"{prefix}.mlp.down_proj.weight": mlp["down"].T,
-        }
-        if config.qkv_bias:
-            tensors |= {f"{prefix}.self_attn.{x}_proj.bias": attn[f"{x}_bias"].reshape(-1) for x in "qkv"}
-    return {name: np.ascontiguousarray(t) for name, t in tensors.items()}
-
-
-def hf_config(config, dtype="float32", **changes):
-    return {
-        "architectures": ["Qwen2ForCausalLM" if config.qkv_bias else "LlamaForCausalLM"],
-        "vocab_size": config.vocab_size, "hidden_size": config.embed_dim, "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
-        "head_dim": config.head_dim, "intermediate_size": config.mlp_dim, "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_theta, "tie_word_embeddings": config.tie_embeddings, "hidden_act": "silu",
-        "torch_dtype": dtype, "bos_token_id": config.bos_id, "eos_token_id": list(config.eos_ids), **changes,
-    }
-
-
-def write_hf(path, config, pure, *, dtype=np.float32, files=1, drop=(), extra=None, **config_changes):
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.astype(dtype) for name, t in hf_tensors(config, pure).items() if name not in drop}
-    tensors |= extra or {}
-    names = sorted(tensors)
-    if files == 1:
-        save_file(tensors, path / "model.safetensors")
-    else:  # a sharded checkpoint: several files and the index naming each tensor's file
-        weight_map = {}
-        for part in range(files):
-            file = f"model-{part + 1:05d}-of-{files:05d}.safetensors"
-            save_file({n: tensors[n] for n in names[part::files]}, path / file)
-            weight_map |= {n: file for n in names[part::files]}
-        (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    dtype_name = {np.float32: "float32", np.float16: "float16", ml_dtypes.bfloat16: "bfloat16"}[dtype]
-    (path / "config.json").write_text(json.dumps(hf_config(config, dtype_name, **config_changes)))
-    return path
-
-
 @pytest.fixture(scope="module", params=[False, True], ids=["llama", "qwen2"])
 def hf_case(request, tmp_path_factory):
     config = SMALL.replace(qkv_bias=request.param, tie_embeddings=request.param)

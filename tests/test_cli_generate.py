@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 import workbench
+from helpers import lively_params
 from workbench.checkpoints import ByteTokenizer, save_checkpoint
 from workbench.cli import main
 from workbench.engine.scheduler import run_requests
-from conftest import lively_params
 
 ENGINE = ["--mesh", "data=2,tensor=2", "--decode-batch", "2", "--max-prefill-length", "16",
           "--max-target-length", "64"]
@@ -154,7 +154,7 @@ def bad_checkpoints(tmp: Path, checkpoint: Path) -> dict[str, Path]:
     (["--prompt", "x", "--top-p", "1.5"], "top_p must be in (0, 1]"),
     (["--prompt", "x", "--return-logits"], "--return-logits needs --json"),
     (["--prompt", "x", "--dtype", "float16"], "invalid choice: 'float16'"),
-    (["--prompt", "x", "--decode-batch", "0"], "decode_batch_size must be positive"),
+    (["--prompt", "x", "--decode-batch", "0"], "decode_batch_size must be a positive int, got 0"),
 ])
 def test_bad_input_is_one_error_line(capsys, tmp_path_factory, checkpoint, args, message):
     tmp = tmp_path_factory.getbasetemp() / "bad_checkpoints"

@@ -6,10 +6,10 @@ import pytest
 from flax import nnx
 
 import workbench
+from helpers import assert_close, prefill, prompt
 from workbench import Sampling
-from conftest import lively_params
 
-SLOTS, PREFILL, TARGET = 4, 32, 64
+SLOTS, PREFILL, TARGET = 4, 32, 64  # the shape of conftest's shared `engine` (data=2 x tensor=4)
 
 
 def make_engine(mesh, **changes):
@@ -17,25 +17,6 @@ def make_engine(mesh, **changes):
     options.update(changes)
     config = options.pop("config", workbench.ModelConfig.tiny())
     return workbench.Engine(config, workbench.make_mesh(mesh), **options)
-
-
-@pytest.fixture(scope="module")
-def engine():
-    return make_engine({"data": 2, "tensor": 4})
-
-
-@pytest.fixture(scope="module")
-def params(engine):
-    return lively_params(engine)
-
-
-def prompt(length, seed):
-    return np.random.default_rng(seed).integers(0, 256, size=length).tolist()
-
-
-def prefill(engine, params, tokens, existing_prefix=None):
-    padded, n = engine.pad(tokens)
-    return engine.prefill(params=params, existing_prefix=existing_prefix, padded_tokens=padded, true_length=n)
 
 
 def run(engine, params, requests, steps):
@@ -54,12 +35,6 @@ def run(engine, params, requests, steps):
             tokens.append(int(data[slot, 0]))
             rows.append(logits[slot])
     return out, state
-
-
-def assert_close(actual, expected, rtol=1e-5):
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    scale = np.abs(expected).max()
-    assert np.abs(actual - expected).max() <= rtol * scale, np.abs(actual - expected).max() / scale
 
 
 def test_cached_paths_equal_the_uncached_forward(engine, params):
@@ -282,3 +257,13 @@ def test_mesh_whose_tensor_axis_does_not_divide_the_heads():
         workbench.make_mesh({"data": 4, "tensor": 4})
     with pytest.raises(ValueError, match="unknown mesh axis 'model'"):
         workbench.make_mesh({"model": 2})
+
+
+def test_layer_cache_names_one_layers_keys_and_values(engine, params):
+    prefix, _ = prefill(engine, params, prompt(5, 0))
+    state = engine.insert(prefix, engine.init_decode_state(), 1)
+    for layer in range(engine.config.num_layers):
+        kv = state.layer_cache(layer)
+        assert set(kv) == {"k", "v"} and kv["k"].shape == (SLOTS, TARGET, engine.config.num_kv_heads, 16)
+        assert np.array_equal(np.asarray(kv["k"][1]), np.asarray(prefix.layer_cache(layer)["k"][0]))
+        assert kv is workbench.engine.layer_cache(state.cache, layer)

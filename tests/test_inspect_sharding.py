@@ -7,11 +7,12 @@ import jax
 import matplotlib
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import workbench
 from workbench import inspect
-from workbench.engine.engine import leaf_paths
+from workbench.trees import leaf_paths
 
 matplotlib.use("Agg")
 

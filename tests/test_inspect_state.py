@@ -8,10 +8,11 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from workbench import inspect
-from workbench.engine.engine import leaf_paths
+from workbench.trees import leaf_paths
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import workbench
-from conftest import lively_params
+from helpers import assert_close, lively_params, prefill_chunks
 from workbench.model.attention import key_buckets
 
 TARGET = 300  # buckets 128, 256, 300
@@ -27,19 +27,6 @@ def engine(request):
                             max_prefill_length=128, max_target_length=TARGET)
 
 
-def assert_close(actual, expected, rtol=1e-5):
-    scale = np.abs(expected).max()
-    assert np.abs(np.asarray(actual) - expected).max() <= rtol * scale
-
-
-def prefill(engine, params, tokens):
-    prefix = None
-    for start in range(0, len(tokens), engine.max_prefill_length):  # chunks of at most 128
-        padded, n = engine.pad(tokens[start:start + engine.max_prefill_length])
-        prefix, _ = engine.prefill(params=params, existing_prefix=prefix, padded_tokens=padded, true_length=n)
-    return prefix
-
-
 def test_prefill_and_generate_across_buckets(engine):
     params = lively_params(engine)
     rng = np.random.default_rng(0)
@@ -47,7 +34,7 @@ def test_prefill_and_generate_across_buckets(engine):
     state = engine.init_decode_state()
     rows = {}
     for slot, tokens in prompts.items():
-        prefix = prefill(engine, params, tokens)  # slot 1: chunks of 128 + 122, the second in bucket 256
+        prefix = prefill_chunks(engine, params, tokens)  # slot 1: chunks of 128 + 122, the second in bucket 256
         state = engine.insert(prefix, state, slot)
         rows[slot] = ([int(prefix.token)], [np.asarray(prefix.logits)])
     for _ in range(12):  # slot 0 crosses 128, slot 1 crosses 256 into the last bucket

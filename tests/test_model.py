@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import workbench
+from helpers import lively_params
 from workbench.model import ModelConfig, RopeScaling
 from workbench.model.layers import rope_frequencies
-from conftest import lively_params
 
 VARIANTS = {
     "gqa-tied": ModelConfig.tiny(),

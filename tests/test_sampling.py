@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from workbench.engine.sampling import GREEDY, Sampling, sample
+from workbench.engine.sampling import GREEDY, Sampling, probabilities, sample
 
 LOGITS = jnp.asarray(np.random.default_rng(0).normal(size=(4, 50)) * 3, jnp.float32)
 
@@ -61,3 +61,24 @@ def test_same_key_same_tokens():
 def test_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Sampling(**kwargs)
+
+
+def test_probabilities_are_what_sample_draws_from():
+    """The numpy statement of temperature, top-k and top-p (what notebook 04 shows) against the library's."""
+    row = np.asarray(LOGITS[0], np.float64)
+    settings = [Sampling(temperature=1.0), Sampling(temperature=0.7, top_k=5), Sampling(temperature=0.7, top_p=0.9)]
+    for sampling in settings:
+        z = row / sampling.temperature
+        if sampling.top_k:
+            z = np.where(z < np.sort(z)[-sampling.top_k], -np.inf, z)
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        if sampling.top_p < 1:
+            order = np.argsort(-p, kind="stable")
+            before = np.cumsum(p[order]) - p[order]
+            p[order[before >= sampling.top_p]] = 0
+            p /= p.sum()
+        np.testing.assert_allclose(np.asarray(probabilities(LOGITS[0], sampling)), p, atol=1e-6)
+        kept = set(np.flatnonzero(p))
+        assert set(draws(sampling, 100)[:, 0]) <= kept
+

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import workbench
+from helpers import lively_params, prompt
 from workbench.engine.scheduler import Scheduler, run_requests
-from conftest import lively_params
 
 SLOTS, PREFILL, TARGET = 2, 16, 64
 
@@ -21,10 +21,6 @@ def engine():
 @pytest.fixture(scope="module")
 def params(engine):
     return lively_params(engine)
-
-
-def prompt(length, seed):
-    return np.random.default_rng(seed).integers(0, 256, size=length).tolist()
 
 
 PROMPTS = [prompt(3, 0), prompt(20, 1), prompt(9, 2), prompt(37, 3), prompt(5, 4)]  # 20 and 37: chunked
@@ -134,7 +130,7 @@ def test_sampling_repeats_for_a_seed(engine, params):
     ([1, 384], "outside the vocabulary"),
     ([-1], "outside the vocabulary"),
     (list(range(TARGET)), "no room"),
-    ([1.5], "integers"),
+    ([1.5], "integer token ids"),
 ])
 def test_bad_requests(engine, params, bad, match):
     with pytest.raises((ValueError, TypeError), match=match):

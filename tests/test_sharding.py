@@ -27,7 +27,7 @@ def test_engine_shardings_follow_the_rules():
     assert layer["mlp"]["down"][...].sharding.spec == P("tensor")
     assert params["embed"]["embedding"][...].sharding.spec == P("tensor")
     state = engine.init_decode_state()
-    k = state.cache["layers"][0]["attn"]["cache"]["k"]
+    k = state.layer_cache(0)["k"]
     assert k.sharding.spec == P("data", None, "tensor")
     assert k.addressable_shards[0].data.shape == (2, 32, 1, 16)
 

@@ -3,14 +3,19 @@
 import numpy as np
 import pytest
 from flax import nnx
-from tokenizers import Tokenizer as RustTokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer as RustTokenizer
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 import workbench
+from helpers import SHAPE, SMALL, lively_params, pure_numpy, write_hf
 from workbench.checkpoints import (
-    ByteTokenizer, HFTokenizer, StreamDecoder, default_tokenizer, read_hf_config, save_checkpoint,
+    ByteTokenizer,
+    HFTokenizer,
+    StreamDecoder,
+    default_tokenizer,
+    read_hf_config,
+    save_checkpoint,
 )
-from conftest import lively_params
-from test_checkpoints import SHAPE, SMALL, pure_numpy, write_hf
 
 TEXTS = ["def main():\n    return 0\n", "héllo wörld — ünïcode ✓", "emoji 🙂 and 漢字", ""]
 

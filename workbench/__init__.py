@@ -4,16 +4,34 @@
     prefix, first = engine.prefill(params=params, padded_tokens=padded, true_length=n)
     state = engine.insert(prefix, engine.init_decode_state(), slot=0)
     state, result = engine.generate(params, state)
+
+or let the continuous-batching driver step it (prefill, insert, generate and free per request):
+
+    completions = workbench.run_requests(engine, params, prompts, max_new_tokens=32)
+    # or: scheduler = workbench.Scheduler(engine, params); scheduler.submit(...); scheduler.run()
+
+The engine's contract with JetStream's API, difference by difference: ``docs/engine-api.md``.
 """
 
-from workbench.engine import GREEDY, DecodeState, Engine, Prefix, ResultTokens, Sampling, SlotData
+from workbench.engine import (
+    GREEDY,
+    Completion,
+    DecodeState,
+    Engine,
+    Prefix,
+    ResultTokens,
+    Sampling,
+    Scheduler,
+    SlotData,
+    run_requests,
+)
 from workbench.load import load
 from workbench.model import ModelConfig, Transformer, preset
 from workbench.sharding import RULES, make_mesh
 
 __all__ = [
-    "GREEDY", "RULES", "DecodeState", "Engine", "ModelConfig", "Prefix", "ResultTokens", "Sampling", "SlotData",
-    "Transformer", "load", "make_mesh", "notebook_setup", "preset",
+    "GREEDY", "RULES", "Completion", "DecodeState", "Engine", "ModelConfig", "Prefix", "ResultTokens", "Sampling",
+    "Scheduler", "SlotData", "Transformer", "load", "make_mesh", "notebook_setup", "preset", "run_requests",
 ]
 
 

@@ -21,7 +21,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from workbench.engine.engine import Engine, Params, leaf_paths
+from workbench.checks import check_int
+from workbench.engine.engine import Engine, Params
+from workbench.trees import leaf_paths
 
 COMPILED = ("prefill", "insert", "generate")
 
@@ -71,8 +73,7 @@ def bytes_per_step(engine: Engine, params: Params, cached_tokens: float) -> int:
 def check_shape(prompt_length: int, steps: int, max_prefill_length: int, max_target_length: int) -> None:
     """Raise ValueError unless ``steps`` decode steps after a ``prompt_length``-token prompt fit the engine."""
     for name, value in [("prompt length", prompt_length), ("steps", steps)]:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int(name, value, positive=True)
     if prompt_length > max_prefill_length:
         raise ValueError(f"prompt length {prompt_length} exceeds max_prefill_length ({max_prefill_length})")
     if prompt_length + steps > max_target_length:
@@ -88,8 +89,7 @@ def measure(
     """Time prefill (``prompt_length`` tokens), insert (one slot) and ``steps`` decode steps with
     every slot busy. Each slot holds the same ``prompt_length``-token prompt."""
     check_shape(prompt_length, steps, engine.max_prefill_length, engine.max_target_length)
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    check_int("repeats", repeats, positive=True)
     slots = engine.max_concurrent_decodes
     prompt = np.random.default_rng(0).integers(0, engine.config.vocab_size, size=prompt_length)
     padded, true_length = engine.pad(prompt)
@@ -102,6 +102,8 @@ def measure(
             state = engine.insert(prefix, state, slot)
         return state
 
+    # Stepped by hand, not through the Scheduler, on purpose: each engine call is timed alone,
+    # blocked until ready, with no host bookkeeping in the measurement.
     # Warm-up: every call compiles here, and none is timed.
     prefix, _ = prefill()
     state = fill(engine.init_decode_state(0))

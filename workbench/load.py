@@ -2,7 +2,7 @@
 
 A checkpoint is a directory: a workbench checkpoint (``workbench.json`` + orbax ``params/``) or
 a Hugging Face one (``config.json`` + ``*.safetensors``). Either way the weights go straight
-into the engine's shardings, and the engine's ``tokenizer`` is the checkpoint's.
+into the engine's shardings, and the engine is built with the checkpoint's tokenizer.
 """
 
 from __future__ import annotations
@@ -11,15 +11,14 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-import jax
-from flax import nnx
 from jax.sharding import Mesh
 
+from workbench import trees
 from workbench.engine import Engine, Params
 from workbench.model import ModelConfig
 from workbench.sharding import make_mesh
 
-DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
+DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"  # the one definition
 
 
 def load(
@@ -57,10 +56,9 @@ def load(
     if checkpoint is None:
         from workbench.checkpoints.tokenizer import default_tokenizer
 
-        engine = Engine(_with_dtype(config or ModelConfig.tiny(), dtype), mesh, **shape)
-        params = engine.load_params(None, seed=seed)
-        engine.tokenizer = default_tokenizer(engine.config)
-        return engine, params
+        config = _with_dtype(config or ModelConfig.tiny(), dtype)
+        engine = Engine(config, mesh, tokenizer=default_tokenizer(config), **shape)
+        return engine, engine.load_params(None, seed=seed)
     if config is not None:
         raise ValueError("config= builds a model with random weights; it cannot be combined with a checkpoint")
     path = Path(checkpoint)
@@ -71,20 +69,23 @@ def load(
 
     from workbench import checkpoints as ckpt
 
+    # Both loaders take (path, abstract params, shardings) and place every array straight into
+    # its shard, in the engine's dtype (orbax casts on the way in; the HF reader per region).
     if ckpt.is_workbench_checkpoint(path):
         manifest = ckpt.read_manifest(path)
         try:
             saved = ModelConfig.from_dict(manifest["model"])
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"corrupt workbench checkpoint {os.fspath(path)!r}: bad model config ({error})") from None
-        engine = Engine(_with_dtype(saved, dtype), mesh, **shape)
-        # orbax reads each shard onto its device and casts to the engine's dtype on the way in.
-        pure = ckpt.restore_params(path, ckpt.abstract_target(engine.abstract_params, engine.param_shardings))
-        engine.tokenizer = ckpt.tokenizer_from_manifest(manifest.get("tokenizer"), path, engine.config)
+        config = _with_dtype(saved, dtype)
+        tokenizer = ckpt.tokenizer_from_manifest(manifest.get("tokenizer"), path, config)
+        engine = Engine(config, mesh, tokenizer=tokenizer, **shape)
+        pure = ckpt.restore_params(path, engine.abstract_params, engine.param_shardings)
     elif ckpt.is_hf_checkpoint(path):
-        engine = Engine(_with_dtype(ckpt.read_hf_config(path), dtype), mesh, **shape)
-        pure = ckpt.load_hf_params(path, engine, progress=progress)
-        engine.tokenizer = ckpt.tokenizer_for_hf_dir(path, engine.config)
+        config = _with_dtype(ckpt.read_hf_config(path), dtype)
+        engine = Engine(config, mesh, tokenizer=ckpt.tokenizer_for_hf_dir(path, config), **shape)
+        pure = ckpt.load_hf_params(path, engine.abstract_params, engine.param_shardings, config=config,
+                                   progress=progress)
     else:
         raise ValueError(
             f"{os.fspath(path)!r} is neither a workbench checkpoint (workbench.json) "
@@ -102,10 +103,5 @@ def _as_params(engine: Engine, pure: dict) -> Params:
 
     Not ``engine.load_params``: its cast would hold a second copy of every weight on device.
     """
-    placed = jax.tree.leaves(pure)
-    expected = jax.tree.leaves(nnx.to_pure_dict(engine.abstract_params))
-    if len(placed) != len(expected) or any(a.shape != b.shape for a, b in zip(placed, expected)):
-        raise ValueError("checkpoint params do not match the model config")
-    state = jax.tree.map(lambda leaf: leaf, engine.abstract_params)
-    nnx.replace_by_pure_dict(state, pure)
-    return state
+    trees.check_matches("checkpoint params", engine.abstract_params, pure)
+    return trees.fill(engine.abstract_params, pure)

@@ -32,7 +32,10 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from workbench.checks import is_int
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -67,7 +70,7 @@ def make_mesh(axes: Mapping[str, int] | Mesh | None = None, devices: Sequence[An
     if unknown:
         raise ValueError(f"unknown mesh axis {unknown[0]!r}; the axes are {', '.join(MESH_AXES)}")
     for name, size in sizes.items():
-        if not isinstance(size, (int, np.integer)) or size < 1:
+        if not is_int(size) or size < 1:
             raise ValueError(f"mesh axis {name!r} needs a positive integer size, got {size!r}")
     shape = tuple(int(sizes.get(name, 1)) for name in MESH_AXES)
     needed = int(np.prod(shape))

@@ -3,10 +3,20 @@
 from workbench.checkpoints.hf import load_hf_params
 from workbench.checkpoints.hf_config import config_from_hf, is_hf_checkpoint, read_hf_config
 from workbench.checkpoints.orbax import (
-    abstract_target, is_workbench_checkpoint, read_config, read_manifest, restore_params, save_checkpoint,
+    abstract_target,
+    is_workbench_checkpoint,
+    read_config,
+    read_manifest,
+    restore_params,
+    save_checkpoint,
 )
 from workbench.checkpoints.tokenizer import (
-    ByteTokenizer, HFTokenizer, StreamDecoder, Tokenizer, default_tokenizer, tokenizer_for_hf_dir,
+    ByteTokenizer,
+    HFTokenizer,
+    StreamDecoder,
+    Tokenizer,
+    default_tokenizer,
+    tokenizer_for_hf_dir,
     tokenizer_from_manifest,
 )
 

@@ -30,9 +30,8 @@ import numpy as np
 from tqdm import tqdm
 
 from workbench.checkpoints.hf_config import read_json
-from workbench.engine import Engine
-from workbench.engine.engine import leaf_paths
 from workbench.model import ModelConfig
+from workbench.trees import leaf_paths, nest
 
 INDEX_FILE = "model.safetensors.index.json"
 TENSOR_DTYPES = ("F32", "BF16", "F16")
@@ -166,18 +165,30 @@ def _check_tensors(files: dict[str, Path], layouts: dict[str, Layout], config: M
         )
 
 
-def load_hf_params(path: str | os.PathLike, engine: Engine, *, progress: bool | None = None) -> dict:
-    """The HF checkpoint's weights as a pure dict of arrays in ``engine.param_shardings``, in
-    the engine's parameter dtype. ``progress``: a tqdm bar on stderr (None: only for large ones)."""
+def load_hf_params(
+    path: str | os.PathLike, abstract_params: Any, shardings: Any, *, config: ModelConfig | None = None,
+    progress: bool | None = None,
+) -> dict:
+    """The HF checkpoint's weights as a pure dict of arrays placed in ``shardings``, shaped and
+    typed like ``abstract_params`` (say, an engine's ``abstract_params`` and ``param_shardings``).
+
+    ``config``: the model the params belong to (default: the checkpoint's ``config.json``; pass
+    it when the abstract params use another dtype). ``progress``: a tqdm bar on stderr (None:
+    only for large checkpoints).
+    """
     path = Path(path)
-    layouts = _layouts(engine.config)
-    abstract = leaf_paths(engine.abstract_params)
-    shardings = leaf_paths(engine.param_shardings)
+    if config is None:
+        from workbench.checkpoints.hf_config import read_hf_config
+
+        config = read_hf_config(path)
+    layouts = _layouts(config)
+    abstract = leaf_paths(abstract_params)
+    shardings = leaf_paths(shardings)
     if set(layouts) != set(abstract):
         raise ValueError(f"no HF layout for params {sorted(set(abstract) ^ set(layouts))}")
     try:
         files = _tensor_files(path)
-        _check_tensors(files, layouts, engine.config)
+        _check_tensors(files, layouts, config)
         sizes = {}
         with _open_tensors(files) as get:
             for ours, layout in layouts.items():
@@ -201,7 +212,7 @@ def load_hf_params(path: str | os.PathLike, engine: Engine, *, progress: bool | 
         raise
     except Exception as error:  # safetensors' Rust errors, truncated files, bad headers
         raise ValueError(f"corrupt Hugging Face checkpoint {path}: {str(error).splitlines()[0]}") from None
-    return _nest(flat)
+    return nest(flat)
 
 
 def _place(tensor: Any, layout: Layout, abstract: Any, sharding: jax.sharding.Sharding) -> jax.Array:
@@ -216,15 +227,3 @@ def _place(tensor: Any, layout: Layout, abstract: Any, sharding: jax.sharding.Sh
 
     return jax.make_array_from_callback(shape, sharding, shard, dtype=dtype)
 
-
-def _nest(flat: dict[str, Any]) -> dict:
-    """``{"layers/0/attn/q": x}`` -> ``{"layers": {0: {"attn": {"q": x}}}}`` (list indices as ints,
-    as ``nnx.to_pure_dict`` gives them)."""
-    tree: dict = {}
-    for path, leaf in flat.items():
-        node = tree
-        *parents, last = [int(k) if k.isdigit() else k for k in path.split("/")]
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = leaf
-    return tree

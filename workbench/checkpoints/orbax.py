@@ -73,12 +73,16 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     return ModelConfig.from_dict(read_manifest(path)["model"])
 
 
-def restore_params(path: str | os.PathLike, target: Any) -> dict:
-    """The saved params as a pure dict, restored into ``target``: a pure dict of
-    ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)`` (say, from the engine's abstract params).
+def restore_params(path: str | os.PathLike, abstract_params: Any, shardings: Any = None) -> dict:
+    """The saved params as a pure dict, shaped and typed like ``abstract_params`` and placed in
+    ``shardings`` (say, an engine's ``abstract_params`` and ``param_shardings``): the same
+    signature as ``load_hf_params``. Without ``shardings``, ``abstract_params`` is already a
+    restore target (a pure dict of ``jax.ShapeDtypeStruct`` with shardings, see
+    :func:`abstract_target`).
 
     A missing, truncated or mismatched ``params/`` raises ValueError with orbax's first line.
     """
+    target = abstract_params if shardings is None else abstract_target(abstract_params, shardings)
     params = Path(path).absolute() / "params"
     if not params.is_dir():
         raise ValueError(f"corrupt workbench checkpoint {Path(path)}: params/ is missing")
@@ -90,10 +94,12 @@ def restore_params(path: str | os.PathLike, target: Any) -> dict:
         raise ValueError(f"corrupt workbench checkpoint {Path(path)}: cannot restore params ({first})") from None
 
 
-def abstract_target(abstract_params: nnx.State, shardings: Any) -> dict:
+def abstract_target(abstract_params: nnx.State | dict, shardings: Any) -> dict:
     """Restore target from an engine's ``abstract_params`` and ``param_shardings``."""
+
+    def pure(tree: Any) -> Any:
+        return nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
+
     return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        nnx.to_pure_dict(abstract_params),
-        nnx.to_pure_dict(shardings),
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), pure(abstract_params), pure(shardings)
     )

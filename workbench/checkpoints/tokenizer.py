@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.model import ModelConfig
+from workbench.model.config import BYTE_BOS, BYTE_EOS, BYTES
 
 TOKENIZER_FILE = "tokenizer.json"
 _REPLACEMENT = "\ufffd"  # what a cut-off UTF-8 sequence decodes to
@@ -49,9 +50,11 @@ class ByteTokenizer(Tokenizer):
     so it continues plain text as it is (and its own sample script prompts it the same way).
     """
 
-    def __init__(self, *, bos_id: int | None = 256, eos_ids: Sequence[int] = (257,), vocab_size: int = 384):
-        if vocab_size < 256:
-            raise ValueError(f"a byte-level tokenizer needs a vocabulary of at least 256 ids, got {vocab_size}")
+    def __init__(
+        self, *, bos_id: int | None = BYTE_BOS, eos_ids: Sequence[int] = (BYTE_EOS,), vocab_size: int = 384
+    ):
+        if vocab_size < BYTES:
+            raise ValueError(f"a byte-level tokenizer needs a vocabulary of at least {BYTES} ids, got {vocab_size}")
         self.vocab_size, self.bos_id, self.eos_ids = vocab_size, bos_id, tuple(eos_ids)
 
     @classmethod
@@ -62,7 +65,7 @@ class ByteTokenizer(Tokenizer):
         return list(text.encode("utf-8"))
 
     def decode(self, ids: Sequence[int]) -> str:
-        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+        return bytes(int(i) for i in ids if 0 <= int(i) < BYTES).decode("utf-8", errors="replace")
 
     def save(self, directory: str | os.PathLike) -> dict[str, Any]:
         return {"type": "bytes"}
@@ -124,7 +127,7 @@ def tokenizer_for_hf_dir(directory: Path, config: ModelConfig) -> Tokenizer | No
 def default_tokenizer(config: ModelConfig) -> Tokenizer | None:
     """Bytes for a config laid out like ``tiny()`` (bytes first, specials after); else none."""
     specials = [config.bos_id, *config.eos_ids]
-    if config.vocab_size > 256 and all(i is not None and i >= 256 for i in specials):
+    if config.vocab_size > BYTES and all(i is not None and i >= BYTES for i in specials):
         return ByteTokenizer.for_config(config)
     return None
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 from collections.abc import Sequence
 
@@ -31,16 +30,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     modules = {}
     for name, (module_name, help_text) in COMMANDS.items():
-        if importlib.util.find_spec(module_name) is None:
-            continue
-        modules[name] = importlib.import_module(module_name)
+        modules[name] = importlib.import_module(module_name)  # a missing module is a bug: let it raise
         modules[name].add_arguments(commands.add_parser(name, help=help_text, description=help_text))
     try:
         args = parser.parse_args(argv)
         apply_host_devices(args.host_devices)  # before anything starts JAX's backend
         return int(modules[args.command].run(args) or 0)
-    except (CliError, ValueError, TypeError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (CliError, ValueError, TypeError, FileNotFoundError) as error:  # the one place errors become a line
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        print(f"error: {lines[0]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

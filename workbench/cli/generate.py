@@ -71,14 +71,6 @@ def _sampling(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:  # one line, whatever raised it
-        lines = str(error).strip().splitlines() or [type(error).__name__]
-        raise CliError(lines[0]) from None
-
-
-def _run(args: argparse.Namespace) -> int:
     if not args.requests:
         raise CliError("give at least one --prompt or --prompt-ids")
     for index, (kind, value) in enumerate(args.requests):

@@ -43,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
         prefix, first = engine.prefill(params=params, padded_tokens=padded, true_length=true_length)
         state = engine.insert(prefix, state, slot)
         print(f"prefill {true_length:2d} tokens (bucket {len(padded)}) -> insert into slot {slot}: {text!r}")
+    # Stepped by hand, on purpose: the tour shows the engine's calls (workbench.Scheduler and
+    # run_requests drive the same loop for real requests, as `generate` does).
     streams: dict[int, list[int]] = {slot: [int(state.tokens[slot])] for slot in range(len(PROMPTS))}
     for _ in range(args.steps):
         state, result = engine.generate(params, state)

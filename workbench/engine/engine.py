@@ -1,11 +1,12 @@
-"""The inference engine: JetStream's engine API over an NNX model split once.
+"""The inference engine: JetStream-shaped (docs/engine-api.md lists every difference), over an
+NNX model split once.
 
 The engine builds two abstract models (``nnx.eval_shape``, nothing materialised): a prefill
-model (batch 1) and an autoregressive model (``decode_batch_size`` slots), both with KV caches
-over ``max_target_length`` positions, and splits each once into
-``(graphdef, params, cache, rest)``. Parameters are shared between the two. Every jitted body
-re-forms its model with ``nnx.merge(graphdef, params, cache, rest, copy=True)``, runs it, and
-hands the cache back as a plain dict.
+model (batch 1) and a decode model (``max_concurrent_decodes`` slots), both with KV caches over
+``max_target_length`` positions, and splits each once into ``(graphdef, params, cache, rest)``.
+Parameters are shared between the two. The jitted bodies are pure functions in
+:mod:`workbench.engine.steps`; this class checks input, holds the shapes and shardings, and
+calls them.
 
 Compiles: prefill once per padded length, generate once per sampling setting, insert once per
 number of slots filled at a time. ``compile_counts`` counts the traces of each.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -24,19 +26,16 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from workbench import sharding as shd
-from workbench.engine.sampling import GREEDY, Sampling, sample
+from workbench import trees
+from workbench.checks import check_int
+from workbench.engine import steps
+from workbench.engine.inputs import bucket, check_decode_state, check_slot, check_tokens, pad
+from workbench.engine.sampling import GREEDY, Sampling
 from workbench.engine.types import DecodeState, Prefix, ResultTokens
-from workbench.model import ModelConfig, Transformer
+from workbench.model import ModelConfig, Transformer, kernels
 
 Params = nnx.State
 Rules = Sequence[tuple[str, str | None]]
-MIN_BUCKET = 16
-# XLA:CPU hands dots to the YNNPACK library by default. Decode multiplies a few rows (one per
-# slot) by every weight, and there Eigen's kernels are faster: a 56M Llama step at batch 8 on
-# 2 cores, 33 against 43 ms (medians, interleaved in one process). Prefill's long row blocks
-# show no clear winner (64 tokens: 60 against 65 ms with YNNPACK; 1024: 0.99 against 0.96 s),
-# so only generate opts out.
-DECODE_CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 def _model(config: ModelConfig, cache: tuple[int, int] | None = None, seed: int = 0) -> Transformer:
@@ -44,30 +43,14 @@ def _model(config: ModelConfig, cache: tuple[int, int] | None = None, seed: int 
         return Transformer(config, rngs=nnx.Rngs(seed), cache=cache)
 
 
-def _fill(template: nnx.State, pure: dict) -> nnx.State:
-    """A fresh State shaped like ``template`` holding the arrays of the pure dict ``pure``."""
-    state = jax.tree.map(lambda x: x, template)
-    nnx.replace_by_pure_dict(state, pure)
-    return state
-
-
-def leaf_paths(tree: Any) -> dict[str, Any]:
-    """``{"layers/0/attn/q": leaf, ...}`` for a pure dict or State (Variables unwrapped)."""
-    flat = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-        flat["/".join(k for k in keys if k != "value")] = leaf
-    return flat
-
-
-def _check_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    return int(value)
-
-
 class Engine:
-    """JetStream-style engine: prefill -> insert / bulk_insert -> generate, on a device mesh."""
+    """JetStream-shaped engine: prefill -> insert / bulk_insert -> generate, on a device mesh.
+
+    ``tokenizer``: the checkpoint's (``workbench.load`` passes it); ``get_tokenizer`` returns it.
+    """
+
+    samples_per_slot = 1  # JetStream's properties that never change here
+    use_chunked_prefill = True
 
     def __init__(
         self,
@@ -78,117 +61,132 @@ class Engine:
         max_prefill_length: int = 256,
         max_target_length: int = 1024,
         rules: Rules = shd.RULES,
+        tokenizer: Any = None,
     ):
-        for name, value in [("decode_batch_size", decode_batch_size), ("max_prefill_length", max_prefill_length),
-                            ("max_target_length", max_target_length)]:
-            if _check_int(name, value) < 1:
-                raise ValueError(f"{name} must be positive, got {value}")
+        slots = check_int("decode_batch_size", decode_batch_size, positive=True)
+        self.max_prefill_length = check_int("max_prefill_length", max_prefill_length, positive=True)
+        self.max_target_length = check_int("max_target_length", max_target_length, positive=True)
         if max_prefill_length > max_target_length:
-            raise ValueError(f"max_prefill_length ({max_prefill_length}) exceeds max_target_length ({max_target_length})")
+            raise ValueError(
+                f"max_prefill_length ({max_prefill_length}) exceeds max_target_length ({max_target_length})"
+            )
         tensor = mesh.shape.get("tensor", 1)
         if config.num_heads % tensor:
             raise ValueError(f"the mesh's tensor axis ({tensor}) does not divide the model's {config.num_heads} heads")
-        self.config = config
-        self._mesh = mesh
-        self.rules = tuple(rules)
-        self._slots = int(decode_batch_size)
-        self._max_prefill = int(max_prefill_length)
-        self.max_target_length = int(max_target_length)
+        self.config, self.mesh, self.rules, self.tokenizer = config, mesh, tuple(rules), tokenizer
+        self._max_concurrent_decodes = slots
         self.compile_counts: collections.Counter[str] = collections.Counter()
+        self._split_models()
+        self._derive_shardings()
+        self._jit_steps()
 
-        # Two abstract models, split once. Params are the same in both; caches differ in batch.
-        length = self.max_target_length
-        prefill_model = nnx.eval_shape(lambda: _model(config, (1, length)))
-        ar_model = nnx.eval_shape(lambda: _model(config, (self._slots, length)))
+    def _split_models(self) -> None:
+        """Three abstract models, split once: prefill (batch 1), decode (one row per slot), and
+        the uncached forward model. Params and rest are the same in all three."""
+        config, length = self.config, self.max_target_length
+        prefill = nnx.eval_shape(lambda: _model(config, (1, length)))
+        decode = nnx.eval_shape(lambda: _model(config, (self.max_concurrent_decodes, length)))
         self.prefill_graphdef, self.abstract_params, self.abstract_prefill_cache, self.abstract_rest = nnx.split(
-            prefill_model, nnx.Param, nnx.Cache, ...
+            prefill, nnx.Param, nnx.Cache, ...
         )
-        self.ar_graphdef, _, self.abstract_decode_cache, _ = nnx.split(ar_model, nnx.Param, nnx.Cache, ...)
+        self.decode_graphdef, _, self.abstract_decode_cache, _ = nnx.split(decode, nnx.Param, nnx.Cache, ...)
         self.forward_graphdef = nnx.split(nnx.eval_shape(lambda: _model(config)), nnx.Param, ...)[0]
 
-        def shardings(state: nnx.State) -> Any:
-            return shd.shardings_for(state, mesh, self.rules)
-
+    def _derive_shardings(self) -> None:
+        """Every sharding from the rules table: params, rest, prefix, decode state, results."""
+        mesh, rules = self.mesh, self.rules
         rep = shd.replicated(mesh)
-        slot_axis = shd.logical_to_spec(("cache_batch",), (self._slots,), mesh, self.rules)
-        slots = NamedSharding(mesh, slot_axis)
-        self.param_shardings = shardings(self.abstract_params)
+        slots = NamedSharding(
+            mesh, shd.logical_to_spec(("cache_batch",), (self.max_concurrent_decodes,), mesh, rules)
+        )
+        self.param_shardings = shd.shardings_for(self.abstract_params, mesh, rules)
+        self.rest_shardings = shd.shardings_for(self.abstract_rest, mesh, rules)
         self.prefix_shardings = Prefix(
-            cache=nnx.to_pure_dict(shardings(self.abstract_prefill_cache)), length=rep, token=rep, logits=rep
+            cache=nnx.to_pure_dict(shd.shardings_for(self.abstract_prefill_cache, mesh, rules)),
+            length=rep, token=rep, logits=rep,
         )
         self.decode_state_shardings = DecodeState(
-            cache=nnx.to_pure_dict(shardings(self.abstract_decode_cache)),
+            cache=nnx.to_pure_dict(shd.shardings_for(self.abstract_decode_cache, mesh, rules)),
             positions=slots, tokens=slots, lengths=slots, active=slots, rng=rep,
         )
-        results = ResultTokens(data=rep, logits=rep)
+        self.result_shardings = ResultTokens(data=rep, logits=rep)
 
-        # rest holds derived buffers (rope frequencies); XLA prunes the unused weight init.
-        self.rest = jax.jit(
-            lambda: nnx.split(_model(config), nnx.Param, ...)[2], out_shardings=shardings(self.abstract_rest)
-        )()
+    def _jit_steps(self) -> None:
+        """The jitted steps, grouped: setup (rest, params, empty caches), the oracle, then the
+        API steps. Donation: the decode state (every KV cache) flows through insert, generate
+        and free; donating it lets XLA update the caches in place instead of copying all slots."""
+        config, counts, state_out = self.config, self.compile_counts, self.decode_state_shardings
+        prefill_model = steps.CachedModel(self.prefill_graphdef, self.abstract_prefill_cache, self.max_target_length)
+        decode_model = steps.CachedModel(self.decode_graphdef, self.abstract_decode_cache, self.max_target_length)
+        # setup. rest holds derived buffers (rope frequencies); XLA prunes the unused weight init.
+        self.rest = jax.jit(lambda: nnx.split(_model(config), nnx.Param, ...)[2], out_shardings=self.rest_shardings)()
         self._init_params_jit = jax.jit(
-            lambda seed: nnx.split(_model(config, seed=seed), nnx.Param, ...)[1],
-            static_argnums=0, out_shardings=self.param_shardings,
+            lambda seed: nnx.split(_model(config, seed=seed), nnx.Param, ...)[1], static_argnums=0,
+            out_shardings=self.param_shardings
         )
         self._cast_params_jit = jax.jit(
             lambda p: jax.tree.map(lambda x, a: x.astype(a.dtype), p, self.abstract_params),
             out_shardings=self.param_shardings,
         )
         self._empty_prefix_jit = jax.jit(
-            lambda: nnx.to_pure_dict(jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), self.abstract_prefill_cache)),
-            out_shardings=self.prefix_shardings.cache,
+            partial(steps.zeros, self.abstract_prefill_cache), out_shardings=self.prefix_shardings.cache
         )
-        self._forward_jit = jax.jit(self._forward_body)
-        self._init_state_jit = jax.jit(self._init_state_body, out_shardings=self.decode_state_shardings)
+        self._init_state_jit = jax.jit(
+            partial(steps.init_decode_state, self.abstract_decode_cache, self.max_concurrent_decodes),
+            out_shardings=state_out,
+        )
+        # the oracle: the uncached forward pass
+        self._forward_jit = jax.jit(lambda p, rest, t: nnx.merge(self.forward_graphdef, p, rest, copy=True)(t))
+        # the API steps
         self._prefill_jit = jax.jit(
-            self._prefill_body, static_argnames=("sampling",), out_shardings=(self.prefix_shardings, results)
+            partial(steps.prefill, prefill_model, counts), static_argnames=("sampling",),
+            out_shardings=(self.prefix_shardings, self.result_shardings),
         )
-        # Donation: the decode state (every KV cache) flows through insert, generate and free;
-        # donating it lets XLA update the caches in place instead of copying all slots per call.
-        self._insert_jit = jax.jit(self._insert_body, donate_argnums=(1,), out_shardings=self.decode_state_shardings)
-        on_cpu = mesh.devices.flat[0].platform == "cpu"
+        self._insert_jit = jax.jit(partial(steps.insert, counts), donate_argnums=(1,), out_shardings=state_out)
         self._generate_jit = jax.jit(
-            self._generate_body, static_argnames=("sampling",), donate_argnums=(2,),
-            out_shardings=(self.decode_state_shardings, results),
-            compiler_options=DECODE_CPU_COMPILER_OPTIONS if on_cpu else None,
+            partial(steps.generate, decode_model, counts), static_argnames=("sampling",), donate_argnums=(2,),
+            out_shardings=(state_out, self.result_shardings), compiler_options=self._compiler_options("generate")
         )
-        self._free_jit = jax.jit(self._free_body, donate_argnums=(0,), out_shardings=self.decode_state_shardings)
+        self._free_jit = jax.jit(steps.free, donate_argnums=(0,), out_shardings=state_out)
 
-    # ---- properties of JetStream's contract ---------------------------------------------------
+    def _compiler_options(self, step: str) -> dict[str, str] | None:
+        return kernels.compiler_options(self.mesh.devices.flat[0].platform, step)
+
+    # ---- JetStream's properties (docs/engine-api.md) ---------------------------------------------
     @property
     def max_concurrent_decodes(self) -> int:
-        return self._slots
-
-    @property
-    def max_prefill_length(self) -> int:
-        return self._max_prefill
-
-    @property
-    def samples_per_slot(self) -> int:
-        return 1
-
-    @property
-    def mesh(self) -> Mesh:
-        return self._mesh
-
-    @property
-    def use_chunked_prefill(self) -> bool:
-        return True
+        """Decode slots: the ``decode_batch_size`` the engine was built with (CLI ``--decode-batch``)."""
+        return self._max_concurrent_decodes
 
     @property
     def prefill_chunk_size(self) -> int:
-        return self._max_prefill
+        """JetStream's name for the chunk length: here always ``max_prefill_length``."""
+        return self.max_prefill_length
 
     def get_prefix_destination_sharding(self) -> Prefix:
         return self.prefix_shardings
 
-    tokenizer: Any = None  # set by workbench.load to the checkpoint's tokenizer, when it has one
-
     def get_tokenizer(self) -> Any:
-        """The checkpoint's tokenizer (JetStream's name for it); ValueError when there is none."""
+        """The checkpoint's tokenizer object (JetStream returns tokenizer parameters); ValueError
+        when there is none."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer: give token ids instead of text")
         return self.tokenizer
+
+    # ---- params and the oracle -------------------------------------------------------------------
+    def load_params(self, params: nnx.State | dict | None = None, *, seed: int = 0) -> Params:
+        """Params on the mesh: seeded random weights, or ``params`` (State or pure dict) checked
+        against the model and placed by the rules (cast to the model's parameter dtype)."""
+        if params is None:
+            return self._init_params_jit(check_int("seed", seed))
+        pure = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
+        if not isinstance(pure, dict):
+            raise TypeError(f"params must be an nnx.State or a pure dict, got {type(params).__name__}")
+        trees.check_matches("params", self.abstract_params, pure)
+        # device_put moves arrays from any devices (or the host) onto this engine's mesh; the cast
+        # to the model's parameter dtype then runs there, shard by shard.
+        placed = jax.device_put(trees.fill(self.abstract_params, pure), self.param_shardings)
+        return self._cast_params_jit(placed)
 
     def forward(self, params: Params, tokens: jax.Array | np.ndarray) -> jax.Array:
         """Float32 logits [B, T, V] of a full forward pass over ``tokens`` [B, T] with no cache:
@@ -196,74 +194,31 @@ class Engine:
         tokens = np.asarray(tokens)
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be 2-D [batch, length], got shape {tokens.shape}")
-        self._check_tokens(tokens.reshape(-1), max_length=None)
+        check_tokens(tokens.reshape(-1), self.config.vocab_size, None)
         return self._forward_jit(params, self.rest, jnp.asarray(tokens, jnp.int32))
 
-    def _forward_body(self, params, rest, tokens):
-        return nnx.merge(self.forward_graphdef, params, rest, copy=True)(tokens)
-
-    # ---- params ------------------------------------------------------------------------------
-    def load_params(self, params: nnx.State | dict | None = None, *, seed: int = 0) -> Params:
-        """Params on the mesh: seeded random weights, or ``params`` (State or pure dict) checked
-        against the model and placed by the rules (cast to the model's parameter dtype)."""
-        if params is None:
-            return self._init_params_jit(_check_int("seed", seed))
-        pure = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
-        if not isinstance(pure, dict):
-            raise TypeError(f"params must be an nnx.State or a pure dict, got {type(params).__name__}")
-        want, got = leaf_paths(self.abstract_params), leaf_paths(pure)
-        for path, abstract in want.items():
-            if path not in got:
-                raise ValueError(f"params do not match the model: {path} is missing (expected shape {abstract.shape})")
-            shape = tuple(np.shape(got[path]))
-            if shape != tuple(abstract.shape):
-                raise ValueError(
-                    f"params do not match the model: {path} has shape {shape} but the model expects {tuple(abstract.shape)}"
-                )
-        extra = sorted(set(got) - set(want))
-        if extra:
-            raise ValueError(f"params do not match the model: unexpected entry {extra[0]}")
-        # device_put moves arrays from any devices (or the host) onto this engine's mesh; the cast
-        # to the model's parameter dtype then runs there, shard by shard.
-        placed = jax.device_put(_fill(self.abstract_params, pure), self.param_shardings)
-        return self._cast_params_jit(placed)
-
-    def free_resource(self, slot: int, decode_state: DecodeState | None = None) -> DecodeState | None:
-        """Release ``slot``. With a decode state, returns it with the slot emptied (valid=0 until
-        the next insert); without one (JetStream's signature) it only checks the slot."""
-        slot = self._check_slot(slot)
-        if decode_state is None:
-            return None
-        return self._free_jit(decode_state, jnp.int32(slot))
-
-    # ---- decode state ------------------------------------------------------------------------
+    # ---- decode state ----------------------------------------------------------------------------
     def init_decode_state(self, rng: jax.Array | int | None = None) -> DecodeState:
         """All slots empty; ``rng`` (a key or seed) drives sampling in generate."""
         key = jax.random.key(0 if rng is None else rng) if not isinstance(rng, jax.Array) else rng
         return self._init_state_jit(key)
 
-    def _init_state_body(self, key: jax.Array) -> DecodeState:
-        zeros = jnp.zeros((self._slots,), jnp.int32)
-        cache = jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), self.abstract_decode_cache)
-        return DecodeState(
-            cache=nnx.to_pure_dict(cache), positions=zeros, tokens=zeros, lengths=zeros,
-            active=jnp.zeros((self._slots,), bool), rng=key,
-        )
+    def free_resource(self, slot: int, decode_state: DecodeState | None = None) -> DecodeState | None:
+        """Release ``slot``. With a decode state, returns it with the slot emptied (valid=0 until
+        the next insert); without one (JetStream's signature) it only checks the slot."""
+        slot = check_slot(slot, self.max_concurrent_decodes)
+        if decode_state is None:
+            return None
+        return self._free_jit(decode_state, jnp.int32(slot))
 
-    # ---- prefill -----------------------------------------------------------------------------
+    # ---- prefill ---------------------------------------------------------------------------------
     def bucket(self, length: int) -> int:
-        """The padded length for a prompt (chunk) of ``length`` tokens: a power of two >= 16,
-        at most max_prefill_length -- so prefill compiles once per bucket, a handful in all."""
-        if length < 1 or length > self._max_prefill:
-            raise ValueError(f"prompt length {length} is outside 1..max_prefill_length ({self._max_prefill})")
-        return min(max(MIN_BUCKET, 1 << (length - 1).bit_length()), self._max_prefill)
+        """The padded length for a prompt (chunk) of ``length`` tokens (``inputs.bucket``)."""
+        return bucket(length, self.max_prefill_length)
 
     def pad(self, tokens: Sequence[int] | np.ndarray) -> tuple[np.ndarray, int]:
         """(padded int32 tokens of bucket length, true length), padded with the pad id."""
-        tokens = np.asarray(tokens, dtype=np.int32).reshape(-1)
-        padded = np.full((self.bucket(len(tokens)),), self.config.pad_id, np.int32)
-        padded[: len(tokens)] = tokens
-        return padded, len(tokens)
+        return pad(tokens, self.config.pad_id, self.max_prefill_length)
 
     def prefill(
         self,
@@ -281,8 +236,8 @@ class Engine:
         holds the earlier prefix plus these tokens; its first token is sampled from the logits
         at the last real position. Chunked prefill equals one prefill of the whole prompt.
         """
-        tokens = self._check_tokens(padded_tokens, max_length=self._max_prefill)
-        true_length = _check_int("true_length", true_length)
+        tokens = check_tokens(padded_tokens, self.config.vocab_size, self.max_prefill_length)
+        true_length = check_int("true_length", true_length)
         if not 0 < true_length <= tokens.shape[0]:
             raise ValueError(f"true_length must be in 1..{tokens.shape[0]} (the padded length), got {true_length}")
         if existing_prefix is None:
@@ -301,21 +256,7 @@ class Engine:
             sampling=sampling or GREEDY,
         )
 
-    def _prefill_body(self, params, rest, cache, tokens, start, true_length, key, *, sampling):
-        self.compile_counts["prefill"] += 1
-        model = nnx.merge(self.prefill_graphdef, params, _fill(self.abstract_prefill_cache, cache), rest, copy=True)
-        steps = jnp.arange(tokens.shape[0])
-        # Padding goes to position S (past the cache): its K/V writes are dropped.
-        positions = jnp.where(steps < true_length, start + steps, self.max_target_length)
-        last = model(tokens[None], positions[None], logits_at=(true_length - 1)[None])[0]  # [V]
-        token = sample(last[None], key, sampling)[0]
-        prefix = Prefix(
-            cache=nnx.to_pure_dict(nnx.state(model, nnx.Cache)), length=start + true_length, token=token, logits=last
-        )
-        data = jnp.stack([token, jnp.int32(1), jnp.int32(1)])[None]
-        return prefix, ResultTokens(data=data, logits=last[None])
-
-    # ---- insert ------------------------------------------------------------------------------
+    # ---- insert ----------------------------------------------------------------------------------
     def insert(self, prefix: Prefix, decode_state: DecodeState, slot: int) -> DecodeState:
         """Put ``prefix`` into decode slot ``slot`` (the decode state is donated)."""
         return self.bulk_insert(prefix, decode_state, [slot])
@@ -324,32 +265,13 @@ class Engine:
         """Put one prefix into several slots at once (e.g. several samples of one prompt)."""
         if not isinstance(prefix, Prefix):
             raise TypeError(f"prefix must be a Prefix from prefill, got {type(prefix).__name__}")
-        if not isinstance(decode_state, DecodeState):
-            raise TypeError(f"decode_state must be a DecodeState, got {type(decode_state).__name__}")
-        slots = [self._check_slot(s) for s in slots]
+        check_decode_state(decode_state)
+        slots = [check_slot(s, self.max_concurrent_decodes) for s in slots]
         if not slots or len(set(slots)) != len(slots):
             raise ValueError(f"slots must be a non-empty list of distinct slots, got {slots}")
         return self._insert_jit(prefix, decode_state, jnp.asarray(slots, jnp.int32))
 
-    def _insert_body(self, prefix: Prefix, state: DecodeState, slots: jax.Array) -> DecodeState:
-        self.compile_counts["insert"] += 1
-        n = slots.shape[0]
-
-        def put(rows: jax.Array, value: jax.Array) -> jax.Array:
-            return rows.at[slots].set(jnp.broadcast_to(value.astype(rows.dtype), (n, *value.shape[1:])))
-
-        return state.replace(
-            cache=jax.tree.map(put, state.cache, prefix.cache),
-            positions=state.positions.at[slots].set(prefix.length),
-            tokens=state.tokens.at[slots].set(prefix.token),
-            lengths=state.lengths.at[slots].set(1),
-            active=state.active.at[slots].set(True),
-        )
-
-    def _free_body(self, state: DecodeState, slot: jax.Array) -> DecodeState:
-        return state.replace(active=state.active.at[slot].set(False))
-
-    # ---- generate ----------------------------------------------------------------------------
+    # ---- generate --------------------------------------------------------------------------------
     def generate(
         self, params: Params, decode_state: DecodeState, *, sampling: Sampling | None = None
     ) -> tuple[DecodeState, ResultTokens]:
@@ -358,49 +280,5 @@ class Engine:
         A slot is valid when it holds a request and its cache has room; a full slot
         (position == max_target_length) stops with valid=0 rather than wrapping around.
         """
-        if not isinstance(decode_state, DecodeState):
-            raise TypeError(f"decode_state must be a DecodeState, got {type(decode_state).__name__}")
+        check_decode_state(decode_state)
         return self._generate_jit(params, self.rest, decode_state, sampling=sampling or GREEDY)
-
-    def _generate_body(self, params, rest, state: DecodeState, *, sampling: Sampling):
-        self.compile_counts["generate"] += 1
-        live = state.active & (state.positions < self.max_target_length)  # [B]
-        positions = jnp.where(live, state.positions, self.max_target_length)  # dead slots write nothing
-        model = nnx.merge(self.ar_graphdef, params, _fill(self.abstract_decode_cache, state.cache), rest, copy=True)
-        logits = model(state.tokens[:, None], positions[:, None])[:, 0]  # [B, V]
-        rng, key = jax.random.split(state.rng)
-        tokens = jnp.where(live, sample(logits, key, sampling), state.tokens)
-        lengths = state.lengths + live
-        new_state = state.replace(
-            cache=nnx.to_pure_dict(nnx.state(model, nnx.Cache)),
-            positions=state.positions + live, tokens=tokens, lengths=lengths, rng=rng,
-        )
-        data = jnp.stack([tokens, live.astype(jnp.int32), lengths], axis=-1)
-        return new_state, ResultTokens(data=data, logits=logits)
-
-    # ---- input checks ------------------------------------------------------------------------
-    def _check_slot(self, slot: Any) -> int:
-        slot = _check_int("slot", slot)
-        if not 0 <= slot < self._slots:
-            raise ValueError(f"slot {slot} is out of range: the engine has slots 0..{self._slots - 1}")
-        return slot
-
-    def _check_tokens(self, padded_tokens: Any, max_length: int | None) -> np.ndarray:
-        tokens = np.asarray(padded_tokens)
-        if tokens.dtype.kind not in "iu":
-            raise TypeError(f"padded_tokens must be integer token ids, got dtype {tokens.dtype}")
-        if tokens.ndim != 1:
-            raise ValueError(f"padded_tokens must be 1-D [padded_length], got shape {tokens.shape}")
-        if tokens.shape[0] == 0:
-            raise ValueError("padded_tokens is empty")
-        if max_length is not None and tokens.shape[0] > max_length:
-            raise ValueError(
-                f"padded prompt of {tokens.shape[0]} tokens exceeds max_prefill_length ({self._max_prefill}); "
-                "prefill longer prompts in chunks through existing_prefix"
-            )
-        bad = (tokens < 0) | (tokens >= self.config.vocab_size)
-        if bad.any():
-            raise ValueError(
-                f"token id {int(tokens[bad][0])} is outside the vocabulary (0..{self.config.vocab_size - 1})"
-            )
-        return tokens.astype(np.int32)

@@ -10,6 +10,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from workbench.checks import is_int
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Sampling:
@@ -24,7 +26,7 @@ class Sampling:
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be a non-negative int, got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -37,10 +39,9 @@ class Sampling:
 GREEDY = Sampling()
 
 
-def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
-    """Token ids [B] from float32 logits [B, V]; deterministic for a given key."""
-    if sampling.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+def filtered_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
+    """Logits [..., V] divided by the temperature, with the tokens top-k and top-p drop at -inf:
+    what a non-greedy ``sample`` draws from (``probabilities`` is their softmax)."""
     logits = logits / sampling.temperature
     if 0 < sampling.top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
@@ -52,4 +53,16 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
         kept = jnp.where(before < sampling.top_p, ordered, jnp.inf)
         threshold = jnp.min(kept, axis=-1, keepdims=True)
         logits = jnp.where(logits < threshold, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return logits
+
+
+def probabilities(logits: jax.Array, sampling: Sampling) -> jax.Array:
+    """The distribution [..., V] a non-greedy ``sample`` draws each token from."""
+    return jax.nn.softmax(filtered_logits(logits, sampling), axis=-1)
+
+
+def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+    """Token ids [B] from float32 logits [B, V]; deterministic for a given key."""
+    if sampling.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, filtered_logits(logits, sampling), axis=-1).astype(jnp.int32)

@@ -27,6 +27,7 @@ from typing import Literal
 import jax
 import numpy as np
 
+from workbench.checks import check_int, check_token_ids
 from workbench.engine.engine import Engine, Params
 from workbench.engine.sampling import GREEDY, Sampling
 from workbench.engine.types import DecodeState, Prefix
@@ -117,19 +118,13 @@ class Scheduler:
         ids = np.asarray(prompt)
         if ids.ndim != 1 or ids.size == 0:
             raise ValueError(f"a prompt must be a non-empty list of token ids, got shape {ids.shape}")
-        if ids.dtype.kind not in "iu":
-            raise TypeError(f"prompt token ids must be integers, got dtype {ids.dtype}")
-        vocab = self.engine.config.vocab_size
-        bad = (ids < 0) | (ids >= vocab)
-        if bad.any():
-            raise ValueError(f"token id {int(ids[bad][0])} is outside the vocabulary (0..{vocab - 1})")
+        ids = check_token_ids(ids, self.engine.config.vocab_size, what="a prompt")
         limit = self.engine.max_target_length
         if ids.size >= limit:
             raise ValueError(
                 f"prompt of {ids.size} tokens leaves no room to generate within max_target_length ({limit})"
             )
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        check_int("max_new_tokens", max_new_tokens, positive=True)
         request = Request(len(self._requests), tuple(int(i) for i in ids), max_new_tokens, bool(ignore_eos))
         self._requests.append(request)
         self.queue.append(request)

@@ -16,6 +16,13 @@ from flax import struct
 Cache = dict[str, Any]
 
 
+def layer_cache(cache: Cache, layer: int) -> dict[str, Any]:
+    """Layer ``layer``'s ``{"k": [B, S, K, H], "v": [B, S, K, H]}`` in a cache dict: the one place
+    that spells the path ``layers/<i>/attn/cache`` (the model's module names). The arrays are the
+    cache's own, so a snapshot (numpy) can be edited through it."""
+    return cache["layers"][layer]["attn"]["cache"]
+
+
 @struct.dataclass
 class Prefix:
     """The result of prefill: a batch-1 KV cache over ``max_target_length`` positions.
@@ -28,6 +35,10 @@ class Prefix:
     length: jax.Array  # int32 []
     token: jax.Array  # int32 []
     logits: jax.Array  # float32 [V]
+
+    def layer_cache(self, layer: int) -> dict[str, Any]:
+        """``{"k": [1, S, K, H], "v": ...}`` of one layer."""
+        return layer_cache(self.cache, layer)
 
 
 @struct.dataclass
@@ -45,6 +56,10 @@ class DecodeState:
     lengths: jax.Array  # int32 [B]
     active: jax.Array  # bool [B]
     rng: jax.Array  # key, split once per generate step
+
+    def layer_cache(self, layer: int) -> dict[str, Any]:
+        """``{"k": [B, S, K, H], "v": ...}`` of one layer, every slot."""
+        return layer_cache(self.cache, layer)
 
 
 @struct.dataclass

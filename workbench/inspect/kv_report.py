@@ -18,10 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from workbench.checks import check_not_donated, is_int
 from workbench.engine import DecodeState, Prefix
-from workbench.engine.engine import leaf_paths
 from workbench.inspect import plots
 from workbench.inspect.report import Column, Report, Table, fmt_bytes, fmt_float, fmt_int, nbytes, plural
+from workbench.trees import leaf_paths
 
 Tokens = Sequence[int | str] | str | Mapping[int, Sequence[int | str] | str]
 
@@ -59,11 +60,7 @@ def kv_source(obj: Any, *, role: str = "input") -> KVSource:
         raise TypeError(f"{role} must be a DecodeState, a Prefix or a cache dict, got {type(obj).__name__}")
     pairs: dict[str, dict[str, Any]] = {}
     for path, leaf in leaf_paths(cache).items():
-        if isinstance(leaf, jax.Array) and leaf.is_deleted():
-            raise ValueError(
-                f"the {role}'s cache was donated to insert/generate (its arrays are deleted): take "
-                "workbench.inspect.snapshot(state) before the call, and pass the snapshot"
-            )
+        check_not_donated(leaf, f"the {role}'s cache")
         head, _, name = path.rpartition("/")
         if name in ("k", "v"):
             pairs.setdefault(head, {})[name] = leaf
@@ -213,8 +210,7 @@ class KVCacheReport(Report):
         slots, length, heads, _ = self.source.shape
         n_layers = len(self.source.paths)
         for name, value, size in (("layer", layer, n_layers), ("slot", slot, slots), ("head", head, heads)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-                                      or not 0 <= value < size):
+            if value is not None and (not is_int(value) or not 0 <= value < size):
                 raise ValueError(f"{name} must be an int in 0..{size - 1}, got {value!r}")
         if layer is not None and slot is None:
             if slots != 1:

@@ -15,10 +15,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, Sharding, SingleDeviceSharding
 
-from workbench.engine.engine import leaf_paths
-from workbench.sharding import describe_mesh
+from workbench.checks import check_not_donated
 from workbench.inspect import plots
 from workbench.inspect.report import Column, Report, Table, fmt_bytes, fmt_int, fmt_shape, fmt_spec, nbytes, plural
+from workbench.sharding import describe_mesh
+from workbench.trees import leaf_paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,10 +91,7 @@ def leaf_metadata(path: str, leaf: Any) -> tuple[tuple[int, ...], Any, Sharding]
     """(shape, dtype, sharding) of an array or of a ShapeDtypeStruct that carries a sharding."""
     where = path or "the array"
     if isinstance(leaf, jax.Array):
-        if leaf.is_deleted():
-            raise ValueError(
-                f"{where} was deleted (donated to insert, generate or free_resource?): inspect the state they returned"
-            )
+        check_not_donated(leaf, where)
         return tuple(leaf.shape), leaf.dtype, leaf.sharding
     if isinstance(leaf, jax.ShapeDtypeStruct):
         if leaf.sharding is None:

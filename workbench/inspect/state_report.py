@@ -8,44 +8,18 @@ under ``jax.transfer_guard("disallow")``; ShapeDtypeStructs with shardings work 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
-import jax
 from flax import nnx
 from jax.sharding import NamedSharding
 
 from workbench import sharding as rules_table
-from workbench.engine import DecodeState
-from workbench.engine.engine import leaf_paths
+from workbench.engine import DecodeState, Engine
 from workbench.inspect.report import Column, Report, Table, fmt_axes, fmt_bytes, fmt_int, fmt_shape, fmt_spec, nbytes
-from workbench.inspect.sharding_report import leaf_metadata, describe_sharding, placement
+from workbench.inspect.sharding_report import describe_sharding, leaf_metadata, placement
+from workbench.trees import check_matches, leaf_paths, variables
 
-_ENGINE_ATTRIBUTES = (
-    "mesh", "rules", "abstract_params", "abstract_prefill_cache", "abstract_decode_cache", "abstract_rest", "rest",
-    "decode_state_shardings",
-)
 _SLOT_FIELDS = ("positions", "tokens", "lengths", "active", "rng")
-
-
-def _variables(abstract_state: nnx.State) -> dict[str, nnx.Variable]:
-    """``{"layers/0/attn/q": Variable}`` with the same path strings as ``leaf_paths``."""
-    flat = jax.tree_util.tree_flatten_with_path(abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
-    return {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): v for path, v in flat}
-
-
-def _check_leaves(what: str, want: Mapping[str, Any], got: Mapping[str, Any]) -> None:
-    for path, variable in want.items():
-        if path not in got:
-            raise ValueError(f"{what} do not match the engine: {path} is missing")
-        if tuple(got[path].shape) != tuple(variable.shape):
-            raise ValueError(
-                f"{what} do not match the engine: {path} has shape {tuple(got[path].shape)}, "
-                f"the engine's is {tuple(variable.shape)}"
-            )
-    extra = sorted(set(got) - set(want))
-    if extra:
-        raise ValueError(f"{what} do not match the engine: unexpected entry {extra[0]}")
 
 
 def _row(collection: str, path: str, kind: str, axes: Any, shape: tuple, dtype: Any,
@@ -64,29 +38,29 @@ def _row(collection: str, path: str, kind: str, axes: Any, shape: tuple, dtype: 
     }
 
 
-def _collection(engine: Any, collection: str, abstract: nnx.State, concrete: Any | None) -> list[dict[str, Any]]:
-    variables = _variables(abstract)  # the model's declaration: type and logical axes
-    kinds = {path: type(v).__name__ for path, v in variables.items()}
+def _collection(engine: Engine, collection: str, abstract: nnx.State, concrete: Any | None) -> list[dict[str, Any]]:
+    declared = variables(abstract)  # the model's declaration: type and logical axes
+    kinds = {path: type(v).__name__ for path, v in declared.items()}
     leaves = None
     if concrete is not None:
         leaves = leaf_paths(concrete)
-        _check_leaves(collection, variables, leaves)
+        check_matches(collection, abstract, concrete)
         if isinstance(concrete, nnx.State):  # its own Variables name their type; a pure dict has none
-            kinds.update({path: type(v).__name__ for path, v in _variables(concrete).items()})
+            kinds.update({path: type(v).__name__ for path, v in variables(concrete).items()})
     rows = []
-    for path, variable in variables.items():
+    for path, variable in declared.items():
         axes = variable.get_metadata().get("out_sharding")
         shape, dtype = tuple(variable.shape), variable.dtype
         actual = None
         if leaves is not None:
             shape, dtype, actual = leaf_metadata(f"{collection} {path}", leaves[path])
         expected = NamedSharding(engine.mesh, rules_table.logical_to_spec(axes, shape, engine.mesh, engine.rules))
-        declared = rules_table.declared_spec(axes, engine.rules)
-        rows.append(_row(collection, path, kinds[path], axes, shape, dtype, actual, expected, declared))
+        spec = rules_table.declared_spec(axes, engine.rules)
+        rows.append(_row(collection, path, kinds[path], axes, shape, dtype, actual, expected, spec))
     return rows
 
 
-def _slot_rows(engine: Any, decode_state: DecodeState) -> list[dict[str, Any]]:
+def _slot_rows(engine: Engine, decode_state: DecodeState) -> list[dict[str, Any]]:
     rows = []
     for name in _SLOT_FIELDS:
         shape, dtype, actual = leaf_metadata(f"decode {name}", getattr(decode_state, name))
@@ -148,7 +122,7 @@ class StateReport(Report):
         return [dict(row) for row in self._rows]
 
 
-def state(engine: Any, params: nnx.State | dict, decode_state: DecodeState | None = None) -> StateReport:
+def state(engine: Engine, params: nnx.State | dict, decode_state: DecodeState | None = None) -> StateReport:
     """The split state of ``engine`` with ``params``: one row per leaf of params, cache, rest.
 
     The cache is the engine's prefill cache (abstract: where the rules would put it) or, with
@@ -158,9 +132,8 @@ def state(engine: Any, params: nnx.State | dict, decode_state: DecodeState | Non
     fallback), actual_spec, mismatch (None for abstract leaves), devices, replication,
     bytes_per_device. ``.totals`` sums each collection; ``.mismatches`` names the flagged leaves.
     """
-    missing = [name for name in _ENGINE_ATTRIBUTES if not hasattr(engine, name)]
-    if missing:
-        raise TypeError(f"engine must be a workbench Engine; a {type(engine).__name__} has no {missing[0]!r}")
+    if not isinstance(engine, Engine):
+        raise TypeError(f"engine must be a workbench Engine, got {type(engine).__name__}")
     if not isinstance(params, (nnx.State, dict)):
         raise TypeError(f"params must be an nnx.State or a pure dict, got {type(params).__name__}")
     if decode_state is not None and not isinstance(decode_state, DecodeState):

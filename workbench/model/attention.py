@@ -9,10 +9,9 @@ length marks a padding token: its write is dropped, and nothing else ever lands 
 Speed (decode is bound by the bytes it reads): with a cache, attention reads only a prefix of
 it -- the shortest of a few static key lengths (:func:`key_buckets`) that covers the furthest
 live position, picked on device by ``lax.switch``, so one compiled step serves every length
-and a 64-token request in a 1024-position cache reads 128 positions, not 1024. A single query
-per sequence (decode) reads the ``[B, S, K, H]`` cache as it lies: a prefix of it through
-elementwise products and sums that XLA fuses with the slice (``_attend_one_fused``), the whole
-cache through two dots (``_attend_one``).
+and a 64-token request in a 1024-position cache reads 128 positions, not 1024. The products
+themselves are in :mod:`workbench.model.kernels`: a plain einsum reference and the variants
+tuned for XLA:CPU, chosen by the ``kernels`` switch.
 """
 
 from __future__ import annotations
@@ -23,11 +22,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from workbench.model import kernels
 from workbench.model.config import ModelConfig
 from workbench.model.layers import apply_rope, param
 
 CACHE_AXES = ("cache_batch", "cache_seq", "cache_kv_heads", "cache_head_dim")
-_MASKED = -1e30  # finite, so a row with nothing visible (a padding query) gives no NaN
 MIN_KEY_BUCKET = 128
 
 
@@ -61,7 +60,9 @@ class KVCache(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, cache: tuple[int, int] | None = None):
+    def __init__(
+        self, config: ModelConfig, *, rngs: nnx.Rngs, cache: tuple[int, int] | None = None, kernels: str = "xla_cpu"
+    ):
         d, n, k, h, w = config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim, config.weight_dtype
         self.q = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), w)
         self.k = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), w)
@@ -76,6 +77,7 @@ class Attention(nnx.Module):
         self.window = config.sliding_window
         self.groups = n // k
         self.dtype = config.compute_dtype
+        self.kernels = kernels
 
     def _project(self, x: jax.Array, name: str) -> jax.Array:
         out = jnp.einsum("BTD,DNH->BTNH", x, getattr(self, name)[...].astype(self.dtype))
@@ -121,57 +123,9 @@ class Attention(nnx.Module):
     def _attend(self, q, k, v, query_positions, key_positions, sliced: bool = False) -> jax.Array:
         """Softmax attention: q [B, T, K, G, H] (scaled), k, v [B, S, K, H] -> [B, T, K, G, H].
 
-        ``sliced``: k and v are a prefix sliced from a longer cache.
+        ``sliced``: k and v are a prefix sliced from a longer cache (see :mod:`kernels`).
         """
         visible = key_positions[:, None, :] <= query_positions[:, :, None]  # [B, T, S]
         if self.window is not None:
             visible &= key_positions[:, None, :] > query_positions[:, :, None] - self.window
-        if q.shape[1] == 1:
-            attend_one = self._attend_one_fused if sliced else self._attend_one
-            return attend_one(q[:, 0], k, v, visible[:, 0])[:, None]
-        # Batched over (B, K) with the G query heads of a kv head stacked on T: one tall product
-        # per kv head. Left to "BTKGH,BSKH->BKGTS", XLA picks slower layouts (1024 tokens on
-        # 2 CPU cores: 145 against 104 ms a layer).
-        b, t, kv, g, h = q.shape
-        s = k.shape[1]
-        q = jnp.transpose(q, (0, 2, 3, 1, 4)).reshape(b, kv, g * t, h)
-        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, K, S, H]
-        scores = jnp.einsum("BKMH,BKSH->BKMS", q, k).reshape(b, kv, g, t, s).astype(jnp.float32)
-        scores = jnp.where(visible[:, None, None], scores, _MASKED)
-        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype).reshape(b, kv, g * t, s)
-        out = jnp.einsum("BKMS,BKSH->BKMH", weights, v).reshape(b, kv, g, t, h)
-        return jnp.transpose(out, (0, 3, 1, 2, 4))  # [B, T, K, G, H]
-
-    def _attend_one(self, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
-        """One query per sequence (decode): q [B, K, G, H], k, v [B, S, K, H], visible [B, S] -> [B, K, G, H].
-
-        As einsums batched over (B, K), XLA would copy the cache into a [B, K, S, H] transpose on
-        every step. Here both products contract the cache's contiguous (K, H) minor dims instead,
-        against a block-diagonal query ([K*H, K*G], zero where the kv heads differ): K times the
-        multiply-adds of a small product, but one pass over the cache and no copy of it.
-        """
-        b, s, kv, h = k.shape
-        g = q.shape[2]
-        # Elementwise products with the identity, not einsums: a dot would pick its own output
-        # layout, and XLA would then re-lay-out the o projection's weights on every step.
-        eye = jnp.eye(kv, dtype=q.dtype)
-        q_blocks = jnp.swapaxes(q, 2, 3)[:, :, :, None, :] * eye[:, None, :, None]  # [B, K, H, J, G]
-        q_blocks = q_blocks.reshape(b, kv * h, kv * g)
-        scores = jnp.einsum("BSX,BXY->BSY", k.reshape(b, s, kv * h), q_blocks).astype(jnp.float32)  # [B, S, K*G]
-        scores = jnp.where(visible[:, :, None], scores, _MASKED)
-        weights = jax.nn.softmax(scores, axis=1).astype(self.dtype)
-        out = jnp.einsum("BSY,BSX->BYX", weights, v.reshape(b, s, kv * h)).reshape(b, kv, g, kv, h)
-        return jnp.sum(out * eye[:, None, :, None], axis=3)  # the blocks whose kv heads match
-
-    def _attend_one_fused(self, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
-        """``_attend_one`` for keys sliced from a longer cache, as products and sums, no dot.
-
-        A dot needs its operands in buffers of their own, so feeding it a cache prefix costs a
-        copy of the prefix per step; these reductions fuse with the slice and read the cache in
-        place. On 2 CPU cores, 8 layers, batch 8, a 128-position prefix of a 1024 cache: 3.7 ms
-        against 7.9 ms for the dots; the whole cache, which needs no slice: 35 ms against 22 ms.
-        """
-        scores = jnp.sum(q[:, None] * k[:, :, :, None, :], axis=-1).astype(jnp.float32)  # [B, S, K, G]
-        scores = jnp.where(visible[:, :, None, None], scores, _MASKED)
-        weights = jax.nn.softmax(scores, axis=1).astype(self.dtype)
-        return jnp.sum(weights[..., None] * v[:, :, :, None, :], axis=1)  # [B, K, G, H]
+        return kernels.attention(q, k, v, visible, self.dtype, kernels=self.kernels, sliced=sliced)

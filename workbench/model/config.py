@@ -7,7 +7,13 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from workbench.checks import check_int
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# The byte vocabulary layout (the default model's; ``ByteTokenizer`` and training read it here):
+# ids 0..255 are the bytes themselves, the specials come after.
+BYTES = 256
+BYTE_BOS, BYTE_EOS, BYTE_PAD = 256, 257, 258
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -65,8 +71,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+            check_int(f"ModelConfig.{name}", value, positive=True)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
@@ -118,7 +123,8 @@ class ModelConfig:
         """The default model: byte-level vocabulary (256 bytes + BOS/EOS/PAD), about 0.8M params."""
         base = cls(
             vocab_size=384, embed_dim=128, num_layers=4, num_heads=8, num_kv_heads=4, head_dim=16,
-            mlp_dim=384, rope_theta=10_000.0, tie_embeddings=True, bos_id=256, eos_ids=(257,), pad_id=258,
+            mlp_dim=384, rope_theta=10_000.0, tie_embeddings=True, bos_id=BYTE_BOS, eos_ids=(BYTE_EOS,),
+            pad_id=BYTE_PAD,
         )
         return base.replace(**changes)
 

@@ -12,9 +12,9 @@ from workbench.model.layers import MLP, Embed, RMSNorm, Rotary, param
 
 
 class Block(nnx.Module):
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, cache: tuple[int, int] | None):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, cache: tuple[int, int] | None, kernels: str):
         self.attn_norm = RMSNorm(config, rngs=rngs)
-        self.attn = Attention(config, rngs=rngs, cache=cache)
+        self.attn = Attention(config, rngs=rngs, cache=cache, kernels=kernels)
         self.mlp_norm = RMSNorm(config, rngs=rngs)
         self.mlp = MLP(config, rngs=rngs)
 
@@ -28,14 +28,17 @@ class Transformer(nnx.Module):
 
     ``cache=(batch, length)`` gives every layer a KV cache of that size (a prefill model has
     batch 1; an autoregressive model has one row per decode slot); ``cache=None`` gives the
-    uncached model whose full forward pass is the oracle for every cached path.
+    uncached model whose full forward pass is the oracle for every cached path. ``kernels``:
+    ``"xla_cpu"`` (tuned attention) or ``"reference"`` (plain einsums); see ``model.kernels``.
     """
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, cache: tuple[int, int] | None = None):
+    def __init__(
+        self, config: ModelConfig, *, rngs: nnx.Rngs, cache: tuple[int, int] | None = None, kernels: str = "xla_cpu"
+    ):
         self.config = config
         self.embed = Embed(config, rngs=rngs)
         self.rope = Rotary(config)
-        self.layers = nnx.List([Block(config, rngs=rngs, cache=cache) for _ in range(config.num_layers)])
+        self.layers = nnx.List([Block(config, rngs=rngs, cache=cache, kernels=kernels) for _ in range(config.num_layers)])
         self.final_norm = RMSNorm(config, rngs=rngs)
         if not config.tie_embeddings:
             self.lm_head = param(rngs, (config.embed_dim, config.vocab_size), ("embed", "vocab"), config.weight_dtype)

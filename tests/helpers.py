@@ -1,0 +1,119 @@
+"""Helpers the test modules share (not a test module: tests import from here, never from each other).
+
+``lively_params`` gives random weights whose greedy tokens vary; ``prompt``, ``prefill`` and
+``assert_close`` are the engine tests' vocabulary; ``SMALL`` / ``SHAPE`` and ``write_hf`` lay a
+small model out as a Hugging Face checkpoint with explicit numpy reshapes (an independent
+statement of the layouts that ``checkpoints.hf`` must read back).
+"""
+
+import json
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors.numpy import save_file
+
+import workbench
+
+SHAPE = dict(decode_batch_size=2, max_prefill_length=16, max_target_length=32)
+SMALL = workbench.ModelConfig(vocab_size=96, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                              mlp_dim=48, bos_id=1, eos_ids=(2,))
+
+
+def lively_params(engine: workbench.Engine, seed: int = 0) -> nnx.State:
+    """Random weights scaled so the model's greedy tokens vary (0.02-std init gives one token
+    over and over, which would make token comparisons weak): twice fan-in scaling, norms near 1."""
+    rng = np.random.default_rng(seed)
+
+    def draw(leaf):
+        if len(leaf.shape) == 1:
+            return (1 + 0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)
+        return (2 * rng.standard_normal(leaf.shape) / np.sqrt(leaf.shape[0])).astype(np.float32)
+
+    return engine.load_params(jax.tree.map(draw, nnx.to_pure_dict(engine.abstract_params)))
+
+
+def prompt(length: int, seed: int) -> list[int]:
+    """``length`` random byte ids (the tiny model's bytes), reproducible by ``seed``."""
+    return np.random.default_rng(seed).integers(0, 256, size=length).tolist()
+
+
+def prefill(engine, params, tokens, existing_prefix=None):
+    """(prefix, first result) of one prefill of ``tokens`` (at most max_prefill_length)."""
+    padded, n = engine.pad(tokens)
+    return engine.prefill(params=params, existing_prefix=existing_prefix, padded_tokens=padded, true_length=n)
+
+
+def prefill_chunks(engine, params, tokens):
+    """The prefix of ``tokens`` of any length, prefilled in chunks of max_prefill_length."""
+    prefix = None
+    for start in range(0, len(tokens), engine.max_prefill_length):
+        prefix, _ = prefill(engine, params, tokens[start:start + engine.max_prefill_length], prefix)
+    return prefix
+
+
+def assert_close(actual, expected, rtol=1e-5):
+    """Max abs difference within ``rtol`` of the largest expected magnitude."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    scale = np.abs(expected).max()
+    assert np.abs(actual - expected).max() <= rtol * scale, np.abs(actual - expected).max() / scale
+
+
+def pure_numpy(params):
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(params))
+
+
+def hf_tensors(config, pure):
+    """Our params in HF's names and layouts ([out, in] projections, heads flattened)."""
+    d, n, k, h = config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim
+    tensors = {"model.embed_tokens.weight": pure["embed"]["embedding"],
+               "model.norm.weight": pure["final_norm"]["scale"]}
+    if not config.tie_embeddings:
+        tensors["lm_head.weight"] = pure["lm_head"].T
+    for i, layer in pure["layers"].items():
+        attn, mlp, prefix = layer["attn"], layer["mlp"], f"model.layers.{i}"
+        tensors |= {
+            f"{prefix}.input_layernorm.weight": layer["attn_norm"]["scale"],
+            f"{prefix}.post_attention_layernorm.weight": layer["mlp_norm"]["scale"],
+            f"{prefix}.self_attn.q_proj.weight": attn["q"].reshape(d, n * h).T,
+            f"{prefix}.self_attn.k_proj.weight": attn["k"].reshape(d, k * h).T,
+            f"{prefix}.self_attn.v_proj.weight": attn["v"].reshape(d, k * h).T,
+            f"{prefix}.self_attn.o_proj.weight": attn["o"].reshape(n * h, d).T,
+            f"{prefix}.mlp.gate_proj.weight": mlp["gate"].T,
+            f"{prefix}.mlp.up_proj.weight": mlp["up"].T,
+            f"{prefix}.mlp.down_proj.weight": mlp["down"].T,
+        }
+        if config.qkv_bias:
+            tensors |= {f"{prefix}.self_attn.{x}_proj.bias": attn[f"{x}_bias"].reshape(-1) for x in "qkv"}
+    return {name: np.ascontiguousarray(t) for name, t in tensors.items()}
+
+
+def hf_config(config, dtype="float32", **changes):
+    return {
+        "architectures": ["Qwen2ForCausalLM" if config.qkv_bias else "LlamaForCausalLM"],
+        "vocab_size": config.vocab_size, "hidden_size": config.embed_dim, "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim, "intermediate_size": config.mlp_dim, "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta, "tie_word_embeddings": config.tie_embeddings, "hidden_act": "silu",
+        "torch_dtype": dtype, "bos_token_id": config.bos_id, "eos_token_id": list(config.eos_ids), **changes,
+    }
+
+
+def write_hf(path, config, pure, *, dtype=np.float32, files=1, drop=(), extra=None, **config_changes):
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.astype(dtype) for name, t in hf_tensors(config, pure).items() if name not in drop}
+    tensors |= extra or {}
+    names = sorted(tensors)
+    if files == 1:
+        save_file(tensors, path / "model.safetensors")
+    else:  # a sharded checkpoint: several files and the index naming each tensor's file
+        weight_map = {}
+        for part in range(files):
+            file = f"model-{part + 1:05d}-of-{files:05d}.safetensors"
+            save_file({n: tensors[n] for n in names[part::files]}, path / file)
+            weight_map |= {n: file for n in names[part::files]}
+        (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    dtype_name = {np.float32: "float32", np.float16: "float16", ml_dtypes.bfloat16: "bfloat16"}[dtype]
+    (path / "config.json").write_text(json.dumps(hf_config(config, dtype_name, **config_changes)))
+    return path

@@ -1,0 +1,68 @@
+"""Every attention variant equals the plain einsum reference (``model.kernels``), in float32 and
+bfloat16, over whole caches and sliced prefixes, with padding queries and a sliding window."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import workbench
+from helpers import lively_params
+from workbench.model import kernels
+
+B, S, K, G, H = 3, 40, 2, 3, 8
+TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
+
+
+def inputs(t: int, dtype: str, seed: int = 0):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(keys[0], (B, t, K, G, H)).astype(dtype) * H**-0.5
+    k = jax.random.normal(keys[1], (B, S, K, H)).astype(dtype)
+    v = jax.random.normal(keys[2], (B, S, K, H)).astype(dtype)
+    # row 0 ends at the last position, row 1 early, row 2 is padding (past the cache)
+    query_positions = jnp.array([[S - t + i for i in range(t)], [5 + i for i in range(t)], [S + 1] * t])
+    visible = jnp.arange(S)[None, None, :] <= query_positions[:, :, None]
+    visible &= jnp.arange(S)[None, None, :] > query_positions[:, :, None] - 24  # a window
+    return q, k, v, visible
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name,queries", [("stacked", 7), ("stacked", 1), ("block_diagonal", 1),
+                                          ("sliced_products", 1)])
+def test_every_variant_equals_the_reference(name, queries, dtype):
+    q, k, v, visible = inputs(queries, dtype)
+    want = kernels.reference(q, k, v, visible, jnp.dtype(dtype))
+    got = kernels.VARIANTS[name](q, k, v, visible, jnp.dtype(dtype))
+    assert got.shape == want.shape == (B, queries, K, G, H) and got.dtype == want.dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=TOLERANCE[dtype])
+
+
+def test_the_switch_picks_a_variant_per_shape():
+    assert kernels.choose("reference", 1, sliced=True) is kernels.reference
+    assert kernels.choose("xla_cpu", 5, sliced=False) is kernels.stacked
+    assert kernels.choose("xla_cpu", 1, sliced=False) is kernels.block_diagonal
+    assert kernels.choose("xla_cpu", 1, sliced=True) is kernels.sliced_products
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        kernels.choose("gpu", 1, sliced=False)
+    assert kernels.compiler_options("cpu", "generate") and kernels.compiler_options("cpu", "prefill") is None
+    assert kernels.compiler_options("gpu", "generate") is None
+
+
+def test_a_reference_model_gives_the_tuned_models_logits(engine):
+    """The whole model with kernels="reference" against the default, cached and uncached."""
+    params = lively_params(engine)
+    tokens = np.random.default_rng(0).integers(0, engine.config.vocab_size, size=(2, 20))
+
+    def logits(kind: str):
+        with nnx.use_eager_sharding(False):
+            # a cache of 200: key buckets 128 and 200, so decode reads a sliced prefix
+            model = workbench.Transformer(engine.config, rngs=nnx.Rngs(0), cache=(2, 200), kernels=kind)
+        nnx.update(model, jax.device_get(params))
+        positions = np.broadcast_to(np.arange(20), (2, 20))
+        prompt = model(tokens[:, :19], positions[:, :19])
+        step = model(tokens[:, 19:], positions[:, 19:])  # one query per row against the cache
+        return np.asarray(prompt), np.asarray(step)
+
+    for want, got in zip(logits("reference"), logits("xla_cpu")):
+        np.testing.assert_allclose(got, want, atol=1e-4)

@@ -1,0 +1,107 @@
+"""The engine's jitted bodies as pure functions: arrays in, arrays out.
+
+The engine binds the static half of each (the model's ``CachedModel``, the compile counter)
+with ``functools.partial`` and jits the rest. Caches cross the jit boundary as plain dicts;
+each body re-forms its model with ``nnx.merge(..., copy=True)`` and hands the cache back as a
+plain dict. ``counts[name] += 1`` runs once per trace, so the counter counts compiles.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from workbench import trees
+from workbench.engine.sampling import Sampling, sample
+from workbench.engine.types import Cache, DecodeState, Prefix, ResultTokens
+from workbench.model import Transformer
+
+Counts = collections.Counter
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedModel:
+    """One split model with a KV cache: its graphdef, its abstract cache, its cache length."""
+
+    graphdef: nnx.GraphDef
+    abstract_cache: nnx.State
+    length: int  # max_target_length: a position here or past it writes nothing
+
+    def merge(self, params: nnx.State, cache: Cache, rest: nnx.State) -> Transformer:
+        return nnx.merge(self.graphdef, params, trees.fill(self.abstract_cache, cache), rest, copy=True)
+
+
+def zeros(abstract: nnx.State) -> Cache:
+    """An empty cache (a pure dict of zeros) shaped like ``abstract``."""
+    return nnx.to_pure_dict(jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), abstract))
+
+
+def init_decode_state(abstract_cache: nnx.State, slots: int, key: jax.Array) -> DecodeState:
+    empty = jnp.zeros((slots,), jnp.int32)
+    return DecodeState(
+        cache=zeros(abstract_cache), positions=empty, tokens=empty, lengths=empty,
+        active=jnp.zeros((slots,), bool), rng=key,
+    )
+
+
+def prefill(
+    model: CachedModel, counts: Counts, params, rest, cache: Cache, tokens, start, true_length, key, *,
+    sampling: Sampling,
+) -> tuple[Prefix, ResultTokens]:
+    """``tokens`` [P] (``true_length`` real, then padding) written after ``start`` cached ones."""
+    counts["prefill"] += 1
+    merged = model.merge(params, cache, rest)
+    steps = jnp.arange(tokens.shape[0])
+    # Padding goes to position S (past the cache): its K/V writes are dropped.
+    positions = jnp.where(steps < true_length, start + steps, model.length)
+    last = merged(tokens[None], positions[None], logits_at=(true_length - 1)[None])[0]  # [V]
+    token = sample(last[None], key, sampling)[0]
+    cache = nnx.to_pure_dict(nnx.state(merged, nnx.Cache))
+    prefix = Prefix(cache=cache, length=start + true_length, token=token, logits=last)
+    data = jnp.stack([token, jnp.int32(1), jnp.int32(1)])[None]
+    return prefix, ResultTokens(data=data, logits=last[None])
+
+
+def insert(counts: Counts, prefix: Prefix, state: DecodeState, slots: jax.Array) -> DecodeState:
+    """``prefix`` copied into the rows ``slots`` [n] of every cache and slot array."""
+    counts["insert"] += 1
+    n = slots.shape[0]
+
+    def put(rows: jax.Array, value: jax.Array) -> jax.Array:
+        return rows.at[slots].set(jnp.broadcast_to(value.astype(rows.dtype), (n, *value.shape[1:])))
+
+    return state.replace(
+        cache=jax.tree.map(put, state.cache, prefix.cache),
+        positions=state.positions.at[slots].set(prefix.length),
+        tokens=state.tokens.at[slots].set(prefix.token),
+        lengths=state.lengths.at[slots].set(1),
+        active=state.active.at[slots].set(True),
+    )
+
+
+def generate(
+    model: CachedModel, counts: Counts, params, rest, state: DecodeState, *, sampling: Sampling
+) -> tuple[DecodeState, ResultTokens]:
+    """One token for every live slot (holding a request, with room in its cache)."""
+    counts["generate"] += 1
+    live = state.active & (state.positions < model.length)  # [B]
+    positions = jnp.where(live, state.positions, model.length)  # dead slots write nothing
+    merged = model.merge(params, state.cache, rest)
+    logits = merged(state.tokens[:, None], positions[:, None])[:, 0]  # [B, V]
+    rng, key = jax.random.split(state.rng)
+    tokens = jnp.where(live, sample(logits, key, sampling), state.tokens)
+    lengths = state.lengths + live
+    new_state = state.replace(
+        cache=nnx.to_pure_dict(nnx.state(merged, nnx.Cache)),
+        positions=state.positions + live, tokens=tokens, lengths=lengths, rng=rng,
+    )
+    data = jnp.stack([tokens, live.astype(jnp.int32), lengths], axis=-1)
+    return new_state, ResultTokens(data=data, logits=logits)
+
+
+def free(state: DecodeState, slot: jax.Array) -> DecodeState:
+    return state.replace(active=state.active.at[slot].set(False))
