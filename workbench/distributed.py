@@ -115,6 +115,14 @@ def host_value(x: Any) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def barrier(name: str) -> None:
+    """Wait until every process reaches the barrier ``name`` (nothing to wait for with one)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def spans_processes(tree: Any) -> bool:
     """Whether any array in ``tree`` has pieces on devices of other processes."""
     return any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(tree))

@@ -2,7 +2,8 @@
 
     python -m workbench launch --processes 2 --host-devices 4 -- generate --mesh data=2,tensor=4 --prompt-ids 1,2,3
 
-starts ``python -m workbench generate ...`` N times on this machine, each with ``--host-devices``
+starts ``python -m workbench generate ...`` (or ``python script.py ...`` for a script given instead of a
+command) N times on this machine, each with ``--host-devices``
 simulated CPU devices, joined through a coordinator on a free loopback port (the environment
 variables ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``, which
 ``--coordinator``, ``--num-processes`` and ``--process-id`` would otherwise give). The processes
@@ -59,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=None, metavar="S",
                         help="stop every process after S seconds (exit 124)")
     parser.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
-                        help="a workbench command and its flags: generate ..., bench ...")
+                        help="a workbench command and its flags (generate ..., bench ...), or a script.py and its arguments")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,7 +73,9 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("launch cannot launch itself")
     if args.processes < 1:
         raise CliError(f"--processes must be positive, got {args.processes}")
-    return launch([sys.executable, "-m", "workbench", *command], processes=args.processes,
+    # A workbench command runs as ``python -m workbench ...``; a script of yours as ``python script.py ...``.
+    program = [sys.executable] if command[0].endswith(".py") else [sys.executable, "-m", "workbench"]
+    return launch([*program, *command], processes=args.processes,
                   host_devices=args.host_devices, timeout=args.timeout)
 
 
