@@ -1,6 +1,6 @@
 """One process of the multi-process tests (tests/test_distributed.py), started by the launcher.
 
-    python tests/distributed_worker.py run OUT_DIR RESTORE_DIR   # engine, scheduler, orbax, inspectors
+    python tests/distributed_worker.py run OUT_DIR RESTORE_DIR HF_DIR  # engine, scheduler, checkpoints, inspectors, CLI
     python tests/distributed_worker.py die OUT_DIR                # process 1 dies mid-run
 
 ``run`` writes ``OUT_DIR/process{i}.npz`` (every process: what it read back on its host) and
@@ -77,6 +77,8 @@ def inspectors(engine, params, state, out: dict) -> None:
         str(report), str(sharding)
     out["inspect/state_mismatches"] = np.asarray(len(report.mismatches))
     out["inspect/state_devices"] = np.asarray(sorted({d for r in report.to_rows() for d in r["devices"]}))
+    out["inspect/device_processes"] = np.asarray([r["process"] for r in sharding.per_device])
+    out["inspect/sharding_text"] = np.asarray(str(sharding))
     try:
         workbench.inspect.kv_cache(state)
         out["inspect/kv_refused"] = np.asarray("")
@@ -87,7 +89,30 @@ def inspectors(engine, params, state, out: dict) -> None:
     out["inspect/kv_next"] = np.asarray([r["next_position"] for r in kv.to_rows()])
 
 
-def run(out_dir: str, restore_dir: str) -> None:
+def hf_import(hf_dir: str, out: dict) -> None:
+    """A Hugging Face import on fsdp=2 x tensor=4 (the embed axis split between the processes),
+    counting the elements this process reads from the files."""
+    from workbench.checkpoints import hf
+
+    read, original = [], hf.read_region
+
+    def counting(tensor, layout, index, shape):
+        region = original(tensor, layout, index, shape)
+        read.append(region.size)
+        return region
+
+    hf.read_region = counting
+    try:
+        _, params = workbench.load(hf_dir, mesh={"fsdp": 2, "tensor": 4}, decode_batch_size=2,
+                                   max_prefill_length=16, max_target_length=32)
+    finally:
+        hf.read_region = original
+    out["hf_read/elements"] = np.asarray(sum(read))
+    for path, leaf in workbench.engine.engine.leaf_paths(params).items():
+        out[f"hf/{path}"] = distributed.host_value(leaf)
+
+
+def run(out_dir: str, restore_dir: str, hf_dir: str) -> None:
     engine = engine_on({"data": 2, "tensor": 4})
     params = engine.load_params(lively(engine))
     out = {"devices": np.asarray(jax.device_count()), "local_devices": np.asarray(jax.local_device_count())}
@@ -103,6 +128,7 @@ def run(out_dir: str, restore_dir: str) -> None:
     for path, leaf in workbench.engine.engine.leaf_paths(restored).items():
         assert leaf.is_fully_addressable == (jax.process_count() == 1), path  # split between the processes
         out[f"restored/{path}"] = distributed.host_value(leaf)
+    hf_import(hf_dir, out)
     np.savez(os.path.join(out_dir, f"process{jax.process_index()}.npz"), **out)
     if jax.process_count() == 1:
         return

@@ -20,11 +20,13 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
 
 import distributed_worker as worker
+from test_checkpoints import SMALL, engine_for, write_hf
 import workbench
 from workbench import checkpoints, distributed
 from workbench.cli import main
@@ -74,10 +76,15 @@ def runs(tmp_path_factory, engine, params):
     saved_params = other.load_params(worker.lively(other, seed=1))
     checkpoints.save_checkpoint(tmp / "from_4x2", other.config, saved_params, tokenizer={"type": "bytes"})
 
+    # A Hugging Face checkpoint, for each process to import only its devices' regions of.
+    hf_params = jax.tree.map(np.asarray, nnx.to_pure_dict(engine_for(SMALL, {"data": 1}).load_params(None, seed=3)))
+    write_hf(tmp / "hf", SMALL, hf_params)
+
     group = Group(tmp)
     for name, processes, devices in (("two", 2, 4), ("one", 1, 8)):
         (tmp / name).mkdir()
-        group.start_processes(name, ["run", str(tmp / name), str(tmp / "from_4x2")], processes, devices)
+        group.start_processes(name, ["run", str(tmp / name), str(tmp / "from_4x2"), str(tmp / "hf")],
+                              processes, devices)
     (tmp / "launched").mkdir()
     group.start("launched", [sys.executable, "-m", "workbench", "launch", "--processes", "2", "--host-devices", "4",
                              "--timeout", str(DEADLINE_S), "--", WORKER, "die", str(tmp / "launched")])
@@ -89,6 +96,7 @@ def runs(tmp_path_factory, engine, params):
         worker.scheduled(engine, params, reference)
         reference["kv_filled"] = workbench.inspect.kv_cache(state).stats["filled"]
         reference["cli"] = _cli_in_process()
+        reference["hf"] = hf_params
         yield group, tmp, reference, saved_params
     finally:
         stop(list(group.children.values()))
@@ -130,7 +138,7 @@ def test_two_processes_equal_one_process_bitwise(results):
     """2 x 4 devices against 1 x 8 under the same collectives (gloo): every token and logit."""
     for key, value in results["one0"].items():
         # What differs by design: local device counts, device ids (2048+ on process 1), kv_cache's refusal.
-        if key not in ("local_devices", "inspect/state_devices", "inspect/kv_refused"):
+        if not key.startswith(("inspect/", "hf_read/")) and key != "local_devices":
             np.testing.assert_array_equal(results["two0"][key], value, err_msg=key)
 
 
@@ -140,7 +148,7 @@ def test_two_processes_match_the_in_process_engine(runs, results):
     _, _, reference, _ = runs
     two = results["two0"]
     for key, value in reference.items():
-        if key in ("cli", "kv_filled"):
+        if key in ("cli", "kv_filled", "hf"):
             continue
         if key.endswith("logits"):
             np.testing.assert_allclose(two[key], value, rtol=0, atol=1e-5, err_msg=key)
@@ -173,11 +181,25 @@ def test_orbax_across_processes_bitwise(runs, results):
         np.testing.assert_array_equal(np.asarray(value), expected[path], err_msg=path)
 
 
+def test_hf_import_reads_each_process_regions_only(runs, results):
+    _, _, reference, _ = runs
+    for path, value in leaf_paths(reference["hf"]).items():
+        np.testing.assert_array_equal(results["two0"][f"hf/{path}"], value, err_msg=path)
+    total = sum(np.size(value) for value in leaf_paths(reference["hf"]).values())
+    assert int(results["one0"]["hf_read/elements"]) == total  # one process reads every element once
+    for name in ("two0", "two1"):  # the embed axis is split between the processes: each reads part
+        assert int(results[name]["hf_read/elements"]) < 0.75 * total, name
+
+
 def test_inspectors_see_the_whole_mesh(results):
     two = results["two0"]
     assert int(two["inspect/state_mismatches"]) == 0
     assert len(two["inspect/state_devices"]) == 8  # under transfer_guard("disallow")
     assert "gather=True" in str(two["inspect/kv_refused"])
+    np.testing.assert_array_equal(two["inspect/device_processes"], [0, 0, 0, 0, 1, 1, 1, 1])
+    assert "process" in str(two["inspect/sharding_text"])
+    assert str(results["one0"]["inspect/kv_refused"]) == ""  # one process: nothing to gather
+    np.testing.assert_array_equal(two["inspect/kv_filled"], results["one0"]["inspect/kv_filled"])
 
 
 def _dead(pid: int) -> bool:
