@@ -15,6 +15,7 @@ process runs in its own process group with a hard deadline, and the finalizer ki
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -256,3 +257,28 @@ def test_host_value_reads_local_arrays():
 
     np.testing.assert_array_equal(distributed.host_value(jnp.arange(3)), np.arange(3))
     assert not distributed.spans_processes({"a": jnp.zeros(2)})
+
+
+def test_ctrl_c_stops_every_process(tmp_path):
+    script = tmp_path / "sleeper.py"
+    script.write_text("import os, sys, time\n"
+                      "open(os.path.join(sys.argv[1], os.environ['JAX_PROCESS_ID']), 'w').write(str(os.getpid()))\n"
+                      "time.sleep(120)\n")
+    launcher = subprocess.Popen([sys.executable, "-m", "workbench", "launch", "--processes", "2", "--", str(script),
+                                 str(tmp_path)], stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                cwd=Path(__file__).parent.parent)
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / str(i)).exists() for i in range(2)):
+            assert time.monotonic() < deadline and launcher.poll() is None, "the processes did not start"
+            time.sleep(0.1)
+        time.sleep(0.2)  # the pid files are written; let the writes land
+        launcher.send_signal(signal.SIGINT)
+        assert launcher.wait(30) == 130
+        assert "launch: interrupted; stopping every process" in launcher.stderr.read()
+        for i in range(2):
+            assert _dead(int((tmp_path / str(i)).read_text()))
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
