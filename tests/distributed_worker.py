@@ -1,10 +1,12 @@
-"""One process of the multi-process tests (tests/test_distributed.py), started by the launcher.
+"""One process of the multi-process tests (tests/test_distributed.py); the JAX_* environment
+variables of ``workbench.cli.launch.process_env`` say which.
 
     python tests/distributed_worker.py run OUT_DIR RESTORE_DIR HF_DIR  # engine, scheduler, checkpoints, inspectors, CLI
-    python tests/distributed_worker.py die OUT_DIR                # process 1 dies mid-run
+    python tests/distributed_worker.py die OUT_DIR                     # process 1 dies mid-run
 
-``run`` writes ``OUT_DIR/process{i}.npz`` (every process: what it read back on its host) and
-saves its params to ``OUT_DIR/saved`` (every process writing its own shards). The engine's
+``run`` writes ``OUT_DIR/process{i}.npz`` (every process: what it read back on its host),
+saves its params to ``OUT_DIR/saved`` (every process writing its own shards), then runs the
+CLI's ``generate`` after a marker line on stdout. The engine's
 shape and weights are the conftest's shared engine and ``lively_params``, so the pytest process
 can compute the single-process reference itself.
 """

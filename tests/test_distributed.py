@@ -282,3 +282,14 @@ def test_ctrl_c_stops_every_process(tmp_path):
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
             launcher.wait()
+
+
+def test_initialize_names_bad_values(monkeypatch):
+    with pytest.raises(ValueError, match="process_id must not be negative"):
+        distributed.initialize("127.0.0.1:1234", num_processes=2, process_id=-1)
+    with pytest.raises(TypeError, match="num_processes must be an int"):
+        distributed.initialize("127.0.0.1:1234", num_processes="2", process_id=0)
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    with pytest.raises(ValueError, match="JAX_NUM_PROCESSES must be an integer, got 'two'"):
+        distributed.initialize("127.0.0.1:1234", process_id=0)
+    assert distributed.requested() and not distributed.is_initialized()

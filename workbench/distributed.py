@@ -78,7 +78,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if num_processes is not None and num_processes < 1:
         raise ValueError(f"num_processes must be positive, got {num_processes}")
-    if process_id is not None and not 0 <= process_id < (num_processes or process_id + 1):
+    if process_id is not None and process_id < 0:
+        raise ValueError(f"process_id must not be negative, got {process_id}")
+    if process_id is not None and num_processes is not None and process_id >= num_processes:
         raise ValueError(f"process_id must be in 0..{num_processes - 1}, got {process_id}")
     if is_initialized():
         if process_id is not None and process_id != jax.process_index():
