@@ -89,6 +89,14 @@ def inspectors(engine, params, state, out: dict) -> None:
     kv = workbench.inspect.kv_cache(state, gather=True)
     out["inspect/kv_filled"] = kv.stats["filled"]
     out["inspect/kv_next"] = np.asarray([r["next_position"] for r in kv.to_rows()])
+    before = workbench.inspect.snapshot(state)  # gathered on every process
+    after, _ = engine.generate(params, state)
+    try:
+        workbench.inspect.kv_cache_diff(before, after)
+        out["inspect/diff_refused"] = np.asarray("")
+    except ValueError as error:
+        out["inspect/diff_refused"] = np.asarray(str(error))
+    out["inspect/diff_changed"] = workbench.inspect.kv_cache_diff(before, workbench.inspect.snapshot(after)).mask
 
 
 def hf_import(hf_dir: str, out: dict) -> None:

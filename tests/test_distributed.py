@@ -201,6 +201,9 @@ def test_inspectors_see_the_whole_mesh(results):
     assert "process" in str(two["inspect/sharding_text"])
     assert str(results["one0"]["inspect/kv_refused"]) == ""  # one process: nothing to gather
     np.testing.assert_array_equal(two["inspect/kv_filled"], results["one0"]["inspect/kv_filled"])
+    assert "snapshot" in str(two["inspect/diff_refused"]) and str(results["one0"]["inspect/diff_refused"]) == ""
+    assert two["inspect/diff_changed"].any()  # one generate step wrote a position per active slot
+    np.testing.assert_array_equal(two["inspect/diff_changed"], results["one0"]["inspect/diff_changed"])
 
 
 def _dead(pid: int) -> bool:
@@ -221,7 +224,7 @@ def test_a_dying_process_stops_the_launch(runs):
 
 
 def test_a_dying_process_ends_the_others_without_a_launcher(runs):
-    """No launcher: JAX's coordination service misses process 1's heartbeats and ends process 0."""
+    """No launcher: process 0 fails on its own, within JAX's heartbeat timeout (and some start-up slack)."""
     group, _, _, _ = runs
     deadline = time.monotonic() + DEADLINE_S
     assert group.wait("bare1", deadline) == 3
@@ -230,7 +233,10 @@ def test_a_dying_process_ends_the_others_without_a_launcher(runs):
     waited = time.monotonic() - died
     assert code != 0
     assert waited < distributed.HEARTBEAT_TIMEOUT_S + 30, f"process 0 took {waited:.0f} s to notice"
-    assert "another task died" in group.output("bare0")
+    # Either its next collective fails at once (gloo: the peer's connection is reset), or JAX's
+    # coordination service ends it; both say why.
+    said = group.output("bare0", tail=10**7)
+    assert "Connection reset by peer" in said or "another task died" in said, said[-2000:]
 
 
 def test_launch_bad_input_is_one_line(capsys):
