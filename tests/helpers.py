@@ -21,9 +21,10 @@ SMALL = workbench.ModelConfig(vocab_size=96, embed_dim=32, num_layers=2, num_hea
                               mlp_dim=48, bos_id=1, eos_ids=(2,))
 
 
-def lively_params(engine: workbench.Engine, seed: int = 0) -> nnx.State:
+def lively_arrays(engine: workbench.Engine, seed: int = 0) -> dict:
     """Random weights scaled so the model's greedy tokens vary (0.02-std init gives one token
-    over and over, which would make token comparisons weak): twice fan-in scaling, norms near 1."""
+    over and over, which would make token comparisons weak): twice fan-in scaling, norms near 1.
+    A pure dict of host arrays; ``lively_params`` places them on the engine's mesh."""
     rng = np.random.default_rng(seed)
 
     def draw(leaf):
@@ -31,7 +32,16 @@ def lively_params(engine: workbench.Engine, seed: int = 0) -> nnx.State:
             return (1 + 0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)
         return (2 * rng.standard_normal(leaf.shape) / np.sqrt(leaf.shape[0])).astype(np.float32)
 
-    return engine.load_params(jax.tree.map(draw, nnx.to_pure_dict(engine.abstract_params)))
+    return jax.tree.map(draw, nnx.to_pure_dict(engine.abstract_params))
+
+
+def lively_params(engine: workbench.Engine, seed: int = 0) -> nnx.State:
+    return engine.load_params(lively_arrays(engine, seed))
+
+
+def engine_for(config: workbench.ModelConfig, mesh: dict) -> workbench.Engine:
+    """An engine of the small checkpoint tests' shape (``SHAPE``) on ``mesh``."""
+    return workbench.Engine(config, workbench.make_mesh(mesh), **SHAPE)
 
 
 def prompt(length: int, seed: int) -> list[int]:

@@ -20,10 +20,6 @@ from workbench.checkpoints import ByteTokenizer, config_from_hf, hf, save_checkp
 from workbench.trees import leaf_paths
 
 
-def engine_for(config, mesh):
-    return workbench.Engine(config, workbench.make_mesh(mesh), **SHAPE)
-
-
 def assert_bit_exact(actual, expected):
     actual, expected = leaf_paths(actual), leaf_paths(expected)
     assert actual.keys() == expected.keys()

@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from workbench.checkpoints.tokenizer import Tokenizer
+from workbench.distributed import barrier
 from workbench.model import ModelConfig
 
 MANIFEST = "workbench.json"
@@ -47,14 +48,17 @@ def save_checkpoint(
     path = Path(path).absolute()
     if path.exists() and any(path.iterdir()):
         raise FileExistsError(f"checkpoint directory {path} exists and is not empty")
+    barrier("workbench save: every process has looked")  # before any of them writes (one process: no-op)
     path.mkdir(parents=True, exist_ok=True)
     pure = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
-    with ocp.StandardCheckpointer() as checkpointer:
+    with ocp.StandardCheckpointer() as checkpointer:  # each process writes its own shards
         checkpointer.save(path / "params", pure)
-    if isinstance(tokenizer, Tokenizer):
-        tokenizer = tokenizer.save(path)
-    manifest = {"format": "workbench", "version": 1, "model": config.to_dict(), "tokenizer": tokenizer}
-    (path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    if jax.process_index() == 0:  # one writer for the files beside params/
+        if isinstance(tokenizer, Tokenizer):
+            tokenizer = tokenizer.save(path)
+        manifest = {"format": "workbench", "version": 1, "model": config.to_dict(), "tokenizer": tokenizer}
+        (path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    barrier("workbench save: done")
     return path
 
 

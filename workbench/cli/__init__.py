@@ -1,4 +1,4 @@
-"""``python -m workbench <command>``: generate | bench | tour.
+"""``python -m workbench <command>``: generate | bench | tour | launch.
 
 Every command takes the engine flags of :mod:`workbench.cli.common`. Bad input exits with code
 2 and one line ``error: ...`` on stderr, never a traceback.
@@ -12,11 +12,13 @@ import sys
 from collections.abc import Sequence
 
 from workbench.cli.common import CliError, apply_host_devices
+from workbench.cli.launch import join_processes
 
 COMMANDS = {
     "generate": ("workbench.cli.generate", "generate tokens for one or more prompts"),
     "bench": ("workbench.cli.bench", "measure prefill, insert and decode speed"),
     "tour": ("workbench.cli.tour", "a short tour: the split state, prefill -> insert -> generate"),
+    "launch": ("workbench.cli.launch", "run a command as N local processes over one mesh"),
 }
 
 
@@ -35,7 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         apply_host_devices(args.host_devices)  # before anything starts JAX's backend
-        return int(modules[args.command].run(args) or 0)
+        join_processes(args)  # likewise; with --coordinator or $JAX_COORDINATOR_ADDRESS only
+        from workbench.distributed import main_process_output
+
+        with main_process_output():  # only process 0 prints; errors still reach every stderr
+            return int(modules[args.command].run(args) or 0)
     except (CliError, ValueError, TypeError, FileNotFoundError) as error:  # the one place errors become a line
         lines = str(error).strip().splitlines() or [type(error).__name__]
         print(f"error: {lines[0]}", file=sys.stderr)

@@ -13,10 +13,12 @@ import json
 import sys
 
 from workbench.cli.common import add_engine_arguments, load_engine
+from workbench.cli.launch import add_process_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
+    add_process_arguments(parser)
     group = parser.add_argument_group("benchmark")
     group.add_argument("--prompt-length", type=int, default=64, metavar="L", help="tokens per prompt (default 64)")
     group.add_argument("--steps", type=int, default=32, metavar="N", help="timed decode steps (default 32)")

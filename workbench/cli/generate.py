@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 from workbench.cli.common import CliError, add_engine_arguments, load_engine
+from workbench.cli.launch import add_process_arguments
 
 
 class _AddRequest(argparse.Action):
@@ -43,6 +44,7 @@ def parse_ids(text: str) -> list[int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
+    add_process_arguments(parser)
     requests = parser.add_argument_group("requests")
     requests.add_argument("--prompt", dest="requests", action=_AddRequest, const="text", metavar="TEXT",
                           help="repeatable; each is one request")

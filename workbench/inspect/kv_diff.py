@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from workbench.distributed import host_value, spans_processes
 from workbench.engine import DecodeState, Prefix
 from workbench.inspect.kv_report import kv_source
 from workbench.inspect.report import Column, Report, Table, fmt_int, fmt_ranges, nbytes
@@ -39,7 +40,7 @@ def snapshot(tree: T) -> T:
             raise ValueError("cannot snapshot a donated (deleted) array: snapshot the state before insert/generate")
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             x = jax.random.key_data(x)
-        return np.array(x, copy=True)
+        return np.array(host_value(x), copy=True)  # an array spanning processes is gathered (a collective)
 
     return jax.tree.map(copy, tree)
 
@@ -148,11 +149,15 @@ def kv_cache_diff(
     """What changed from ``before`` to ``after`` (two decode states, prefixes or cache dicts).
 
     ``before`` must still be readable: since insert/generate donate the decode state, pass
-    ``snapshot(state)`` taken before the call.
+    ``snapshot(state)`` taken before the call. Caches on devices of several processes are
+    compared as snapshots: ``snapshot`` gathers them, on every process at once.
 
     ``atol``: a K/V row counts as changed when some key or value element differs by more than
     this. Keep 0 where the engine copies bits (insert copies a prefix); use a tolerance such as
     1e-5 to compare caches computed by different shapes or code paths, whose float32 sums round
     differently on different CPUs.
     """
+    if spans_processes((before, after)):
+        raise ValueError("these caches span the devices of several processes: diff inspect.snapshot()s of "
+                         "them, taken on every process (snapshot gathers each array, a collective)")
     return KVCacheDiff(before, after, atol=atol)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from workbench.checks import check_not_donated, is_int
+from workbench.distributed import host_value, spans_processes
 from workbench.engine import DecodeState, Prefix
 from workbench.inspect import plots
 from workbench.inspect.report import Column, Report, Table, fmt_bytes, fmt_float, fmt_int, nbytes, plural
@@ -75,9 +76,9 @@ def kv_source(obj: Any, *, role: str = "input") -> KVSource:
         )
     next_positions = active = None
     if kind == "decode state":
-        next_positions, active = np.asarray(obj.positions).astype(int), np.asarray(obj.active).astype(bool)
+        next_positions, active = host_value(obj.positions).astype(int), host_value(obj.active).astype(bool)
     elif kind == "prefix":
-        next_positions = np.asarray(obj.length, dtype=int).reshape(1)
+        next_positions = host_value(obj.length).astype(int).reshape(1)
     return KVSource(kind, tuple(order), keys, values, next_positions, active)
 
 
@@ -117,7 +118,7 @@ def _rows(x: jax.Array, slot: jax.Array, n: int, head: int | None) -> jax.Array:
 
 
 def _read_rows(x: Any, slot: int, n: int, head: int | None) -> np.ndarray:
-    return np.asarray(_rows(x, jnp.int32(slot), _bucket(n, x.shape[1]), head))[:n]
+    return host_value(_rows(x, jnp.int32(slot), _bucket(n, x.shape[1]), head))[:n]
 
 
 def _token_labels(tokens: Tokens | None) -> dict[int | None, list[str]]:
@@ -143,7 +144,7 @@ class KVCacheReport(Report):
     def __init__(self, source: KVSource, tokens: Tokens | None = None):
         self.source = source
         self._labels = _token_labels(tokens)
-        stats = {name: np.asarray(x) for name, x in _stats(source.keys, source.values).items()}  # [L, B]
+        stats = {name: host_value(x) for name, x in _stats(source.keys, source.values).items()}  # [L, B]
         self.stats = stats
         slots, length, heads, dim = source.shape
         dtype = source.keys[0].dtype
@@ -220,7 +221,7 @@ class KVCacheReport(Report):
             if head is not None:
                 raise ValueError("head= picks a head within a layer or slot view: pass layer= or slot= too")
             n = self._positions_shown(range(slots))
-            written = np.asarray(_occupancy(self.source.keys, self.source.values, _bucket(n, length)))[:, :n]
+            written = host_value(_occupancy(self.source.keys, self.source.values, _bucket(n, length)))[:, :n]
             known = self.source.next_positions
             nexts = [None] * slots if known is None else [int(p) for p in known]
             return plots.occupancy(written, nexts, layers=n_layers, title=f"{self.source.kind}: slot occupancy",
@@ -248,11 +249,22 @@ class KVCacheReport(Report):
                               title=f"layer {layer}, slot {slot}, kv head {head}: K and V values")
 
 
-def kv_cache(decode_state_or_prefix: DecodeState | Prefix | dict, *, tokens: Tokens | None = None) -> KVCacheReport:
+def kv_cache(
+    decode_state_or_prefix: DecodeState | Prefix | dict, *, tokens: Tokens | None = None, gather: bool = False
+) -> KVCacheReport:
     """Per layer and slot of a decode state (or prefix, or cache dict, or their snapshots):
     next position, filled positions, NaN/inf counts, max |k| and |v|; ``.plot()`` draws it.
 
     ``tokens`` label the position axis of plots: one sequence for every slot (a prompt's ids,
     or a string, one character per position) or ``{slot: sequence}``.
+
+    A cache on devices of several processes (``workbench.distributed``) needs ``gather=True``,
+    on every process at once: each statistic (and each plot's data) is then a collective.
     """
+    if spans_processes(decode_state_or_prefix) and not gather:
+        raise ValueError(
+            "this cache spans the devices of several processes: call inspect.kv_cache(..., gather=True) on "
+            "every process to gather its statistics (a collective), or read arrays with "
+            "workbench.distributed.host_value"
+        )
     return KVCacheReport(kv_source(decode_state_or_prefix), tokens)

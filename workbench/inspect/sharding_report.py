@@ -129,10 +129,14 @@ class ShardingReport(Report):
                 "max_device_bytes": max(where.bytes_per_device.values()),
                 "device_bytes": sum(where.bytes_per_device.values()),
             })
+        # Which process holds each device: a column of its own once the mesh spans processes.
+        process = {d.id: d.process_index for _, _, s in leaves.values() for d in s.device_set}
+        process.update({d.id: d.process_index for d in ([] if mesh is None else mesh.devices.flat)})
         per_device = []
         for device in device_ids:
             held = [r["bytes_per_device"][device] for r in rows if device in r["bytes_per_device"]]
-            per_device.append({"device": device, "coords": coords[device], "arrays": len(held), "bytes": sum(held)})
+            per_device.append({"device": device, "coords": coords[device], "process": process[device],
+                               "arrays": len(held), "bytes": sum(held)})
         self.per_device = tuple(per_device)
 
         leaf_columns = (
@@ -147,6 +151,8 @@ class ShardingReport(Report):
             Column("arrays", "arrays", str, "right"), Column("bytes", "bytes", fmt_int, "right"),
             Column("bytes", "", fmt_bytes, "right"),
         )
+        if len(set(process.values())) > 1:
+            device_columns = (*device_columns[:2], Column("process", "process", str, "right"), *device_columns[2:])
         total = sum(r["bytes"] for r in rows)
         held = sum(r["device_bytes"] for r in rows)
         where = f"mesh {describe_mesh(mesh)}" if mesh is not None else f"{len(device_ids)} devices"

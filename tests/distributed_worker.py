@@ -1,0 +1,161 @@
+"""One process of the multi-process tests (tests/test_distributed.py); the JAX_* environment
+variables of ``workbench.cli.launch.process_env`` say which.
+
+    python tests/distributed_worker.py run OUT_DIR RESTORE_DIR HF_DIR  # engine, scheduler, checkpoints, inspectors, CLI
+    python tests/distributed_worker.py die OUT_DIR                     # process 1 dies mid-run
+
+``run`` writes ``OUT_DIR/process{i}.npz`` (every process: what it read back on its host),
+saves its params to ``OUT_DIR/saved`` (every process writing its own shards), then runs the
+CLI's ``generate`` after a marker line on stdout. The engine's
+shape and weights are the conftest's shared engine and ``lively_params``, so the pytest process
+can compute the single-process reference itself.
+"""
+
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+import workbench
+from workbench import distributed
+from workbench.engine.scheduler import run_requests
+
+from helpers import lively_arrays  # tests/ is this script's directory, first on sys.path
+
+# The CLI in-process: only process 0 prints, and prints what one process would.
+CLI = ["generate", "--mesh", "data=2,tensor=4", "--decode-batch", "2", "--max-prefill-length", "32",
+       "--max-target-length", "64", "--prompt-ids", "1,2,3", "--prompt", "hi", "--prompt-ids", "9,8,7,6",
+       "--max-new-tokens", "5", "--ignore-eos", "--json"]
+PROMPTS = [[1, 2, 3, 4, 5], [7] * 11, list(range(30, 50)), [200, 3, 99], [5, 6]]
+SAMPLING = workbench.Sampling(temperature=0.9, top_k=20)
+
+
+def engine_on(mesh: dict) -> workbench.Engine:
+    return workbench.Engine(workbench.ModelConfig.tiny(), workbench.make_mesh(mesh),
+                            decode_batch_size=4, max_prefill_length=32, max_target_length=64)
+
+
+def api_steps(engine, params, out: dict) -> None:
+    """prefill three prompts -> insert into slots 0..2 -> six generate steps, greedy."""
+    state = engine.init_decode_state(0)
+    for slot, prompt in enumerate(PROMPTS[:3]):
+        padded, length = engine.pad(prompt)
+        prefix, result = engine.prefill(params=params, padded_tokens=padded, true_length=length)
+        out[f"api/prefill{slot}/data"] = np.asarray(result.data)
+        out[f"api/prefill{slot}/logits"] = np.asarray(result.logits)
+        state = engine.insert(prefix, state, slot)
+    for step in range(6):
+        state, result = engine.generate(params, state)
+        out[f"api/generate{step}/data"] = np.asarray(result.data)
+        out[f"api/generate{step}/logits"] = np.asarray(result.logits)
+    return state
+
+
+def scheduled(engine, params, out: dict) -> None:
+    for name, options in (("greedy", {}), ("sampled", {"sampling": SAMPLING, "seed": 7})):
+        completions = run_requests(engine, params, PROMPTS, max_new_tokens=6, return_logits=True, **options)
+        for i, c in enumerate(completions):
+            out[f"{name}/{i}/tokens"] = np.asarray(c.tokens)
+            out[f"{name}/{i}/logits"] = c.logits
+
+
+def inspectors(engine, params, state, out: dict) -> None:
+    with jax.transfer_guard("disallow"):
+        report = workbench.inspect.state(engine, params, state)
+        sharding = workbench.inspect.sharding(nnx.to_pure_dict(params), engine.mesh)
+        str(report), str(sharding)
+    out["inspect/state_mismatches"] = np.asarray(len(report.mismatches))
+    out["inspect/state_devices"] = np.asarray(sorted({d for r in report.to_rows() for d in r["devices"]}))
+    out["inspect/device_processes"] = np.asarray([r["process"] for r in sharding.per_device])
+    out["inspect/sharding_text"] = np.asarray(str(sharding))
+    try:
+        workbench.inspect.kv_cache(state)
+        out["inspect/kv_refused"] = np.asarray("")
+    except ValueError as error:
+        out["inspect/kv_refused"] = np.asarray(str(error))
+    kv = workbench.inspect.kv_cache(state, gather=True)
+    out["inspect/kv_filled"] = kv.stats["filled"]
+    out["inspect/kv_next"] = np.asarray([r["next_position"] for r in kv.to_rows()])
+    before = workbench.inspect.snapshot(state)  # gathered on every process
+    after, _ = engine.generate(params, state)
+    try:
+        workbench.inspect.kv_cache_diff(before, after)
+        out["inspect/diff_refused"] = np.asarray("")
+    except ValueError as error:
+        out["inspect/diff_refused"] = np.asarray(str(error))
+    out["inspect/diff_changed"] = workbench.inspect.kv_cache_diff(before, workbench.inspect.snapshot(after)).mask
+
+
+def hf_import(hf_dir: str, out: dict) -> None:
+    """A Hugging Face import on fsdp=2 x tensor=4 (the embed axis split between the processes),
+    counting the elements this process reads from the files."""
+    from workbench.checkpoints import hf
+
+    read, original = [], hf.read_region
+
+    def counting(tensor, layout, index, shape):
+        region = original(tensor, layout, index, shape)
+        read.append(region.size)
+        return region
+
+    hf.read_region = counting
+    try:
+        _, params = workbench.load(hf_dir, mesh={"fsdp": 2, "tensor": 4}, decode_batch_size=2,
+                                   max_prefill_length=16, max_target_length=32)
+    finally:
+        hf.read_region = original
+    out["hf_read/elements"] = np.asarray(sum(read))
+    for path, leaf in workbench.engine.engine.leaf_paths(params).items():
+        out[f"hf/{path}"] = distributed.host_value(leaf)
+
+
+def run(out_dir: str, restore_dir: str, hf_dir: str) -> None:
+    engine = engine_on({"data": 2, "tensor": 4})
+    params = engine.load_params(lively_arrays(engine))
+    out = {"devices": np.asarray(jax.device_count()), "local_devices": np.asarray(jax.local_device_count())}
+    state = api_steps(engine, params, out)
+    scheduled(engine, params, out)
+    inspectors(engine, params, state, out)
+    # Orbax across processes: every process writes, and reads, only its own shards.
+    from workbench import checkpoints
+
+    checkpoints.save_checkpoint(os.path.join(out_dir, "saved"), engine.config, params, tokenizer={"type": "bytes"})
+    _, restored = workbench.load(restore_dir, mesh={"data": 2, "tensor": 4}, decode_batch_size=4,
+                                 max_prefill_length=32, max_target_length=64)
+    for path, leaf in workbench.engine.engine.leaf_paths(restored).items():
+        assert leaf.is_fully_addressable == (jax.process_count() == 1), path  # split between the processes
+        out[f"restored/{path}"] = distributed.host_value(leaf)
+    hf_import(hf_dir, out)
+    np.savez(os.path.join(out_dir, f"process{jax.process_index()}.npz"), **out)
+    if jax.process_count() == 1:
+        return
+    from workbench.cli import main
+
+    sys.stdout.flush()
+    print("CLI OUTPUT FOLLOWS", flush=True)  # every process: the test checks that 1 adds nothing after it
+    if main(CLI) != 0:
+        sys.exit(1)
+
+
+def die(out_dir: str) -> None:
+    """Both processes step a sharded computation; process 1 dies after a few steps."""
+    with open(os.path.join(out_dir, f"pid{jax.process_index()}"), "w") as f:
+        f.write(str(os.getpid()))
+    mesh = workbench.make_mesh({"data": 2, "tensor": 4})
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", "tensor"))
+    x = jax.make_array_from_callback((8, 8), sharding, lambda index: np.ones((8, 8), np.float32)[index])
+    step = jax.jit(lambda x: x * 1.0001 + x.sum(), out_shardings=sharding)
+    for i in range(10_000):
+        if i == 5 and jax.process_index() == 1:
+            os._exit(3)
+        x = step(x)
+        distributed.host_value(x.sum())  # a collective every step, as the scheduler's read-back is
+        time.sleep(0.05)
+
+
+if __name__ == "__main__":
+    distributed.initialize()  # from the launcher's environment variables, before JAX starts
+    {"run": run, "die": die}[sys.argv[1]](*sys.argv[2:])
