@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup tour test notebooks lab bench clean
+.PHONY: setup tour test test-browser notebooks lab bench clean
 
 setup: $(STAMP)
 
@@ -17,10 +17,19 @@ $(STAMP): pyproject.toml
 tour: setup  ## the short tour: default model, 8 simulated CPU devices, prefill -> insert -> generate
 	$(PY) -m workbench tour
 
-test: setup  ## ruff (lint, then format check), then the whole suite: unit and parity tests, notebooks under strict nbval
+# The browser test (tests/test_browser.py) drives a system Chromium: Debian's `chromium` package,
+# or the binary named by WORKBENCH_CHROMIUM. Without one it skips, and says so here and in
+# pytest's summary.
+HAVE_CHROMIUM = $(or $(WORKBENCH_CHROMIUM),$(shell command -v chromium || command -v chromium-browser))
+
+test: setup  ## ruff (lint, format check), then the whole suite: unit and parity tests, notebooks under strict nbval and in a browser
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	@$(if $(HAVE_CHROMIUM),,echo "make test: no Chromium, so the browser test will SKIP (Debian: apt-get install chromium)")
 	$(PY) -m pytest
+
+test-browser: setup  ## the notebooks run in JupyterLab and checked in Chromium (fails without a Chromium)
+	WORKBENCH_REQUIRE_BROWSER=1 $(PY) -m pytest tests/test_browser.py
 
 notebooks: setup  ## re-execute every notebook in place and store its outputs (what nbval compares)
 	$(PY) -m jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=600 notebooks/*.ipynb
