@@ -44,10 +44,20 @@ def make_checkpoint(path: Path) -> None:
     c = ModelConfig.llama_56m()
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.embed_dim, intermediate_size=c.mlp_dim,
-        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
-        head_dim=c.head_dim, rope_theta=c.rope_theta, rms_norm_eps=c.norm_eps, max_position_embeddings=4096,
-        tie_word_embeddings=False, bos_token_id=c.bos_id, eos_token_id=c.eos_ids[0], pad_token_id=c.pad_id,
+        vocab_size=c.vocab_size,
+        hidden_size=c.embed_dim,
+        intermediate_size=c.mlp_dim,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim,
+        rope_theta=c.rope_theta,
+        rms_norm_eps=c.norm_eps,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        bos_token_id=c.bos_id,
+        eos_token_id=c.eos_ids[0],
+        pad_token_id=c.pad_id,
     )
     transformers.LlamaForCausalLM(config).save_pretrained(path)
 
@@ -74,8 +84,12 @@ def hf_step_ms(model, batch: int, context: int, steps: int) -> float:
     clock = _StepClock()
     with torch.inference_mode():
         model.generate(
-            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=steps + 1,
-            min_new_tokens=steps + 1, stopping_criteria=StoppingCriteriaList([clock]),
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=steps + 1,
+            min_new_tokens=steps + 1,
+            stopping_criteria=StoppingCriteriaList([clock]),
         )
     return statistics.median(np.diff(clock.times)) * 1e3
 
@@ -139,11 +153,20 @@ def target_rounds(checkpoint: Path, model, steps: int, rounds: int, log) -> tupl
         ours = measure(engine, params, prompt_length=PROMPT, steps=steps)
         theirs = hf_step_ms(model, TARGET_BATCH, PROMPT, steps)
         big = measure(big_engine, big_params, prompt_length=PROMPT, steps=2)
-        rows.append(dict(numpy_gb_per_s=bandwidth, ours=ours.to_dict(), hf_step_ms=theirs,
-                         big_batch_insert_ms=big.insert_ms, load=os.getloadavg()[0]))
-        log(f"round: numpy {bandwidth:.1f} GB/s | ours {ours.generate_step_ms:.2f} ms/step "
+        rows.append(
+            dict(
+                numpy_gb_per_s=bandwidth,
+                ours=ours.to_dict(),
+                hf_step_ms=theirs,
+                big_batch_insert_ms=big.insert_ms,
+                load=os.getloadavg()[0],
+            )
+        )
+        log(
+            f"round: numpy {bandwidth:.1f} GB/s | ours {ours.generate_step_ms:.2f} ms/step "
             f"({ours.achieved_gb_per_s:.2f} GB/s), insert {ours.insert_ms:.3f} ms (batch {BIG_BATCH}: "
-            f"{big.insert_ms:.3f} ms) | transformers {theirs:.2f} ms/step | load {rows[-1]['load']:.2f}")
+            f"{big.insert_ms:.3f} ms) | transformers {theirs:.2f} ms/step | load {rows[-1]['load']:.2f}"
+        )
     compiles = {TARGET_BATCH: dict(engine.compile_counts), BIG_BATCH: dict(big_engine.compile_counts)}
     return rows, parity_error, compiles
 
@@ -162,8 +185,12 @@ def sweeps(checkpoint: Path, model, steps: int, batches, contexts, lengths, log)
         by_batch.append(dict(batch=batch, ours=ours.to_dict(), hf_step_ms=theirs))
         log(f"batch {batch:3d}: ours {ours.generate_step_ms:8.2f} ms/step | transformers {theirs:8.2f} ms/step")
         del engine, params
-    engine, params = workbench.load(checkpoint, decode_batch_size=TARGET_BATCH,
-                                    max_prefill_length=max(contexts + lengths), max_target_length=max(contexts) + steps)
+    engine, params = workbench.load(
+        checkpoint,
+        decode_batch_size=TARGET_BATCH,
+        max_prefill_length=max(contexts + lengths),
+        max_target_length=max(contexts) + steps,
+    )
     by_context = []
     for context in contexts:
         ours = measure(engine, params, prompt_length=context, steps=steps)
@@ -177,8 +204,13 @@ def sweeps(checkpoint: Path, model, steps: int, batches, contexts, lengths, log)
         by_length.append(dict(length=length, ours_prefill_ms=ours.prefill_ms, hf_prefill_ms=theirs))
         log(f"prompt {length:5d}: ours prefill {ours.prefill_ms:8.2f} ms | transformers {theirs:8.2f} ms")
     buckets = sorted({engine.bucket(n) for n in [*contexts, *lengths]})
-    return dict(by_batch=by_batch, by_context=by_context, by_length=by_length,
-                compiles=dict(engine.compile_counts), buckets=buckets)
+    return dict(
+        by_batch=by_batch,
+        by_context=by_context,
+        by_length=by_length,
+        compiles=dict(engine.compile_counts),
+        buckets=buckets,
+    )
 
 
 def targets(rounds: list[dict], compiles: dict, swept: dict) -> list[tuple[str, str, bool]]:
@@ -195,34 +227,65 @@ def targets(rounds: list[dict], compiles: dict, swept: dict) -> list[tuple[str, 
     per_bucket = all(c["prefill"] == 1 for c in compiles.values()) and sweep["prefill"] == len(swept["buckets"])
     runs = len(swept["by_context"]) + len(swept["by_length"])
     return [
-        (f"decode step >= 2x faster than transformers (batch {TARGET_BATCH}, {PROMPT}-token prompts)",
-         f"{speedup:.2f}x ({step:.1f} vs {hf:.1f} ms)", speedup >= 2),
-        ("achieved bandwidth >= 50% of numpy's read bandwidth",
-         f"{100 * fraction:.0f}% ({gb_s:.2f} of {numpy_gb_s:.2f} GB/s)", fraction >= 0.5),
-        (f"insert at batch {BIG_BATCH} <= 1.5x insert at batch {TARGET_BATCH}",
-         f"{insert_ratio:.2f}x ({big_insert:.3f} vs {insert:.3f} ms)", insert_ratio <= 1.5),
-        ("generate compiled once; prefill once per length bucket",
-         f"generate {sweep['generate']} for {runs} runs of one engine; prefill {sweep['prefill']} for buckets "
-         f"{swept['buckets']}", once and per_bucket),
+        (
+            f"decode step >= 2x faster than transformers (batch {TARGET_BATCH}, {PROMPT}-token prompts)",
+            f"{speedup:.2f}x ({step:.1f} vs {hf:.1f} ms)",
+            speedup >= 2,
+        ),
+        (
+            "achieved bandwidth >= 50% of numpy's read bandwidth",
+            f"{100 * fraction:.0f}% ({gb_s:.2f} of {numpy_gb_s:.2f} GB/s)",
+            fraction >= 0.5,
+        ),
+        (
+            f"insert at batch {BIG_BATCH} <= 1.5x insert at batch {TARGET_BATCH}",
+            f"{insert_ratio:.2f}x ({big_insert:.3f} vs {insert:.3f} ms)",
+            insert_ratio <= 1.5,
+        ),
+        (
+            "generate compiled once; prefill once per length bucket",
+            f"generate {sweep['generate']} for {runs} runs of one engine; prefill {sweep['prefill']} for buckets "
+            f"{swept['buckets']}",
+            once and per_bucket,
+        ),
     ]
 
 
 def write_report(out_dir: Path, results: dict, met: list[tuple[str, str, bool]]) -> str:
     swept, rounds = results["sweeps"], results["rounds"]
     by_batch, by_context, by_length = swept["by_batch"], swept["by_context"], swept["by_length"]
-    batches, contexts, lengths = ([p[k] for p in rows] for k, rows in
-                                  [("batch", by_batch), ("context", by_context), ("length", by_length)])
+    batches, contexts, lengths = (
+        [p[k] for p in rows] for k, rows in [("batch", by_batch), ("context", by_context), ("length", by_length)]
+    )
+
     def series(rows: list[dict], ours, theirs) -> dict[str, list[float]]:
         return {"workbench": [ours(p) for p in rows], "transformers": [theirs(p) for p in rows]}
 
     step, hf_step = (lambda p: p["ours"]["generate_step_ms"]), (lambda p: p["hf_step_ms"])
-    plot(out_dir / "step_vs_batch.png", batches, series(by_batch, step, hf_step),
-         "decode batch", "ms per decode step", f"decode step, {PROMPT}-token prompts")
-    plot(out_dir / "step_vs_context.png", contexts, series(by_context, step, hf_step),
-         "context length (prompt tokens)", "ms per decode step", f"decode step, batch {TARGET_BATCH}")
-    plot(out_dir / "prefill_vs_length.png", lengths,
-         series(by_length, lambda p: p["ours_prefill_ms"], lambda p: p["hf_prefill_ms"]),
-         "prompt length", "ms per prefill", "prefill, batch 1")
+    plot(
+        out_dir / "step_vs_batch.png",
+        batches,
+        series(by_batch, step, hf_step),
+        "decode batch",
+        "ms per decode step",
+        f"decode step, {PROMPT}-token prompts",
+    )
+    plot(
+        out_dir / "step_vs_context.png",
+        contexts,
+        series(by_context, step, hf_step),
+        "context length (prompt tokens)",
+        "ms per decode step",
+        f"decode step, batch {TARGET_BATCH}",
+    )
+    plot(
+        out_dir / "prefill_vs_length.png",
+        lengths,
+        series(by_length, lambda p: p["ours_prefill_ms"], lambda p: p["hf_prefill_ms"]),
+        "prompt length",
+        "ms per prefill",
+        "prefill, batch 1",
+    )
     v = results["versions"]
     loads = [r["load"] for r in rounds]
     lines = [
@@ -242,32 +305,43 @@ def write_report(out_dir: Path, results: dict, met: list[tuple[str, str, bool]])
         "",
         "| round | numpy GB/s | workbench ms/step | GB/s | transformers ms/step | insert ms (batch 8 / 64) | load |",
         "|---|---|---|---|---|---|---|",
-        *[f"| {i + 1} | {r['numpy_gb_per_s']:.2f} | {r['ours']['generate_step_ms']:.2f} | "
-          f"{r['ours']['achieved_gb_per_s']:.2f} | {r['hf_step_ms']:.2f} | {r['ours']['insert_ms']:.3f} / "
-          f"{r['big_batch_insert_ms']:.3f} | {r['load']:.2f} |" for i, r in enumerate(rounds)],
+        *[
+            f"| {i + 1} | {r['numpy_gb_per_s']:.2f} | {r['ours']['generate_step_ms']:.2f} | "
+            f"{r['ours']['achieved_gb_per_s']:.2f} | {r['hf_step_ms']:.2f} | {r['ours']['insert_ms']:.3f} / "
+            f"{r['big_batch_insert_ms']:.3f} | {r['load']:.2f} |"
+            for i, r in enumerate(rounds)
+        ],
         "",
         f"## Decode step against decode batch ({PROMPT}-token prompts)",
         "",
         "| batch | workbench ms/step | transformers ms/step | speedup | workbench GB/s | insert ms |",
         "|---|---|---|---|---|---|",
-        *[f"| {p['batch']} | {p['ours']['generate_step_ms']:.2f} | {p['hf_step_ms']:.2f} | "
-          f"{p['hf_step_ms'] / p['ours']['generate_step_ms']:.2f}x | {p['ours']['achieved_gb_per_s']:.2f} | "
-          f"{p['ours']['insert_ms']:.3f} |" for p in by_batch],
+        *[
+            f"| {p['batch']} | {p['ours']['generate_step_ms']:.2f} | {p['hf_step_ms']:.2f} | "
+            f"{p['hf_step_ms'] / p['ours']['generate_step_ms']:.2f}x | {p['ours']['achieved_gb_per_s']:.2f} | "
+            f"{p['ours']['insert_ms']:.3f} |"
+            for p in by_batch
+        ],
         "",
         f"## Decode step against context length (batch {TARGET_BATCH})",
         "",
         "| context | workbench ms/step | transformers ms/step | speedup | workbench GB/s |",
         "|---|---|---|---|---|",
-        *[f"| {p['context']} | {p['ours']['generate_step_ms']:.2f} | {p['hf_step_ms']:.2f} | "
-          f"{p['hf_step_ms'] / p['ours']['generate_step_ms']:.2f}x | {p['ours']['achieved_gb_per_s']:.2f} |"
-          for p in by_context],
+        *[
+            f"| {p['context']} | {p['ours']['generate_step_ms']:.2f} | {p['hf_step_ms']:.2f} | "
+            f"{p['hf_step_ms'] / p['ours']['generate_step_ms']:.2f}x | {p['ours']['achieved_gb_per_s']:.2f} |"
+            for p in by_context
+        ],
         "",
         "## Prefill against prompt length (batch 1)",
         "",
         "| prompt | workbench ms | transformers ms | speedup |",
         "|---|---|---|---|",
-        *[f"| {p['length']} | {p['ours_prefill_ms']:.2f} | {p['hf_prefill_ms']:.2f} | "
-          f"{p['hf_prefill_ms'] / p['ours_prefill_ms']:.2f}x |" for p in by_length],
+        *[
+            f"| {p['length']} | {p['ours_prefill_ms']:.2f} | {p['hf_prefill_ms']:.2f} | "
+            f"{p['hf_prefill_ms'] / p['ours_prefill_ms']:.2f}x |"
+            for p in by_length
+        ],
         "",
         "![step vs batch](step_vs_batch.png) ![step vs context](step_vs_context.png) "
         "![prefill vs length](prefill_vs_length.png)",
@@ -306,8 +380,13 @@ def main(argv: list[str] | None = None) -> int:
 
     met = targets(round_rows, compiles, swept)
     results = dict(
-        rounds=round_rows, parity_max_rel_error=parity_error, steps=steps, sweep_steps=sweep_steps,
-        target_compiles=compiles, sweeps=swept, targets=[dict(target=t, measured=m, met=bool(ok)) for t, m, ok in met],
+        rounds=round_rows,
+        parity_max_rel_error=parity_error,
+        steps=steps,
+        sweep_steps=sweep_steps,
+        target_compiles=compiles,
+        sweeps=swept,
+        targets=[dict(target=t, measured=m, met=bool(ok)) for t, m, ok in met],
         versions=dict(jax=jax.__version__, torch=torch.__version__, transformers=transformers.__version__),
     )
     (args.out_dir / "results.json").write_text(json.dumps(results, indent=1))

@@ -2,9 +2,7 @@
 
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -24,8 +22,11 @@ def engine():
     """The tiny model on data=2 x tensor=4 with 4 slots, shared (with its compiles) by every
     module that does not define an engine of its own shape."""
     return workbench.Engine(
-        workbench.ModelConfig.tiny(), workbench.make_mesh({"data": 2, "tensor": 4}),
-        decode_batch_size=4, max_prefill_length=32, max_target_length=64,
+        workbench.ModelConfig.tiny(),
+        workbench.make_mesh({"data": 2, "tensor": 4}),
+        decode_batch_size=4,
+        max_prefill_length=32,
+        max_target_length=64,
     )
 
 

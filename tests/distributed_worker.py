@@ -20,22 +20,44 @@ import numpy as np
 from flax import nnx
 
 import workbench
+from helpers import lively_arrays  # tests/ is this script's directory, first on sys.path
 from workbench import distributed
 from workbench.engine.scheduler import run_requests
 
-from helpers import lively_arrays  # tests/ is this script's directory, first on sys.path
-
 # The CLI in-process: only process 0 prints, and prints what one process would.
-CLI = ["generate", "--mesh", "data=2,tensor=4", "--decode-batch", "2", "--max-prefill-length", "32",
-       "--max-target-length", "64", "--prompt-ids", "1,2,3", "--prompt", "hi", "--prompt-ids", "9,8,7,6",
-       "--max-new-tokens", "5", "--ignore-eos", "--json"]
+CLI = [
+    "generate",
+    "--mesh",
+    "data=2,tensor=4",
+    "--decode-batch",
+    "2",
+    "--max-prefill-length",
+    "32",
+    "--max-target-length",
+    "64",
+    "--prompt-ids",
+    "1,2,3",
+    "--prompt",
+    "hi",
+    "--prompt-ids",
+    "9,8,7,6",
+    "--max-new-tokens",
+    "5",
+    "--ignore-eos",
+    "--json",
+]
 PROMPTS = [[1, 2, 3, 4, 5], [7] * 11, list(range(30, 50)), [200, 3, 99], [5, 6]]
 SAMPLING = workbench.Sampling(temperature=0.9, top_k=20)
 
 
 def engine_on(mesh: dict) -> workbench.Engine:
-    return workbench.Engine(workbench.ModelConfig.tiny(), workbench.make_mesh(mesh),
-                            decode_batch_size=4, max_prefill_length=32, max_target_length=64)
+    return workbench.Engine(
+        workbench.ModelConfig.tiny(),
+        workbench.make_mesh(mesh),
+        decode_batch_size=4,
+        max_prefill_length=32,
+        max_target_length=64,
+    )
 
 
 def api_steps(engine, params, out: dict) -> None:
@@ -103,8 +125,9 @@ def hf_import(hf_dir: str, out: dict) -> None:
 
     hf.read_region = counting
     try:
-        _, params = workbench.load(hf_dir, mesh={"fsdp": 2, "tensor": 4}, decode_batch_size=2,
-                                   max_prefill_length=16, max_target_length=32)
+        _, params = workbench.load(
+            hf_dir, mesh={"fsdp": 2, "tensor": 4}, decode_batch_size=2, max_prefill_length=16, max_target_length=32
+        )
     finally:
         hf.read_region = original
     out["hf_read/elements"] = np.asarray(sum(read))
@@ -123,8 +146,9 @@ def run(out_dir: str, restore_dir: str, hf_dir: str) -> None:
     from workbench import checkpoints
 
     checkpoints.save_checkpoint(os.path.join(out_dir, "saved"), engine.config, params, tokenizer={"type": "bytes"})
-    _, restored = workbench.load(restore_dir, mesh={"data": 2, "tensor": 4}, decode_batch_size=4,
-                                 max_prefill_length=32, max_target_length=64)
+    _, restored = workbench.load(
+        restore_dir, mesh={"data": 2, "tensor": 4}, decode_batch_size=4, max_prefill_length=32, max_target_length=64
+    )
     for path, leaf in workbench.engine.engine.leaf_paths(restored).items():
         assert leaf.is_fully_addressable == (jax.process_count() == 1), path  # split between the processes
         out[f"restored/{path}"] = distributed.host_value(leaf)

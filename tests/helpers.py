@@ -17,8 +17,12 @@ from safetensors.numpy import save_file
 import workbench
 
 SHAPE = dict(decode_batch_size=2, max_prefill_length=16, max_target_length=32)
-SMALL = workbench.ModelConfig(vocab_size=96, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-                              mlp_dim=48, bos_id=1, eos_ids=(2,))
+# fmt: off
+SMALL = workbench.ModelConfig(
+    vocab_size=96, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48, bos_id=1,
+    eos_ids=(2,),
+)
+# fmt: on
 
 
 def lively_arrays(engine: workbench.Engine, seed: int = 0) -> dict:
@@ -59,7 +63,7 @@ def prefill_chunks(engine, params, tokens):
     """The prefix of ``tokens`` of any length, prefilled in chunks of max_prefill_length."""
     prefix = None
     for start in range(0, len(tokens), engine.max_prefill_length):
-        prefix, _ = prefill(engine, params, tokens[start:start + engine.max_prefill_length], prefix)
+        prefix, _ = prefill(engine, params, tokens[start : start + engine.max_prefill_length], prefix)
     return prefix
 
 
@@ -77,8 +81,10 @@ def pure_numpy(params):
 def hf_tensors(config, pure):
     """Our params in HF's names and layouts ([out, in] projections, heads flattened)."""
     d, n, k, h = config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim
-    tensors = {"model.embed_tokens.weight": pure["embed"]["embedding"],
-               "model.norm.weight": pure["final_norm"]["scale"]}
+    tensors = {
+        "model.embed_tokens.weight": pure["embed"]["embedding"],
+        "model.norm.weight": pure["final_norm"]["scale"],
+    }
     if not config.tie_embeddings:
         tensors["lm_head.weight"] = pure["lm_head"].T
     for i, layer in pure["layers"].items():
@@ -102,11 +108,21 @@ def hf_tensors(config, pure):
 def hf_config(config, dtype="float32", **changes):
     return {
         "architectures": ["Qwen2ForCausalLM" if config.qkv_bias else "LlamaForCausalLM"],
-        "vocab_size": config.vocab_size, "hidden_size": config.embed_dim, "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
-        "head_dim": config.head_dim, "intermediate_size": config.mlp_dim, "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_theta, "tie_word_embeddings": config.tie_embeddings, "hidden_act": "silu",
-        "torch_dtype": dtype, "bos_token_id": config.bos_id, "eos_token_id": list(config.eos_ids), **changes,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.embed_dim,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "intermediate_size": config.mlp_dim,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "tie_word_embeddings": config.tie_embeddings,
+        "hidden_act": "silu",
+        "torch_dtype": dtype,
+        "bos_token_id": config.bos_id,
+        "eos_token_id": list(config.eos_ids),
+        **changes,
     }
 
 

@@ -16,10 +16,30 @@ from workbench.bench import bytes_per_step
 from workbench.cli import main
 from workbench.trees import buffer_pointers
 
-KEYS = {"prefill_ms", "insert_ms", "generate_step_ms", "decode_tokens_per_s", "bytes_per_step",
-        "achieved_gb_per_s", "compiles"}
-ARGS = ["bench", "--decode-batch", "4", "--prompt-length", "20", "--steps", "3", "--max-target-length", "64",
-        "--max-prefill-length", "32", "--mesh", "data=2,tensor=2"]
+KEYS = {
+    "prefill_ms",
+    "insert_ms",
+    "generate_step_ms",
+    "decode_tokens_per_s",
+    "bytes_per_step",
+    "achieved_gb_per_s",
+    "compiles",
+}
+ARGS = [
+    "bench",
+    "--decode-batch",
+    "4",
+    "--prompt-length",
+    "20",
+    "--steps",
+    "3",
+    "--max-target-length",
+    "64",
+    "--max-prefill-length",
+    "32",
+    "--mesh",
+    "data=2,tensor=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +74,9 @@ def test_table_goes_to_stderr(bench_run):
 @pytest.mark.parametrize("tied", [True, False])
 def test_bytes_per_step_by_hand(tied):
     config = workbench.ModelConfig.tiny(tie_embeddings=tied)
-    engine = workbench.Engine(config, workbench.make_mesh({"data": 1}), decode_batch_size=4,
-                              max_prefill_length=16, max_target_length=32)
+    engine = workbench.Engine(
+        config, workbench.make_mesh({"data": 1}), decode_batch_size=4, max_prefill_length=16, max_target_length=32
+    )
     params = engine.abstract_params  # shapes and dtypes are all the count needs
     d, kv_per_token = config.embed_dim, config.num_layers * 2 * config.num_kv_heads * config.head_dim * 4
     weights = config.num_params() * 4
@@ -64,11 +85,14 @@ def test_bytes_per_step_by_hand(tied):
     assert bytes_per_step(engine, params, cached_tokens=10.5) == weights + 4 * 10.5 * kv_per_token
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--prompt-length", "40"], "exceeds max_prefill_length"),
-    (["--steps", "60"], "exceeds max_target_length"),
-    (["--steps", "0"], "steps must be a positive int, got 0"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--prompt-length", "40"], "exceeds max_prefill_length"),
+        (["--steps", "60"], "exceeds max_target_length"),
+        (["--steps", "0"], "steps must be a positive int, got 0"),
+    ],
+)
 def test_bad_input_is_one_line(flags, message, capsys):
     assert main([*ARGS, *flags]) == 2
     err = capsys.readouterr().err.strip()
@@ -79,8 +103,13 @@ def test_bad_input_is_one_line(flags, message, capsys):
 def test_decode_state_is_updated_in_place(mesh):
     """Donation at work: insert, generate and free write into the very buffers of the KV cache
     they were given, on every device, instead of copying every slot's cache on every call."""
-    engine = workbench.Engine(workbench.ModelConfig.tiny(), workbench.make_mesh(mesh), decode_batch_size=4,
-                              max_prefill_length=16, max_target_length=64)
+    engine = workbench.Engine(
+        workbench.ModelConfig.tiny(),
+        workbench.make_mesh(mesh),
+        decode_batch_size=4,
+        max_prefill_length=16,
+        max_target_length=64,
+    )
     params = engine.load_params()
 
     def buffers(state):

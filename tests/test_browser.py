@@ -83,7 +83,8 @@ def _configure(config: Path, settings: Path) -> None:
         path.write_text(json.dumps(values))
     (config / "labconfig").mkdir()
     (config / "labconfig" / "page_config.json").write_text(
-        json.dumps({"disabledExtensions": {"@jupyterlab/debugger-extension": True}}))
+        json.dumps({"disabledExtensions": {"@jupyterlab/debugger-extension": True}})
+    )
 
 
 class Lab:
@@ -98,17 +99,29 @@ class Lab:
             shutil.copy(Path(__file__).parents[1] / "notebooks" / name, self.notebooks / name)
         (root / "data").mkdir()
         env = dict(os.environ, JUPYTER_DATA_DIR=str(root / "data"))
-        for var, sub in [("JUPYTER_RUNTIME_DIR", "runtime"), ("JUPYTER_CONFIG_DIR", "config"),
-                         ("JUPYTERLAB_SETTINGS_DIR", "settings"),
-                         ("JUPYTERLAB_WORKSPACES_DIR", "workspaces"), ("IPYTHONDIR", "ipython")]:
+        for var, sub in [
+            ("JUPYTER_RUNTIME_DIR", "runtime"),
+            ("JUPYTER_CONFIG_DIR", "config"),
+            ("JUPYTERLAB_SETTINGS_DIR", "settings"),
+            ("JUPYTERLAB_WORKSPACES_DIR", "workspaces"),
+            ("IPYTHONDIR", "ipython"),
+        ]:
             env[var] = str(root / sub)
             (root / sub).mkdir()
         _configure(root / "config", root / "settings")
         args = [
-            sys.executable, "-m", "jupyter", "lab", "--no-browser",
-            "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
-            f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={self.notebooks}",
-            "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=None",
+            sys.executable,
+            "-m",
+            "jupyter",
+            "lab",
+            "--no-browser",
+            "--ServerApp.ip=127.0.0.1",
+            f"--ServerApp.port={self.port}",
+            "--ServerApp.port_retries=0",
+            f"--IdentityProvider.token={self.token}",
+            f"--ServerApp.root_dir={self.notebooks}",
+            "--LabApp.expose_app_in_browser=True",
+            "--LabApp.news_url=None",
             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
             "--LabApp.extension_manager=readonly",
         ]
@@ -116,8 +129,9 @@ class Lab:
             args.append("--allow-root")  # CI runs as root
         self.log = root / "jupyterlab.log"
         with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(args, cwd=self.notebooks, env=env, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(
+                args, cwd=self.notebooks, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self._wait_until_up()
 
     def _wait_until_up(self) -> None:
@@ -198,9 +212,13 @@ class Browser:
         self.page.evaluate(
             f"""(arg) => {{
                 window.__wbResult = undefined;
-                ({script})(arg).then(value => {{ window.__wbResult = {{ok: true, value}}; }},
-                                     error => {{ window.__wbResult = {{ok: false, error: String(error && error.stack || error)}}; }});
-            }}""", arg)
+                const failed = error => {{
+                    window.__wbResult = {{ok: false, error: String(error && error.stack || error)}};
+                }};
+                ({script})(arg).then(value => {{ window.__wbResult = {{ok: true, value}}; }}, failed);
+            }}""",
+            arg,
+        )
         self.page.wait_for_function("window.__wbResult !== undefined", timeout=timeout_s * 1000, polling=250)
         result = self.page.evaluate("window.__wbResult")
         if not result["ok"]:
@@ -280,7 +298,8 @@ class Notebook:
         # "Error displaying widget: model not found": jupyterlab_widgets' doing, not ours.)
         try:
             browser.page.wait_for_function(
-                "node => !node.textContent.includes('Loading widget...')", arg=self.node.element_handle())
+                "node => !node.textContent.includes('Loading widget...')", arg=self.node.element_handle()
+            )
         except PlaywrightTimeout:
             pass  # the test says what is wrong
         self.text_on_opening = self.text()
@@ -318,7 +337,7 @@ def run_notebook(browser) -> Any:
     opened: dict[str, Notebook] = {}
 
     def run(name: str) -> Notebook:
-        following = NOTEBOOKS[NOTEBOOKS.index(name) + 1:]
+        following = NOTEBOOKS[NOTEBOOKS.index(name) + 1 :]
         for path in [name, *following[:1]]:
             if path not in opened:
                 opened[path] = Notebook(browser, path)
@@ -334,7 +353,8 @@ def _png_of(element: Any) -> bytes:
 
 def _wait_loaded(images: Any) -> None:
     images.first.page.wait_for_function(
-        "imgs => imgs.every(img => img.complete && img.naturalWidth > 0)", arg=images.element_handles())
+        "imgs => imgs.every(img => img.complete && img.naturalWidth > 0)", arg=images.element_handles()
+    )
 
 
 def _redraws(browser: Browser, images: list[Any], action: Any, name: str) -> None:
@@ -411,7 +431,10 @@ def test_kv_cache_explorer_controls_redraw_the_cache(run_notebook, browser):
     widget = nb.output("KVCacheExplorer(").locator(".widget-vbox").first
     widget.scroll_into_view_if_needed()
     buttons = {name: widget.get_by_role("button", name=name, exact=True) for name in ("prefill", "insert", "generate")}
-    sliders = {name: _slider(widget, label) for name, label in [("layer", "layer"), ("slot", "slot"), ("head", "head (-1 all)")]}
+    sliders = {
+        name: _slider(widget, label)
+        for name, label in [("layer", "layer"), ("slot", "slot"), ("head", "head (-1 all)")]
+    }
     for control in [*buttons.values(), *sliders.values()]:
         expect(control).to_be_visible()
     status, diff = widget.locator(".widget-html").nth(0), widget.locator(".widget-html").nth(1)

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 import workbench
-from helpers import SHAPE, SMALL, hf_config, lively_params, pure_numpy, write_hf
+from helpers import SHAPE, SMALL, engine_for, hf_config, lively_params, pure_numpy, write_hf
 from workbench.checkpoints import ByteTokenizer, config_from_hf, hf, save_checkpoint
 from workbench.trees import leaf_paths
 
@@ -34,8 +34,12 @@ def saved(tmp_path_factory):
     """Lively tiny() params saved from a data=1,tensor=8 mesh."""
     engine = engine_for(workbench.ModelConfig.tiny(), {"data": 1, "tensor": 8})
     params = lively_params(engine)
-    path = save_checkpoint(tmp_path_factory.mktemp("orbax") / "ckpt", engine.config, params,
-                           tokenizer=ByteTokenizer.for_config(engine.config))
+    path = save_checkpoint(
+        tmp_path_factory.mktemp("orbax") / "ckpt",
+        engine.config,
+        params,
+        tokenizer=ByteTokenizer.for_config(engine.config),
+    )
     return path, pure_numpy(params)
 
 
@@ -165,9 +169,20 @@ def test_hf_progress_bar(hf_case, capsys):
 
 
 def test_hf_config_features():
-    llama3 = config_from_hf(hf_config(SMALL, "bfloat16", rope_theta=500000.0, rope_scaling={  # before transformers 5
-        "type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192}))
+    llama3 = config_from_hf(
+        hf_config(
+            SMALL,
+            "bfloat16",
+            rope_theta=500000.0,
+            rope_scaling={  # before transformers 5
+                "type": "llama3",
+                "factor": 32.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+        )
+    )
     assert llama3.rope_theta == 500000.0 and llama3.rope_scaling.factor == 32.0 and llama3.dtype == "bfloat16"
     mistral = config_from_hf(hf_config(SMALL, architectures=["MistralForCausalLM"], sliding_window=8))
     assert mistral.sliding_window == 8 and not mistral.qkv_bias
@@ -179,20 +194,30 @@ def test_hf_config_features():
     assert generation.eos_ids == (7,) and generation.pad_id == 0
 
 
-@pytest.mark.parametrize("changes, named", [
-    ({"architectures": ["MixtralForCausalLM"]}, "MixtralForCausalLM"),
-    ({"architectures": None, "model_type": "gemma"}, "gemma"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "rope_type 'yarn'"),
-    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_type 'dynamic'"),
-    ({"attention_bias": True}, "attention_bias"),
-    ({"mlp_bias": True}, "mlp_bias"),
-    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
-    ({"num_local_experts": 8}, "mixture of experts"),
-    ({"quantization_config": {"quant_method": "gptq"}}, "gptq"),
-    ({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
-     "some layers only"),
-    ({"torch_dtype": "int8"}, "dtype 'int8'"),
-])
+@pytest.mark.parametrize(
+    "changes, named",
+    [
+        ({"architectures": ["MixtralForCausalLM"]}, "MixtralForCausalLM"),
+        ({"architectures": None, "model_type": "gemma"}, "gemma"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "rope_type 'yarn'"),
+        ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_type 'dynamic'"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+        ({"num_local_experts": 8}, "mixture of experts"),
+        ({"quantization_config": {"quant_method": "gptq"}}, "gptq"),
+        (
+            {
+                "architectures": ["Qwen2ForCausalLM"],
+                "use_sliding_window": True,
+                "sliding_window": 8,
+                "max_window_layers": 1,
+            },
+            "some layers only",
+        ),
+        ({"torch_dtype": "int8"}, "dtype 'int8'"),
+    ],
+)
 def test_hf_unsupported_features_are_named(changes, named):
     with pytest.raises(ValueError, match=f"unsupported.*{named}"):
         config_from_hf(hf_config(SMALL, **changes))

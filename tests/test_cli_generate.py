@@ -19,8 +19,7 @@ from workbench.checkpoints import ByteTokenizer, save_checkpoint
 from workbench.cli import main
 from workbench.engine.scheduler import run_requests
 
-ENGINE = ["--mesh", "data=2,tensor=2", "--decode-batch", "2", "--max-prefill-length", "16",
-          "--max-target-length", "64"]
+ENGINE = ["--mesh", "data=2,tensor=2", "--decode-batch", "2", "--max-prefill-length", "16", "--max-target-length", "64"]
 REQUESTS = ["--prompt", "def f(x):", "--prompt-ids", "72,101,108,108,111", "--prompt", "import os, sys\nfrom "]
 PROMPT_IDS = [list(b"def f(x):"), [72, 101, 108, 108, 111], list(b"import os, sys\nfrom ")]
 
@@ -28,8 +27,13 @@ PROMPT_IDS = [list(b"def f(x):"), [72, 101, 108, 108, 111], list(b"import os, sy
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """Lively tiny() weights (the default model may be random and dull) with the bytes tokenizer."""
-    engine = workbench.Engine(workbench.ModelConfig.tiny(), workbench.make_mesh({"data": 1}), decode_batch_size=1,
-                              max_prefill_length=16, max_target_length=64)
+    engine = workbench.Engine(
+        workbench.ModelConfig.tiny(),
+        workbench.make_mesh({"data": 1}),
+        decode_batch_size=1,
+        max_prefill_length=16,
+        max_target_length=64,
+    )
     path = tmp_path_factory.mktemp("cli") / "lively"
     return save_checkpoint(path, engine.config, lively_params(engine), tokenizer=ByteTokenizer())
 
@@ -42,8 +46,9 @@ def generate(capsys, *args):
 
 @pytest.fixture(scope="module")
 def oracle(checkpoint):
-    engine, params = workbench.load(checkpoint, mesh={"data": 2, "tensor": 2}, decode_batch_size=2,
-                                    max_prefill_length=16, max_target_length=64)
+    engine, params = workbench.load(
+        checkpoint, mesh={"data": 2, "tensor": 2}, decode_batch_size=2, max_prefill_length=16, max_target_length=64
+    )
 
     def rows(prompt, tokens):  # the forward pass's logits rows the generated tokens come from
         return np.asarray(engine.forward(params, np.array([prompt + tokens[:-1]])))[0, len(prompt) - 1 :]
@@ -56,8 +61,20 @@ def json_run(checkpoint):
     """One --json --return-logits run, shared (a module fixture cannot use capsys: capture by hand)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["generate", "--checkpoint", str(checkpoint), *ENGINE, *REQUESTS, "--max-new-tokens", "6",
-                     "--ignore-eos", "--json", "--return-logits"])
+        code = main(
+            [
+                "generate",
+                "--checkpoint",
+                str(checkpoint),
+                *ENGINE,
+                *REQUESTS,
+                "--max-new-tokens",
+                "6",
+                "--ignore-eos",
+                "--json",
+                "--return-logits",
+            ]
+        )
     return code, json.loads(out.getvalue()), err.getvalue()
 
 
@@ -81,8 +98,9 @@ def test_json_requests_match_the_forward_oracle(json_run, oracle):
 
 def test_text_streams_in_input_order(capsys, checkpoint, json_run):
     _, report, _ = json_run
-    code, out, err = generate(capsys, "--checkpoint", str(checkpoint), *ENGINE, *REQUESTS, "--max-new-tokens", "6",
-                              "--ignore-eos")
+    code, out, err = generate(
+        capsys, "--checkpoint", str(checkpoint), *ENGINE, *REQUESTS, "--max-new-tokens", "6", "--ignore-eos"
+    )
     assert code == 0
     blocks = [
         f"=== request {i} ===\n{bytes(r['prompt_ids']).decode()}{r['text']}\n[6 tokens, max_new_tokens]\n"
@@ -93,24 +111,57 @@ def test_text_streams_in_input_order(capsys, checkpoint, json_run):
 
 
 def test_sampling_flags_and_seed(capsys, checkpoint, oracle):
-    code, out, _ = generate(capsys, "--checkpoint", str(checkpoint), *ENGINE, *REQUESTS, "--max-new-tokens", "5",
-                            "--ignore-eos", "--json", "--top-k", "40", "--seed", "1")
+    code, out, _ = generate(
+        capsys,
+        "--checkpoint",
+        str(checkpoint),
+        *ENGINE,
+        *REQUESTS,
+        "--max-new-tokens",
+        "5",
+        "--ignore-eos",
+        "--json",
+        "--top-k",
+        "40",
+        "--seed",
+        "1",
+    )
     assert code == 0
     report = json.loads(out)
     assert report["sampling"] == {"temperature": 1.0, "top_k": 40, "top_p": 1.0, "seed": 1}
     engine, params, _ = oracle
 
     def sampled(seed):  # the same requests through the scheduler API
-        return [c.tokens for c in run_requests(engine, params, PROMPT_IDS, max_new_tokens=5, ignore_eos=True,
-                                               sampling=workbench.Sampling(temperature=1.0, top_k=40), seed=seed)]
+        return [
+            c.tokens
+            for c in run_requests(
+                engine,
+                params,
+                PROMPT_IDS,
+                max_new_tokens=5,
+                ignore_eos=True,
+                sampling=workbench.Sampling(temperature=1.0, top_k=40),
+                seed=seed,
+            )
+        ]
 
     assert [r["tokens"] for r in report["requests"]] == sampled(1) != sampled(2)
 
 
 def test_max_new_tokens_past_the_target_length_is_clipped(capsys, checkpoint):
     prompt = list(range(40, 100))  # 60 of the 64 positions
-    code, out, err = generate(capsys, "--checkpoint", str(checkpoint), *ENGINE, "--prompt-ids",
-                              ",".join(map(str, prompt)), "--max-new-tokens", "10", "--ignore-eos", "--json")
+    code, out, err = generate(
+        capsys,
+        "--checkpoint",
+        str(checkpoint),
+        *ENGINE,
+        "--prompt-ids",
+        ",".join(map(str, prompt)),
+        "--max-new-tokens",
+        "10",
+        "--ignore-eos",
+        "--json",
+    )
     assert code == 0
     assert err.startswith("warning: request 0: --max-new-tokens 10 clipped to 4")
     (request,) = json.loads(out)["requests"]
@@ -131,31 +182,36 @@ def bad_checkpoints(tmp: Path, checkpoint: Path) -> dict[str, Path]:
     return {"missing": tmp / "missing", "hf": tmp / "hf", "orbax": tmp / "orbax", "untokenized": untokenized}
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--prompt-ids", "1,x"], "malformed ids '1,x'"),
-    (["--prompt-ids", "1,,2"], "malformed ids"),
-    (["--prompt-ids", "1,400"], "request 0: token id 400 is outside the vocabulary (0..383)"),
-    (["--prompt", "ok", "--prompt-ids", "-1"], "request 1: token id -1 is outside the vocabulary"),
-    (["--prompt", ""], "request 0: empty prompt"),
-    (["--prompt-ids", ""], "empty prompt"),
-    ([], "give at least one --prompt or --prompt-ids"),
-    (["--prompt", "x", "--checkpoint", "{missing}"], "does not exist"),
-    (["--prompt", "x", "--checkpoint", "{hf}"], "corrupt Hugging Face checkpoint"),
-    (["--prompt", "x", "--checkpoint", "{orbax}"], "corrupt workbench checkpoint"),
-    (["--prompt", "x", "--checkpoint", "{untokenized}"], "no tokenizer; give --prompt-ids"),
-    (["--prompt", "x", "--mesh", "data=16"], "needs 16 devices but only 8 exist"),
-    (["--prompt", "x", "--mesh", "data=2,tensor=3"], "tensor axis (3) does not divide the model's 8 heads"),
-    (["--prompt", "x", "--mesh", "data=two"], "malformed mesh"),
-    (["--prompt", "x", "--mesh", "rows=2"], "unknown mesh axis 'rows'"),
-    (["--prompt-ids", ",".join(["7"] * 70)], "request 0: prompt of 70 tokens leaves no room to generate within "
-                                             "max_target_length (64)"),
-    (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be positive"),
-    (["--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
-    (["--prompt", "x", "--top-p", "1.5"], "top_p must be in (0, 1]"),
-    (["--prompt", "x", "--return-logits"], "--return-logits needs --json"),
-    (["--prompt", "x", "--dtype", "float16"], "invalid choice: 'float16'"),
-    (["--prompt", "x", "--decode-batch", "0"], "decode_batch_size must be a positive int, got 0"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt-ids", "1,x"], "malformed ids '1,x'"),
+        (["--prompt-ids", "1,,2"], "malformed ids"),
+        (["--prompt-ids", "1,400"], "request 0: token id 400 is outside the vocabulary (0..383)"),
+        (["--prompt", "ok", "--prompt-ids", "-1"], "request 1: token id -1 is outside the vocabulary"),
+        (["--prompt", ""], "request 0: empty prompt"),
+        (["--prompt-ids", ""], "empty prompt"),
+        ([], "give at least one --prompt or --prompt-ids"),
+        (["--prompt", "x", "--checkpoint", "{missing}"], "does not exist"),
+        (["--prompt", "x", "--checkpoint", "{hf}"], "corrupt Hugging Face checkpoint"),
+        (["--prompt", "x", "--checkpoint", "{orbax}"], "corrupt workbench checkpoint"),
+        (["--prompt", "x", "--checkpoint", "{untokenized}"], "no tokenizer; give --prompt-ids"),
+        (["--prompt", "x", "--mesh", "data=16"], "needs 16 devices but only 8 exist"),
+        (["--prompt", "x", "--mesh", "data=2,tensor=3"], "tensor axis (3) does not divide the model's 8 heads"),
+        (["--prompt", "x", "--mesh", "data=two"], "malformed mesh"),
+        (["--prompt", "x", "--mesh", "rows=2"], "unknown mesh axis 'rows'"),
+        (
+            ["--prompt-ids", ",".join(["7"] * 70)],
+            "request 0: prompt of 70 tokens leaves no room to generate within max_target_length (64)",
+        ),
+        (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be positive"),
+        (["--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
+        (["--prompt", "x", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (["--prompt", "x", "--return-logits"], "--return-logits needs --json"),
+        (["--prompt", "x", "--dtype", "float16"], "invalid choice: 'float16'"),
+        (["--prompt", "x", "--decode-batch", "0"], "decode_batch_size must be a positive int, got 0"),
+    ],
+)
 def test_bad_input_is_one_error_line(capsys, tmp_path_factory, checkpoint, args, message):
     tmp = tmp_path_factory.getbasetemp() / "bad_checkpoints"
     tmp.mkdir(exist_ok=True)
@@ -171,14 +227,31 @@ def test_bad_input_is_one_error_line(capsys, tmp_path_factory, checkpoint, args,
 
 def run_cli(*args):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # only --host-devices sets the count
-    return subprocess.run([sys.executable, "-m", "workbench", "generate", *args], capture_output=True, text=True,
-                          env=env, cwd=Path(__file__).parent.parent, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "workbench", "generate", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).parent.parent,
+        timeout=300,
+    )
 
 
 def test_subprocess_host_devices_and_json(checkpoint, json_run):
     _, report, _ = json_run
-    done = run_cli("--host-devices", "4", "--checkpoint", str(checkpoint), *ENGINE, "--prompt-ids",
-                   "72,101,108,108,111", "--max-new-tokens", "6", "--ignore-eos", "--json")
+    done = run_cli(
+        "--host-devices",
+        "4",
+        "--checkpoint",
+        str(checkpoint),
+        *ENGINE,
+        "--prompt-ids",
+        "72,101,108,108,111",
+        "--max-new-tokens",
+        "6",
+        "--ignore-eos",
+        "--json",
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}

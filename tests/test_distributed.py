@@ -21,14 +21,14 @@ import sys
 import time
 from pathlib import Path
 
+import distributed_worker as worker
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-import distributed_worker as worker
-from helpers import SMALL, engine_for, lively_arrays, write_hf
 import workbench
+from helpers import SMALL, engine_for, lively_arrays, write_hf
 from workbench import checkpoints, distributed
 from workbench.cli import main
 from workbench.cli.launch import free_port, process_env, stop
@@ -47,8 +47,9 @@ class Group:
 
     def start(self, name: str, command: list[str], env: dict | None = None) -> None:
         out, err = open(self.tmp / f"{name}.out", "w"), open(self.tmp / f"{name}.err", "w")
-        self.children[name] = subprocess.Popen(command, env=env, stdout=out, stderr=err, start_new_session=True,
-                                               cwd=Path(__file__).parent.parent)
+        self.children[name] = subprocess.Popen(
+            command, env=env, stdout=out, stderr=err, start_new_session=True, cwd=Path(__file__).parent.parent
+        )
         self.started[name] = time.monotonic()
 
     def start_processes(self, name: str, args: list[str], processes: int, devices: int) -> None:
@@ -84,11 +85,29 @@ def runs(tmp_path_factory, engine, params):
     group = Group(tmp)
     for name, processes, devices in (("two", 2, 4), ("one", 1, 8)):
         (tmp / name).mkdir()
-        group.start_processes(name, ["run", str(tmp / name), str(tmp / "from_4x2"), str(tmp / "hf")],
-                              processes, devices)
+        group.start_processes(
+            name, ["run", str(tmp / name), str(tmp / "from_4x2"), str(tmp / "hf")], processes, devices
+        )
     (tmp / "launched").mkdir()
-    group.start("launched", [sys.executable, "-m", "workbench", "launch", "--processes", "2", "--host-devices", "4",
-                             "--timeout", str(DEADLINE_S), "--", WORKER, "die", str(tmp / "launched")])
+    group.start(
+        "launched",
+        [
+            sys.executable,
+            "-m",
+            "workbench",
+            "launch",
+            "--processes",
+            "2",
+            "--host-devices",
+            "4",
+            "--timeout",
+            str(DEADLINE_S),
+            "--",
+            WORKER,
+            "die",
+            str(tmp / "launched"),
+        ],
+    )
     (tmp / "bare").mkdir()
     group.start_processes("bare", ["die", str(tmp / "bare")], 2, 4)
     try:
@@ -173,8 +192,13 @@ def test_orbax_across_processes_bitwise(runs, results):
     for path, value in want.items():
         np.testing.assert_array_equal(results["two0"][f"restored/{path}"], np.asarray(value), err_msg=path)
     # saved by two processes on 2x4, restored by one on 4x2
-    engine, params = workbench.load(tmp / "two" / "saved", mesh={"data": 4, "tensor": 2}, decode_batch_size=4,
-                                    max_prefill_length=32, max_target_length=64)
+    engine, params = workbench.load(
+        tmp / "two" / "saved",
+        mesh={"data": 4, "tensor": 2},
+        decode_batch_size=4,
+        max_prefill_length=32,
+        max_target_length=64,
+    )
     assert dict(engine.mesh.shape)["data"] == 4
     written = worker.engine_on({"data": 4, "tensor": 2})
     expected = leaf_paths(lively_arrays(written, seed=0))
@@ -267,12 +291,18 @@ def test_host_value_reads_local_arrays():
 
 def test_ctrl_c_stops_every_process(tmp_path):
     script = tmp_path / "sleeper.py"
-    script.write_text("import os, sys, time\n"
-                      "open(os.path.join(sys.argv[1], os.environ['JAX_PROCESS_ID']), 'w').write(str(os.getpid()))\n"
-                      "time.sleep(120)\n")
-    launcher = subprocess.Popen([sys.executable, "-m", "workbench", "launch", "--processes", "2", "--", str(script),
-                                 str(tmp_path)], stderr=subprocess.PIPE, text=True, start_new_session=True,
-                                cwd=Path(__file__).parent.parent)
+    script.write_text(
+        "import os, sys, time\n"
+        "open(os.path.join(sys.argv[1], os.environ['JAX_PROCESS_ID']), 'w').write(str(os.getpid()))\n"
+        "time.sleep(120)\n"
+    )
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "workbench", "launch", "--processes", "2", "--", str(script), str(tmp_path)],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        cwd=Path(__file__).parent.parent,
+    )
     try:
         deadline = time.monotonic() + 120
         while not all((tmp_path / str(i)).exists() for i in range(2)):

@@ -31,22 +31,41 @@ from workbench.engine.scheduler import run_requests
 
 VOCAB, NEW_TOKENS, SLOTS, PREFILL, TARGET = 128, 8, 2, 8, 64
 COMMON = dict(
-    vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, bos_token_id=1, eos_token_id=2, max_position_embeddings=256,
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    bos_token_id=1,
+    eos_token_id=2,
+    max_position_embeddings=256,
     initializer_range=0.3,  # 0.02 makes a random model repeat one token: the comparison would be weak
     attn_implementation="eager",
 )
 FAMILIES = {
     # low/high wavelengths 16 and 4 put head_dim 16's frequencies in all three Llama-3 regions.
-    "llama": (LlamaConfig, LlamaForCausalLM, dict(rope_scaling={
-        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 16})),
+    "llama": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        dict(
+            rope_scaling={
+                "rope_type": "llama3",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            }
+        ),
+    ),
     "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=6)),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
 }
 PROMPTS = [np.random.default_rng(seed).integers(3, VOCAB, size=n).tolist() for seed, n in enumerate((3, 11, 19, 26))]
-ENGINE = dict(mesh={"data": 2, "tensor": 2}, decode_batch_size=SLOTS, max_prefill_length=PREFILL,
-              max_target_length=TARGET)
+ENGINE = dict(
+    mesh={"data": 2, "tensor": 2}, decode_batch_size=SLOTS, max_prefill_length=PREFILL, max_target_length=TARGET
+)
 
 
 def word_tokenizer(path):
@@ -80,8 +99,8 @@ def reference(model, prompt):
     """transformers' greedy tokens, and the uncached forward's logits rows they were chosen from."""
     with torch.no_grad():
         generated = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False)
-        tokens = generated[0, len(prompt):].tolist()
-        rows = model(torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1:].numpy()
+        tokens = generated[0, len(prompt) :].tolist()
+        rows = model(torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1 :].numpy()
     return tokens, rows
 
 
@@ -95,8 +114,7 @@ def assert_rows_close(actual, expected):
 def test_generate_matches_transformers(family):
     path, model = family
     engine, params = workbench.load(path, **ENGINE)
-    completions = run_requests(engine, params, PROMPTS, max_new_tokens=NEW_TOKENS, ignore_eos=True,
-                               return_logits=True)
+    completions = run_requests(engine, params, PROMPTS, max_new_tokens=NEW_TOKENS, ignore_eos=True, return_logits=True)
     varied = 0
     for prompt, completion in zip(PROMPTS, completions):
         tokens, rows = reference(model, prompt)
@@ -111,10 +129,29 @@ def test_cli_matches_transformers(family):
     texts = ["w5 w17 w99 w3", " ".join(f"w{i}" for i in range(40, 60))]  # the second one: 21 tokens
     hf_tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
     requests = [hf_tokenizer(text)["input_ids"] for text in texts] + PROMPTS[2:]
-    args = ["generate", "--checkpoint", str(path), "--mesh", "data=2,tensor=2", "--decode-batch", str(SLOTS),
-            "--max-prefill-length", str(PREFILL), "--max-target-length", str(TARGET), "--prompt", texts[0],
-            "--prompt", texts[1], *(a for p in PROMPTS[2:] for a in ("--prompt-ids", ",".join(map(str, p)))),
-            "--max-new-tokens", str(NEW_TOKENS), "--ignore-eos", "--json", "--return-logits"]
+    args = [
+        "generate",
+        "--checkpoint",
+        str(path),
+        "--mesh",
+        "data=2,tensor=2",
+        "--decode-batch",
+        str(SLOTS),
+        "--max-prefill-length",
+        str(PREFILL),
+        "--max-target-length",
+        str(TARGET),
+        "--prompt",
+        texts[0],
+        "--prompt",
+        texts[1],
+        *(a for p in PROMPTS[2:] for a in ("--prompt-ids", ",".join(map(str, p)))),
+        "--max-new-tokens",
+        str(NEW_TOKENS),
+        "--ignore-eos",
+        "--json",
+        "--return-logits",
+    ]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert main(args) == 0

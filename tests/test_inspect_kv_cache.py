@@ -203,8 +203,12 @@ def test_a_note_flags_writes_that_disagree_with_the_next_position(filled):
 
 def test_diff_tolerance_counts_only_rows_off_by_more_than_atol():
     # Two layers of [2 slots, 8 positions, 2 kv heads, 4 dims], changed by hand: the truth is the list below.
-    before = {"layers": {i: {"attn": {"cache": {"k": np.zeros((2, 8, 2, 4), np.float32),
-                                                "v": np.zeros((2, 8, 2, 4), np.float32)}}} for i in range(2)}}
+    before = {
+        "layers": {
+            i: {"attn": {"cache": {"k": np.zeros((2, 8, 2, 4), np.float32), "v": np.zeros((2, 8, 2, 4), np.float32)}}}
+            for i in range(2)
+        }
+    }
     before["layers"][0]["attn"]["cache"]["k"][1, 2, 0, 0] = np.nan  # NaN in both: not a change
     before["layers"][1]["attn"]["cache"]["v"][0, 6, 1, 3] = np.inf  # inf in both: not a change
     after = jax.tree.map(np.copy, before)

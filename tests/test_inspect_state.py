@@ -113,7 +113,7 @@ def test_text_is_aligned_and_deterministic(engine, params, decode_state):
     lines = text.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("collection  path"))
     shape_at, bytes_end = lines[header].index("shape"), lines[header].index("bytes") + len("bytes")
-    for line in lines[header + 2:]:
+    for line in lines[header + 2 :]:
         if not line:
             break
         assert line[shape_at] == "[", line

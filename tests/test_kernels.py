@@ -28,8 +28,9 @@ def inputs(t: int, dtype: str, seed: int = 0):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("name,queries", [("stacked", 7), ("stacked", 1), ("block_diagonal", 1),
-                                          ("sliced_products", 1)])
+@pytest.mark.parametrize(
+    "name,queries", [("stacked", 7), ("stacked", 1), ("block_diagonal", 1), ("sliced_products", 1)]
+)
 def test_every_variant_equals_the_reference(name, queries, dtype):
     q, k, v, visible = inputs(queries, dtype)
     want = kernels.reference(q, k, v, visible, jnp.dtype(dtype))

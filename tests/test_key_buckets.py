@@ -23,8 +23,13 @@ def test_buckets_double_up_to_the_cache():
 
 @pytest.fixture(scope="module", params=[{"data": 1}, {"data": 2, "tensor": 2}], ids=["1 device", "4 devices"])
 def engine(request):
-    return workbench.Engine(workbench.ModelConfig.tiny(), workbench.make_mesh(request.param), decode_batch_size=2,
-                            max_prefill_length=128, max_target_length=TARGET)
+    return workbench.Engine(
+        workbench.ModelConfig.tiny(),
+        workbench.make_mesh(request.param),
+        decode_batch_size=2,
+        max_prefill_length=128,
+        max_target_length=TARGET,
+    )
 
 
 def test_prefill_and_generate_across_buckets(engine):
@@ -45,5 +50,5 @@ def test_prefill_and_generate_across_buckets(engine):
     for slot, tokens in prompts.items():
         generated, logits = rows[slot]
         full = np.asarray(engine.forward(params, np.array([tokens + generated[:-1]])))[0]
-        assert generated == full[len(tokens) - 1:].argmax(-1).tolist()
-        assert_close(np.stack(logits), full[len(tokens) - 1:])
+        assert generated == full[len(tokens) - 1 :].argmax(-1).tolist()
+        assert_close(np.stack(logits), full[len(tokens) - 1 :])

@@ -22,8 +22,13 @@ VARIANTS = {
 @pytest.mark.parametrize("name", VARIANTS)
 def test_prefill_and_generate_equal_the_uncached_forward(name):
     config = VARIANTS[name]
-    engine = workbench.Engine(config, workbench.make_mesh({"data": 2, "tensor": 4}),
-                              decode_batch_size=2, max_prefill_length=16, max_target_length=32)
+    engine = workbench.Engine(
+        config,
+        workbench.make_mesh({"data": 2, "tensor": 4}),
+        decode_batch_size=2,
+        max_prefill_length=16,
+        max_target_length=32,
+    )
     params = lively_params(engine, seed=1)
     tokens = np.random.default_rng(2).integers(0, 256, size=12).tolist()
     padded, n = engine.pad(tokens)
@@ -44,8 +49,13 @@ def test_sliding_window_changes_what_is_seen():
     tokens = np.random.default_rng(3).integers(0, 256, size=(1, 12))
     logits = {}
     for window in (None, 4):
-        engine = workbench.Engine(ModelConfig.tiny(sliding_window=window), mesh, decode_batch_size=1,
-                                  max_prefill_length=16, max_target_length=16)
+        engine = workbench.Engine(
+            ModelConfig.tiny(sliding_window=window),
+            mesh,
+            decode_batch_size=1,
+            max_prefill_length=16,
+            max_target_length=16,
+        )
         logits[window] = np.asarray(engine.forward(lively_params(engine), tokens))[0]
     # Within the window the two models see the same keys; they are different programs, so equal
     # within float rounding rather than bit for bit.
@@ -58,8 +68,13 @@ def test_bfloat16_runs_close_to_float32():
     tokens = np.random.default_rng(4).integers(0, 256, size=(2, 10))
     out = {}
     for dtype in ("float32", "bfloat16"):
-        engine = workbench.Engine(ModelConfig.tiny(dtype=dtype, param_dtype=dtype), mesh, decode_batch_size=2,
-                                  max_prefill_length=16, max_target_length=16)
+        engine = workbench.Engine(
+            ModelConfig.tiny(dtype=dtype, param_dtype=dtype),
+            mesh,
+            decode_batch_size=2,
+            max_prefill_length=16,
+            max_target_length=16,
+        )
         params = lively_params(engine)
         assert jax.tree.leaves(params)[0].dtype == jnp.dtype(dtype)
         out[dtype] = np.asarray(engine.forward(params, tokens))
@@ -87,18 +102,26 @@ def test_llama3_rope_scaling_matches_the_reference_formula():
 
 def test_param_count_matches_the_config():
     for config in [*VARIANTS.values(), ModelConfig.llama_56m()]:
-        abstract = workbench.Engine(config, workbench.make_mesh({"data": 1}, jax.devices()[:1]), decode_batch_size=1,
-                                    max_prefill_length=8, max_target_length=8).abstract_params
+        abstract = workbench.Engine(
+            config,
+            workbench.make_mesh({"data": 1}, jax.devices()[:1]),
+            decode_batch_size=1,
+            max_prefill_length=8,
+            max_target_length=8,
+        ).abstract_params
         assert sum(int(np.prod(v.shape)) for v in jax.tree.leaves(abstract)) == config.num_params()
     assert 55e6 < ModelConfig.llama_56m().num_params() < 57e6
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"num_kv_heads": 3}, "multiple of num_kv_heads"),
-    ({"dtype": "float16"}, "dtype must be one of"),
-    ({"num_layers": 0}, "num_layers must be a positive int"),
-    ({"sliding_window": 0}, "sliding_window"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"num_kv_heads": 3}, "multiple of num_kv_heads"),
+        ({"dtype": "float16"}, "dtype must be one of"),
+        ({"num_layers": 0}, "num_layers must be a positive int"),
+        ({"sliding_window": 0}, "sliding_window"),
+    ],
+)
 def test_bad_config(changes, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig.tiny(**changes)

@@ -24,6 +24,10 @@ def test_a_notebook_matches_its_stored_outputs_under_a_narrower_isa():
     env["XLA_FLAGS"] = " ".join([*flags, NARROW_ISA])
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", NOTEBOOK],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, f"{NOTEBOOK} under XLA_FLAGS={env['XLA_FLAGS']!r}:\n{run.stdout[-6000:]}"

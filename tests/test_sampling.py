@@ -52,12 +52,15 @@ def test_same_key_same_tokens():
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"temperature": -1.0}, "temperature"),
-    ({"top_k": -2}, "top_k"),
-    ({"top_p": 0.0}, "top_p"),
-    ({"top_p": 1.5}, "top_p"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_k": -2}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+    ],
+)
 def test_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Sampling(**kwargs)
@@ -81,4 +84,3 @@ def test_probabilities_are_what_sample_draws_from():
         np.testing.assert_allclose(np.asarray(probabilities(LOGITS[0], sampling)), p, atol=1e-6)
         kept = set(np.flatnonzero(p))
         assert set(draws(sampling, 100)[:, 0]) <= kept
-

@@ -14,8 +14,13 @@ SLOTS, PREFILL, TARGET = 2, 16, 64
 
 @pytest.fixture(scope="module")
 def engine():
-    return workbench.Engine(workbench.ModelConfig.tiny(), workbench.make_mesh({"data": 2, "tensor": 4}),
-                            decode_batch_size=SLOTS, max_prefill_length=PREFILL, max_target_length=TARGET)
+    return workbench.Engine(
+        workbench.ModelConfig.tiny(),
+        workbench.make_mesh({"data": 2, "tensor": 4}),
+        decode_batch_size=SLOTS,
+        max_prefill_length=PREFILL,
+        max_target_length=TARGET,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +111,12 @@ def test_max_target_length_ends_a_request(engine, params):
 def test_callbacks_stream_every_token_in_order(engine, params, greedy_run):
     _, expected = greedy_run
     streamed, finished = collections.defaultdict(list), []
-    scheduler = Scheduler(engine, params, on_token=lambda r, t: streamed[r.id].append(t),
-                          on_finish=lambda c: finished.append(c.request.id))
+    scheduler = Scheduler(
+        engine,
+        params,
+        on_token=lambda r, t: streamed[r.id].append(t),
+        on_finish=lambda c: finished.append(c.request.id),
+    )
     for p in PROMPTS[:3]:
         scheduler.submit(p, max_new_tokens=7, ignore_eos=True)
     completions = scheduler.run()
@@ -117,21 +126,34 @@ def test_callbacks_stream_every_token_in_order(engine, params, greedy_run):
 
 def test_sampling_repeats_for_a_seed(engine, params):
     def sample(seed):
-        return [c.tokens for c in run_requests(engine, params, PROMPTS[:3], max_new_tokens=6, ignore_eos=True,
-                                               sampling=workbench.Sampling(temperature=1.0), seed=seed)]
+        return [
+            c.tokens
+            for c in run_requests(
+                engine,
+                params,
+                PROMPTS[:3],
+                max_new_tokens=6,
+                ignore_eos=True,
+                sampling=workbench.Sampling(temperature=1.0),
+                seed=seed,
+            )
+        ]
 
     first = sample(1)
     assert first == sample(1)
     assert first != sample(2)
 
 
-@pytest.mark.parametrize("bad, match", [
-    ([], "non-empty"),
-    ([1, 384], "outside the vocabulary"),
-    ([-1], "outside the vocabulary"),
-    (list(range(TARGET)), "no room"),
-    ([1.5], "integer token ids"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ([], "non-empty"),
+        ([1, 384], "outside the vocabulary"),
+        ([-1], "outside the vocabulary"),
+        (list(range(TARGET)), "no room"),
+        ([1.5], "integer token ids"),
+    ],
+)
 def test_bad_requests(engine, params, bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
         Scheduler(engine, params).submit(bad, max_new_tokens=4)

@@ -26,8 +26,12 @@ def tokenizer_file(tmp_path_factory):
     tokenizer = RustTokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(TEXTS * 20 + ["import os\nimport sys\n"] * 20, trainer)
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
@@ -101,8 +105,10 @@ def test_checkpoints_carry_their_tokenizer(tokenizer_file, tmp_path):
     restored, restored_params = workbench.load(saved, **SHAPE)
     assert restored.get_tokenizer().encode(TEXTS[0]) == tokenizer.encode(TEXTS[0])
     assert restored.config.eos_ids == (2, 5, 7)
-    for a, b in zip(nnx.to_pure_dict(restored_params)["layers"][1]["mlp"].values(),
-                    nnx.to_pure_dict(params)["layers"][1]["mlp"].values()):
+    for a, b in zip(
+        nnx.to_pure_dict(restored_params)["layers"][1]["mlp"].values(),
+        nnx.to_pure_dict(params)["layers"][1]["mlp"].values(),
+    ):
         assert np.array_equal(a, b)
 
     (saved / "tokenizer.json").unlink()

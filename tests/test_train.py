@@ -23,10 +23,21 @@ def write(root, relative, text="x = 1\n"):
 
 
 def test_corpus_selection_keeps_library_modules_only(tmp_path):
-    for relative in ["a.py", "pkg/b.py", "pkg/sub/c.py", "notes.txt", "test/test_a.py", "pkg/tests/t.py",
-                     "idlelib/idle_test/x.py", "site-packages/numpy/core.py", "encodings/cp1252.py",
-                     "pydoc_data/topics.py", "config-3.11-x86_64-linux-gnu/python-config.py",
-                     "_sysconfigdata__linux_x86_64-linux-gnu.py", "__pycache__/a.py"]:
+    for relative in [
+        "a.py",
+        "pkg/b.py",
+        "pkg/sub/c.py",
+        "notes.txt",
+        "test/test_a.py",
+        "pkg/tests/t.py",
+        "idlelib/idle_test/x.py",
+        "site-packages/numpy/core.py",
+        "encodings/cp1252.py",
+        "pydoc_data/topics.py",
+        "config-3.11-x86_64-linux-gnu/python-config.py",
+        "_sysconfigdata__linux_x86_64-linux-gnu.py",
+        "__pycache__/a.py",
+    ]:
         write(tmp_path, relative)
     assert train.corpus_files(tmp_path) == ["a.py", "pkg/b.py", "pkg/sub/c.py"]
 
@@ -42,7 +53,7 @@ def test_corpus_streams_are_bos_bytes_eos_per_file_and_split_by_path_hash(tmp_pa
     first = corpus.train_files[0]
     size = 2 * (int(first[1:3]) + 1)
     assert corpus.train[0] == 256 and corpus.train[size + 1] == 257 and corpus.train[size + 2] == 256
-    assert list(corpus.train[1:size + 1]) == list(("é" * (size // 2)).encode())
+    assert list(corpus.train[1 : size + 1]) == list(("é" * (size // 2)).encode())
     assert len(corpus.train) == sum(2 * (int(n[1:3]) + 1) + 2 for n in corpus.train_files)
 
 
@@ -80,8 +91,12 @@ def test_the_last_steps_use_long_windows():
 def test_a_few_steps_lower_the_loss():
     text = np.frombuffer(b"def f(self, x):\n    return self.x + x\n" * 200, np.uint8).astype(np.int32)
     corpus = train.Corpus(text, text[: len(text) // 4], ("a.py",), ("b.py",))
-    config = train.TrainConfig(steps=16, batch_tokens=128, seq_len=16, long_seq_len=16, long_fraction=0.0,
-                               peak_lr=1e-2, warmup_steps=2, log_every=4, eval_windows=4)
+    # fmt: off
+    config = train.TrainConfig(
+        steps=16, batch_tokens=128, seq_len=16, long_seq_len=16, long_fraction=0.0, peak_lr=1e-2, warmup_steps=2,
+        log_every=4, eval_windows=4,
+    )
+    # fmt: on
     params, history = train.train(SMALL, config, corpus, log=lambda line: None)
     assert [row["step"] for row in history] == [4, 8, 12, 16]
     assert history[0]["train_loss"] < math.log(SMALL.vocab_size) + 0.5
@@ -95,8 +110,9 @@ def default_model():
     """The committed default model restored through workbench.checkpoints onto a 2x4 mesh."""
     path = train.DEFAULT_MODEL_DIR
     config = checkpoints.read_config(path)
-    engine = Engine(config, make_mesh({"data": 2, "tensor": 4}), decode_batch_size=2, max_prefill_length=64,
-                    max_target_length=128)
+    engine = Engine(
+        config, make_mesh({"data": 2, "tensor": 4}), decode_batch_size=2, max_prefill_length=64, max_target_length=128
+    )
     target = checkpoints.abstract_target(engine.abstract_params, engine.param_shardings)
     return engine, engine.load_params(checkpoints.restore_params(path, target))
 

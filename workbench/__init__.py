@@ -30,8 +30,23 @@ from workbench.model import ModelConfig, Transformer, preset
 from workbench.sharding import RULES, make_mesh
 
 __all__ = [
-    "GREEDY", "RULES", "Completion", "DecodeState", "Engine", "ModelConfig", "Prefix", "ResultTokens", "Sampling",
-    "Scheduler", "SlotData", "Transformer", "load", "make_mesh", "notebook_setup", "preset", "run_requests",
+    "GREEDY",
+    "RULES",
+    "Completion",
+    "DecodeState",
+    "Engine",
+    "ModelConfig",
+    "Prefix",
+    "ResultTokens",
+    "Sampling",
+    "Scheduler",
+    "SlotData",
+    "Transformer",
+    "load",
+    "make_mesh",
+    "notebook_setup",
+    "preset",
+    "run_requests",
 ]
 
 

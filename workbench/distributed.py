@@ -50,8 +50,7 @@ def is_initialized() -> bool:
     return jax.distributed.is_initialized()
 
 
-def requested(coordinator: str | None = None, num_processes: int | None = None,
-              process_id: int | None = None) -> bool:
+def requested(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> bool:
     """Whether arguments or the environment ask for more than one process."""
     given = (coordinator, num_processes, process_id)
     return any(v is not None for v in given) or any(
@@ -59,8 +58,7 @@ def requested(coordinator: str | None = None, num_processes: int | None = None,
     )
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
+def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> None:
     """Join this process to the others: ``coordinator`` is process 0's ``HOST:PORT``.
 
     Values not given come from ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and

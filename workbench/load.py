@@ -49,8 +49,9 @@ def load(
         for large ones).
     """
     mesh = make_mesh(mesh)
-    shape = dict(decode_batch_size=decode_batch_size, max_prefill_length=max_prefill_length,
-                 max_target_length=max_target_length)
+    shape = dict(
+        decode_batch_size=decode_batch_size, max_prefill_length=max_prefill_length, max_target_length=max_target_length
+    )
     if checkpoint is None and config is None and (DEFAULT_MODEL_DIR / "workbench.json").is_file():
         checkpoint = DEFAULT_MODEL_DIR
     if checkpoint is None:
@@ -84,8 +85,9 @@ def load(
     elif ckpt.is_hf_checkpoint(path):
         config = _with_dtype(ckpt.read_hf_config(path), dtype)
         engine = Engine(config, mesh, tokenizer=ckpt.tokenizer_for_hf_dir(path, config), **shape)
-        pure = ckpt.load_hf_params(path, engine.abstract_params, engine.param_shardings, config=config,
-                                   progress=progress)
+        pure = ckpt.load_hf_params(
+            path, engine.abstract_params, engine.param_shardings, config=config, progress=progress
+        )
     else:
         raise ValueError(
             f"{os.fspath(path)!r} is neither a workbench checkpoint (workbench.json) "

@@ -39,9 +39,11 @@ def notebook_setup(*, dpi: int = 100, autovisualize_arrays: bool = True) -> None
             set_matplotlib_formats("png")
     if autovisualize_arrays:
         treescope.active_autovisualizer.set_globally(treescope.ArrayAutovisualizer())
-    matplotlib.rcParams.update({
-        "figure.dpi": dpi,
-        "savefig.dpi": dpi,
-        "image.interpolation": "nearest",  # cache heatmaps are cells, not images to smooth
-        "svg.hashsalt": "workbench",  # deterministic ids should anyone save SVG
-    })
+    matplotlib.rcParams.update(
+        {
+            "figure.dpi": dpi,
+            "savefig.dpi": dpi,
+            "image.interpolation": "nearest",  # cache heatmaps are cells, not images to smooth
+            "svg.hashsalt": "workbench",  # deterministic ids should anyone save SVG
+        }
+    )

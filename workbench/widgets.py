@@ -81,11 +81,19 @@ class KVCacheExplorer(_Explorer):
     first (insert and generate donate it): meant for small models.
     """
 
-    def __init__(self, engine: Any, params: Any, prompts: Sequence[Sequence[int]], *,
-                 decode_state: DecodeState | None = None, labels: Callable[[int], str] = str):
+    def __init__(
+        self,
+        engine: Any,
+        params: Any,
+        prompts: Sequence[Sequence[int]],
+        *,
+        decode_state: DecodeState | None = None,
+        labels: Callable[[int], str] = str,
+    ):
         w = _require_widgets()
-        if not prompts or any(isinstance(p, str) or not all(isinstance(t, (int, np.integer)) for t in p)
-                              for p in prompts):
+        if not prompts or any(
+            isinstance(p, str) or not all(isinstance(t, (int, np.integer)) for t in p) for p in prompts
+        ):
             raise TypeError("prompts must be a non-empty list of token-id lists")
         self.engine, self.params, self.labels = engine, params, labels
         self.prompts = [[int(t) for t in p] for p in prompts]
@@ -110,10 +118,16 @@ class KVCacheExplorer(_Explorer):
         self._report_cache: Any = None  # kv_cache of the current state, made once per step
         self.status_view, self.diff_view = w.HTML(), w.HTML()
         self.occupancy_view, self.detail_view = w.Image(format="png"), w.Image(format="png")
-        self.widget = w.VBox([
-            w.HBox(list(self.buttons.values())), w.HBox([self.layer, self.slot, self.head]),
-            self.status_view, self.diff_view, self.occupancy_view, self.detail_view,
-        ])
+        self.widget = w.VBox(
+            [
+                w.HBox(list(self.buttons.values())),
+                w.HBox([self.layer, self.slot, self.head]),
+                self.status_view,
+                self.diff_view,
+                self.occupancy_view,
+                self.detail_view,
+            ]
+        )
         self._refresh()
 
     # ---- steps (buttons call these; code may too) ---------------------------------------------

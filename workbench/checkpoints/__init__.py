@@ -21,8 +21,21 @@ from workbench.checkpoints.tokenizer import (
 )
 
 __all__ = [
-    "ByteTokenizer", "HFTokenizer", "StreamDecoder", "Tokenizer", "abstract_target", "config_from_hf",
-    "default_tokenizer", "is_hf_checkpoint", "is_workbench_checkpoint", "load_hf_params", "read_config",
-    "read_hf_config", "read_manifest", "restore_params", "save_checkpoint", "tokenizer_for_hf_dir",
+    "ByteTokenizer",
+    "HFTokenizer",
+    "StreamDecoder",
+    "Tokenizer",
+    "abstract_target",
+    "config_from_hf",
+    "default_tokenizer",
+    "is_hf_checkpoint",
+    "is_workbench_checkpoint",
+    "load_hf_params",
+    "read_config",
+    "read_hf_config",
+    "read_manifest",
+    "restore_params",
+    "save_checkpoint",
+    "tokenizer_for_hf_dir",
     "tokenizer_from_manifest",
 ]

@@ -55,8 +55,14 @@ class Layout:
 
 def _layouts(config: ModelConfig) -> dict[str, Layout]:
     """Our param path -> its HF tensor and layout, for every param of ``config``."""
-    d, n, k, h, f, v = (config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim, config.mlp_dim,
-                        config.vocab_size)
+    d, n, k, h, f, v = (
+        config.embed_dim,
+        config.num_heads,
+        config.num_kv_heads,
+        config.head_dim,
+        config.mlp_dim,
+        config.vocab_size,
+    )
     layouts = {
         "embed/embedding": Layout("model.embed_tokens.weight", ((v,), (d,)), (0, 1)),  # [V, D]
         "final_norm/scale": Layout("model.norm.weight", ((d,),), (0,)),
@@ -166,7 +172,11 @@ def _check_tensors(files: dict[str, Path], layouts: dict[str, Layout], config: M
 
 
 def load_hf_params(
-    path: str | os.PathLike, abstract_params: Any, shardings: Any, *, config: ModelConfig | None = None,
+    path: str | os.PathLike,
+    abstract_params: Any,
+    shardings: Any,
+    *,
+    config: ModelConfig | None = None,
     progress: bool | None = None,
 ) -> dict:
     """The HF checkpoint's weights as a pure dict of arrays placed in ``shardings``, shaped and
@@ -203,8 +213,14 @@ def load_hf_params(
                 sizes[ours] = math.prod(layout.hf_shape) * (4 if tensor.get_dtype() == "F32" else 2)
             show = sum(sizes.values()) >= PROGRESS_BYTES if progress is None else progress
             flat = {}
-            with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc=f"loading {path.name}",
-                      file=sys.stderr, disable=not show) as bar:
+            with tqdm(
+                total=sum(sizes.values()),
+                unit="B",
+                unit_scale=True,
+                desc=f"loading {path.name}",
+                file=sys.stderr,
+                disable=not show,
+            ) as bar:
                 for ours, layout in layouts.items():
                     flat[ours] = _place(get(layout.name), layout, abstract[ours], shardings[ours])
                     bar.update(sizes[ours])
@@ -226,4 +242,3 @@ def _place(tensor: Any, layout: Layout, abstract: Any, sharding: jax.sharding.Sh
         return read[key]
 
     return jax.make_array_from_callback(shape, sharding, shard, dtype=dtype)
-

@@ -81,14 +81,24 @@ def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         refuse(f"dtype {dtype!r}")
     eos = _ids(hf.get("eos_token_id"))
     return ModelConfig(
-        vocab_size=hf["vocab_size"], embed_dim=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
-        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, mlp_dim=hf["intermediate_size"],
-        rope_theta=theta, rope_scaling=scaling, norm_eps=hf.get("rms_norm_eps", 1e-6),
-        qkv_bias=family == "qwen2", sliding_window=_sliding_window(hf, family, refuse),
+        vocab_size=hf["vocab_size"],
+        embed_dim=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        mlp_dim=hf["intermediate_size"],
+        rope_theta=theta,
+        rope_scaling=scaling,
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        qkv_bias=family == "qwen2",
+        sliding_window=_sliding_window(hf, family, refuse),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        dtype=CHECKPOINT_DTYPES[dtype], param_dtype=CHECKPOINT_DTYPES[dtype],
-        bos_id=hf.get("bos_token_id"), eos_ids=tuple(eos), pad_id=hf.get("pad_token_id") or 0,
+        dtype=CHECKPOINT_DTYPES[dtype],
+        param_dtype=CHECKPOINT_DTYPES[dtype],
+        bos_id=hf.get("bos_token_id"),
+        eos_ids=tuple(eos),
+        pad_id=hf.get("pad_token_id") or 0,
     )
 
 
@@ -104,7 +114,8 @@ def _rope(hf: dict[str, Any], refuse: Callable[[str], None]) -> tuple[float, Rop
     if kind == "default":
         return theta, None
     return theta, RopeScaling(
-        factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
+        factor=float(rope["factor"]),
+        low_freq_factor=float(rope["low_freq_factor"]),
         high_freq_factor=float(rope["high_freq_factor"]),
         original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
     )

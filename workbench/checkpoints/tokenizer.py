@@ -50,9 +50,7 @@ class ByteTokenizer(Tokenizer):
     so it continues plain text as it is (and its own sample script prompts it the same way).
     """
 
-    def __init__(
-        self, *, bos_id: int | None = BYTE_BOS, eos_ids: Sequence[int] = (BYTE_EOS,), vocab_size: int = 384
-    ):
+    def __init__(self, *, bos_id: int | None = BYTE_BOS, eos_ids: Sequence[int] = (BYTE_EOS,), vocab_size: int = 384):
         if vocab_size < BYTES:
             raise ValueError(f"a byte-level tokenizer needs a vocabulary of at least {BYTES} ids, got {vocab_size}")
         self.vocab_size, self.bos_id, self.eos_ids = vocab_size, bos_id, tuple(eos_ids)
@@ -159,8 +157,8 @@ class StreamDecoder:
     def _advance(self, text: str) -> str:
         if not text.startswith(self.emitted):  # a tokenizer rewrote earlier text: print no repeats
             common = os.path.commonprefix([text, self.emitted])
-            piece = text[len(common):]
+            piece = text[len(common) :]
         else:
-            piece = text[len(self.emitted):]
+            piece = text[len(self.emitted) :]
         self.emitted = text
         return piece

@@ -19,8 +19,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, decode_batch: int =
     group.add_argument("--max-prefill-length", type=int, default=256, metavar="L")
     group.add_argument("--max-target-length", type=int, default=1024, metavar="T")
     group.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: the checkpoint's")
-    group.add_argument("--host-devices", type=int, default=None, metavar="N",
-                       help="simulate N CPU devices (applied before JAX starts)")
+    group.add_argument(
+        "--host-devices", type=int, default=None, metavar="N", help="simulate N CPU devices (applied before JAX starts)"
+    )
     group.add_argument("--mesh", type=parse_mesh, default=None, metavar="data=2,tensor=4", help="mesh axis sizes")
 
 
@@ -59,8 +60,11 @@ def load_engine(args: argparse.Namespace, **overrides: Any):
     import workbench
 
     options = dict(
-        mesh=args.mesh, decode_batch_size=args.decode_batch, max_prefill_length=args.max_prefill_length,
-        max_target_length=args.max_target_length, dtype=args.dtype,
+        mesh=args.mesh,
+        decode_batch_size=args.decode_batch,
+        max_prefill_length=args.max_prefill_length,
+        max_target_length=args.max_target_length,
+        dtype=args.dtype,
     )
     options.update(overrides)
     return workbench.load(args.checkpoint, **options)

@@ -46,10 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
     add_process_arguments(parser)
     requests = parser.add_argument_group("requests")
-    requests.add_argument("--prompt", dest="requests", action=_AddRequest, const="text", metavar="TEXT",
-                          help="repeatable; each is one request")
-    requests.add_argument("--prompt-ids", dest="requests", action=_AddRequest, const="ids", type=parse_ids,
-                          metavar="1,2,3", help="repeatable; each is one request")
+    # --prompt and --prompt-ids append to one list, so requests keep their command-line order.
+    each = dict(dest="requests", action=_AddRequest, help="repeatable; each is one request")
+    requests.add_argument("--prompt", const="text", metavar="TEXT", **each)
+    requests.add_argument("--prompt-ids", const="ids", type=parse_ids, metavar="1,2,3", **each)
     requests.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="per request (default 32)")
     requests.add_argument("--ignore-eos", action="store_true", help="run every request to --max-new-tokens")
     sampling = parser.add_argument_group("sampling (no sampling flag: greedy)")
@@ -59,8 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--seed", type=int, default=0, metavar="S")
     output = parser.add_argument_group("output")
     output.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    output.add_argument("--return-logits", action="store_true",
-                        help="with --json: each generated token's float32 logits row")
+    output.add_argument(
+        "--return-logits", action="store_true", help="with --json: each generated token's float32 logits row"
+    )
 
 
 def _sampling(args: argparse.Namespace):
@@ -106,8 +107,11 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as error:
             raise CliError(f"request {index}: {error}") from None
         if len(prompt) + args.max_new_tokens > limit:
-            print(f"warning: request {index}: --max-new-tokens {args.max_new_tokens} clipped to {limit - len(prompt)} "
-                  f"(a {len(prompt)}-token prompt within --max-target-length {limit})", file=sys.stderr)
+            print(
+                f"warning: request {index}: --max-new-tokens {args.max_new_tokens} clipped to {limit - len(prompt)} "
+                f"(a {len(prompt)}-token prompt within --max-target-length {limit})",
+                file=sys.stderr,
+            )
         budget += min(args.max_new_tokens, limit - len(prompt))
     output = None if args.json else _Streamer(tokenizer, prompts, total=budget)
     if output is not None:
@@ -122,8 +126,12 @@ def run(args: argparse.Namespace) -> int:
         report = {
             "checkpoint": args.checkpoint,
             "mesh": dict(engine.mesh.shape),
-            "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
-                         "seed": args.seed},
+            "sampling": {
+                "temperature": sampling.temperature,
+                "top_k": sampling.top_k,
+                "top_p": sampling.top_p,
+                "seed": args.seed,
+            },
             "requests": [_request_json(c, tokenizer, args.return_logits) for c in completions],
         }
         print(json.dumps(report))

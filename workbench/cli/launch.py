@@ -31,8 +31,12 @@ GRACE_S = 5.0  # after SIGTERM, how long a process has to exit before SIGKILL
 def add_process_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that join a command to other processes (one mesh over all their devices)."""
     group = parser.add_argument_group("more than one process (see `python -m workbench launch` to try it locally)")
-    group.add_argument("--coordinator", metavar="HOST:PORT", default=None,
-                       help="process 0's address; default $JAX_COORDINATOR_ADDRESS or the cluster's")
+    group.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        default=None,
+        help="process 0's address; default $JAX_COORDINATOR_ADDRESS or the cluster's",
+    )
     group.add_argument("--num-processes", type=int, default=None, metavar="N")
     group.add_argument("--process-id", type=int, default=None, metavar="I", help="this process, 0..N-1")
 
@@ -49,18 +53,28 @@ def join_processes(args: argparse.Namespace) -> None:
     try:
         distributed.initialize(**values)
     except (ValueError, TypeError) as error:
-        raise CliError(str(error).replace("coordinator must", "--coordinator must").replace("num_processes", "--num-processes").replace("process_id", "--process-id")
-                       ) from None
+        raise CliError(
+            str(error)
+            .replace("coordinator must", "--coordinator must")
+            .replace("num_processes", "--num-processes")
+            .replace("process_id", "--process-id")
+        ) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--processes", type=int, default=2, metavar="N", help="local processes (default 2)")
-    parser.add_argument("--host-devices", type=int, default=None, metavar="D",
-                        help="simulated CPU devices per process (default: JAX's)")
-    parser.add_argument("--timeout", type=float, default=None, metavar="S",
-                        help="stop every process after S seconds (exit 124)")
-    parser.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
-                        help="a workbench command and its flags (generate ..., bench ...), or a script.py and its arguments")
+    parser.add_argument(
+        "--host-devices", type=int, default=None, metavar="D", help="simulated CPU devices per process (default: JAX's)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=None, metavar="S", help="stop every process after S seconds (exit 124)"
+    )
+    parser.add_argument(
+        "argv",
+        nargs=argparse.REMAINDER,
+        metavar="-- COMMAND ...",
+        help="a workbench command and its flags (generate ..., bench ...), or a script.py and its arguments",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,8 +89,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--processes must be positive, got {args.processes}")
     # A workbench command runs as ``python -m workbench ...``; a script of yours as ``python script.py ...``.
     program = [sys.executable] if command[0].endswith(".py") else [sys.executable, "-m", "workbench"]
-    return launch([*program, *command], processes=args.processes,
-                  host_devices=args.host_devices, timeout=args.timeout)
+    return launch([*program, *command], processes=args.processes, host_devices=args.host_devices, timeout=args.timeout)
 
 
 def free_port() -> int:
@@ -88,8 +101,9 @@ def free_port() -> int:
 
 def process_env(process_id: int, processes: int, port: int, host_devices: int | None) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
-               JAX_PROCESS_ID=str(process_id))
+    env.update(
+        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(process_id)
+    )
     if host_devices is not None:
         if host_devices < 1:
             raise CliError(f"--host-devices must be positive, got {host_devices}")
@@ -98,8 +112,16 @@ def process_env(process_id: int, processes: int, port: int, host_devices: int | 
     return env
 
 
-def launch(command: Sequence[str], *, processes: int, host_devices: int | None = None,
-           timeout: float | None = None, stdout=None, stderr=None, poll_s: float = 0.05) -> int:
+def launch(
+    command: Sequence[str],
+    *,
+    processes: int,
+    host_devices: int | None = None,
+    timeout: float | None = None,
+    stdout=None,
+    stderr=None,
+    poll_s: float = 0.05,
+) -> int:
     """Run ``command`` as ``processes`` local processes joined on a free loopback port.
 
     Returns 0 when all exit 0; otherwise the code of the first to fail (a signal's number
@@ -110,10 +132,15 @@ def launch(command: Sequence[str], *, processes: int, host_devices: int | None =
     children: list[subprocess.Popen] = []
     try:
         for process_id in range(processes):
-            children.append(subprocess.Popen(
-                list(command), env=process_env(process_id, processes, port, host_devices),
-                stdout=stdout, stderr=stderr, start_new_session=True,
-            ))
+            children.append(
+                subprocess.Popen(
+                    list(command),
+                    env=process_env(process_id, processes, port, host_devices),
+                    stdout=stdout,
+                    stderr=stderr,
+                    start_new_session=True,
+                )
+            )
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             codes = [child.poll() for child in children]
@@ -121,8 +148,10 @@ def launch(command: Sequence[str], *, processes: int, host_devices: int | None =
             if failed:
                 process_id, code = failed[0]
                 running = sum(code is None for code in codes)
-                _report(f"process {process_id} exited with {_describe(code)}"
-                        + (f"; stopping the other {running}" if running else ""))
+                _report(
+                    f"process {process_id} exited with {_describe(code)}"
+                    + (f"; stopping the other {running}" if running else "")
+                )
                 return code if code > 0 else 128 - code
             if all(code == 0 for code in codes):
                 return 0

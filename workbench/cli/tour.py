@@ -24,9 +24,11 @@ def run(args: argparse.Namespace) -> int:
 
     engine, params = load_engine(args)
     tokenizer = engine.get_tokenizer()
-    print(f"mesh {dict(engine.mesh.shape)} over {engine.mesh.size} {jax.devices()[0].platform} devices; "
-          f"model: {engine.config.num_layers} layers, {engine.config.num_params():,} params; "
-          f"{engine.max_concurrent_decodes} decode slots of {engine.max_target_length} positions\n")
+    print(
+        f"mesh {dict(engine.mesh.shape)} over {engine.mesh.size} {jax.devices()[0].platform} devices; "
+        f"model: {engine.config.num_layers} layers, {engine.config.num_params():,} params; "
+        f"{engine.max_concurrent_decodes} decode slots of {engine.max_target_length} positions\n"
+    )
 
     state = engine.init_decode_state()
     totals: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])

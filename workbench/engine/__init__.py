@@ -7,6 +7,17 @@ from workbench.engine.scheduler import Completion, Scheduler, run_requests
 from workbench.engine.types import DecodeState, Prefix, ResultTokens, SlotData, layer_cache
 
 __all__ = [
-    "GREEDY", "Completion", "DecodeState", "Engine", "Params", "Prefix", "ResultTokens", "Sampling", "Scheduler",
-    "SlotData", "layer_cache", "run_requests", "sample",
+    "GREEDY",
+    "Completion",
+    "DecodeState",
+    "Engine",
+    "Params",
+    "Prefix",
+    "ResultTokens",
+    "Sampling",
+    "Scheduler",
+    "SlotData",
+    "layer_cache",
+    "run_requests",
+    "sample",
 ]

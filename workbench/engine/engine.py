@@ -96,18 +96,22 @@ class Engine:
         """Every sharding from the rules table: params, rest, prefix, decode state, results."""
         mesh, rules = self.mesh, self.rules
         rep = shd.replicated(mesh)
-        slots = NamedSharding(
-            mesh, shd.logical_to_spec(("cache_batch",), (self.max_concurrent_decodes,), mesh, rules)
-        )
+        slots = NamedSharding(mesh, shd.logical_to_spec(("cache_batch",), (self.max_concurrent_decodes,), mesh, rules))
         self.param_shardings = shd.shardings_for(self.abstract_params, mesh, rules)
         self.rest_shardings = shd.shardings_for(self.abstract_rest, mesh, rules)
         self.prefix_shardings = Prefix(
             cache=nnx.to_pure_dict(shd.shardings_for(self.abstract_prefill_cache, mesh, rules)),
-            length=rep, token=rep, logits=rep,
+            length=rep,
+            token=rep,
+            logits=rep,
         )
         self.decode_state_shardings = DecodeState(
             cache=nnx.to_pure_dict(shd.shardings_for(self.abstract_decode_cache, mesh, rules)),
-            positions=slots, tokens=slots, lengths=slots, active=slots, rng=rep,
+            positions=slots,
+            tokens=slots,
+            lengths=slots,
+            active=slots,
+            rng=rep,
         )
         self.result_shardings = ResultTokens(data=rep, logits=rep)
 
@@ -121,8 +125,9 @@ class Engine:
         # setup. rest holds derived buffers (rope frequencies); XLA prunes the unused weight init.
         self.rest = jax.jit(lambda: nnx.split(_model(config), nnx.Param, ...)[2], out_shardings=self.rest_shardings)()
         self._init_params_jit = jax.jit(
-            lambda seed: nnx.split(_model(config, seed=seed), nnx.Param, ...)[1], static_argnums=0,
-            out_shardings=self.param_shardings
+            lambda seed: nnx.split(_model(config, seed=seed), nnx.Param, ...)[1],
+            static_argnums=0,
+            out_shardings=self.param_shardings,
         )
         self._cast_params_jit = jax.jit(
             lambda p: jax.tree.map(lambda x, a: x.astype(a.dtype), p, self.abstract_params),
@@ -139,13 +144,17 @@ class Engine:
         self._forward_jit = jax.jit(lambda p, rest, t: nnx.merge(self.forward_graphdef, p, rest, copy=True)(t))
         # the API steps
         self._prefill_jit = jax.jit(
-            partial(steps.prefill, prefill_model, counts), static_argnames=("sampling",),
+            partial(steps.prefill, prefill_model, counts),
+            static_argnames=("sampling",),
             out_shardings=(self.prefix_shardings, self.result_shardings),
         )
         self._insert_jit = jax.jit(partial(steps.insert, counts), donate_argnums=(1,), out_shardings=state_out)
         self._generate_jit = jax.jit(
-            partial(steps.generate, decode_model, counts), static_argnames=("sampling",), donate_argnums=(2,),
-            out_shardings=(state_out, self.result_shardings), compiler_options=self._compiler_options("generate")
+            partial(steps.generate, decode_model, counts),
+            static_argnames=("sampling",),
+            donate_argnums=(2,),
+            out_shardings=(state_out, self.result_shardings),
+            compiler_options=self._compiler_options("generate"),
         )
         self._free_jit = jax.jit(steps.free, donate_argnums=(0,), out_shardings=state_out)
 
@@ -252,7 +261,13 @@ class Engine:
             )
         key = jax.random.key(0) if rng is None else rng
         return self._prefill_jit(
-            params, self.rest, cache, jnp.asarray(tokens), jnp.int32(start), jnp.int32(true_length), key,
+            params,
+            self.rest,
+            cache,
+            jnp.asarray(tokens),
+            jnp.int32(start),
+            jnp.int32(true_length),
+            key,
             sampling=sampling or GREEDY,
         )
 

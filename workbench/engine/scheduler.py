@@ -186,8 +186,12 @@ class Scheduler:
         for start in range(0, len(request.prompt), chunk):
             padded, length = self.engine.pad(request.prompt[start : start + chunk])
             prefix, _ = self.engine.prefill(
-                params=self.params, existing_prefix=prefix, padded_tokens=padded, true_length=length,
-                sampling=self.sampling, rng=key,
+                params=self.params,
+                existing_prefix=prefix,
+                padded_tokens=padded,
+                true_length=length,
+                sampling=self.sampling,
+                rng=key,
             )
             chunks += 1
         return prefix, chunks

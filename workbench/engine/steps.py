@@ -43,13 +43,26 @@ def zeros(abstract: nnx.State) -> Cache:
 def init_decode_state(abstract_cache: nnx.State, slots: int, key: jax.Array) -> DecodeState:
     empty = jnp.zeros((slots,), jnp.int32)
     return DecodeState(
-        cache=zeros(abstract_cache), positions=empty, tokens=empty, lengths=empty,
-        active=jnp.zeros((slots,), bool), rng=key,
+        cache=zeros(abstract_cache),
+        positions=empty,
+        tokens=empty,
+        lengths=empty,
+        active=jnp.zeros((slots,), bool),
+        rng=key,
     )
 
 
 def prefill(
-    model: CachedModel, counts: Counts, params, rest, cache: Cache, tokens, start, true_length, key, *,
+    model: CachedModel,
+    counts: Counts,
+    params,
+    rest,
+    cache: Cache,
+    tokens,
+    start,
+    true_length,
+    key,
+    *,
     sampling: Sampling,
 ) -> tuple[Prefix, ResultTokens]:
     """``tokens`` [P] (``true_length`` real, then padding) written after ``start`` cached ones."""
@@ -97,7 +110,10 @@ def generate(
     lengths = state.lengths + live
     new_state = state.replace(
         cache=nnx.to_pure_dict(nnx.state(merged, nnx.Cache)),
-        positions=state.positions + live, tokens=tokens, lengths=lengths, rng=rng,
+        positions=state.positions + live,
+        tokens=tokens,
+        lengths=lengths,
+        rng=rng,
     )
     data = jnp.stack([tokens, live.astype(jnp.int32), lengths], axis=-1)
     return new_state, ResultTokens(data=data, logits=logits)

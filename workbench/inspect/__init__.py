@@ -18,6 +18,14 @@ from workbench.inspect.sharding_report import ShardingReport, sharding
 from workbench.inspect.state_report import StateReport, state
 
 __all__ = [
-    "KVCacheDiff", "KVCacheReport", "Report", "ShardingReport", "StateReport", "kv_cache", "kv_cache_diff",
-    "sharding", "snapshot", "state",
+    "KVCacheDiff",
+    "KVCacheReport",
+    "Report",
+    "ShardingReport",
+    "StateReport",
+    "kv_cache",
+    "kv_cache_diff",
+    "sharding",
+    "snapshot",
+    "state",
 ]

@@ -33,6 +33,7 @@ def snapshot(tree: T) -> T:
     a PRNG key becomes its raw key data (``jax.random.key_data``), since numpy has no key
     type. ``kv_cache`` and ``kv_cache_diff`` take snapshots as they take the originals.
     """
+
     def copy(x: Any) -> Any:
         if not isinstance(x, jax.Array):
             return x
@@ -48,15 +49,18 @@ def snapshot(tree: T) -> T:
 @jax.jit
 def _changed(before_k: tuple, before_v: tuple, after_k: tuple, after_v: tuple, atol: jax.Array) -> jax.Array:
     """[L, B, S]: whether any key or value element at (layer, slot, position) differs by more than ``atol``."""
+
     def differs(a, b):  # NaN == NaN here: a NaN left in place is not a change
         a, b = a.astype(jnp.float32), b.astype(jnp.float32)
         same = (a == b) | (jnp.abs(a - b) <= atol) | (jnp.isnan(a) & jnp.isnan(b))
         return ~same
 
-    return jnp.stack([
-        jnp.any(differs(bk, ak) | differs(bv, av), axis=(2, 3))
-        for bk, bv, ak, av in zip(before_k, before_v, after_k, after_v)
-    ])
+    return jnp.stack(
+        [
+            jnp.any(differs(bk, ak) | differs(bv, av), axis=(2, 3))
+            for bk, bv, ak, av in zip(before_k, before_v, after_k, after_v)
+        ]
+    )
 
 
 def _arrow(before: Any, after: Any) -> str:
@@ -85,9 +89,13 @@ class KVCacheDiff(Report):
             )
         old, new = kv_source(before, role="before"), kv_source(after, role="after")
         if old.shape != new.shape or len(old.paths) != len(new.paths):
-            raise ValueError(f"before and after caches differ in shape: {old.shape} x {len(old.paths)} layers "
-                             f"vs {new.shape} x {len(new.paths)} layers")
-        self.mask = np.asarray(_changed(old.keys, old.values, new.keys, new.values, jnp.float32(self.atol)))  # [L, B, S]
+            raise ValueError(
+                f"before and after caches differ in shape: {old.shape} x {len(old.paths)} layers "
+                f"vs {new.shape} x {len(new.paths)} layers"
+            )
+        self.mask = np.asarray(
+            _changed(old.keys, old.values, new.keys, new.values, jnp.float32(self.atol))
+        )  # [L, B, S]
         slots, _, heads, dim = new.shape
         dtype = new.keys[0].dtype
         rows = []
@@ -95,17 +103,28 @@ class KVCacheDiff(Report):
             for layer, path in enumerate(new.paths):
                 positions = tuple(int(p) for p in np.flatnonzero(self.mask[layer, slot]))
                 if positions:
-                    rows.append({"slot": slot, "layer": layer, "path": path, "positions": positions,
-                                 "shape": (len(positions), heads, dim), "dtype": str(dtype),
-                                 "bytes": 2 * nbytes((len(positions), heads, dim), dtype)})
+                    rows.append(
+                        {
+                            "slot": slot,
+                            "layer": layer,
+                            "path": path,
+                            "positions": positions,
+                            "shape": (len(positions), heads, dim),
+                            "dtype": str(dtype),
+                            "bytes": 2 * nbytes((len(positions), heads, dim), dtype),
+                        }
+                    )
         self._rows = rows
-        fields = {name: (np.asarray(getattr(before, name)).reshape(-1), np.asarray(getattr(after, name)).reshape(-1))
-                  for name in _SLOT_FIELDS.get(type(after), {})}
+        fields = {
+            name: (np.asarray(getattr(before, name)).reshape(-1), np.asarray(getattr(after, name)).reshape(-1))
+            for name in _SLOT_FIELDS.get(type(after), {})
+        }
         bookkeeping = {s for b, a in fields.values() for s in np.flatnonzero(b != a)}
         self.slots = tuple(sorted({r["slot"] for r in rows} | {int(s) for s in bookkeeping}))
         self.layers = tuple(sorted({r["layer"] for r in rows}))
-        self.positions = {s: tuple(sorted({p for r in rows if r["slot"] == s for p in r["positions"]}))
-                          for s in self.slots}
+        self.positions = {
+            s: tuple(sorted({p for r in rows if r["slot"] == s for p in r["positions"]})) for s in self.slots
+        }
 
         summary = []
         for slot in self.slots:
@@ -114,13 +133,21 @@ class KVCacheDiff(Report):
                 if r["slot"] == slot:
                     groups.setdefault(r["positions"], []).append(r["layer"])
             for positions, layers in sorted(groups.items(), key=lambda g: g[1]) or [((), [])]:
-                line = {"slot": slot, "layers": fmt_ranges(layers), "positions": fmt_ranges(positions),
-                        "count": len(positions)}
+                line = {
+                    "slot": slot,
+                    "layers": fmt_ranges(layers),
+                    "positions": fmt_ranges(positions),
+                    "count": len(positions),
+                }
                 for name, (b, a) in fields.items():
                     line[f"state_{name}"] = _arrow(_plain(b[slot]), _plain(a[slot]))
                 summary.append(line)
-        columns = (Column("slot", "slot", str, "right", repeat=False), Column("layers", "layers"),
-                   Column("positions", "positions"), Column("count", "count", fmt_int, "right"))
+        columns = (
+            Column("slot", "slot", str, "right", repeat=False),
+            Column("layers", "layers"),
+            Column("positions", "positions"),
+            Column("count", "count", fmt_int, "right"),
+        )
         columns += tuple(Column(f"state_{name}", _SLOT_FIELDS[type(after)][name]) for name in fields)
         changed = ", ".join(str(s) for s in self.slots) or "none"
         self.title = (
@@ -158,6 +185,8 @@ def kv_cache_diff(
     differently on different CPUs.
     """
     if spans_processes((before, after)):
-        raise ValueError("these caches span the devices of several processes: diff inspect.snapshot()s of "
-                         "them, taken on every process (snapshot gathers each array, a collective)")
+        raise ValueError(
+            "these caches span the devices of several processes: diff inspect.snapshot()s of "
+            "them, taken on every process (snapshot gathers each array, a collective)"
+        )
     return KVCacheDiff(before, after, atol=atol)

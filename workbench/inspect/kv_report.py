@@ -86,13 +86,20 @@ def kv_source(obj: Any, *, role: str = "input") -> KVSource:
 def _stats(keys: tuple, values: tuple) -> dict[str, jax.Array]:
     """Per layer and slot ([L, B] each): filled positions, end of the last write, NaN and inf
     counts, largest finite |k| and |v|."""
+
     def one(k, v):  # [B, S, K, H]
         written = jnp.any((k != 0) | (v != 0), axis=(2, 3))  # [B, S]
         ends = jnp.where(written, jnp.arange(k.shape[1]) + 1, 0)
         finite_max = lambda x: jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0), axis=(1, 2, 3)).astype(jnp.float32)
         count = lambda f: (f(k).sum((1, 2, 3)) + f(v).sum((1, 2, 3))).astype(jnp.int32)
-        return {"filled": written.sum(1), "end": ends.max(1), "nan": count(jnp.isnan), "inf": count(jnp.isinf),
-                "max_abs_k": finite_max(k), "max_abs_v": finite_max(v)}
+        return {
+            "filled": written.sum(1),
+            "end": ends.max(1),
+            "nan": count(jnp.isnan),
+            "inf": count(jnp.isinf),
+            "max_abs_k": finite_max(k),
+            "max_abs_v": finite_max(v),
+        }
 
     per_layer = [one(k, v) for k, v in zip(keys, values)]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
@@ -151,16 +158,23 @@ class KVCacheReport(Report):
         rows = []
         for layer, path in enumerate(source.paths):
             for slot in range(slots):
-                rows.append({
-                    "layer": layer, "slot": slot, "path": path, "shape": (length, heads, dim), "dtype": str(dtype),
-                    "bytes": 2 * nbytes((length, heads, dim), dtype),  # k and v rows of this slot
-                    "active": None if source.active is None else bool(source.active[slot]),
-                    "next_position": None if source.next_positions is None else int(source.next_positions[slot]),
-                    "filled": int(stats["filled"][layer, slot]), "nan": int(stats["nan"][layer, slot]),
-                    "inf": int(stats["inf"][layer, slot]),
-                    "max_abs_k": float(stats["max_abs_k"][layer, slot]),
-                    "max_abs_v": float(stats["max_abs_v"][layer, slot]),
-                })
+                rows.append(
+                    {
+                        "layer": layer,
+                        "slot": slot,
+                        "path": path,
+                        "shape": (length, heads, dim),
+                        "dtype": str(dtype),
+                        "bytes": 2 * nbytes((length, heads, dim), dtype),  # k and v rows of this slot
+                        "active": None if source.active is None else bool(source.active[slot]),
+                        "next_position": None if source.next_positions is None else int(source.next_positions[slot]),
+                        "filled": int(stats["filled"][layer, slot]),
+                        "nan": int(stats["nan"][layer, slot]),
+                        "inf": int(stats["inf"][layer, slot]),
+                        "max_abs_k": float(stats["max_abs_k"][layer, slot]),
+                        "max_abs_v": float(stats["max_abs_v"][layer, slot]),
+                    }
+                )
         total = sum(r["bytes"] for r in rows)
         self.title = (
             f"KV cache of a {source.kind}: {plural(len(source.paths), 'layer')} x {plural(slots, 'slot')} x "
@@ -169,15 +183,23 @@ class KVCacheReport(Report):
         )
         dash = lambda x: "-" if x is None else str(x)
         columns = (
-            Column("layer", "layer", str, "right", repeat=False), Column("slot", "slot", str, "right"),
-            Column("active", "active", dash), Column("next_position", "next", dash, "right"),
-            Column("filled", "filled", str, "right"), Column("nan", "nan", str, "right"),
-            Column("inf", "inf", str, "right"), Column("max_abs_k", "max|k|", fmt_float, "right"),
-            Column("max_abs_v", "max|v|", fmt_float, "right"), Column("bytes", "bytes", fmt_int, "right"),
+            Column("layer", "layer", str, "right", repeat=False),
+            Column("slot", "slot", str, "right"),
+            Column("active", "active", dash),
+            Column("next_position", "next", dash, "right"),
+            Column("filled", "filled", str, "right"),
+            Column("nan", "nan", str, "right"),
+            Column("inf", "inf", str, "right"),
+            Column("max_abs_k", "max|k|", fmt_float, "right"),
+            Column("max_abs_v", "max|v|", fmt_float, "right"),
+            Column("bytes", "bytes", fmt_int, "right"),
         )
         self.tables = (Table("", columns, tuple(rows)),)
-        odd = [r for r in rows if r["next_position"] is not None and r["active"] is not False
-               and r["filled"] != r["next_position"]]
+        odd = [
+            r
+            for r in rows
+            if r["next_position"] is not None and r["active"] is not False and r["filled"] != r["next_position"]
+        ]
         self.notes = tuple(
             f"layer {r['layer']} slot {r['slot']}: {r['filled']} positions filled, next position {r['next_position']}"
             for r in odd
@@ -224,29 +246,58 @@ class KVCacheReport(Report):
             written = host_value(_occupancy(self.source.keys, self.source.values, _bucket(n, length)))[:, :n]
             known = self.source.next_positions
             nexts = [None] * slots if known is None else [int(p) for p in known]
-            return plots.occupancy(written, nexts, layers=n_layers, title=f"{self.source.kind}: slot occupancy",
-                                   xticklabels=self._xticklabels(None, n))
+            return plots.occupancy(
+                written,
+                nexts,
+                layers=n_layers,
+                title=f"{self.source.kind}: slot occupancy",
+                xticklabels=self._xticklabels(None, n),
+            )
         n = self._positions_shown([slot])
         ticks = self._xticklabels(slot, n)
         if layer is None:
+
             def per_layer(x):  # [n] per layer: norm of one head, or mean of the heads' norms
                 norms = _read_rows(x, slot, n, None)  # [n, K]
                 return norms[:, head] if head is not None else norms.mean(-1)
-            panels = [(f"|{name}|", np.stack([per_layer(x) for x in xs]))
-                      for name, xs in (("K", self.source.keys), ("V", self.source.values))]
+
+            panels = [
+                (f"|{name}|", np.stack([per_layer(x) for x in xs]))
+                for name, xs in (("K", self.source.keys), ("V", self.source.values))
+            ]
             which = "mean over kv heads" if head is None else f"kv head {head}"
-            return plots.heatmaps(panels, xlabel="position", ylabel="layer", xticklabels=ticks,
-                                  title=f"slot {slot}: K and V norms per layer ({which})", colorbar="norm",
-                                  yticklabels=[str(i) for i in range(n_layers)])
+            return plots.heatmaps(
+                panels,
+                xlabel="position",
+                ylabel="layer",
+                xticklabels=ticks,
+                title=f"slot {slot}: K and V norms per layer ({which})",
+                colorbar="norm",
+                yticklabels=[str(i) for i in range(n_layers)],
+            )
         k, v = self.source.keys[layer], self.source.values[layer]
-        panels = [("|K|" if head is None else "K", _read_rows(k, slot, n, head).T),
-                  ("|V|" if head is None else "V", _read_rows(v, slot, n, head).T)]
+        panels = [
+            ("|K|" if head is None else "K", _read_rows(k, slot, n, head).T),
+            ("|V|" if head is None else "V", _read_rows(v, slot, n, head).T),
+        ]
         if head is None:
-            return plots.heatmaps(panels, xlabel="position", ylabel="kv head", xticklabels=ticks, colorbar="norm",
-                                  title=f"layer {layer}, slot {slot}: K and V norms per kv head",
-                                  yticklabels=[str(h) for h in range(heads)])
-        return plots.heatmaps(panels, xlabel="position", ylabel="head dim", xticklabels=ticks, colorbar="value",
-                              title=f"layer {layer}, slot {slot}, kv head {head}: K and V values")
+            return plots.heatmaps(
+                panels,
+                xlabel="position",
+                ylabel="kv head",
+                xticklabels=ticks,
+                colorbar="norm",
+                title=f"layer {layer}, slot {slot}: K and V norms per kv head",
+                yticklabels=[str(h) for h in range(heads)],
+            )
+        return plots.heatmaps(
+            panels,
+            xlabel="position",
+            ylabel="head dim",
+            xticklabels=ticks,
+            colorbar="value",
+            title=f"layer {layer}, slot {slot}, kv head {head}: K and V values",
+        )
 
 
 def kv_cache(

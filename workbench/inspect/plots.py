@@ -113,8 +113,9 @@ def occupancy(
     image = ax.imshow(written, aspect="auto", interpolation="nearest", cmap="Blues", vmin=0, vmax=max(layers, 1))
     marks = [(p, s) for s, p in enumerate(next_positions) if p is not None and p < positions]
     if marks:
-        ax.scatter([p for p, _ in marks], [s for _, s in marks], marker="|", s=120, color="tab:red",
-                   label="next position")
+        ax.scatter(
+            [p for p, _ in marks], [s for _, s in marks], marker="|", s=120, color="tab:red", label="next position"
+        )
         ax.legend(loc="upper right", fontsize=7)
     fig.colorbar(image, ax=ax, label="layers written", pad=0.01)
     ax.set_yticks(np.arange(slots), [str(s) for s in range(slots)], fontsize=7)

@@ -154,9 +154,9 @@ class Table:
         style = "padding:1px 8px;font-family:monospace;white-space:pre;"
         head = "".join(f'<th style="{style}text-align:{c.align}">{html.escape(c.header)}</th>' for c in self.columns)
         body = "".join(
-            "<tr>" + "".join(
-                f'<td style="{style}text-align:{c.align}">{html.escape(v)}</td>' for v, c in zip(r, self.columns)
-            ) + "</tr>"
+            "<tr>"
+            + "".join(f'<td style="{style}text-align:{c.align}">{html.escape(v)}</td>' for v, c in zip(r, self.columns))
+            + "</tr>"
             for r in self.cells()
         )
         caption = f'<caption style="text-align:left;font-weight:bold">{html.escape(self.title)}</caption>'
@@ -208,7 +208,7 @@ class Report:
     __repr__ = __str__
 
     def _repr_html_(self) -> str:
-        parts = [f"<div><div style=\"font-weight:bold\">{html.escape(self.title)}</div>"]
+        parts = [f'<div><div style="font-weight:bold">{html.escape(self.title)}</div>']
         parts += [table.html() for table in self.tables]
         if self.notes:
             parts.append("<pre>" + html.escape("\n".join(self.notes)) + "</pre>")

@@ -121,34 +121,55 @@ class ShardingReport(Report):
             outside = sorted(set(where.devices) - set(device_ids))
             if outside:
                 raise ValueError(f"{path or 'the array'} lives on device {outside[0]}, which is not in the mesh")
-            rows.append({
-                "path": path, "shape": shape, "dtype": str(dtype), "bytes": nbytes(shape, dtype),
-                "spec": describe_sharding(s, len(shape)), "shard_shape": where.shard_shape, "shards": where.shards,
-                "replication": where.replication, "devices": where.devices,
-                "bytes_per_device": dict(where.bytes_per_device),
-                "max_device_bytes": max(where.bytes_per_device.values()),
-                "device_bytes": sum(where.bytes_per_device.values()),
-            })
+            rows.append(
+                {
+                    "path": path,
+                    "shape": shape,
+                    "dtype": str(dtype),
+                    "bytes": nbytes(shape, dtype),
+                    "spec": describe_sharding(s, len(shape)),
+                    "shard_shape": where.shard_shape,
+                    "shards": where.shards,
+                    "replication": where.replication,
+                    "devices": where.devices,
+                    "bytes_per_device": dict(where.bytes_per_device),
+                    "max_device_bytes": max(where.bytes_per_device.values()),
+                    "device_bytes": sum(where.bytes_per_device.values()),
+                }
+            )
         # Which process holds each device: a column of its own once the mesh spans processes.
         process = {d.id: d.process_index for _, _, s in leaves.values() for d in s.device_set}
         process.update({d.id: d.process_index for d in ([] if mesh is None else mesh.devices.flat)})
         per_device = []
         for device in device_ids:
             held = [r["bytes_per_device"][device] for r in rows if device in r["bytes_per_device"]]
-            per_device.append({"device": device, "coords": coords[device], "process": process[device],
-                               "arrays": len(held), "bytes": sum(held)})
+            per_device.append(
+                {
+                    "device": device,
+                    "coords": coords[device],
+                    "process": process[device],
+                    "arrays": len(held),
+                    "bytes": sum(held),
+                }
+            )
         self.per_device = tuple(per_device)
 
         leaf_columns = (
-            Column("path", "path"), Column("shape", "shape", fmt_shape), Column("dtype", "dtype"),
-            Column("bytes", "bytes", fmt_int, "right"), Column("spec", "spec"),
-            Column("shard_shape", "shard", fmt_shape), Column("shards", "pieces", str, "right"),
+            Column("path", "path"),
+            Column("shape", "shape", fmt_shape),
+            Column("dtype", "dtype"),
+            Column("bytes", "bytes", fmt_int, "right"),
+            Column("spec", "spec"),
+            Column("shard_shape", "shard", fmt_shape),
+            Column("shards", "pieces", str, "right"),
             Column("replication", "copies", str, "right"),
             Column("max_device_bytes", "per device", fmt_int, "right"),
         )
         device_columns = (
-            Column("device", "device", str, "right"), Column("coords", "mesh position"),
-            Column("arrays", "arrays", str, "right"), Column("bytes", "bytes", fmt_int, "right"),
+            Column("device", "device", str, "right"),
+            Column("coords", "mesh position"),
+            Column("arrays", "arrays", str, "right"),
+            Column("bytes", "bytes", fmt_int, "right"),
             Column("bytes", "", fmt_bytes, "right"),
         )
         if len(set(process.values())) > 1:
@@ -163,7 +184,9 @@ class ShardingReport(Report):
         )
         self.notes = (
             f"total {fmt_int(total)} bytes; held on devices {fmt_int(held)} bytes "
-            f"({held / total:.2f}x: replicas counted)" if total else "total 0 bytes",
+            f"({held / total:.2f}x: replicas counted)"
+            if total
+            else "total 0 bytes",
         )
 
     def _leaf(self, leaf: str | None) -> str:
@@ -186,9 +209,9 @@ class ShardingReport(Report):
             return [""], [f"device {i}" for i in ids[0]], ids
         names = [n for n in mesh.axis_names if mesh.shape[n] > 1] or [mesh.axis_names[0]]
         ids = np.vectorize(lambda d: d.id, otypes=[int])(mesh.devices)
-        ids = ids.transpose([mesh.axis_names.index(n) for n in names] + [
-            i for i, n in enumerate(mesh.axis_names) if n not in names
-        ]).reshape([mesh.shape[n] for n in names])
+        ids = ids.transpose(
+            [mesh.axis_names.index(n) for n in names] + [i for i, n in enumerate(mesh.axis_names) if n not in names]
+        ).reshape([mesh.shape[n] for n in names])
         if ids.ndim == 1:
             return [""], [f"{names[0]}={i}" for i in range(ids.shape[0])], ids[None]
         cols = [" ".join(f"{n}={c}" for n, c in zip(names[1:], idx)) for idx in np.ndindex(*ids.shape[1:])]
@@ -200,8 +223,10 @@ class ShardingReport(Report):
         shape, dtype, s = self._leaves[path]
         where = self.placements[path]
         rows, cols, ids = self._grid(path)
-        cells = [[f"d{i} [{fmt_index(where.indices[i], shape)}]" if i in where.indices else f"d{i} -" for i in r]
-                 for r in ids]
+        cells = [
+            [f"d{i} [{fmt_index(where.indices[i], shape)}]" if i in where.indices else f"d{i} -" for i in r]
+            for r in ids
+        ]
         widths = [max(len(c) for c in [cols[j]] + [r[j] for r in cells]) for j in range(len(cols))]
         lead = max(len(r) for r in rows)
         lines = [
@@ -218,8 +243,9 @@ class ShardingReport(Report):
         """A matplotlib Figure: bytes per device (bars), or with ``leaf`` that leaf's placement grid."""
         if leaf is None:
             labels = [f"{r['device']}\n{r['coords'].replace(' ', chr(10))}" for r in self.per_device]
-            return plots.bars(labels, [r["bytes"] for r in self.per_device], title=self.title,
-                              xlabel="device", ylabel="bytes")
+            return plots.bars(
+                labels, [r["bytes"] for r in self.per_device], title=self.title, xlabel="device", ylabel="bytes"
+            )
         path = self._leaf(leaf)
         shape, _, _ = self._leaves[path]
         where = self.placements[path]
@@ -253,6 +279,7 @@ def sharding(tree_or_array: Any, mesh: Mesh | None = None) -> ShardingReport:
     if not leaves:
         raise ValueError("nothing to inspect: the tree has no arrays")
     if mesh is None:  # an AbstractMesh names no devices: fall back to a plain device list
-        mesh = next((s.mesh for _, _, s in leaves.values() if isinstance(s, NamedSharding)
-                     and isinstance(s.mesh, Mesh)), None)
+        mesh = next(
+            (s.mesh for _, _, s in leaves.values() if isinstance(s, NamedSharding) and isinstance(s.mesh, Mesh)), None
+        )
     return ShardingReport(leaves, mesh)

@@ -22,18 +22,34 @@ from workbench.trees import check_matches, leaf_paths, variables
 _SLOT_FIELDS = ("positions", "tokens", "lengths", "active", "rng")
 
 
-def _row(collection: str, path: str, kind: str, axes: Any, shape: tuple, dtype: Any,
-         actual: Any, expected: NamedSharding, declared: Any) -> dict[str, Any]:
+def _row(
+    collection: str,
+    path: str,
+    kind: str,
+    axes: Any,
+    shape: tuple,
+    dtype: Any,
+    actual: Any,
+    expected: NamedSharding,
+    declared: Any,
+) -> dict[str, Any]:
     ndim = len(shape)
     sharding = actual if actual is not None else expected  # abstract leaves: where the rules put them
     where = placement(shape, dtype, sharding)
     return {
-        "collection": collection, "path": path, "type": kind, "shape": shape, "dtype": str(dtype),
-        "bytes": nbytes(shape, dtype), "axes": tuple(axes) if axes else None,
-        "declared_spec": fmt_spec(declared, ndim), "spec": fmt_spec(expected.spec, ndim),
+        "collection": collection,
+        "path": path,
+        "type": kind,
+        "shape": shape,
+        "dtype": str(dtype),
+        "bytes": nbytes(shape, dtype),
+        "axes": tuple(axes) if axes else None,
+        "declared_spec": fmt_spec(declared, ndim),
+        "spec": fmt_spec(expected.spec, ndim),
         "actual_spec": describe_sharding(actual, ndim) if actual is not None else None,
         "mismatch": None if actual is None else not actual.is_equivalent_to(expected, ndim),
-        "devices": where.devices, "replication": where.replication,
+        "devices": where.devices,
+        "replication": where.replication,
         "bytes_per_device": dict(where.bytes_per_device),
     }
 
@@ -91,19 +107,35 @@ class StateReport(Report):
         def check(row: dict[str, Any]) -> str:
             return "abstract" if row["mismatch"] is None else ("MISMATCH" if row["mismatch"] else "ok")
 
-        shown = [{**r, "check": check(r), "n_devices": len(r["devices"]),
-                  "rules": r["spec"] + ("*" if r["spec"] != r["declared_spec"] else "")} for r in rows]
+        shown = [
+            {
+                **r,
+                "check": check(r),
+                "n_devices": len(r["devices"]),
+                "rules": r["spec"] + ("*" if r["spec"] != r["declared_spec"] else ""),
+            }
+            for r in rows
+        ]
         columns = (
-            Column("collection", "collection", repeat=False), Column("path", "path"), Column("type", "type"),
-            Column("shape", "shape", fmt_shape), Column("dtype", "dtype"), Column("bytes", "bytes", fmt_int, "right"),
-            Column("axes", "logical axes", fmt_axes), Column("rules", "rules give"),
-            Column("actual_spec", "actual", lambda s: "-" if s is None else s), Column("check", "check"),
-            Column("n_devices", "devices", str, "right"), Column("replication", "copies", str, "right"),
+            Column("collection", "collection", repeat=False),
+            Column("path", "path"),
+            Column("type", "type"),
+            Column("shape", "shape", fmt_shape),
+            Column("dtype", "dtype"),
+            Column("bytes", "bytes", fmt_int, "right"),
+            Column("axes", "logical axes", fmt_axes),
+            Column("rules", "rules give"),
+            Column("actual_spec", "actual", lambda s: "-" if s is None else s),
+            Column("check", "check"),
+            Column("n_devices", "devices", str, "right"),
+            Column("replication", "copies", str, "right"),
         )
         total_rows = tuple({"collection": k, **v} for k, v in self.totals.items())
         total_columns = (
-            Column("collection", "collection"), Column("arrays", "arrays", str, "right"),
-            Column("bytes", "bytes", fmt_int, "right"), Column("bytes", "", fmt_bytes, "right"),
+            Column("collection", "collection"),
+            Column("arrays", "arrays", str, "right"),
+            Column("bytes", "bytes", fmt_int, "right"),
+            Column("bytes", "", fmt_bytes, "right"),
             Column("device_bytes", "on all devices", fmt_bytes, "right"),
             Column("max_device_bytes", "max per device", fmt_bytes, "right"),
         )

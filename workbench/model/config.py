@@ -73,9 +73,7 @@ class ModelConfig:
             value = getattr(self, name)
             check_int(f"ModelConfig.{name}", value, positive=True)
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
-            )
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"ModelConfig.{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
@@ -121,31 +119,35 @@ class ModelConfig:
     @classmethod
     def tiny(cls, **changes: Any) -> "ModelConfig":
         """The default model: byte-level vocabulary (256 bytes + BOS/EOS/PAD), about 0.8M params."""
+        # fmt: off
         base = cls(
-            vocab_size=384, embed_dim=128, num_layers=4, num_heads=8, num_kv_heads=4, head_dim=16,
-            mlp_dim=384, rope_theta=10_000.0, tie_embeddings=True, bos_id=BYTE_BOS, eos_ids=(BYTE_EOS,),
-            pad_id=BYTE_PAD,
+            vocab_size=384, embed_dim=128, num_layers=4, num_heads=8, num_kv_heads=4, head_dim=16, mlp_dim=384,
+            rope_theta=10_000.0, tie_embeddings=True, bos_id=BYTE_BOS, eos_ids=(BYTE_EOS,), pad_id=BYTE_PAD,
         )
+        # fmt: on
         return base.replace(**changes)
 
     @classmethod
     def llama_56m(cls, **changes: Any) -> "ModelConfig":
         """The benchmark model: hidden 512, 8 layers, 8 heads / 4 kv heads, MLP 1408, vocab 32000."""
+        # fmt: off
         base = cls(
-            vocab_size=32000, embed_dim=512, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64,
-            mlp_dim=1408, rope_theta=10_000.0, bos_id=1, eos_ids=(2,), pad_id=0,
+            vocab_size=32000, embed_dim=512, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64, mlp_dim=1408,
+            rope_theta=10_000.0, bos_id=1, eos_ids=(2,), pad_id=0,
         )
+        # fmt: on
         return base.replace(**changes)
 
     @classmethod
     def llama3_1b(cls, **changes: Any) -> "ModelConfig":
         """The shape of Llama-3.2-1B (rope scaling, tied embeddings), for sharding and memory studies."""
+        # fmt: off
         base = cls(
             vocab_size=128256, embed_dim=2048, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
-            mlp_dim=8192, rope_theta=500_000.0, rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192),
-            tie_embeddings=True, bos_id=128000, eos_ids=(128001, 128008, 128009), pad_id=0,
-            param_dtype="bfloat16", dtype="bfloat16",
+            mlp_dim=8192, rope_theta=500_000.0, rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192), tie_embeddings=True,
+            bos_id=128000, eos_ids=(128001, 128008, 128009), pad_id=0, param_dtype="bfloat16", dtype="bfloat16",
         )
+        # fmt: on
         return base.replace(**changes)
 
 

@@ -90,7 +90,10 @@ def sliced_products(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array
 
 
 VARIANTS: dict[str, Callable[..., jax.Array]] = {
-    "reference": reference, "stacked": stacked, "block_diagonal": block_diagonal, "sliced_products": sliced_products,
+    "reference": reference,
+    "stacked": stacked,
+    "block_diagonal": block_diagonal,
+    "sliced_products": sliced_products,
 }
 
 

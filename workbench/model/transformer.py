@@ -38,7 +38,9 @@ class Transformer(nnx.Module):
         self.config = config
         self.embed = Embed(config, rngs=rngs)
         self.rope = Rotary(config)
-        self.layers = nnx.List([Block(config, rngs=rngs, cache=cache, kernels=kernels) for _ in range(config.num_layers)])
+        self.layers = nnx.List(
+            [Block(config, rngs=rngs, cache=cache, kernels=kernels) for _ in range(config.num_layers)]
+        )
         self.final_norm = RMSNorm(config, rngs=rngs)
         if not config.tie_embeddings:
             self.lm_head = param(rngs, (config.embed_dim, config.vocab_size), ("embed", "vocab"), config.weight_dtype)

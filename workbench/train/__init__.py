@@ -67,7 +67,22 @@ from workbench.train.loop import (
 )
 
 __all__ = [
-    "DEFAULT_MODEL_DIR", "EXCLUDED_DIRS", "HELD_OUT_MODULUS", "Corpus", "TrainConfig", "build_model", "corpus_files",
-    "encode_files", "evaluate", "greedy_continuation", "is_held_out", "load_corpus", "make_loss", "make_optimizer",
-    "random_windows", "spaced_windows", "stdlib_root", "train",
+    "DEFAULT_MODEL_DIR",
+    "EXCLUDED_DIRS",
+    "HELD_OUT_MODULUS",
+    "Corpus",
+    "TrainConfig",
+    "build_model",
+    "corpus_files",
+    "encode_files",
+    "evaluate",
+    "greedy_continuation",
+    "is_held_out",
+    "load_corpus",
+    "make_loss",
+    "make_optimizer",
+    "random_windows",
+    "spaced_windows",
+    "stdlib_root",
+    "train",
 ]

@@ -15,8 +15,17 @@ import numpy as np
 from workbench.model.config import BYTE_BOS, BYTE_EOS
 
 EXCLUDED_DIRS = frozenset(
-    {"site-packages", "test", "tests", "idle_test", "__pycache__", "encodings", "pydoc_data", "lib-dynload",
-     "__phello__"}
+    {
+        "site-packages",
+        "test",
+        "tests",
+        "idle_test",
+        "__pycache__",
+        "encodings",
+        "pydoc_data",
+        "lib-dynload",
+        "__phello__",
+    }
 )
 HELD_OUT_MODULUS = 10
 
@@ -76,8 +85,12 @@ def load_corpus(root: Path | None = None, *, bos: int = BYTE_BOS, eos: int = BYT
     held_out_files = tuple(f for f in files if is_held_out(f))
     if not train_files or not held_out_files:
         raise ValueError(f"the corpus under {root} is too small to split ({len(files)} files)")
-    return Corpus(encode_files(root, train_files, bos, eos), encode_files(root, held_out_files, bos, eos),
-                  train_files, held_out_files)
+    return Corpus(
+        encode_files(root, train_files, bos, eos),
+        encode_files(root, held_out_files, bos, eos),
+        train_files,
+        held_out_files,
+    )
 
 
 def random_windows(stream: np.ndarray, rng: np.random.Generator, batch: int, seq_len: int) -> np.ndarray:

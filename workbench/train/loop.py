@@ -59,9 +59,13 @@ class TrainConfig:
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, config.peak_lr, config.warmup_steps, max(config.steps, config.warmup_steps + 1),
+        0.0,
+        config.peak_lr,
+        config.warmup_steps,
+        max(config.steps, config.warmup_steps + 1),
         end_value=config.peak_lr * config.final_lr_fraction,
     )
+
     def decay_matrices(params: nnx.State) -> Any:
         # Norm scales (1-D) are not decayed: pulling them toward 0 would fight the normalisation.
         return jax.tree.map(lambda p: p.ndim >= 2, params)
@@ -115,12 +119,19 @@ def train(
         params, opt_state, loss = train_step(params, opt_state, jnp.asarray(windows))
         recent.append(loss)
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            row = {"step": step + 1, "seq_len": seq_len, "train_loss": float(np.mean(jax.device_get(recent))),
-                   "held_out_loss": float(eval_loss(params, held_out)), "seconds": time.perf_counter() - start}
+            row = {
+                "step": step + 1,
+                "seq_len": seq_len,
+                "train_loss": float(np.mean(jax.device_get(recent))),
+                "held_out_loss": float(eval_loss(params, held_out)),
+                "seconds": time.perf_counter() - start,
+            }
             history.append(row)
             recent = []
-            log(f"step {row['step']:5d}  T={seq_len:4d}  train {row['train_loss']:.4f}  "
-                f"held-out {row['held_out_loss']:.4f}  {row['seconds']:7.1f}s")
+            log(
+                f"step {row['step']:5d}  T={seq_len:4d}  train {row['train_loss']:.4f}  "
+                f"held-out {row['held_out_loss']:.4f}  {row['seconds']:7.1f}s"
+            )
     return params, history
 
 
@@ -136,8 +147,11 @@ def evaluate(
         total += np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, chunk[:, 1:]).sum(0))
     losses = total / windows
     quarter = max(1, seq_len // 4)
-    return {"loss": float(losses.mean()), "first_quarter": float(losses[:quarter].mean()),
-            "last_quarter": float(losses[-quarter:].mean())}
+    return {
+        "loss": float(losses.mean()),
+        "first_quarter": float(losses[:quarter].mean()),
+        "last_quarter": float(losses[-quarter:].mean()),
+    }
 
 
 def greedy_continuation(engine: Engine, params: nnx.State, prompt: str, max_new_tokens: int = 64) -> str:
