@@ -23,6 +23,7 @@ import workbench
 from helpers import lively_arrays  # tests/ is this script's directory, first on sys.path
 from workbench import distributed
 from workbench.engine.scheduler import run_requests
+from workbench.trees import leaf_paths
 
 # The CLI in-process: only process 0 prints, and prints what one process would.
 CLI = [
@@ -131,7 +132,7 @@ def hf_import(hf_dir: str, out: dict) -> None:
     finally:
         hf.read_region = original
     out["hf_read/elements"] = np.asarray(sum(read))
-    for path, leaf in workbench.engine.engine.leaf_paths(params).items():
+    for path, leaf in leaf_paths(params).items():
         out[f"hf/{path}"] = distributed.host_value(leaf)
 
 
@@ -149,7 +150,7 @@ def run(out_dir: str, restore_dir: str, hf_dir: str) -> None:
     _, restored = workbench.load(
         restore_dir, mesh={"data": 2, "tensor": 4}, decode_batch_size=4, max_prefill_length=32, max_target_length=64
     )
-    for path, leaf in workbench.engine.engine.leaf_paths(restored).items():
+    for path, leaf in leaf_paths(restored).items():
         assert leaf.is_fully_addressable == (jax.process_count() == 1), path  # split between the processes
         out[f"restored/{path}"] = distributed.host_value(leaf)
     hf_import(hf_dir, out)

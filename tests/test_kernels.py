@@ -60,9 +60,10 @@ def test_a_reference_model_gives_the_tuned_models_logits(engine):
             # a cache of 200: key buckets 128 and 200, so decode reads a sliced prefix
             model = workbench.Transformer(engine.config, rngs=nnx.Rngs(0), cache=(2, 200), kernels=kind)
         nnx.update(model, jax.device_get(params))
+        forward = nnx.jit(lambda model, tokens, positions: model(tokens, positions))  # compiled: eager is slow
         positions = np.broadcast_to(np.arange(20), (2, 20))
-        prompt = model(tokens[:, :19], positions[:, :19])
-        step = model(tokens[:, 19:], positions[:, 19:])  # one query per row against the cache
+        prompt = forward(model, tokens[:, :19], positions[:, :19])
+        step = forward(model, tokens[:, 19:], positions[:, 19:])  # one query per row against the cache
         return np.asarray(prompt), np.asarray(step)
 
     for want, got in zip(logits("reference"), logits("xla_cpu")):

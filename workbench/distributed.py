@@ -29,6 +29,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from workbench.checks import check_int
+
 # The variables JAX itself reads (JAX_COORDINATOR_ADDRESS) or that the launcher sets for it.
 COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 # How long a process waits for a silent peer before failing (JAX's default is 100 s): a peer
@@ -72,8 +74,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if coordinator is not None and not re.fullmatch(r"\[?[\w.:-]+\]?:\d{1,5}", coordinator):
         raise ValueError(f"coordinator must be HOST:PORT (say 127.0.0.1:1234), got {coordinator!r}")
     for name, value in (("num_processes", num_processes), ("process_id", process_id)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value is not None:
+            check_int(name, value)
     if num_processes is not None and num_processes < 1:
         raise ValueError(f"num_processes must be positive, got {num_processes}")
     if process_id is not None and process_id < 0:
