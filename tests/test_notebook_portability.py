@@ -23,7 +23,7 @@ def test_a_notebook_matches_its_stored_outputs_under_a_narrower_isa():
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(("--xla_cpu_max_isa", "--xla_force_host"))]
     env["XLA_FLAGS"] = " ".join([*flags, NARROW_ISA])
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", NOTEBOOK],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", NOTEBOOK],
         cwd=ROOT,
         env=env,
         capture_output=True,
