@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from workbench.checks import check_not_donated
 from workbench.distributed import host_value, spans_processes
 from workbench.engine import DecodeState, Prefix
 from workbench.inspect.kv_report import kv_source
@@ -37,8 +38,7 @@ def snapshot(tree: T) -> T:
     def copy(x: Any) -> Any:
         if not isinstance(x, jax.Array):
             return x
-        if x.is_deleted():
-            raise ValueError("cannot snapshot a donated (deleted) array: snapshot the state before insert/generate")
+        check_not_donated(x, "an array to snapshot")
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             x = jax.random.key_data(x)
         return np.array(host_value(x), copy=True)  # an array spanning processes is gathered (a collective)
