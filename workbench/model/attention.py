@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from workbench.model import kernels
+from workbench.model import kernels, quant
 from workbench.model.config import ModelConfig
 from workbench.model.layers import apply_rope, param
 
@@ -72,7 +72,7 @@ class Attention(nnx.Module):
             self.q_bias = param(rngs, (n, h), ("heads", "head_dim"), w, init="zeros")
             self.k_bias = param(rngs, (k, h), ("kv_heads", "head_dim"), w, init="zeros")
             self.v_bias = param(rngs, (k, h), ("kv_heads", "head_dim"), w, init="zeros")
-        self.cache = KVCache(config, *cache) if cache is not None else None
+        self.cache = None if cache is None else (quant.Int8KVCache if config.kv_cache_dtype else KVCache)(config, *cache)
         self.qkv_bias = config.qkv_bias
         self.window = config.sliding_window
         self.groups = n // k
@@ -80,7 +80,7 @@ class Attention(nnx.Module):
         self.kernels = kernels
 
     def _project(self, x: jax.Array, name: str) -> jax.Array:
-        out = jnp.einsum("BTD,DNH->BTNH", x, getattr(self, name)[...].astype(self.dtype))
+        out = quant.einsum("BTD,DNH->BTNH", x, getattr(self, name), self.dtype)
         if self.qkv_bias:
             out = out + getattr(self, f"{name}_bias")[...].astype(self.dtype)
         return out
@@ -99,8 +99,7 @@ class Attention(nnx.Module):
             out = self._attend_cache(q, k, v, positions)
         # One contracting dim (N*H): given "BTNH,NHD", XLA orders the two as (H, N) and transposes
         # the o weights into that order on every call.
-        o = self.o[...].astype(self.dtype).reshape(n * h, -1)
-        return jnp.einsum("BTX,XD->BTD", out.reshape(b, t, n * h), o)
+        return quant.einsum("BTX,XD->BTD", out.reshape(b, t, n * h), self.o, self.dtype, shape=(n * h, -1))
 
     def _attend_cache(self, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array) -> jax.Array:
         """Attention over the first L cache positions, L the smallest bucket covering every live query."""

@@ -8,6 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from workbench.checks import check_int
+from workbench.model import quant
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # The byte vocabulary layout (the default model's; ``ByteTokenizer`` and training read it here):
@@ -47,6 +48,8 @@ class ModelConfig:
       dtype: compute dtype (activations and KV cache), "float32" or "bfloat16".
       param_dtype: parameter storage dtype.
       bos_id / eos_ids / pad_id: special token ids (metadata for tokenizers and the CLI).
+      quantize: None (float weights), "w8", "w8a8" or "w4"; see ``model.quant``.
+      kv_cache_dtype: None (the compute dtype) or "int8" (with a scale per position and kv head).
     """
 
     vocab_size: int
@@ -67,6 +70,8 @@ class ModelConfig:
     bos_id: int | None = None
     eos_ids: tuple[int, ...] = ()
     pad_id: int = 0
+    quantize: str | None = None
+    kv_cache_dtype: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
@@ -77,6 +82,8 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"ModelConfig.{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
+        quant.check_mode(self.quantize)
+        quant.check_kv_cache_dtype(self.kv_cache_dtype)
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be positive or None, got {self.sliding_window}")
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from workbench.model import quant
 from workbench.model.config import ModelConfig, RopeScaling
 
 INIT_STD = 0.02
@@ -39,10 +40,10 @@ class Embed(nnx.Module):
         self.dtype = config.compute_dtype
 
     def __call__(self, tokens: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
-        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+        return quant.lookup(self.embedding, tokens, self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V]
-        return jnp.einsum("BTD,VD->BTV", x, self.embedding[...].astype(self.dtype))
+        return quant.einsum("BTD,VD->BTV", x, self.embedding, self.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -108,6 +109,6 @@ class MLP(nnx.Module):
         self.dtype = config.compute_dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D]
-        gate = jnp.einsum("BTD,DF->BTF", x, self.gate[...].astype(self.dtype))
-        up = jnp.einsum("BTD,DF->BTF", x, self.up[...].astype(self.dtype))
-        return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, self.down[...].astype(self.dtype))
+        gate = quant.einsum("BTD,DF->BTF", x, self.gate, self.dtype)
+        up = quant.einsum("BTD,DF->BTF", x, self.up, self.dtype)
+        return quant.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, self.down, self.dtype)

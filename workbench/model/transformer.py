@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from workbench.model import quant
 from workbench.model.attention import Attention
 from workbench.model.config import ModelConfig
 from workbench.model.layers import MLP, Embed, RMSNorm, Rotary, param
@@ -44,6 +45,7 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(config, rngs=rngs)
         if not config.tie_embeddings:
             self.lm_head = param(rngs, (config.embed_dim, config.vocab_size), ("embed", "vocab"), config.weight_dtype)
+        quant.quantize_model(self, config.quantize)  # a no-op for float weights
 
     def __call__(
         self, tokens: jax.Array, positions: jax.Array | None = None, *, logits_at: jax.Array | None = None
@@ -66,6 +68,6 @@ class Transformer(nnx.Module):
         if self.config.tie_embeddings:
             logits = self.embed.attend(x)
         else:
-            logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype))
+            logits = quant.einsum("BTD,DV->BTV", x, self.lm_head, x.dtype)
         logits = logits.astype(jnp.float32)
         return logits if logits_at is None else logits[:, 0]

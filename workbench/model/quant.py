@@ -1,0 +1,253 @@
+"""Quantized weights and KV cache: the rule table, the one weight product, the int8 cache.
+
+Every weight product of the model (attention q/k/v/o, MLP gate/up/down, the vocabulary
+projection) goes through :func:`einsum`, and the token lookup through :func:`lookup`. A float
+weight is an ``nnx.Param`` and takes exactly the path it took before quantization existed (same
+program); a quantized one is a :class:`QuantizedWeight` holding integer ``values`` and float32
+``scale`` params, made from the float weight by :func:`quantize_model` (the last step of
+``Transformer.__init__``) or :func:`quantize_params` (a float pure dict, leaf by leaf).
+
+Modes (``ModelConfig.quantize``):
+
+========  =======================================================================================
+``w8``    int8 weights, one float32 scale per output channel; the activations stay in the
+          compute dtype (the int8 weights are converted before a float product: it saves
+          memory, not time, on XLA:CPU, which does not fuse the convert into the dot).
+``w8a8``  ``w8`` plus activations quantized to int8 per token on the fly: int8 x int8 products
+          accumulated in int32 (``preferred_element_type``), then both scales applied in f32.
+``w4``    int4 weights with one scale per group of :data:`GROUP` input rows; dequantized before a
+          float product (an int4 dot does not pay on this jaxlib). The vocabulary projection
+          stays ``w8`` (:data:`RULES`).
+========  =======================================================================================
+
+Why our own einsum and not qwix 0.1.8: qwix composes with split / merge, but its weight-only
+path dequantizes before a float dot (measured 69 ms against f32's 24 ms on six blocks), and the
+int8 x int8 product it reaches for w8a8 is the few lines of :meth:`QuantizedWeight.product`;
+owning them keeps the default float path's program unchanged and the scales visible as params.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from workbench import trees
+
+MODES = ("w8", "w8a8", "w4")
+KV_CACHE_DTYPES = ("int8",)
+GROUP = 32  # w4: input rows that share one scale
+INT_MAX = {"w8": 127, "w8a8": 127, "w4": 7}
+STORAGE = {"w8": jnp.int8, "w8a8": jnp.int8, "w4": jnp.int4}
+
+# The rule table, written once: leaf path pattern -> (contracting axes of the weight, the mode
+# each requested mode applies to it). The contracting axes are the ones the product sums over;
+# the scale has one entry per position of the other (output) axes.
+RULES: tuple[tuple[str, tuple[int, ...], dict[str, str]], ...] = (
+    (r"layers/\d+/attn/[qkv]", (0,), {"w8": "w8", "w8a8": "w8a8", "w4": "w4"}),  # [D, N|K, H]
+    (r"layers/\d+/attn/o", (0, 1), {"w8": "w8", "w8a8": "w8a8", "w4": "w4"}),  # [N, H, D]
+    (r"layers/\d+/mlp/(gate|up|down)", (0,), {"w8": "w8", "w8a8": "w8a8", "w4": "w4"}),  # [D, F] / [F, D]
+    # The vocabulary projection (tied embedding [V, D] or lm_head [D, V]) stays int8 under w4.
+    (r"embed/embedding", (1,), {"w8": "w8", "w8a8": "w8a8", "w4": "w8"}),
+    (r"lm_head", (0,), {"w8": "w8", "w8a8": "w8a8", "w4": "w8"}),
+)
+
+
+def check_mode(quantize: str | None) -> None:
+    if quantize is not None and quantize not in MODES:
+        raise ValueError(f"quantize must be one of none, {', '.join(MODES)}; got {quantize!r}")
+
+
+def check_kv_cache_dtype(kv_cache_dtype: str | None) -> None:
+    if kv_cache_dtype is not None and kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of auto, {', '.join(KV_CACHE_DTYPES)}; got {kv_cache_dtype!r}")
+
+
+def rule(path: str, quantize: str | None) -> tuple[tuple[int, ...], str] | None:
+    """(contracting axes, applied mode) for the leaf ``path`` under ``quantize``; None: kept float."""
+    if quantize is None:
+        return None
+    for pattern, contract, modes in RULES:
+        if re.fullmatch(pattern, path) and modes.get(quantize):
+            return contract, modes[quantize]
+    return None
+
+
+# ---- quantizing a weight -----------------------------------------------------------------------
+def quantize_array(w: jax.Array, contract: tuple[int, ...], mode: str) -> tuple[jax.Array, jax.Array]:
+    """(values, scale) of the float weight ``w``: symmetric, round to nearest.
+
+    scale [G, *kept]: the output axes (``w``'s axes but ``contract``) with, first, G groups of the
+    contracting axes (G = 1 per output channel; for w4 the contracting axes, which lead, are cut
+    into blocks of ``GROUP``). values = round(w / scale), so w ~ values * scale.
+    """
+    w = w.astype(jnp.float32)
+    kept = [a for a in range(w.ndim) if a not in contract]
+    moved = jnp.transpose(w, (*contract, *kept))  # [C..., kept...]
+    kept_shape = moved.shape[len(contract) :]
+    size = 1
+    for a in contract:
+        size *= w.shape[a]
+    groups = size // GROUP if mode == "w4" else 1
+    if mode == "w4" and (contract != tuple(range(len(contract))) or size % GROUP):
+        raise ValueError(f"w4 needs the group size {GROUP} to divide the contracting size {size} of shape {w.shape}")
+    blocks = moved.reshape(groups, size // groups, *kept_shape)
+    scale = jnp.max(jnp.abs(blocks), axis=1) / INT_MAX[mode]  # [G, *kept]
+    scale = jnp.where(scale == 0, 1.0, scale)
+    values = jnp.clip(jnp.round(blocks / scale[:, None]), -INT_MAX[mode], INT_MAX[mode])
+    values = jnp.transpose(values.reshape(moved.shape), _inverse((*contract, *kept)))
+    return values.astype(STORAGE[mode]), scale
+
+
+def dequantize(values: jax.Array, scale: jax.Array, contract: tuple[int, ...]) -> jax.Array:
+    """The float32 weight ``values * scale`` (the inverse of :func:`quantize_array` up to rounding)."""
+    kept = [a for a in range(values.ndim) if a not in contract]
+    moved = jnp.transpose(values, (*contract, *kept))
+    blocks = moved.reshape(scale.shape[0], -1, *scale.shape[1:]).astype(jnp.float32) * scale[:, None]
+    return jnp.transpose(blocks.reshape(moved.shape), _inverse((*contract, *kept)))
+
+
+def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(sorted(range(len(perm)), key=lambda i: perm[i]))
+
+
+class QuantizedWeight(nnx.Module):
+    """A quantized weight: ``values`` (int8 / int4, the float weight's shape and logical axes) and
+    ``scale`` (float32 [G, *output axes]); see :func:`quantize_array`."""
+
+    def __init__(self, weight: nnx.Param, contract: tuple[int, ...], mode: str):
+        values, scale = quantize_array(weight[...], contract, mode)
+        axes = weight.get_metadata().get("out_sharding") or (None,) * values.ndim
+        # The group axis of the scale shards like the first contracting axis (w4's groups are
+        # contiguous blocks of it); a size-1 axis is replicated by the rules.
+        scale_axes = (axes[contract[0]], *(axes[a] for a in range(values.ndim) if a not in contract))
+        self.values = nnx.Param(values, out_sharding=axes)
+        self.scale = nnx.Param(scale, out_sharding=scale_axes)
+        self.contract = contract
+        self.mode = mode
+
+    def dequantized(self, dtype) -> jax.Array:
+        return dequantize(self.values[...], self.scale[...], self.contract).astype(dtype)
+
+    def product(self, spec: str, x: jax.Array, dtype, shape: tuple[int, ...] | None) -> jax.Array:
+        """``einsum(spec, x, w)`` for this weight; ``shape``: the weight reshaped to it first (its
+        contracting axes merged, as the o projection does)."""
+        inputs, out = spec.split("->")
+        x_letters, w_letters = inputs.split(",")
+        if self.mode == "w4":
+            w = self.dequantized(dtype)
+            return jnp.einsum(spec, x, w if shape is None else w.reshape(shape))
+        values = self.values[...] if shape is None else self.values[...].reshape(shape)
+        kept = "".join(c for c in w_letters if c in out)
+        w_scale = _along(self.scale[0], kept, out)  # per output channel
+        if self.mode == "w8":
+            return (jnp.einsum(spec, x, values.astype(dtype)) * w_scale).astype(dtype)
+        # w8a8: x quantized per token (over the axes the product contracts), int32 accumulation.
+        summed = tuple(i for i, c in enumerate(x_letters) if c not in out)
+        x32 = x.astype(jnp.float32)
+        x_scale = jnp.max(jnp.abs(x32), axis=summed, keepdims=True) / 127
+        x_scale = jnp.where(x_scale == 0, 1.0, x_scale)
+        xq = jnp.round(x32 / x_scale).astype(jnp.int8)
+        acc = jnp.einsum(spec, xq, values, preferred_element_type=jnp.int32)
+        x_kept = "".join(c for c in x_letters if c in out)
+        x_scale = _along(jnp.squeeze(x_scale, summed), x_kept, out)
+        return (acc.astype(jnp.float32) * x_scale * w_scale).astype(dtype)
+
+
+def _along(scale: jax.Array, letters: str, out: str) -> jax.Array:
+    """``scale`` over the axes ``letters`` shaped to broadcast against an array of axes ``out``."""
+    order = sorted(range(len(letters)), key=lambda i: out.index(letters[i]))
+    scale = jnp.transpose(scale, order)
+    dims = iter(scale.shape)
+    return scale.reshape([next(dims) if c in letters else 1 for c in out])
+
+
+# ---- the call sites' functions -----------------------------------------------------------------
+def einsum(spec: str, x: jax.Array, w: nnx.Param | QuantizedWeight, dtype, shape=None) -> jax.Array:
+    """The one weight product: ``jnp.einsum(spec, x, w)`` in ``dtype``, ``w`` reshaped to ``shape``
+    first if given. A float param takes the plain einsum (the program of the unquantized model)."""
+    if isinstance(w, QuantizedWeight):
+        return w.product(spec, x, dtype, shape)
+    w = w[...].astype(dtype)
+    return jnp.einsum(spec, x, w if shape is None else w.reshape(shape))
+
+
+def lookup(table: nnx.Param | QuantizedWeight, tokens: jax.Array, dtype) -> jax.Array:
+    """Rows ``tokens`` of an embedding table [V, D], float or quantized (one scale per row)."""
+    if isinstance(table, QuantizedWeight):
+        rows = jnp.take(table.values[...], tokens, axis=0).astype(jnp.float32)
+        return (rows * jnp.take(table.scale[0], tokens, axis=0)[..., None]).astype(dtype)
+    return jnp.take(table[...], tokens, axis=0).astype(dtype)
+
+
+# ---- quantizing a model or its params ----------------------------------------------------------
+def quantize_model(model: nnx.Module, quantize: str | None) -> None:
+    """Replace, in place, every float param of ``model`` the rules name by a QuantizedWeight."""
+    if quantize is None:
+        return
+    for path, param in trees.variables(nnx.state(model, nnx.Param)).items():
+        if (applied := rule(path, quantize)) is not None:
+            *parents, name = [int(k) if k.isdigit() else k for k in path.split("/")]
+            parent = model
+            for key in parents:
+                parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+            setattr(parent, name, QuantizedWeight(param, *applied))
+
+
+def quantize_params(pure: dict, quantize: str | None, shardings: dict | None = None) -> dict:
+    """A float pure dict of params -> the quantized model's pure dict, leaf by leaf. ``pure`` is
+    consumed (emptied): each float leaf is let go as soon as its quantized form exists, so the
+    model is never held twice in full precision. ``shardings``: the quantized model's pure dict of
+    shardings, or None."""
+    flat = trees.leaf_paths(pure)
+    pure.clear()
+    targets = trees.leaf_paths(shardings) if shardings is not None else {}
+    out = {}
+    for path in list(flat):
+        leaf = flat.pop(path)
+        applied = rule(path, quantize)
+        if applied is None:
+            out[path] = leaf
+            continue
+        placed = (targets.get(f"{path}/values"), targets.get(f"{path}/scale")) if targets else None
+        fn = jax.jit(quantize_array, static_argnums=(1, 2), out_shardings=placed)
+        out[f"{path}/values"], out[f"{path}/scale"] = fn(leaf, *applied)
+        del leaf
+    return trees.nest(out)
+
+
+# ---- the int8 KV cache -------------------------------------------------------------------------
+def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [..., H] -> (int8 [..., H], float32 scale [...]): one scale per row (position, kv head)."""
+    x32 = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x32), axis=-1) / 127
+    scale = jnp.where(scale == 0, 1.0, scale)
+    return jnp.round(x32 / scale[..., None]).astype(jnp.int8), scale
+
+
+class Int8KVCache(nnx.Module):
+    """``attention.KVCache`` stored as int8 with a float32 scale per (position, kv head): keys and
+    values are quantized on write and handed back dequantized to the attention that reads them."""
+
+    def __init__(self, config, batch: int, length: int):
+        shape = (batch, length, config.num_kv_heads, config.head_dim)
+        axes = ("cache_batch", "cache_seq", "cache_kv_heads", "cache_head_dim")
+        self.k = nnx.Cache(jnp.zeros(shape, jnp.int8), out_sharding=axes)
+        self.v = nnx.Cache(jnp.zeros(shape, jnp.int8), out_sharding=axes)
+        self.k_scale = nnx.Cache(jnp.zeros(shape[:3], jnp.float32), out_sharding=axes[:3])
+        self.v_scale = nnx.Cache(jnp.zeros(shape[:3], jnp.float32), out_sharding=axes[:3])
+        self.dtype = config.compute_dtype
+
+    def update(self, k: jax.Array, v: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Write ``k, v`` [B, T, K, H] at ``positions`` [B, T]; return the whole cache [B, S, K, H]."""
+        rows = jnp.arange(k.shape[0])[:, None]
+        out = []
+        for name, new in (("k", k), ("v", v)):
+            values, scale = quantize_rows(new)
+            cache, scales = getattr(self, name), getattr(self, f"{name}_scale")
+            cache[...] = cache[...].at[rows, positions].set(values, mode="drop")
+            scales[...] = scales[...].at[rows, positions].set(scale, mode="drop")
+            out.append((cache[...].astype(jnp.float32) * scales[...][..., None]).astype(self.dtype))
+        return out[0], out[1]
