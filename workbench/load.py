@@ -11,12 +11,13 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from flax import nnx
 from jax.sharding import Mesh
 
 from workbench import trees
 from workbench.engine import Engine, Params
-from workbench.model import ModelConfig
-from workbench.sharding import make_mesh
+from workbench.model import ModelConfig, Transformer, quant
+from workbench.sharding import make_mesh, shardings_for
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"  # the one definition
 
@@ -32,6 +33,8 @@ def load(
     config: ModelConfig | None = None,
     seed: int = 0,
     progress: bool | None = None,
+    quantize: str | None = None,
+    kv_cache_dtype: str | None = None,
 ) -> tuple[Engine, Params]:
     """An engine and its params on ``mesh``; the tokenizer is ``engine.get_tokenizer()``.
 
@@ -47,7 +50,14 @@ def load(
       seed: the seed of random weights.
       progress: a progress bar on stderr while reading a Hugging Face checkpoint (None: only
         for large ones).
+      quantize: None (the checkpoint's weights as saved), "w8", "w8a8" or "w4" (``model.quant``):
+        float weights are quantized leaf by leaf as they load; a quantized checkpoint loads as it
+        was saved, and asking it for another mode is an error.
+      kv_cache_dtype: None (the compute dtype) or "int8".
     """
+    quant.check_mode(quantize)
+    quant.check_kv_cache_dtype(kv_cache_dtype)
+    modes = dict(quantize=quantize, kv_cache_dtype=kv_cache_dtype)
     mesh = make_mesh(mesh)
     shape = dict(
         decode_batch_size=decode_batch_size, max_prefill_length=max_prefill_length, max_target_length=max_target_length
@@ -57,7 +67,7 @@ def load(
     if checkpoint is None:
         from workbench.checkpoints.tokenizer import default_tokenizer
 
-        config = _with_dtype(config or ModelConfig.tiny(), dtype)
+        config = _with_dtype(config or ModelConfig.tiny(), dtype).replace(**modes)
         engine = Engine(config, mesh, tokenizer=default_tokenizer(config), **shape)
         return engine, engine.load_params(None, seed=seed)
     if config is not None:
@@ -78,16 +88,23 @@ def load(
             saved = ModelConfig.from_dict(manifest["model"])
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"corrupt workbench checkpoint {os.fspath(path)!r}: bad model config ({error})") from None
-        config = _with_dtype(saved, dtype)
+        if saved.quantize is not None and quantize not in (None, saved.quantize):
+            raise ValueError(
+                f"checkpoint {os.fspath(path)!r} is quantized {saved.quantize}: load it with quantize=None or "
+                f"{saved.quantize!r}, not {quantize!r}"
+            )
+        config = _with_dtype(saved, dtype).replace(quantize=quantize or saved.quantize, kv_cache_dtype=kv_cache_dtype)
         tokenizer = ckpt.tokenizer_from_manifest(manifest.get("tokenizer"), path, config)
         engine = Engine(config, mesh, tokenizer=tokenizer, **shape)
-        pure = ckpt.restore_params(path, engine.abstract_params, engine.param_shardings)
+        if saved.quantize is None:  # float weights, quantized as they load if asked
+            pure = _quantized(engine, ckpt.restore_params(path, *_float_target(engine)))
+        else:  # saved quantized: values and scales restore as they are
+            pure = ckpt.restore_params(path, engine.abstract_params, engine.param_shardings)
     elif ckpt.is_hf_checkpoint(path):
-        config = _with_dtype(ckpt.read_hf_config(path), dtype)
+        config = _with_dtype(ckpt.read_hf_config(path), dtype).replace(**modes)
         engine = Engine(config, mesh, tokenizer=ckpt.tokenizer_for_hf_dir(path, config), **shape)
-        pure = ckpt.load_hf_params(
-            path, engine.abstract_params, engine.param_shardings, config=config, progress=progress
-        )
+        pure = ckpt.load_hf_params(path, *_float_target(engine), config=config.replace(quantize=None), progress=progress)
+        pure = _quantized(engine, pure)
     else:
         raise ValueError(
             f"{os.fspath(path)!r} is neither a workbench checkpoint (workbench.json) "
@@ -98,6 +115,25 @@ def load(
 
 def _with_dtype(config: ModelConfig, dtype: str | None) -> ModelConfig:
     return config if dtype is None else config.replace(dtype=dtype, param_dtype=dtype)
+
+
+def _float_target(engine: Engine) -> tuple[Params, Params]:
+    """(abstract params, shardings) of the engine's model with float weights: what a float
+    checkpoint restores into before :func:`_quantized`. The engine's own when it is not quantized."""
+    if engine.config.quantize is None:
+        return engine.abstract_params, engine.param_shardings
+    float_config = engine.config.replace(quantize=None)
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: Transformer(float_config, rngs=nnx.Rngs(0)))
+    params = nnx.split(abstract, nnx.Param, ...)[1]
+    return params, shardings_for(params, engine.mesh, engine.rules)
+
+
+def _quantized(engine: Engine, pure: dict) -> dict:
+    """Float params quantized into the engine's shardings (leaf by leaf) when the engine is quantized."""
+    if engine.config.quantize is None:
+        return pure
+    return quant.quantize_params(pure, engine.config.quantize, nnx.to_pure_dict(engine.param_shardings))
 
 
 def _as_params(engine: Engine, pure: dict) -> Params:

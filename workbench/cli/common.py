@@ -19,6 +19,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, decode_batch: int =
     group.add_argument("--max-prefill-length", type=int, default=256, metavar="L")
     group.add_argument("--max-target-length", type=int, default=1024, metavar="T")
     group.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: the checkpoint's")
+    group.add_argument("--quantize", choices=("none", "w8", "w8a8", "w4"), default=None, help="default: the checkpoint's")
+    group.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto", help="auto: the compute dtype")
     group.add_argument(
         "--host-devices", type=int, default=None, metavar="N", help="simulate N CPU devices (applied before JAX starts)"
     )
@@ -65,6 +67,8 @@ def load_engine(args: argparse.Namespace, **overrides: Any):
         max_prefill_length=args.max_prefill_length,
         max_target_length=args.max_target_length,
         dtype=args.dtype,
+        quantize=None if args.quantize in (None, "none") else args.quantize,
+        kv_cache_dtype=None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype,
     )
     options.update(overrides)
     return workbench.load(args.checkpoint, **options)
