@@ -103,7 +103,7 @@ def load(
     elif ckpt.is_hf_checkpoint(path):
         config = _with_dtype(ckpt.read_hf_config(path), dtype).replace(**modes)
         engine = Engine(config, mesh, tokenizer=ckpt.tokenizer_for_hf_dir(path, config), **shape)
-        pure = ckpt.load_hf_params(path, *_float_target(engine), config=config.replace(quantize=None), progress=progress)
+        pure = ckpt.load_hf_params(path, *_float_target(engine), config=config, progress=progress)
         pure = _quantized(engine, pure)
     else:
         raise ValueError(

@@ -19,7 +19,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, decode_batch: int =
     group.add_argument("--max-prefill-length", type=int, default=256, metavar="L")
     group.add_argument("--max-target-length", type=int, default=1024, metavar="T")
     group.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: the checkpoint's")
-    group.add_argument("--quantize", choices=("none", "w8", "w8a8", "w4"), default=None, help="default: the checkpoint's")
+    group.add_argument("--quantize", choices=("none", "w8", "w8a8", "w4"), default=None, help="default: as saved")
     group.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto", help="auto: the compute dtype")
     group.add_argument(
         "--host-devices", type=int, default=None, metavar="N", help="simulate N CPU devices (applied before JAX starts)"

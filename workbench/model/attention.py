@@ -72,7 +72,7 @@ class Attention(nnx.Module):
             self.q_bias = param(rngs, (n, h), ("heads", "head_dim"), w, init="zeros")
             self.k_bias = param(rngs, (k, h), ("kv_heads", "head_dim"), w, init="zeros")
             self.v_bias = param(rngs, (k, h), ("kv_heads", "head_dim"), w, init="zeros")
-        self.cache = None if cache is None else (quant.Int8KVCache if config.kv_cache_dtype else KVCache)(config, *cache)
+        self.cache = None if cache is None else quant.cache_class(config, KVCache)(config, *cache)
         self.qkv_bias = config.qkv_bias
         self.window = config.sliding_window
         self.groups = n // k

@@ -227,6 +227,11 @@ def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.round(x32 / scale[..., None]).astype(jnp.int8), scale
 
 
+def cache_class(config, float_cache: type) -> type:
+    """The KV cache module for ``config.kv_cache_dtype``: ``float_cache`` (attention's) or int8."""
+    return Int8KVCache if config.kv_cache_dtype == "int8" else float_cache
+
+
 class Int8KVCache(nnx.Module):
     """``attention.KVCache`` stored as int8 with a float32 scale per (position, kv head): keys and
     values are quantized on write and handed back dequantized to the attention that reads them."""

@@ -1,0 +1,179 @@
+"""Quantized weights and the int8 KV cache (``workbench.model.quant``), against independent truths:
+a float32 forward over the dequantized weights (w8), a numpy statement of the quantize-multiply-
+scale arithmetic (w8a8), the uncached float forward (int8 cache), and the default model's
+held-out loss in float32 (accuracy)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import workbench
+from helpers import SHAPE, SMALL, assert_close, engine_for, lively_arrays, prefill, prompt
+from workbench import checkpoints, train, trees
+from workbench.cli import main
+from workbench.engine import steps
+from workbench.model import quant
+
+
+def ids(length, seed):  # token ids of SMALL's vocabulary
+    return [t % SMALL.vocab_size for t in prompt(length, seed)]
+
+
+def quantized_engine(config, mesh=None):
+    return engine_for(config, mesh or {"data": 1, "tensor": 2})
+
+
+@pytest.fixture(scope="module")
+def float_arrays():
+    return lively_arrays(engine_for(SMALL, {"data": 1}))
+
+
+def quantize(pure, mode, engine):
+    copy = jax.tree.map(lambda x: x, pure)
+    return engine.load_params(quant.quantize_params(copy, mode))
+
+
+def dequantized(params) -> dict:
+    """A quantized model's params as float32 weights (values * scale), the float model's tree."""
+    flat = trees.leaf_paths(params)
+    out = {}
+    for path, leaf in flat.items():
+        if path.endswith("/scale") and f"{path[:-6]}/values" in flat:
+            name = path[:-6]
+            contract = quant.rule(name, "w8")[0]
+            out[name] = quant.dequantize(flat[f"{name}/values"], leaf, contract)
+        elif not path.endswith("/values"):
+            out[path] = leaf
+    return trees.nest(out)
+
+
+def test_w8_equals_a_float_forward_over_its_dequantized_weights(float_arrays):
+    engine = quantized_engine(SMALL.replace(quantize="w8"))
+    params = quantize(float_arrays, "w8", engine)
+    leaves = trees.leaf_paths(params)
+    assert leaves["layers/0/attn/q/values"].dtype == jnp.int8 and leaves["embed/embedding/scale"].dtype == jnp.float32
+    reference = quantized_engine(SMALL)
+    tokens = np.asarray([ids(12, 0), ids(12, 1)])
+    expected = reference.forward(reference.load_params(dequantized(params)), tokens)
+    assert_close(engine.forward(params, tokens), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "spec, w_shape, contract, shape",
+    [("BTD,DNH->BTNH", (32, 4, 8), (0,), None), ("BTX,XD->BTD", (4, 8, 32), (0, 1), (32, -1)),
+     ("BTD,VD->BTV", (96, 32), (1,), None)],
+)  # fmt: skip
+def test_w8a8_equals_numpy_quantize_multiply_scale(spec, w_shape, contract, shape):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    x = rng.standard_normal((2, 3, 32)).astype(np.float32)
+    with nnx.use_eager_sharding(False):
+        weight = quant.QuantizedWeight(nnx.Param(jnp.asarray(w), out_sharding=(None,) * w.ndim), contract, "w8a8")
+    got = np.asarray(quant.einsum(spec, jnp.asarray(x), weight, jnp.float32, shape=shape))
+    values = np.asarray(weight.values[...]).astype(np.int64)
+    w_scale = np.asarray(weight.scale[...])[0]  # per output channel
+    if shape is not None:
+        values = values.reshape(shape)
+    # numpy: per-token int8 activations, an integer product, then both scales in float
+    x_scale = np.abs(x.astype(np.float64)).max(axis=-1, keepdims=True) / 127
+    xq = np.round(x / x_scale).astype(np.int64)
+    acc = np.einsum(spec, xq, values)
+    out_letters = spec.split("->")[1]
+    w_letters = spec.split("->")[0].split(",")[1]
+    kept = [c for c in w_letters if c in out_letters]
+    w_scale = w_scale.reshape([w_scale.shape[kept.index(c)] if c in kept else 1 for c in out_letters])
+    expected = acc * x_scale.reshape(x_scale.shape[:2] + (1,) * (acc.ndim - 2)) * w_scale
+    assert_close(got, expected, rtol=1e-6)
+    # the weight's own quantization: values within the int8 range, scale = max |w| / 127 per channel
+    assert np.abs(values).max() == 127
+    assert_close(quant.dequantize(weight.values[...], weight.scale[...], contract), w, rtol=1 / 254)
+
+
+def test_bad_modes_are_one_line_errors():
+    with pytest.raises(ValueError, match="quantize must be one of none, w8, w8a8, w4; got 'int3'"):
+        SMALL.replace(quantize="int3")
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, int8; got 'fp8'"):
+        workbench.load(config=SMALL, kv_cache_dtype="fp8")
+    # SMALL's MLP width 48 is no multiple of the w4 group (32)
+    with pytest.raises(ValueError, match="w4 needs the group size 32 to divide the contracting size 48"):
+        quantized_engine(SMALL.replace(quantize="w4"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--quantize", "w2"], "error: argument --quantize: invalid choice: 'w2'"),
+     (["--kv-cache-dtype", "int4"], "error: argument --kv-cache-dtype: invalid choice: 'int4'")],
+)  # fmt: skip
+def test_cli_rejects_an_unknown_mode(capsys, args, message):
+    assert main(["generate", *args, "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_int8_kv_cache_follows_the_uncached_forward(float_arrays):
+    engine = quantized_engine(SMALL.replace(kv_cache_dtype="int8"))
+    params = engine.load_params(float_arrays)
+    tokens = ids(12, 3)
+    prefix, first = prefill(engine, params, tokens)
+    cache = trees.leaf_paths(prefix.cache)
+    assert cache["layers/0/attn/cache/k"].dtype == jnp.int8 and cache["layers/0/attn/cache/k_scale"].shape == (1, 32, 2)
+    state = engine.insert(prefix, engine.init_decode_state(), 1)
+    state, result = engine.generate(params, state)
+    oracle = engine.forward(params, np.asarray([tokens + [int(first.data[0, 0])]]))[0]
+    # int8 keys and values (one scale per position and kv head) move the logits by a few percent
+    assert_close(prefix.logits, oracle[len(tokens) - 1], rtol=0.05)
+    assert_close(result.logits[1], oracle[len(tokens)], rtol=0.05)
+
+
+# ---- accuracy on the default model's held-out text ---------------------------------------------
+@pytest.fixture(scope="module")
+def held_out():
+    corpus = train.load_corpus(bos=workbench.ModelConfig.tiny().bos_id, eos=workbench.ModelConfig.tiny().eos_ids[0])
+    return train.spaced_windows(corpus.held_out, 8, 128)  # [8, 129]
+
+
+def nats_per_byte(logits, windows) -> float:
+    return float(optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean())
+
+
+def cached_logits(engine, params, windows):
+    """Logits of every window through the prefill model: keys and values written to the KV cache
+    and read back from it (in int8, with ``kv_cache_dtype="int8"``)."""
+    model = steps.CachedModel(engine.prefill_graphdef, engine.abstract_prefill_cache, engine.max_target_length)
+    run = jax.jit(lambda p, r, t: model.merge(p, steps.zeros(engine.abstract_prefill_cache), r)(t[None])[0])
+    return np.stack([run(params, engine.rest, jnp.asarray(w[:-1])) for w in windows])
+
+
+ONE_WINDOW = dict(mesh={"data": 1}, max_prefill_length=128, max_target_length=128, decode_batch_size=1)
+
+
+@pytest.fixture(scope="module")
+def float_loss(held_out):
+    engine, params = workbench.load(**ONE_WINDOW)
+    return nats_per_byte(engine.forward(params, held_out[:, :-1]), held_out)
+
+
+@pytest.mark.parametrize("mode, kv, tolerance", [("w8", None, 0.01), ("w8a8", None, 0.03), (None, "int8", 0.01)])
+def test_accuracy_on_held_out_text(held_out, float_loss, mode, kv, tolerance):
+    engine, params = workbench.load(quantize=mode, kv_cache_dtype=kv, **ONE_WINDOW)
+    logits = cached_logits(engine, params, held_out) if kv else engine.forward(params, held_out[:, :-1])
+    loss = nats_per_byte(logits, held_out)
+    assert abs(loss - float_loss) <= tolerance * float_loss, (loss, float_loss)
+
+
+# ---- quantized checkpoints ---------------------------------------------------------------------
+def test_a_quantized_checkpoint_restores_as_saved(tmp_path, float_arrays):
+    engine = quantized_engine(SMALL.replace(quantize="w8a8"))
+    params = quantize(float_arrays, "w8a8", engine)
+    path = checkpoints.save_checkpoint(tmp_path / "q", engine.config, params)
+    assert checkpoints.read_manifest(path)["model"]["quantize"] == "w8a8"
+    loaded, restored = workbench.load(path, mesh={"data": 1, "tensor": 4}, **SHAPE)
+    assert loaded.config.quantize == "w8a8"
+    for name, leaf in trees.leaf_paths(restored).items():
+        expected = trees.leaf_paths(params)[name]
+        assert leaf.dtype == expected.dtype and np.array_equal(np.asarray(leaf), np.asarray(expected)), name
+    with pytest.raises(ValueError, match="is quantized w8a8: load it with quantize=None or 'w8a8', not 'w8'"):
+        workbench.load(path, quantize="w8", **SHAPE)
