@@ -177,3 +177,25 @@ def test_a_quantized_checkpoint_restores_as_saved(tmp_path, float_arrays):
         assert leaf.dtype == expected.dtype and np.array_equal(np.asarray(leaf), np.asarray(expected)), name
     with pytest.raises(ValueError, match="is quantized w8a8: load it with quantize=None or 'w8a8', not 'w8'"):
         workbench.load(path, quantize="w8", **SHAPE)
+
+
+# ---- inspectors --------------------------------------------------------------------------------
+def test_inspectors_show_quantized_leaves_and_read_an_int8_cache(float_arrays):
+    engine = quantized_engine(SMALL.replace(quantize="w8", kv_cache_dtype="int8"))
+    params = quantize(float_arrays, "w8", engine)
+    rows = {(r["collection"], r["path"]): r for r in workbench.inspect.state(engine, params).to_rows()}
+    values, scale = rows[("params", "layers/0/mlp/up/values")], rows[("params", "layers/0/mlp/up/scale")]
+    assert (values["dtype"], values["shape"], values["bytes"]) == ("int8", (32, 48), 32 * 48)
+    assert (scale["dtype"], scale["shape"]) == ("float32", (1, 48))
+    assert sum(values["bytes_per_device"].values()) == 32 * 48  # the mlp axis split over tensor=2
+    assert rows[("cache", "layers/0/attn/cache/k_scale")]["dtype"] == "float32"
+    prefix, _ = prefill(engine, params, ids(9, 4))
+    stats = workbench.inspect.kv_cache(prefix).stats
+    assert (np.asarray(stats["filled"]) == 9).all()
+    # the report reads the cache dequantized: the largest |k| is a float, not an int8 count
+    layer = trees.leaf_paths(prefix.cache)
+    expected = np.abs(
+        np.asarray(layer["layers/0/attn/cache/k"], np.float32)
+        * np.asarray(layer["layers/0/attn/cache/k_scale"])[..., None]
+    ).max()
+    np.testing.assert_allclose(np.asarray(stats["max_abs_k"])[0].max(), expected, rtol=1e-6)

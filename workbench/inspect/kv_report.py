@@ -23,6 +23,7 @@ from workbench.distributed import host_value, spans_processes
 from workbench.engine import DecodeState, Prefix
 from workbench.inspect import plots
 from workbench.inspect.report import Column, Report, Table, fmt_bytes, fmt_float, fmt_int, nbytes, plural
+from workbench.model import quant
 from workbench.trees import leaf_paths
 
 Tokens = Sequence[int | str] | str | Mapping[int, Sequence[int | str] | str]
@@ -63,10 +64,11 @@ def kv_source(obj: Any, *, role: str = "input") -> KVSource:
     for path, leaf in leaf_paths(cache).items():
         check_not_donated(leaf, f"the {role}'s cache")
         head, _, name = path.rpartition("/")
-        if name in ("k", "v"):
+        if name in ("k", "v", "k_scale", "v_scale"):  # the scales of an int8 cache
             pairs.setdefault(head, {})[name] = leaf
-    if not pairs or any(set(kv) != {"k", "v"} for kv in pairs.values()):
+    if not pairs or any(not {"k", "v"} <= set(kv) for kv in pairs.values()):
         raise ValueError(f"the {role} holds no per-layer KV cache (expected '.../k' and '.../v' arrays per layer)")
+    pairs = {head: quant.dequantized_cache(kv) for head, kv in pairs.items()}  # int8: shown dequantized
     order = sorted(pairs, key=lambda p: _layer_number(p, list(pairs).index(p)))
     keys, values = tuple(pairs[p]["k"] for p in order), tuple(pairs[p]["v"] for p in order)
     shapes = {tuple(np.shape(x)) for x in keys + values}

@@ -227,6 +227,13 @@ def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.round(x32 / scale[..., None]).astype(jnp.int8), scale
 
 
+def dequantized_cache(layer: dict) -> dict:
+    """``{"k", "v"}`` of one layer's cache dict as float32, dequantized when it holds int8 and scales."""
+    if "k_scale" not in layer:
+        return layer
+    return {name: layer[name].astype(jnp.float32) * layer[f"{name}_scale"][..., None] for name in ("k", "v")}
+
+
 def cache_class(config, float_cache: type) -> type:
     """The KV cache module for ``config.kv_cache_dtype``: ``float_cache`` (attention's) or int8."""
     return Int8KVCache if config.kv_cache_dtype == "int8" else float_cache
