@@ -28,6 +28,7 @@ owning them keeps the default float path's program unchanged and the scales visi
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -212,10 +213,14 @@ def quantize_params(pure: dict, quantize: str | None, shardings: dict | None = N
             out[path] = leaf
             continue
         placed = (targets.get(f"{path}/values"), targets.get(f"{path}/scale")) if targets else None
-        fn = jax.jit(quantize_array, static_argnums=(1, 2), out_shardings=placed)
-        out[f"{path}/values"], out[f"{path}/scale"] = fn(leaf, *applied)
+        out[f"{path}/values"], out[f"{path}/scale"] = _quantizer(placed)(leaf, *applied)
         del leaf
     return trees.nest(out)
+
+
+@functools.lru_cache
+def _quantizer(placed: tuple | None):  # one jitted quantizer per output sharding: layers share compiles
+    return jax.jit(quantize_array, static_argnums=(1, 2), out_shardings=placed)
 
 
 # ---- the int8 KV cache -------------------------------------------------------------------------
