@@ -1,6 +1,6 @@
 """Side by side: workbench against transformers' greedy ``generate`` on one Llama checkpoint.
 
-    .venv/bin/python scripts/side_by_side.py OUT_DIR [--quick]
+    .venv/bin/python scripts/side_by_side.py OUT_DIR [--quick] [--precision]
 
 Both read the same Hugging Face checkpoint (a 56M-parameter Llama, ``ModelConfig.llama_56m()``,
 random weights saved with ``save_pretrained``) in float32 on the CPU, in one run. Writes to
@@ -9,6 +9,12 @@ decode step time against decode batch and against context length, prefill time a
 length. The machine is shared, so the targets are measured in interleaved rounds -- numpy's read
 bandwidth (the sum of 1 GiB), our step, transformers' step, our insert at batch 64 -- and each
 ratio is the median of the rounds' ratios.
+
+``--precision`` measures instead, in interleaved rounds at decode batch 8, our step and insert in
+each precision (float32, bfloat16, w8, w8a8, w4) beside transformers' step in the same precision:
+float32, bfloat16 (``model.to(torch.bfloat16)``) and, for w8a8, torch's dynamic int8
+(``torch.ao.quantization.quantize_dynamic`` on every ``nn.Linear``); w8 and w4 have no torch
+counterpart on CPU and are set beside its float32. Writes ``precision.md`` and ``precision.json``.
 
 Transformers' step time is the median gap between consecutive calls of a stopping criterion,
 i.e. one pass of its decode loop (forward, greedy pick, bookkeeping); ours is the median of
@@ -352,10 +358,85 @@ def write_report(out_dir: Path, results: dict, met: list[tuple[str, str, bool]])
     return text
 
 
+PRECISIONS = {  # ours: workbench.load options; theirs: the transformers model of the same precision
+    "float32": ({}, "float32"),
+    "bfloat16": ({"dtype": "bfloat16"}, "bfloat16"),
+    "w8": ({"quantize": "w8"}, "float32"),
+    "w8a8": ({"quantize": "w8a8"}, "int8 dynamic"),
+    "w4": ({"quantize": "w4"}, "float32"),
+}
+
+
+def precision_rounds(checkpoint: Path, model, steps: int, rounds: int, log) -> tuple[str, list[dict]]:
+    """Our step and insert per precision beside transformers' in the same precision; a table."""
+    import copy
+
+    import torch
+
+    import workbench
+    from workbench.bench import measure, read_gb_per_s
+
+    theirs_models = {
+        "float32": model,
+        "bfloat16": copy.deepcopy(model).to(torch.bfloat16),
+        "int8 dynamic": torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, torch.qint8),
+    }
+    ours = {
+        name: workbench.load(checkpoint, decode_batch_size=TARGET_BATCH, **o) for name, (o, _) in PRECISIONS.items()
+    }
+    rows = []
+    for _ in range(rounds):
+        row = {"read_gb_per_s": read_gb_per_s(), "load": os.getloadavg()[0]}
+        for name, (_, theirs) in PRECISIONS.items():
+            result = measure(*ours[name], prompt_length=PROMPT, steps=steps)
+            row[name] = dict(
+                ours=result.to_dict(),
+                theirs=theirs,
+                hf_step_ms=hf_step_ms(theirs_models[theirs], TARGET_BATCH, PROMPT, steps),
+            )
+            log(
+                f"{name:8s} ours {result.generate_step_ms:7.2f} ms/step, insert {result.insert_ms:.3f} ms | "
+                f"transformers ({theirs}) {row[name]['hf_step_ms']:7.2f} ms/step | load {row['load']:.2f}"
+            )
+        rows.append(row)
+    med = statistics.median
+    f32 = [r["float32"]["ours"] for r in rows]
+    lines = [
+        f"# Precision side by side (llama-56m, decode batch {TARGET_BATCH}, {PROMPT}-token prompts, "
+        f"{rounds} interleaved rounds, medians of per-round ratios)",
+        "",
+        "| precision | transformers in | ours ms/step | theirs ms/step | theirs/ours | ours / our f32 | "
+        "insert / our f32 insert | weight MB | roofline |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, (_, theirs) in PRECISIONS.items():
+        mine = [r[name]["ours"] for r in rows]
+        lines.append(
+            f"| {name} | {theirs} | {med(m['generate_step_ms'] for m in mine):.2f} | "
+            f"{med(r[name]['hf_step_ms'] for r in rows):.2f} | "
+            f"{med(r[name]['hf_step_ms'] / r[name]['ours']['generate_step_ms'] for r in rows):.2f}x | "
+            f"{med(m['generate_step_ms'] / f['generate_step_ms'] for m, f in zip(mine, f32)):.2f} | "
+            f"{med(m['insert_ms'] / f['insert_ms'] for m, f in zip(mine, f32)):.2f} | "
+            f"{mine[0]['weight_bytes'] / 1e6:.1f} | "
+            f"{med(m['achieved_gb_per_s'] / r['read_gb_per_s'] for m, r in zip(mine, rows)):.0%} |"
+        )
+    lines += [
+        "",
+        "Loads: "
+        + ", ".join(f"{r['load']:.2f}" for r in rows)
+        + "; all-core read bandwidth: "
+        + ", ".join(f"{r['read_gb_per_s']:.1f}" for r in rows)
+        + " GB/s.",
+        "",
+    ]
+    return "\n".join(lines), rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--quick", action="store_true", help="fewer rounds, points and steps (a smoke run)")
+    parser.add_argument("--precision", action="store_true", help="only the precision table (see above)")
     args = parser.parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -375,6 +456,12 @@ def main(argv: list[str] | None = None) -> int:
         make_checkpoint(checkpoint)
         model = transformers.LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
         hf_step_ms(model, 2, 16, 2)  # warm-up
+        if args.precision:
+            text, rows = precision_rounds(checkpoint, model, steps, rounds, log)
+            (args.out_dir / "precision.md").write_text(text)
+            (args.out_dir / "precision.json").write_text(json.dumps(rows, indent=1))
+            log(text)
+            return 0
         round_rows, parity_error, compiles = target_rounds(checkpoint, model, steps, rounds, log)
         swept = sweeps(checkpoint, model, sweep_steps, batches, contexts, lengths, log)
 

@@ -24,6 +24,11 @@ KEYS = {
     "bytes_per_step",
     "achieved_gb_per_s",
     "compiles",
+    "quantize",
+    "kv_cache_dtype",
+    "weight_bytes",
+    "read_gb_per_s",
+    "roofline_fraction",
 }
 ARGS = [
     "bench",
@@ -57,7 +62,9 @@ def test_json_has_the_figures(bench_run):
     figures = json.loads(out)
     assert set(figures) == KEYS
     assert figures["compiles"] == {"prefill": 1, "insert": 1, "generate": 1}
-    for key in KEYS - {"compiles"}:
+    assert (figures["quantize"], figures["kv_cache_dtype"]) == ("none", "auto")
+    assert figures["roofline_fraction"] == pytest.approx(figures["achieved_gb_per_s"] / figures["read_gb_per_s"])
+    for key in KEYS - {"compiles", "quantize", "kv_cache_dtype"}:
         assert figures[key] > 0 and math.isfinite(figures[key]), key
     step_s = figures["generate_step_ms"] / 1e3
     assert figures["decode_tokens_per_s"] == pytest.approx(4 / step_s)

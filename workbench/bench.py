@@ -39,6 +39,9 @@ class BenchResult:
     bytes_per_step: int  # weights + live KV cache one step reads
     achieved_gb_per_s: float
     compiles: dict[str, int]  # traces of each jitted body, warm-up included
+    quantize: str = "none"  # the weights' mode (``model.quant``)
+    kv_cache_dtype: str = "auto"
+    weight_bytes: int = 0  # every param leaf (quantized values and scales included)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -62,8 +65,8 @@ def bytes_per_step(engine: Engine, params: Params, cached_tokens: float) -> int:
     weights = 0
     for path, leaf in leaf_paths(params).items():
         nbytes = leaf.size * leaf.dtype.itemsize
-        if path == "embed/embedding" and not engine.config.tie_embeddings:
-            nbytes = slots * leaf.shape[1] * leaf.dtype.itemsize
+        if path.startswith("embed/embedding") and not engine.config.tie_embeddings:  # a quantized one too
+            nbytes = slots * (leaf.size // engine.config.vocab_size) * leaf.dtype.itemsize
         weights += nbytes
     cache_leaves = leaf_paths(engine.abstract_decode_cache).values()  # k and v: [B, S, K, H] per layer
     per_token = sum(leaf.size // (leaf.shape[0] * leaf.shape[1]) * leaf.dtype.itemsize for leaf in cache_leaves)
@@ -139,6 +142,9 @@ def measure(
         bytes_per_step=bytes_read,
         achieved_gb_per_s=bytes_read / step_s / 1e9,
         compiles={name: int(engine.compile_counts[name]) for name in COMPILED},
+        quantize=engine.config.quantize or "none",
+        kv_cache_dtype=engine.config.kv_cache_dtype or "auto",
+        weight_bytes=sum(leaf.size * leaf.dtype.itemsize for leaf in leaf_paths(params).values()),
     )
 
 
@@ -147,4 +153,18 @@ def numpy_read_gb_per_s(gib: float = 1.0, repeats: int = 5) -> float:
     data = np.ones(int(gib * 2**30) // 4, np.float32)
     data.sum()  # touch every page before timing
     seconds = statistics.median(_timed(data.sum) for _ in range(repeats))
+    return data.nbytes / seconds / 1e9
+
+
+def read_gb_per_s(gib: float = 0.5, repeats: int = 3) -> float:
+    """The machine's read bandwidth with all cores: the median time of ``jax.jit(jnp.sum)`` over
+    ``gib`` GiB of float32 (XLA:CPU splits the reduction over its threads; numpy's single-threaded
+    pairwise sum is compute-bound and reads at a third of this). The roofline of a decode step is
+    its bytes over this figure."""
+    import jax.numpy as jnp
+
+    data = jnp.ones(int(gib * 2**30) // 4, jnp.float32)
+    total = jax.jit(jnp.sum)
+    jax.block_until_ready(total(data))  # compile and touch every page before timing
+    seconds = statistics.median(_timed(lambda: total(data)) for _ in range(repeats))
     return data.nbytes / seconds / 1e9

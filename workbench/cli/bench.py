@@ -3,7 +3,9 @@
 A table goes to stderr; with ``--json``, one object with the same figures goes to stdout:
 ``prefill_ms``, ``insert_ms``, ``generate_step_ms`` (median), ``decode_tokens_per_s``,
 ``bytes_per_step``, ``achieved_gb_per_s`` and ``compiles`` (``{"prefill": n, "insert": n,
-"generate": n}``). See :mod:`workbench.bench` for what is measured and how.
+"generate": n}``), ``quantize``, ``kv_cache_dtype``, ``weight_bytes``, ``read_gb_per_s`` (the
+machine's all-core read bandwidth, :func:`workbench.bench.read_gb_per_s`) and
+``roofline_fraction`` (achieved over read bandwidth). See :mod:`workbench.bench` for what is measured and how.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from workbench.bench import check_shape, measure
+    from workbench.bench import check_shape, measure, read_gb_per_s
 
     # Before loading anything: a shape that cannot work should not cost a model load to find out.
     check_shape(args.prompt_length, args.steps, args.max_prefill_length, args.max_target_length)
     engine, params = load_engine(args)
     result = measure(engine, params, prompt_length=args.prompt_length, steps=args.steps)
+    bandwidth = read_gb_per_s()
     config = engine.config
     print(
         f"bench: {config.num_params() / 1e6:.1f}M params ({config.param_dtype}), decode batch "
@@ -47,10 +50,16 @@ def run(args: argparse.Namespace) -> int:
         ("decode", f"{result.decode_tokens_per_s:.1f} tokens/s", "every slot busy"),
         ("bytes per step", f"{result.bytes_per_step / 1e6:.1f} MB", "weights + live KV cache"),
         ("achieved", f"{result.achieved_gb_per_s:.2f} GB/s", "bytes per step / step time"),
+        ("roofline", f"{result.achieved_gb_per_s / bandwidth:.0%}", f"of the {bandwidth:.1f} GB/s all-core read"),
+        ("weights", f"{result.weight_bytes / 1e6:.1f} MB", f"quantize {result.quantize}, KV {result.kv_cache_dtype}"),
         ("compiles", compiles, "warm-up included"),
     ]
     for name, value, note in rows:
         print(f"  {name:15s} {value:>32s}   {note}", file=sys.stderr)
     if args.json:
-        print(json.dumps(result.to_dict()))
+        figures = result.to_dict() | {
+            "read_gb_per_s": bandwidth,
+            "roofline_fraction": result.achieved_gb_per_s / bandwidth,
+        }
+        print(json.dumps(figures))
     return 0
