@@ -11,7 +11,8 @@ bandwidth (the sum of 1 GiB), our step, transformers' step, our insert at batch 
 ratio is the median of the rounds' ratios.
 
 ``--precision`` measures instead, in interleaved rounds at decode batch 8, our step and insert in
-each precision (float32, bfloat16, w8, w8a8, w4) beside transformers' step in the same precision:
+each precision (float32, bfloat16, bf16 weights with float32 compute, w8, w8a8, w4) beside
+transformers' step in the same precision:
 float32, bfloat16 (``model.to(torch.bfloat16)``) and, for w8a8, torch's dynamic int8
 (``torch.ao.quantization.quantize_dynamic`` on every ``nn.Linear``); w8 and w4 have no torch
 counterpart on CPU and are set beside its float32. Writes ``precision.md`` and ``precision.json``.
@@ -361,10 +362,25 @@ def write_report(out_dir: Path, results: dict, met: list[tuple[str, str, bool]])
 PRECISIONS = {  # ours: workbench.load options; theirs: the transformers model of the same precision
     "float32": ({}, "float32"),
     "bfloat16": ({"dtype": "bfloat16"}, "bfloat16"),
+    "bf16 weights": ({"param_dtype": "bfloat16"}, "bfloat16"),  # f32 activations, norms and KV cache
     "w8": ({"quantize": "w8"}, "float32"),
     "w8a8": ({"quantize": "w8a8"}, "int8 dynamic"),
     "w4": ({"quantize": "w4"}, "float32"),
 }
+
+
+def load_precision(checkpoint: Path, options: dict):
+    """(engine, params) at decode batch 8; ``param_dtype`` (bf16 weights, float32 compute) has no
+    ``workbench.load`` option, so that engine is built from the checkpoint's config by hand."""
+    import workbench
+    from workbench import checkpoints, trees
+
+    if "param_dtype" not in options:
+        return workbench.load(checkpoint, decode_batch_size=TARGET_BATCH, **options)
+    config = checkpoints.read_hf_config(checkpoint).replace(**options)
+    engine = workbench.Engine(config, workbench.make_mesh(None), decode_batch_size=TARGET_BATCH)
+    pure = checkpoints.load_hf_params(checkpoint, engine.abstract_params, engine.param_shardings, config=config)
+    return engine, trees.fill(engine.abstract_params, pure)
 
 
 def precision_rounds(checkpoint: Path, model, steps: int, rounds: int, log) -> tuple[str, list[dict]]:
@@ -373,7 +389,6 @@ def precision_rounds(checkpoint: Path, model, steps: int, rounds: int, log) -> t
 
     import torch
 
-    import workbench
     from workbench.bench import measure, read_gb_per_s
 
     theirs_models = {
@@ -381,9 +396,7 @@ def precision_rounds(checkpoint: Path, model, steps: int, rounds: int, log) -> t
         "bfloat16": copy.deepcopy(model).to(torch.bfloat16),
         "int8 dynamic": torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, torch.qint8),
     }
-    ours = {
-        name: workbench.load(checkpoint, decode_batch_size=TARGET_BATCH, **o) for name, (o, _) in PRECISIONS.items()
-    }
+    ours = {name: load_precision(checkpoint, o) for name, (o, _) in PRECISIONS.items()}
     rows = []
     for _ in range(rounds):
         row = {"read_gb_per_s": read_gb_per_s(), "load": os.getloadavg()[0]}

@@ -15,7 +15,7 @@ from helpers import SHAPE, SMALL, assert_close, engine_for, lively_arrays, prefi
 from workbench import checkpoints, train, trees
 from workbench.cli import main
 from workbench.engine import steps
-from workbench.model import quant
+from workbench.model import kernels, quant
 
 
 def ids(length, seed):  # token ids of SMALL's vocabulary
@@ -199,3 +199,21 @@ def test_inspectors_show_quantized_leaves_and_read_an_int8_cache(float_arrays):
         * np.asarray(layer["layers/0/attn/cache/k_scale"])[..., None]
     ).max()
     np.testing.assert_allclose(np.asarray(stats["max_abs_k"])[0].max(), expected, rtol=1e-6)
+
+
+def test_bfloat16_weights_with_float32_compute(float_arrays):
+    """The fast bfloat16 mix: bf16 weights, f32 activations, products with a f32 result; equal to
+    the float32 model over the same bf16-rounded weights, up to the activations' rounding."""
+    mixed = quantized_engine(SMALL.replace(param_dtype="bfloat16"))
+    params = mixed.load_params(float_arrays)
+    assert trees.leaf_paths(params)["layers/0/mlp/up"].dtype == jnp.bfloat16
+    reference = quantized_engine(SMALL)
+    rounded = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16).astype(np.float32), float_arrays)
+    tokens = np.asarray([ids(12, 5)])
+    assert_close(mixed.forward(params, tokens), reference.forward(reference.load_params(rounded), tokens), rtol=0.05)
+
+
+@pytest.mark.parametrize("weights, eigen", [("float32", True), ("bfloat16", False), ("w8a8", False), ("w8", False)])
+def test_the_decode_kernel_library_follows_the_weights(weights, eigen):
+    options = kernels.compiler_options("cpu", "generate", weights)
+    assert (options == {"xla_cpu_experimental_ynn_fusion_type": ""}) is eigen

@@ -159,7 +159,8 @@ class Engine:
         self._free_jit = jax.jit(steps.free, donate_argnums=(0,), out_shardings=state_out)
 
     def _compiler_options(self, step: str) -> dict[str, str] | None:
-        return kernels.compiler_options(self.mesh.devices.flat[0].platform, step)
+        weights = self.config.quantize or self.config.param_dtype
+        return kernels.compiler_options(self.mesh.devices.flat[0].platform, step, weights)
 
     # ---- JetStream's properties (docs/engine-api.md) ---------------------------------------------
     @property

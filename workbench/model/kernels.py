@@ -117,7 +117,7 @@ def attention(q, k, v, visible, dtype, *, kernels: str = "xla_cpu", sliced: bool
     return choose(kernels, q.shape[1], sliced)(q, k, v, visible, dtype)
 
 
-def compiler_options(platform: str, step: str) -> dict[str, str] | None:
+def compiler_options(platform: str, step: str, weights: str = "float32") -> dict[str, str] | None:
     """XLA options for one jitted engine step (``"prefill"``, ``"generate"``, ...) on ``platform``.
 
     XLA:CPU hands dots to the YNNPACK library by default. Decode multiplies a few rows (one per
@@ -126,7 +126,9 @@ def compiler_options(platform: str, step: str) -> dict[str, str] | None:
     other platforms get none.
     """
     # The figure behind the choice: a 56M Llama step at batch 8 on 2 cores, 33 against 43 ms
-    # (medians, interleaved in one process).
-    if platform == "cpu" and step == "generate":
+    # (medians, interleaved in one process). ``weights`` (the param dtype, or the quantize mode):
+    # only float32 products opt out; Eigen runs bfloat16 products about 4.5x and int8 x int8
+    # (w8a8) about 12x slower than YNNPACK (docs: the weight products of the 56M model at batch 8).
+    if platform == "cpu" and step == "generate" and weights == "float32":
         return {"xla_cpu_experimental_ynn_fusion_type": ""}
     return None
