@@ -165,17 +165,21 @@ def test_accuracy_on_held_out_text(held_out, float_loss, mode, kv, tolerance):
 
 
 # ---- quantized checkpoints ---------------------------------------------------------------------
-def test_a_quantized_checkpoint_restores_as_saved(tmp_path, float_arrays):
-    engine = quantized_engine(SMALL.replace(quantize="w8a8"))
-    params = quantize(float_arrays, "w8a8", engine)
+def test_a_quantized_checkpoint_restores_as_saved(tmp_path):
+    """int4 values (the narrowest storage) and their group scales, saved and restored bit for bit
+    onto another mesh, without re-quantizing; another mode is refused."""
+    engine = quantized_engine(SMALL.replace(mlp_dim=64, quantize="w4"))  # 64: a multiple of the group
+    params = engine.load_params(None)
     path = checkpoints.save_checkpoint(tmp_path / "q", engine.config, params)
-    assert checkpoints.read_manifest(path)["model"]["quantize"] == "w8a8"
+    assert checkpoints.read_manifest(path)["model"]["quantize"] == "w4"
     loaded, restored = workbench.load(path, mesh={"data": 1, "tensor": 4}, **SHAPE)
-    assert loaded.config.quantize == "w8a8"
+    assert loaded.config.quantize == "w4"
+    saved = trees.leaf_paths(params)
+    assert saved["layers/0/mlp/up/values"].dtype == jnp.int4 and saved["layers/0/mlp/up/scale"].shape == (1, 64)
     for name, leaf in trees.leaf_paths(restored).items():
-        expected = trees.leaf_paths(params)[name]
-        assert leaf.dtype == expected.dtype and np.array_equal(np.asarray(leaf), np.asarray(expected)), name
-    with pytest.raises(ValueError, match="is quantized w8a8: load it with quantize=None or 'w8a8', not 'w8'"):
+        assert leaf.dtype == saved[name].dtype, name
+        np.testing.assert_array_equal(np.asarray(leaf, np.float32), np.asarray(saved[name], np.float32), err_msg=name)
+    with pytest.raises(ValueError, match="is quantized w4: load it with quantize=None or 'w4', not 'w8'"):
         workbench.load(path, quantize="w8", **SHAPE)
 
 
