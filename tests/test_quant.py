@@ -31,6 +31,15 @@ def float_arrays():
     return lively_arrays(engine_for(SMALL, {"data": 1}))
 
 
+@pytest.fixture(scope="module")
+def reference():
+    """The float32 engine of SMALL: its forward over TOKENS compiles once for the module."""
+    return quantized_engine(SMALL)
+
+
+TOKENS = np.asarray([[t % SMALL.vocab_size for t in prompt(12, seed)] for seed in (0, 1)])
+
+
 def quantize(pure, mode, engine):
     copy = jax.tree.map(lambda x: x, pure)
     return engine.load_params(quant.quantize_params(copy, mode))
@@ -50,15 +59,13 @@ def dequantized(params) -> dict:
     return trees.nest(out)
 
 
-def test_w8_equals_a_float_forward_over_its_dequantized_weights(float_arrays):
+def test_w8_equals_a_float_forward_over_its_dequantized_weights(float_arrays, reference):
     engine = quantized_engine(SMALL.replace(quantize="w8"))
     params = quantize(float_arrays, "w8", engine)
     leaves = trees.leaf_paths(params)
     assert leaves["layers/0/attn/q/values"].dtype == jnp.int8 and leaves["embed/embedding/scale"].dtype == jnp.float32
-    reference = quantized_engine(SMALL)
-    tokens = np.asarray([ids(12, 0), ids(12, 1)])
-    expected = reference.forward(reference.load_params(dequantized(params)), tokens)
-    assert_close(engine.forward(params, tokens), expected, rtol=1e-5)
+    expected = reference.forward(reference.load_params(dequantized(params)), TOKENS)
+    assert_close(engine.forward(params, TOKENS), expected, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -205,16 +212,14 @@ def test_inspectors_show_quantized_leaves_and_read_an_int8_cache(float_arrays):
     np.testing.assert_allclose(np.asarray(stats["max_abs_k"])[0].max(), expected, rtol=1e-6)
 
 
-def test_bfloat16_weights_with_float32_compute(float_arrays):
+def test_bfloat16_weights_with_float32_compute(float_arrays, reference):
     """The fast bfloat16 mix: bf16 weights, f32 activations, products with a f32 result; equal to
     the float32 model over the same bf16-rounded weights, up to the activations' rounding."""
     mixed = quantized_engine(SMALL.replace(param_dtype="bfloat16"))
     params = mixed.load_params(float_arrays)
     assert trees.leaf_paths(params)["layers/0/mlp/up"].dtype == jnp.bfloat16
-    reference = quantized_engine(SMALL)
     rounded = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16).astype(np.float32), float_arrays)
-    tokens = np.asarray([ids(12, 5)])
-    assert_close(mixed.forward(params, tokens), reference.forward(reference.load_params(rounded), tokens), rtol=0.05)
+    assert_close(mixed.forward(params, TOKENS), reference.forward(reference.load_params(rounded), TOKENS), rtol=0.05)
 
 
 @pytest.mark.parametrize("weights, eigen", [("float32", True), ("bfloat16", False), ("w8a8", False), ("w8", False)])
