@@ -175,8 +175,9 @@ def test_accuracy_on_held_out_text(held_out, float_loss, mode, kv, tolerance):
 def test_a_quantized_checkpoint_restores_as_saved(tmp_path):
     """int4 values (the narrowest storage) and their group scales, saved and restored bit for bit
     onto another mesh, without re-quantizing; another mode is refused."""
-    engine = quantized_engine(SMALL.replace(mlp_dim=64, quantize="w4"))  # 64: a multiple of the group
-    params = engine.load_params(None)
+    config = SMALL.replace(mlp_dim=64)  # 64: a multiple of the group
+    engine = quantized_engine(config.replace(quantize="w4"))
+    params = quantize(lively_arrays(engine_for(config, {"data": 1})), "w4", engine)  # (seeded init compiles slowly)
     path = checkpoints.save_checkpoint(tmp_path / "q", engine.config, params)
     assert checkpoints.read_manifest(path)["model"]["quantize"] == "w4"
     loaded, restored = workbench.load(path, mesh={"data": 1, "tensor": 4}, **SHAPE)
