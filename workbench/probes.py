@@ -278,11 +278,11 @@ def run(model: Any, plan: Plan, data: dict | None, tokens, positions, live, logi
     step still gets the rows at ``logits_at`` [B] when given."""
     hooks = Hooks(plan, data or {}, positions, live)
     every = plan.capture is not None and plan.capture.logits
-    logits = model(tokens, positions, logits_at=None if every else logits_at, hooks=hooks)
+    call = nnx.capture(model, nnx.Intermediate)  # what the hooks ``sow`` comes back as a State
+    logits, sown = call(tokens, positions, logits_at=None if every else logits_at, hooks=hooks)
     if every and logits_at is not None:
         logits = jnp.take_along_axis(logits, logits_at[:, None, None], axis=1)[:, 0]
-    sown = nnx.to_pure_dict(nnx.pop(model, nnx.Intermediate))
-    return logits, {"sown": sown, "tokens": tokens, "positions": positions, "live": live}
+    return logits, {"sown": nnx.to_pure_dict(sown), "tokens": tokens, "positions": positions, "live": live}
 
 
 # ---- what the user gets back --------------------------------------------------------------------
