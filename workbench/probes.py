@@ -190,7 +190,11 @@ def prepare(
                 raise ValueError(f"Patch: positions must be distinct and >= 0, got {positions}")
             values = _vectors("Patch", item.values, (len(positions), D))
             patches.setdefault(item.site, []).extend((layer, p, mask, v) for p, v in zip(positions, values))
-    plan = Plan(capture, ablate=bool((keep != 1).any()), steer=bool(steer.any()))
+    # The kinds present are static (an Ablate of no heads still compiles the ablating program, so
+    # a baseline run shares it); everything else is data.
+    plan = Plan(
+        capture, any(isinstance(i, Ablate) for i in interventions), any(isinstance(i, Steer) for i in interventions)
+    )
     data: dict[str, Any] = {}
     if plan.ablate:
         data["keep"], data["mean"] = keep, mean
@@ -387,3 +391,14 @@ def forward(
     check_token_ids(tokens, engine.config.vocab_size)
     logits, raw = _forward(engine.forward_graphdef, plan, params, engine.rest, jnp.asarray(tokens, jnp.int32), data)
     return logits, None if capture is None else captured_from(raw, capture)
+
+
+def unembed(engine: Any, params: Any, vectors: Any) -> np.ndarray:
+    """Float32 logits [R, V] of residual-stream vectors [R, D] through the model's own final norm
+    and unembedding (the logit lens): a one-token forward per row whose last block's output is
+    patched to the vector, so no second copy of the model's tail exists to drift from it."""
+    vectors = np.asarray(vectors, np.float32)
+    last = engine.config.num_layers - 1
+    patches = [Patch(last, "residual", [0], v[None], slots=[r]) for r, v in enumerate(vectors)]
+    logits, _ = forward(engine, params, np.zeros((len(vectors), 1), np.int32), None, patches)
+    return np.asarray(logits)[:, 0]
