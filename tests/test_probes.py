@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from helpers import assert_close, prefill, prompt
-from workbench import probes
+from workbench import inspect, probes
 
 CAPTURE = probes.Capture()
 LAYER, HEAD = 2, 5
@@ -184,3 +184,58 @@ def test_bad_probes_fail_in_one_line(engine, params, mid_step):
         probes.captured(plain)
     with pytest.raises(ValueError, match="layer 9 was not captured"):
         mid_step[2].captured.residual(9)
+
+
+def hand_capture(weights, tokens):
+    """A Captured of one prefill row with the given attention weights [N, T, T] at layer 0."""
+    t = weights.shape[1]
+    positions = np.arange(t)[None]
+    sites = {"attention": {0: weights[None]}}
+    return probes.Captured(CAPTURE, np.asarray(tokens)[None], positions, np.ones((1, t), bool), sites, None)
+
+
+def test_attention_report_summaries_by_hand():
+    text = ["a", "(", "\n", "b", "c", "\n", "d"]
+    previous = np.eye(7, k=-1)
+    previous[0, 0] = 1.0
+    first = np.zeros((7, 7))
+    first[:, 0] = 1.0
+    line = np.zeros((7, 7))
+    for q, start in enumerate([0, 0, 0, 3, 3, 3, 6]):
+        line[q, start] = 1.0
+    spread = np.tril(np.ones((7, 7))) / np.arange(1, 8)[:, None]
+    report = inspect.attention(hand_capture(np.stack([previous, first, line, spread]), range(7)), tokens=text)
+    rows = report.to_rows()
+    assert [r["role"] for r in rows] == ["previous", "first", "line start", "-"]
+    assert rows[0]["previous"] == 1.0 and rows[0]["entropy"] == 0.0
+    assert rows[2]["line_start"] == 1.0 and rows[1]["line_start"] == 0.0
+    assert np.isclose(rows[3]["entropy"], np.mean(np.log(np.arange(1, 8))))
+    np.testing.assert_allclose(report.pattern(0, 3), spread, rtol=1e-6)
+    assert "layer  head  entropy  previous  first  line start  role" in str(report)
+    assert "<table" in report._repr_html_()
+    report.plot(), report.plot(0, 1)
+    ids_only = inspect.attention(hand_capture(np.stack([previous] * 4), range(7)))
+    assert ids_only.to_rows()[0]["line_start"] is None  # no text, no lines
+
+
+def test_attention_over_prefill_and_generate_steps(engine, params):
+    tokens = prompt(6, 22)
+    prefix, first = probe_prefill(engine, params, tokens, probes=CAPTURE)
+    state = engine.insert(prefix, engine.init_decode_state(), 2)
+    state, step = engine.generate(params, state, probes=CAPTURE)
+    report = inspect.attention([first, step], slot=2)
+    assert report.positions == list(range(7))
+    np.testing.assert_array_equal(report.pattern(1, 4)[6], step.captured.attention(1)[2, 4, 0])
+    np.testing.assert_array_equal(report.pattern(1, 4)[:6, :6], first.captured.attention(1)[0, 4])
+    assert np.allclose(report.pattern(1, 4).sum(-1), 1, atol=1e-5)
+    # the logit lens's last layer is the model's own last step: its logits, read independently
+    lens = inspect.logit_lens(first, engine, params, positions=[0, 5])
+    final = first.captured.logits[0]
+    expected = np.exp(final - final.max(-1, keepdims=True))
+    assert_close(lens.probabilities[-1], expected / expected.sum(-1, keepdims=True))
+    assert [r["position"] for r in lens.to_rows()] == [0, 5] * engine.config.num_layers
+    lens.plot()
+    with pytest.raises(ValueError, match="this result was not captured: pass probes="):
+        inspect.attention(prefill(engine, params, tokens)[1])
+    with pytest.raises(ValueError, match="position 9 was not captured"):
+        inspect.logit_lens(first, engine, params, positions=[9])
