@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from helpers import assert_close, prefill, prompt
-from workbench import inspect, probes
+from workbench import inspect, probes, widgets
 
 CAPTURE = probes.Capture()
 LAYER, HEAD = 2, 5
@@ -239,3 +239,27 @@ def test_attention_over_prefill_and_generate_steps(engine, params):
         inspect.attention(prefill(engine, params, tokens)[1])
     with pytest.raises(ValueError, match="position 9 was not captured"):
         inspect.logit_lens(first, engine, params, positions=[9])
+
+
+def test_attention_explorer_steps_through_a_generation():
+    previous = np.eye(7, k=-1)
+    previous[0, 0] = 1.0
+    whole = hand_capture(np.stack([previous] * 4), [97, 40, 10, 98, 99, 10, 100])
+    prompt_step = dataclasses.replace(
+        whole, tokens=whole.tokens[:, :6], positions=whole.positions[:, :6], live=whole.live[:, :6],
+        sites={"attention": {0: whole.attention(0)[:, :, :6, :6]}},
+    )  # fmt: skip
+    generate_step = dataclasses.replace(
+        whole, tokens=whole.tokens[:, 6:], positions=whole.positions[:, 6:], live=whole.live[:, 6:],
+        sites={"attention": {0: whole.attention(0)[:, :, 6:]}},
+    )  # fmt: skip
+    explorer = widgets.AttentionExplorer([prompt_step, generate_step], tokens=list("a(\nbc\nd"))
+    assert (explorer.step.max, explorer.step_positions) == (1, [5, 6])
+    assert "query at position 6 ('d') read" in explorer.static_text()
+    assert "head 0: 5 '\\n' 1.00" in explorer.static_text()
+    explorer.step.value = 0
+    assert "query at position 5 ('\\n') read" in explorer.static_text()
+    assert "head 3: 4 'c' 1.00" in explorer.static_text()
+    assert bytes(explorer.pattern_view.value).startswith(b"\x89PNG")
+    bundle = explorer._repr_mimebundle_()
+    assert bundle["text/plain"] == explorer.static_text() and "<pre>" in bundle["text/html"]

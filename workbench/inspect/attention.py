@@ -127,9 +127,20 @@ class AttentionReport(Report):
             raise ValueError(f"head {head} is out of range: the model has heads 0..{self.weights.shape[1] - 1}")
         return self.weights[self.layers.index(layer), head][np.asarray(self.positions)]
 
-    def plot(self, layer: int | None = None, head: int | None = None):
+    def top_keys(self, layer: int, position: int, k: int = 3) -> list[str]:
+        """Per head, the ``k`` keys the query at ``position`` weighs most: ``"5 'x' 0.61"``."""
+        row = self.positions.index(position)
+        lines = []
+        for head in range(self.weights.shape[1]):
+            w = self.pattern(layer, head)[row]
+            best = np.argsort(-w, kind="stable")[:k]
+            lines.append(f"head {head}: " + ", ".join(f"{p} '{self.labels[p]}' {w[p]:.2f}" for p in best))
+        return lines
+
+    def plot(self, layer: int | None = None, head: int | None = None, *, last: int | None = None):
         """One head's pattern (queries x keys, labelled by token); without a head, every head of
-        ``layer``; with neither, the head summaries as layers x heads grids."""
+        ``layer``; with neither, the head summaries as layers x heads grids. ``last``: show the
+        queries and keys up to this position only (a generation step by step)."""
         if layer is None:
             panels = [(name.replace("_", " "), self._grid(name)) for name in ROLES if self._grid(name) is not None]
             heads = [str(h) for h in range(self.weights.shape[1])]
@@ -138,11 +149,12 @@ class AttentionReport(Report):
                 yticklabels=[str(layer) for layer in self.layers], colorbar="weight",
             )  # fmt: skip
         heads = range(self.weights.shape[1]) if head is None else [head]
-        ylabels = [self.labels[p] for p in self.positions]
-        panels = [(f"layer {layer} head {h}", self.pattern(layer, h)) for h in heads]
+        end = len(self.labels) if last is None else last + 1
+        shown = [p for p in self.positions if p < end]
+        panels = [(f"layer {layer} head {h}", self.pattern(layer, h)[: len(shown), :end]) for h in heads]
         return plots.heatmaps(
-            panels, xlabel="key", ylabel="query", title=self.title, xticklabels=self.labels,
-            yticklabels=ylabels, colorbar="weight",
+            panels, xlabel="key", ylabel="query", title=self.title, xticklabels=self.labels[:end],
+            yticklabels=[self.labels[p] for p in shown], colorbar="weight",
         )  # fmt: skip
 
     def _grid(self, name: str) -> np.ndarray | None:

@@ -52,7 +52,7 @@ class LogitLensReport(Report):
                         "layer": layer,
                         "position": p,
                         "token": self.labels[p],
-                        "top": ", ".join(f"{self.name(t)!s} {probs[t]:.2f}" for t in best),
+                        "top": ", ".join(f"'{self.name(t)}' {probs[t]:.2f}" for t in best),
                         "final": float(probs[self.final[j]]),
                     }
                 )
