@@ -277,7 +277,8 @@ class AttentionExplorer(_Explorer):
 
     def _refresh(self) -> None:
         self.keys_view.value = f"<pre>{html.escape(self._keys_text())}</pre>"
-        fig = self.report.plot(self.layer.value, self.head.value, last=self._position())
+        last = self._position()  # the newest query and the 23 before it: a figure that stays legible
+        fig = self.report.plot(self.layer.value, self.head.value, first=last - 23, last=last)
         self.pattern_view.value = _png(fig)
 
     def static_text(self) -> str:

@@ -137,10 +137,10 @@ class AttentionReport(Report):
             lines.append(f"head {head}: " + ", ".join(f"{p} '{self.labels[p]}' {w[p]:.2f}" for p in best))
         return lines
 
-    def plot(self, layer: int | None = None, head: int | None = None, *, last: int | None = None):
+    def plot(self, layer: int | None = None, head: int | None = None, *, first: int = 0, last: int | None = None):
         """One head's pattern (queries x keys, labelled by token); without a head, every head of
-        ``layer``; with neither, the head summaries as layers x heads grids. ``last``: show the
-        queries and keys up to this position only (a generation step by step)."""
+        ``layer``; with neither, the head summaries as layers x heads grids. ``first`` / ``last``:
+        the queries shown (positions), keys up to ``last`` (a generation step by step)."""
         if layer is None:
             panels = [(name.replace("_", " "), self._grid(name)) for name in ROLES if self._grid(name) is not None]
             heads = [str(h) for h in range(self.weights.shape[1])]
@@ -150,8 +150,9 @@ class AttentionReport(Report):
             )  # fmt: skip
         heads = range(self.weights.shape[1]) if head is None else [head]
         end = len(self.labels) if last is None else last + 1
-        shown = [p for p in self.positions if p < end]
-        panels = [(f"layer {layer} head {h}", self.pattern(layer, h)[: len(shown), :end]) for h in heads]
+        rows = [i for i, p in enumerate(self.positions) if first <= p < end]
+        shown = [self.positions[i] for i in rows]
+        panels = [(f"layer {layer} head {h}", self.pattern(layer, h)[rows, :end]) for h in heads]
         return plots.heatmaps(
             panels, xlabel="key", ylabel="query", title=self.title, xticklabels=self.labels[:end],
             yticklabels=[self.labels[p] for p in shown], colorbar="weight",
