@@ -6,6 +6,8 @@ params; the probe steps compile once per probe setting, so the file keeps the se
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -112,6 +114,18 @@ def test_per_slot_ablation_through_cached_decode(engine, params):
         truth = np.asarray(engine.forward(weights, np.array([fed[slot][:-1]])))[0]
         assert fed[slot][-4:] == truth[-4:].argmax(-1).tolist()
         assert_close(result.logits[slot], truth[-1])
+
+
+def test_mean_ablation_averages_over_the_live_slots(engine, params):
+    """Generate replaces the head by its mean over the live slots: with one live slot that is the
+    head itself (nothing changes); with two, each slot gets the average of both."""
+    one = engine.insert(prefill(engine, params, prompt(5, 23))[0], engine.init_decode_state(), 2)
+    two = engine.insert(prefill(engine, params, prompt(8, 24))[0], jax.tree.map(jnp.copy, one), 0)
+    mean = [probes.Ablate(LAYER, [HEAD], mode="mean")]
+    for state, changes in [(one, False), (two, True)]:
+        _, plain = engine.generate(params, jax.tree.map(jnp.copy, state))
+        _, ablated = engine.generate(params, state, interventions=mean)
+        assert np.allclose(ablated.logits[2], plain.logits[2], rtol=1e-5, atol=1e-5) != changes
 
 
 def test_patching_all_of_run_b_gives_run_b(engine, params):

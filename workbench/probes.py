@@ -5,8 +5,9 @@
     state, result = engine.generate(params, state, probes=capture,
                                     interventions=[probes.Ablate(1, [3]), probes.Steer(2, v, 4.0)])
 
-**Capture** is ``nnx.sow`` into ``nnx.Intermediate`` variables of the merged model inside the
-jitted step, popped before the step returns (so it survives split / merge like any state). Per
+**Capture** is ``Module.sow`` of ``nnx.Intermediate`` values at the hook sites
+(:mod:`workbench.model.hooks`), collected by ``nnx.capture`` around the merged model's call inside
+the jitted step and returned from it as a plain dict (so nothing outlives split / merge). Per
 layer: the attention weights ``[rows, N, T, S]`` (rows: 1 for prefill, the slots for generate;
 T the step's queries; S the keys it read), the attention block's output ``attn_out`` and the MLP
 output ``mlp`` (``[rows, T, D]``, what each adds to the residual stream), the residual stream after
@@ -37,17 +38,10 @@ from flax import nnx
 
 from workbench import trees
 from workbench.checks import check_int, check_token_ids, is_int
-from workbench.model import kernels
+from workbench.model.hooks import Hooks
 
 SITES = ("residual", "attn_out", "mlp_out")
 MODES = ("zero", "mean")
-CAPTURE_SITES = ("attention", "attn_out", "residual", "mlp")
-
-
-def _layers(name: str, layers: Any, num_layers: int) -> tuple[int, ...]:
-    for layer in layers:
-        check_layer(name, layer, num_layers)
-    return tuple(int(i) for i in layers)
 
 
 def check_layer(name: str, layer: Any, num_layers: int) -> int:
@@ -161,8 +155,9 @@ def prepare(
     if capture is None and not interventions:
         return None, None
     L, N, D = config.num_layers, config.num_heads, config.embed_dim  # noqa: N806 (axis letters)
-    if capture is not None and capture.layers is not None:
-        _layers("Capture", capture.layers, L)
+    if capture is not None:
+        for layer in capture.layers or ():
+            check_layer("Capture", layer, L)
     keep, mean = np.ones((L, rows, N), np.float32), np.zeros((L, rows, N), np.float32)
     steer = np.zeros((L, rows, D), np.float32)
     patches: dict[str, list[tuple[int, int, np.ndarray, np.ndarray]]] = {}
@@ -208,73 +203,10 @@ def prepare(
             positions[layer, j], masks[layer, j], values[layer, j] = p, mask, v
         data[f"patch_{site}"] = (positions, masks, values)
     plan = dataclasses.replace(plan, patches=tuple((site, len(e)) for site, e in patches.items()))
-    return plan, jax.tree.map(jnp.asarray, data)
+    return plan, data
 
 
 # ---- inside the jitted step ---------------------------------------------------------------------
-class Hooks:
-    """A step's probe setting at trace time: the model calls ``hooks.layer(i)`` per block and
-    ``hooks.record`` for the logits. ``positions`` [B, T] are the queries' absolute positions,
-    ``live`` [B, T] marks real queries (not padding, not an empty slot)."""
-
-    def __init__(self, plan: Plan, data: dict[str, Any], positions: jax.Array, live: jax.Array):
-        self.plan, self.data, self.positions, self.live = plan, data, positions, live
-        self.capture = plan.capture
-
-    def layer(self, i: int) -> LayerHooks:
-        return LayerHooks(self, i)
-
-    def record(self, module: nnx.Module, name: str, value: jax.Array) -> None:
-        module.sow(nnx.Intermediate, name, value)
-
-
-class LayerHooks:
-    def __init__(self, hooks: Hooks, layer: int):
-        self.hooks, self.index = hooks, layer
-        capture = hooks.capture
-        self.records = capture is not None and capture.records(layer)
-        self.weights = self.records and capture.attention
-
-    def wants(self, site: str) -> bool:
-        if not self.records:
-            return False
-        capture = self.hooks.capture
-        return {"attn_out": capture.attention, "mlp_out": capture.mlp, "residual": capture.residual}[site]
-
-    def heads(self, out: jax.Array) -> jax.Array:
-        """Ablation of query heads: ``out`` [B, T, N, H], the heads' outputs before ``o``."""
-        if not self.hooks.plan.ablate:
-            return out
-        keep = self.hooks.data["keep"][self.index][:, None, :, None]  # [B, 1, N, 1]
-        mean = self.hooks.data["mean"][self.index][:, None, :, None]
-        live = self.hooks.live[:, :, None, None].astype(out.dtype)
-        average = jnp.sum(out * live, axis=(0, 1)) / jnp.maximum(jnp.sum(live), 1)  # [N, H]
-        return out * keep.astype(out.dtype) + average * mean.astype(out.dtype)
-
-    def site(self, module: nnx.Module, site: str, x: jax.Array) -> jax.Array:
-        """Patch (and, on the residual, steer) ``x`` [B, T, D] at ``site``; record what flows on."""
-        hooks = self.hooks
-        if f"patch_{site}" in hooks.data:
-            positions, masks, values = (a[self.index] for a in hooks.data[f"patch_{site}"])  # [P], [P, B], [P, D]
-            hit = (hooks.positions[:, :, None] == positions) & masks.T[:, None, :] & (positions >= 0)  # [B, T, P]
-            patched = jnp.einsum("BTP,PD->BTD", hit.astype(jnp.float32), values).astype(x.dtype)
-            x = jnp.where(jnp.any(hit, axis=-1, keepdims=True), patched, x)
-        if site == "residual" and hooks.plan.steer:
-            x = x + hooks.data["steer"][self.index][:, None, :].astype(x.dtype)
-        if self.wants(site):
-            hooks.record(module, site, x)
-        return x
-
-    def attend(self, q, k, v, visible, dtype, keys: int) -> tuple[jax.Array, jax.Array]:
-        """Attention that also returns its weights: q [B, T, K, G, H] (scaled), k, v [B, S, K, H],
-        visible [B, T, S] -> (out [B, T, K, G, H], weights [B, N, T, keys], zero past S)."""
-        weights = kernels.attention_weights(q, k, visible)  # [B, T, K, G, S]
-        out = jnp.einsum("BTKGS,BSKH->BTKGH", weights.astype(dtype), v)
-        b, t, kv, g, s = weights.shape
-        weights = jnp.transpose(weights.reshape(b, t, kv * g, s), (0, 2, 1, 3))
-        return out, jnp.pad(weights, ((0, 0), (0, 0), (0, 0), (0, keys - s)))
-
-
 def run(model: Any, plan: Plan, data: dict | None, tokens, positions, live, logits_at=None) -> tuple[jax.Array, dict]:
     """Call a merged model under ``plan`` inside a jitted step: (logits, the raw capture).
 

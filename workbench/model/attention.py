@@ -100,7 +100,7 @@ class Attention(nnx.Module):
         if hooks is not None:  # probes: record the weights, ablate heads
             if hooks.weights:
                 out, weights = out
-                hooks.hooks.record(self, "weights", weights)
+                hooks.record(self, "weights", weights)
             out = hooks.heads(out.reshape(b, t, n, h))
         # One contracting dim (N*H): given "BTNH,NHD", XLA orders the two as (H, N) and transposes
         # the o weights into that order on every call.
