@@ -161,6 +161,11 @@ def test_default_steps_keep_their_compile_counts(engine, params):
     for heads in ([1], [2, 3]):  # another head, another layer, another slot: data, not a compile
         for layer in (0, 3):
             state, _ = engine.generate(params, state, interventions=[probes.Ablate(layer, heads, slots=[0])])
+    patched = engine.compile_counts["prefill+probes"]
+    for n in (3, 4):  # patches of 3 and 4 positions share a program (room for 4)
+        patch = probes.Patch(0, "mlp_out", range(n), np.zeros((n, engine.config.embed_dim)))
+        probe_prefill(engine, params, tokens, interventions=[patch])
+    assert engine.compile_counts["prefill+probes"] == patched + 1
     state, plain = engine.generate(params, state)
     prefix, again = prefill(engine, params, tokens)
     assert engine.compile_counts["prefill"] == before["prefill"]

@@ -15,7 +15,8 @@ the block ``residual``; and the final logits ``[rows, T, V]``.
 
 **Interventions** are data. :func:`prepare` turns a list of them into dense arrays over layers
 (``[L, rows, N]`` head gains, ``[L, rows, D]`` steering vectors, ``[L, P, ...]`` patches) passed
-into the jitted step; only the *kinds* present (and a patch's count of positions) are static.
+into the jitted step; only the *kinds* present (and a patch's count of positions, rounded up to
+a power of two) are static.
 So changing a layer, a head, a value or a slot does not recompile. ``slots`` on an intervention
 is the slot mask: which decode rows it applies to (None: all; prefill has one row, 0).
 
@@ -195,14 +196,18 @@ def prepare(
         data["keep"], data["mean"] = keep, mean
     if plan.steer:
         data["steer"] = steer
+    sizes = []
     for site, entries in patches.items():
-        P = len(entries)  # noqa: N806
+        # Room for a power of two of entries (unused ones never match): patching n positions
+        # compiles once per power of two, not once per n.
+        P = 1 << max(len(entries) - 1, 0).bit_length()  # noqa: N806
+        sizes.append((site, P))
         positions = np.full((L, P), -1, np.int32)
         masks, values = np.zeros((L, P, rows), bool), np.zeros((L, P, D), np.float32)
         for j, (layer, p, mask, v) in enumerate(entries):
             positions[layer, j], masks[layer, j], values[layer, j] = p, mask, v
         data[f"patch_{site}"] = (positions, masks, values)
-    plan = dataclasses.replace(plan, patches=tuple((site, len(e)) for site, e in patches.items()))
+    plan = dataclasses.replace(plan, patches=tuple(sizes))
     return plan, data
 
 
