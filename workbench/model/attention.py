@@ -86,7 +86,7 @@ class Attention(nnx.Module):
         return out
 
     def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array], hooks=None) -> jax.Array:
-        # x [B, T, D], positions [B, T], rope: (sin, cos) for those positions; hooks: workbench.probes
+        # x [B, T, D], positions [B, T], rope: (sin, cos) for those positions; hooks: model.hooks
         q = apply_rope(self._project(x, "q"), rope)  # [B, T, N, H]
         k = apply_rope(self._project(x, "k"), rope)  # [B, T, K, H]
         v = self._project(x, "v")

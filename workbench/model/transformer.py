@@ -19,7 +19,7 @@ class Block(nnx.Module):
         self.mlp = MLP(config, rngs=rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array], hooks=None) -> jax.Array:
-        if hooks is not None:  # probes (workbench.probes): patch, steer and record at each site
+        if hooks is not None:  # probes (workbench.model.hooks): patch, steer and record at each site
             x = x + hooks.site(self, "attn_out", self.attn(self.attn_norm(x), positions, rope, hooks))
             return hooks.site(self, "residual", x + hooks.site(self, "mlp_out", self.mlp(self.mlp_norm(x))))
         x = x + self.attn(self.attn_norm(x), positions, rope)
@@ -55,7 +55,7 @@ class Transformer(nnx.Module):
 
         With ``logits_at`` [B] (one index into T per row) only those rows' logits, [B, V]: prefill
         needs just the last prompt token's, and the vocabulary projection of every position would
-        be about half of its work. ``hooks``: a ``workbench.probes.Hooks`` (capture, interventions).
+        be about half of its work. ``hooks``: a ``workbench.model.hooks.Hooks`` (probes: capture, interventions).
         """
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
