@@ -145,7 +145,11 @@ def test_steer_adds_to_the_residual(engine, params):
     tokens = prompt(9, 17)
     vector = np.random.default_rng(0).standard_normal(engine.config.embed_dim).astype(np.float32)
     _, plain = probe_prefill(engine, params, tokens, probes=CAPTURE)
-    _, steered = probe_prefill(engine, params, tokens, probes=CAPTURE, interventions=[probes.Steer(0, vector, 3.0)])
+    layer_0 = probes.Capture(layers=[0])
+    _, steered = probe_prefill(engine, params, tokens, probes=layer_0, interventions=[probes.Steer(0, vector, 3.0)])
+    assert steered.captured.layers == [0]
+    with pytest.raises(ValueError, match=r"layer 1 was not captured: .* captured layers are \[0\]"):
+        steered.captured.residual(1)
     assert_close(steered.captured.residual(0), plain.captured.residual(0) + 3.0 * vector)
     assert_close(steered.captured.attn_out(0), plain.captured.attn_out(0))  # before the steer
     assert not np.allclose(steered.logits, plain.logits, atol=1e-3)
