@@ -189,12 +189,20 @@ def test_default_steps_keep_their_compile_counts(engine, params):
         (lambda: probes.Patch(0, "q", [0], np.zeros((1, 128))), "Patch: site must be one of"),
         (lambda: probes.Steer(0, np.zeros(3)), r"Steer: values have shape \(3,\), but the site takes \(128,\)"),
         (lambda: probes.Ablate(0, [1], slots=[7]), "Ablate: slots must be indices in 0..0"),
+        (lambda: probes.Ablate(0, 1), "Ablate: heads must be a list of head indices, got 1"),
     ],
 )
 def test_bad_interventions_fail_in_one_line(engine, params, call, message):
-    with pytest.raises(ValueError, match=message) as error:
+    with pytest.raises((ValueError, TypeError), match=message) as error:
         probe_prefill(engine, params, prompt(4, 19), interventions=[call()])
     assert "\n" not in str(error.value)
+
+
+def test_overlapping_patches_fail_in_one_line(engine, params):
+    first, second = np.zeros((2, 128)), np.zeros((1, 128))
+    twice = [probes.Patch(1, "residual", [2, 3], first), probes.Patch(1, "residual", [3], second)]
+    with pytest.raises(ValueError, match="Patch: residual of layer 1 at position 3 is patched twice"):
+        probe_prefill(engine, params, prompt(4, 19), interventions=twice)
 
 
 def test_bad_probes_fail_in_one_line(engine, params, mid_step):

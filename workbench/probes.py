@@ -76,8 +76,8 @@ class Capture:
 @dataclasses.dataclass(frozen=True)
 class Ablate:
     """Switch off query heads ``heads`` of ``layer``: their output (before the o projection) set
-    to zero, or (``mode="mean"``) to its mean over the step's live queries (prefill: the prompt's
-    tokens; generate: the live slots) -- the same as zeroing those heads' rows of ``o``."""
+    to zero (the same as zeroing those heads' rows of ``o``), or with ``mode="mean"`` to its mean
+    over the step's live queries (prefill: the prompt's tokens; generate: the live slots)."""
 
     layer: int
     heads: Sequence[int]
@@ -146,6 +146,16 @@ def _vectors(what: str, values: Any, shape: tuple[int, ...]) -> np.ndarray:
     return array
 
 
+def _check_overlaps(site: str, entries: list, rows: int) -> None:
+    """ValueError when two patches write the same layer, position and slot of ``site``."""
+    taken: dict[tuple[int, int], np.ndarray] = {}
+    for layer, position, mask, _ in entries:
+        before = taken.setdefault((layer, position), np.zeros(rows, bool))
+        if (before & mask).any():
+            raise ValueError(f"Patch: {site} of layer {layer} at position {position} is patched twice")
+        before |= mask
+
+
 def prepare(
     capture: Capture | None, interventions: Sequence[Any] | None, config: Any, rows: int
 ) -> tuple[Plan | None, dict[str, Any] | None]:
@@ -169,6 +179,8 @@ def prepare(
         layer = check_layer(what, item.layer, L)
         mask = _slot_mask(what, item.slots, rows)
         if isinstance(item, Ablate):
+            if is_int(item.heads) or isinstance(item.heads, str):
+                raise TypeError(f"Ablate: heads must be a list of head indices, got {item.heads!r}")
             if item.mode not in MODES:
                 raise ValueError(f"Ablate: mode must be one of {MODES}, got {item.mode!r}")
             for head in item.heads:
@@ -197,7 +209,9 @@ def prepare(
     if plan.steer:
         data["steer"] = steer
     sizes = []
-    for site, entries in patches.items():
+    for site in sorted(patches):  # a static plan that does not depend on the order given
+        entries = patches[site]
+        _check_overlaps(site, entries, rows)
         # Room for a power of two of entries (unused ones never match): patching n positions
         # compiles once per power of two, not once per n.
         P = 1 << max(len(entries) - 1, 0).bit_length()  # noqa: N806
