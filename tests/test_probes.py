@@ -215,6 +215,9 @@ def test_bad_probes_fail_in_one_line(engine, params, mid_step):
         probes.captured(plain)
     with pytest.raises(ValueError, match="layer 9 was not captured"):
         mid_step[2].captured.residual(9)
+    only_logits = dataclasses.replace(mid_step[2].captured, sites={})
+    with pytest.raises(ValueError, match=r"mlp_out was not captured: pass .* with mlp=True"):
+        only_logits.mlp(0)
 
 
 def hand_capture(weights, tokens):

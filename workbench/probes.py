@@ -259,7 +259,8 @@ class Captured:
 
     def site(self, name: str, layer: int) -> np.ndarray:
         if name not in self.sites:
-            raise ValueError(f"{name} {NO_CAPTURE} with {name}=True")
+            flag = {"attn_out": "attention", "mlp_out": "mlp"}.get(name, name)
+            raise ValueError(f"{name} {NO_CAPTURE} with {flag}=True")
         if layer not in self.sites[name]:
             raise ValueError(f"layer {layer} {NO_CAPTURE}: captured layers are {sorted(self.sites[name])}")
         return self.sites[name][layer]
