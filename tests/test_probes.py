@@ -102,7 +102,7 @@ def test_per_slot_ablation_through_cached_decode(engine, params):
     slot 1: slot 3 follows the forward pass of the edited params, slot 1 the plain one."""
     ablate = probes.Ablate(LAYER, [HEAD])
     state, fed = engine.init_decode_state(), {}
-    for slot, tokens, interventions in [(3, prompt(7, 20), [ablate]), (1, prompt(12, 21), None)]:
+    for slot, tokens, interventions in [(3, prompt(11, 20), [ablate]), (1, prompt(11, 21), None)]:
         prefix, _ = probe_prefill(engine, params, tokens, interventions=interventions)
         state = engine.insert(prefix, state, slot)
         fed[slot] = tokens + [int(prefix.token)]
