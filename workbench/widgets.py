@@ -1,4 +1,5 @@
-"""ipywidgets explorers over the inspectors: the KV cache step by step, and one leaf's sharding.
+"""ipywidgets explorers over the inspectors: the KV cache step by step, one leaf's sharding, and
+attention step by step (``AttentionExplorer``, over captured steps).
 
 Live in JupyterLab. Where no widget frontend draws them (a headless nbval run, a static
 notebook viewer, a script) they show a static text/HTML snapshot of their current view:
@@ -22,7 +23,8 @@ import jax
 import numpy as np
 
 from workbench.engine import DecodeState, Prefix
-from workbench.inspect import KVCacheDiff, kv_cache, kv_cache_diff, sharding, snapshot
+from workbench.inspect import KVCacheDiff, attention, kv_cache, kv_cache_diff, sharding, snapshot
+from workbench.inspect.attention import steps_of
 from workbench.inspect.report import fmt_bytes
 
 try:
@@ -234,3 +236,50 @@ class ShardingExplorer(_Explorer):
 
     def static_text(self) -> str:
         return f"{self.report.title}\n\n{self._leaf_text()}"
+
+
+class AttentionExplorer(_Explorer):
+    """Walk the captured steps of one slot (a prefill, then its generate steps, each run with
+    ``probes=workbench.probes.Capture()``): sliders pick the layer, the head and the step; the
+    view shows the head's pattern up to that step and, per head, the keys its newest query read.
+
+        steps = [first.captured] + [result.captured for each generate step]
+        AttentionExplorer(steps, tokens=[tokenizer.decode([t]) for t in ids], slot=0)
+    """
+
+    def __init__(self, captured: Any, *, tokens: Sequence[Any] | None = None, slot: int = 0):
+        w = _require_widgets()
+        steps = steps_of(captured)
+        self.report = attention(steps, tokens=tokens, slot=slot)
+        # the newest query position of each step (a prefill's last prompt token, then one per step)
+        self.step_positions = []
+        for step in steps:
+            row = 0 if step.live.shape[0] == 1 else slot
+            self.step_positions.append(int(step.positions[row][step.live[row]].max(initial=-1)))
+        layers, heads = self.report.layers, self.report.weights.shape[1]
+        self.layer = w.IntSlider(layers[0], min=layers[0], max=layers[-1], description="layer")
+        self.head = w.IntSlider(0, min=0, max=heads - 1, description="head")
+        self.step = w.IntSlider(len(steps) - 1, min=0, max=len(steps) - 1, description="step")
+        for slider in (self.layer, self.head, self.step):
+            slider.observe(lambda _: self._refresh(), names="value")
+        self.pattern_view, self.keys_view = w.Image(format="png"), w.HTML()
+        self.widget = w.VBox([w.HBox([self.layer, self.head, self.step]), self.keys_view, self.pattern_view])
+        self._refresh()
+
+    def _position(self) -> int:
+        return self.step_positions[self.step.value]
+
+    def _keys_text(self) -> str:
+        position = self._position()
+        where = f"layer {self.layer.value}, step {self.step.value}: the query at position {position}"
+        lines = [f"{where} ('{self.report.labels[position]}') read"]
+        return "\n".join(lines + self.report.top_keys(self.layer.value, position))
+
+    def _refresh(self) -> None:
+        self.keys_view.value = f"<pre>{html.escape(self._keys_text())}</pre>"
+        last = self._position()  # the newest query and the 23 before it: a figure that stays legible
+        fig = self.report.plot(self.layer.value, self.head.value, first=last - 23, last=last)
+        self.pattern_view.value = _png(fig)
+
+    def static_text(self) -> str:
+        return f"{self.report.title}\n\n{self._keys_text()}"

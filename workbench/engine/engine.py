@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from workbench import probes as probing
 from workbench import sharding as shd
 from workbench import trees
 from workbench.checks import check_int
@@ -157,6 +158,19 @@ class Engine:
             compiler_options=self._compiler_options("generate"),
         )
         self._free_jit = jax.jit(steps.free, donate_argnums=(0,), out_shardings=state_out)
+        # the same steps with probes (workbench.probes): separate jits, so the ones above never change
+        self._prefill_probes_jit = jax.jit(
+            partial(steps.prefill, prefill_model, counts),
+            static_argnames=("sampling", "plan"),
+            out_shardings=(self.prefix_shardings, self.result_shardings, None),
+        )
+        self._generate_probes_jit = jax.jit(
+            partial(steps.generate, decode_model, counts),
+            static_argnames=("sampling", "plan"),
+            donate_argnums=(2,),
+            out_shardings=(state_out, self.result_shardings, None),
+            compiler_options=self._compiler_options("generate"),
+        )
 
     def _compiler_options(self, step: str) -> dict[str, str] | None:
         weights = self.config.quantize or self.config.param_dtype
@@ -239,12 +253,15 @@ class Engine:
         true_length: int,
         sampling: Sampling | None = None,
         rng: jax.Array | None = None,
+        probes: probing.Capture | None = None,
+        interventions: Sequence[Any] | None = None,
     ) -> tuple[Prefix, ResultTokens]:
         """Run the prompt (or, with ``existing_prefix``, its next chunk) through the prefill model.
 
         ``padded_tokens`` [P] holds ``true_length`` real tokens then padding. The result's cache
         holds the earlier prefix plus these tokens; its first token is sampled from the logits
         at the last real position. Chunked prefill equals one prefill of the whole prompt.
+        ``probes`` / ``interventions``: see :mod:`workbench.probes` (the result's ``captured``).
         """
         tokens = check_tokens(padded_tokens, self.config.vocab_size, self.max_prefill_length)
         true_length = check_int("true_length", true_length)
@@ -261,16 +278,12 @@ class Engine:
                 f"prompt of {start + true_length} tokens exceeds max_target_length ({self.max_target_length})"
             )
         key = jax.random.key(0) if rng is None else rng
-        return self._prefill_jit(
-            params,
-            self.rest,
-            cache,
-            jnp.asarray(tokens),
-            jnp.int32(start),
-            jnp.int32(true_length),
-            key,
-            sampling=sampling or GREEDY,
-        )
+        plan, data = probing.prepare(probes, interventions, self.config, 1)
+        args = (params, self.rest, cache, jnp.asarray(tokens), jnp.int32(start), jnp.int32(true_length), key)
+        if plan is None:
+            return self._prefill_jit(*args, sampling=sampling or GREEDY)
+        prefix, result, raw = self._prefill_probes_jit(*args, data, sampling=sampling or GREEDY, plan=plan)
+        return prefix, probing.attach(result, raw, plan)
 
     # ---- insert ----------------------------------------------------------------------------------
     def insert(self, prefix: Prefix, decode_state: DecodeState, slot: int) -> DecodeState:
@@ -289,12 +302,26 @@ class Engine:
 
     # ---- generate --------------------------------------------------------------------------------
     def generate(
-        self, params: Params, decode_state: DecodeState, *, sampling: Sampling | None = None
+        self,
+        params: Params,
+        decode_state: DecodeState,
+        *,
+        sampling: Sampling | None = None,
+        probes: probing.Capture | None = None,
+        interventions: Sequence[Any] | None = None,
     ) -> tuple[DecodeState, ResultTokens]:
         """One token for every slot, each at its own position (the decode state is donated).
 
         A slot is valid when it holds a request and its cache has room; a full slot
         (position == max_target_length) stops with valid=0 rather than wrapping around.
+        ``probes`` / ``interventions``: see :mod:`workbench.probes`; an intervention's ``slots``
+        picks the slots it applies to.
         """
         check_decode_state(decode_state)
-        return self._generate_jit(params, self.rest, decode_state, sampling=sampling or GREEDY)
+        plan, data = probing.prepare(probes, interventions, self.config, self.max_concurrent_decodes)
+        if plan is None:
+            return self._generate_jit(params, self.rest, decode_state, sampling=sampling or GREEDY)
+        state, result, raw = self._generate_probes_jit(
+            params, self.rest, decode_state, data, sampling=sampling or GREEDY, plan=plan
+        )
+        return state, probing.attach(result, raw, plan)

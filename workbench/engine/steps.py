@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from workbench import trees
+from workbench import probes, trees
 from workbench.engine.sampling import Sampling, sample
 from workbench.engine.types import Cache, DecodeState, Prefix, ResultTokens
 from workbench.model import Transformer
@@ -62,20 +62,30 @@ def prefill(
     start,
     true_length,
     key,
+    probe_data=None,
     *,
     sampling: Sampling,
+    plan: probes.Plan | None = None,
 ) -> tuple[Prefix, ResultTokens]:
-    """``tokens`` [P] (``true_length`` real, then padding) written after ``start`` cached ones."""
-    counts["prefill"] += 1
+    """``tokens`` [P] (``true_length`` real, then padding) written after ``start`` cached ones.
+    With a probe ``plan`` (static) and its ``probe_data``, also the raw capture (``probes.run``)."""
+    counts["prefill" if plan is None else "prefill+probes"] += 1
     merged = model.merge(params, cache, rest)
     steps = jnp.arange(tokens.shape[0])
     # Padding goes to position S (past the cache): its K/V writes are dropped.
     positions = jnp.where(steps < true_length, start + steps, model.length)
-    last = merged(tokens[None], positions[None], logits_at=(true_length - 1)[None])[0]  # [V]
+    if plan is None:
+        last = merged(tokens[None], positions[None], logits_at=(true_length - 1)[None])[0]  # [V]
+    else:
+        live = (steps < true_length)[None]
+        last, raw = probes.run(merged, plan, probe_data, tokens[None], positions[None], live, (true_length - 1)[None])
+        last = last[0]
     token = sample(last[None], key, sampling)[0]
     cache = nnx.to_pure_dict(nnx.state(merged, nnx.Cache))
     prefix = Prefix(cache=cache, length=start + true_length, token=token, logits=last)
     data = jnp.stack([token, jnp.int32(1), jnp.int32(1)])[None]
+    if plan is not None:
+        return prefix, ResultTokens(data=data, logits=last[None]), raw
     return prefix, ResultTokens(data=data, logits=last[None])
 
 
@@ -97,14 +107,26 @@ def insert(counts: Counts, prefix: Prefix, state: DecodeState, slots: jax.Array)
 
 
 def generate(
-    model: CachedModel, counts: Counts, params, rest, state: DecodeState, *, sampling: Sampling
+    model: CachedModel,
+    counts: Counts,
+    params,
+    rest,
+    state: DecodeState,
+    probe_data=None,
+    *,
+    sampling: Sampling,
+    plan: probes.Plan | None = None,
 ) -> tuple[DecodeState, ResultTokens]:
     """One token for every live slot (holding a request, with room in its cache)."""
-    counts["generate"] += 1
+    counts["generate" if plan is None else "generate+probes"] += 1
     live = state.active & (state.positions < model.length)  # [B]
     positions = jnp.where(live, state.positions, model.length)  # dead slots write nothing
     merged = model.merge(params, state.cache, rest)
-    logits = merged(state.tokens[:, None], positions[:, None])[:, 0]  # [B, V]
+    if plan is None:
+        logits = merged(state.tokens[:, None], positions[:, None])[:, 0]  # [B, V]
+    else:
+        logits, raw = probes.run(merged, plan, probe_data, state.tokens[:, None], positions[:, None], live[:, None])
+        logits = logits[:, 0]
     rng, key = jax.random.split(state.rng)
     tokens = jnp.where(live, sample(logits, key, sampling), state.tokens)
     lengths = state.lengths + live
@@ -116,6 +138,8 @@ def generate(
         rng=rng,
     )
     data = jnp.stack([tokens, live.astype(jnp.int32), lengths], axis=-1)
+    if plan is not None:
+        return new_state, ResultTokens(data=data, logits=logits), raw
     return new_state, ResultTokens(data=data, logits=logits)
 
 

@@ -85,6 +85,8 @@ class ResultTokens:
     valid_idx: tuple[int, int] = struct.field(pytree_node=False, default=(1, 2))
     length_idx: tuple[int, int] = struct.field(pytree_node=False, default=(2, 3))
     samples_per_slot: int = struct.field(pytree_node=False, default=1)
+    # A ``workbench.probes.Captured`` when the step was asked for probes, else None.
+    captured: Any = struct.field(pytree_node=False, default=None)
 
     def get_result_at_slot(self, slot: int) -> SlotData:
         return SlotData(

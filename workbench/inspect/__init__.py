@@ -6,25 +6,33 @@
     before = inspect.snapshot(state)               # insert/generate donate the state
     inspect.kv_cache_diff(before, engine.insert(prefix, state, 2))
     inspect.sharding(params).plot()                # bytes per device
+    inspect.attention(result.captured, tokens=text)  # heads, from probes.Capture() (workbench.probes)
+    inspect.logit_lens(result.captured, engine, params)
 
 Every report prints as aligned, deterministic text, renders as an HTML table in notebooks, and
 returns its rows with ``.to_rows()``.
 """
 
+from workbench.inspect.attention import AttentionReport, attention
 from workbench.inspect.kv_diff import KVCacheDiff, kv_cache_diff, snapshot
 from workbench.inspect.kv_report import KVCacheReport, kv_cache
+from workbench.inspect.logit_lens import LogitLensReport, logit_lens
 from workbench.inspect.report import Report
 from workbench.inspect.sharding_report import ShardingReport, sharding
 from workbench.inspect.state_report import StateReport, state
 
 __all__ = [
+    "AttentionReport",
     "KVCacheDiff",
     "KVCacheReport",
+    "LogitLensReport",
     "Report",
+    "attention",
     "ShardingReport",
     "StateReport",
     "kv_cache",
     "kv_cache_diff",
+    "logit_lens",
     "sharding",
     "snapshot",
     "state",

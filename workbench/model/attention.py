@@ -85,23 +85,28 @@ class Attention(nnx.Module):
             out = out + getattr(self, f"{name}_bias")[...].astype(self.dtype)
         return out
 
-    def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
-        # x [B, T, D], positions [B, T], rope: (sin, cos) for those positions
+    def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array], hooks=None) -> jax.Array:
+        # x [B, T, D], positions [B, T], rope: (sin, cos) for those positions; hooks: model.hooks
         q = apply_rope(self._project(x, "q"), rope)  # [B, T, N, H]
         k = apply_rope(self._project(x, "k"), rope)  # [B, T, K, H]
         v = self._project(x, "v")
         b, t, n, h = q.shape
         q = q.reshape(b, t, n // self.groups, self.groups, h) * (h**-0.5)  # [B, T, K, G, H]
         if self.cache is None:
-            out = self._attend(q, k, v, positions, positions)
+            out = self._attend(q, k, v, positions, positions, hooks=hooks, keys=t)
         else:
             k, v = self.cache.update(k, v, positions)  # [B, S, K, H]
-            out = self._attend_cache(q, k, v, positions)
+            out = self._attend_cache(q, k, v, positions, hooks)
+        if hooks is not None:  # probes: record the weights, ablate heads
+            if hooks.weights:
+                out, weights = out
+                hooks.record(self, "weights", weights)
+            out = hooks.heads(out.reshape(b, t, n, h))
         # One contracting dim (N*H): given "BTNH,NHD", XLA orders the two as (H, N) and transposes
         # the o weights into that order on every call.
         return quant.einsum("BTX,XD->BTD", out.reshape(b, t, n * h), self.o, self.dtype, shape=(n * h, -1))
 
-    def _attend_cache(self, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array) -> jax.Array:
+    def _attend_cache(self, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, hooks=None) -> jax.Array:
         """Attention over the first L cache positions, L the smallest bucket covering every live query."""
         cache_length = k.shape[1]
         buckets = key_buckets(cache_length)
@@ -109,7 +114,9 @@ class Attention(nnx.Module):
         def attend_prefix(length: int, q, k, v, positions):
             key_positions = jnp.broadcast_to(jnp.arange(length), (k.shape[0], length))
             sliced = length < cache_length
-            return self._attend(q, k[:, :length], v[:, :length], positions, key_positions, sliced=sliced)
+            return self._attend(
+                q, k[:, :length], v[:, :length], positions, key_positions, sliced=sliced, hooks=hooks, keys=cache_length
+            )
 
         if len(buckets) == 1:
             return attend_prefix(cache_length, q, k, v, positions)
@@ -119,7 +126,7 @@ class Attention(nnx.Module):
         branches = [functools.partial(attend_prefix, length) for length in buckets]
         return jax.lax.switch(branch, branches, q, k, v, positions)
 
-    def _attend(self, q, k, v, query_positions, key_positions, sliced: bool = False) -> jax.Array:
+    def _attend(self, q, k, v, query_positions, key_positions, sliced: bool = False, hooks=None, keys=0) -> jax.Array:
         """Softmax attention: q [B, T, K, G, H] (scaled), k, v [B, S, K, H] -> [B, T, K, G, H].
 
         ``sliced``: k and v are a prefix sliced from a longer cache (see :mod:`kernels`).
@@ -127,4 +134,6 @@ class Attention(nnx.Module):
         visible = key_positions[:, None, :] <= query_positions[:, :, None]  # [B, T, S]
         if self.window is not None:
             visible &= key_positions[:, None, :] > query_positions[:, :, None] - self.window
+        if hooks is not None and hooks.weights:  # probes: the weights too, padded to ``keys`` keys
+            return hooks.attend(q, k, v, visible, self.dtype, keys)
         return kernels.attention(q, k, v, visible, self.dtype, kernels=self.kernels, sliced=sliced)

@@ -30,12 +30,16 @@ KERNELS = ("reference", "xla_cpu")
 MASKED = -1e30  # finite, so a row with nothing visible (a padding query) gives no NaN
 
 
-def reference(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, dtype) -> jax.Array:
-    """Softmax attention as written on paper: the reference every variant must equal."""
+def attention_weights(q: jax.Array, k: jax.Array, visible: jax.Array) -> jax.Array:
+    """The float32 attention weights [B, T, K, G, S] of ``reference`` (probes record them)."""
     scores = jnp.einsum("BTKGH,BSKH->BTKGS", q, k).astype(jnp.float32)
     scores = jnp.where(visible[:, :, None, None], scores, MASKED)
-    weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    return jnp.einsum("BTKGS,BSKH->BTKGH", weights, v)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def reference(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, dtype) -> jax.Array:
+    """Softmax attention as written on paper: the reference every variant must equal."""
+    return jnp.einsum("BTKGS,BSKH->BTKGH", attention_weights(q, k, visible).astype(dtype), v)
 
 
 def stacked(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, dtype) -> jax.Array:

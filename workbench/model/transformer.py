@@ -19,7 +19,10 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config, rngs=rngs)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array], hooks=None) -> jax.Array:
+        if hooks is not None:  # probes (workbench.model.hooks): patch, steer and record at each site
+            x = x + hooks.site(self, "attn_out", self.attn(self.attn_norm(x), positions, rope, hooks))
+            return hooks.site(self, "residual", x + hooks.site(self, "mlp_out", self.mlp(self.mlp_norm(x))))
         x = x + self.attn(self.attn_norm(x), positions, rope)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -48,20 +51,20 @@ class Transformer(nnx.Module):
         quant.quantize_model(self, config.quantize)  # a no-op for float weights
 
     def __call__(
-        self, tokens: jax.Array, positions: jax.Array | None = None, *, logits_at: jax.Array | None = None
+        self, tokens: jax.Array, positions: jax.Array | None = None, *, logits_at: jax.Array | None = None, hooks=None
     ) -> jax.Array:
         """Logits [B, T, V] in float32 for ``tokens`` [B, T] at absolute ``positions`` [B, T].
 
         With ``logits_at`` [B] (one index into T per row) only those rows' logits, [B, V]: prefill
         needs just the last prompt token's, and the vocabulary projection of every position would
-        be about half of its work.
+        be about half of its work. ``hooks``: a ``workbench.model.hooks.Hooks`` (probes: capture, interventions).
         """
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = self.embed(tokens)  # [B, T, D]
         rope = self.rope(positions)
-        for layer in self.layers:
-            x = layer(x, positions, rope)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, rope) if hooks is None else layer(x, positions, rope, hooks.layer(i))
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, D]
         x = self.final_norm(x)
@@ -70,4 +73,6 @@ class Transformer(nnx.Module):
         else:
             logits = quant.einsum("BTD,DV->BTV", x, self.lm_head, x.dtype)
         logits = logits.astype(jnp.float32)
+        if hooks is not None and hooks.capture is not None and hooks.capture.logits:
+            hooks.record(self, "logits", logits)
         return logits if logits_at is None else logits[:, 0]

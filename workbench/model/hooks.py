@@ -1,0 +1,85 @@
+"""Hook sites of the model for ``workbench.probes``: what a probed step does inside each block.
+
+The model's modules take ``hooks=None``; given one (a :class:`Hooks`, built by ``probes.run``
+inside a jitted step) they call it at each site: attention may return its weights
+(:meth:`LayerHooks.attend`), query heads may be ablated (:meth:`LayerHooks.heads`), and the
+outputs of attention, the MLP and the block may be patched, steered and recorded
+(:meth:`LayerHooks.site`). Recording is ``Module.sow(nnx.Intermediate, ...)``, collected by
+``nnx.capture``. Without hooks none of this is traced.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from workbench.model import kernels
+
+
+class Hooks:
+    """A step's probe setting at trace time: the model calls ``hooks.layer(i)`` per block and
+    ``hooks.record`` for the logits. ``positions`` [B, T] are the queries' absolute positions,
+    ``live`` [B, T] marks real queries (not padding, not an empty slot)."""
+
+    def __init__(self, plan: Any, data: dict[str, Any], positions: jax.Array, live: jax.Array):
+        self.plan, self.data, self.positions, self.live = plan, data, positions, live
+        self.capture = plan.capture
+
+    def layer(self, i: int) -> LayerHooks:
+        return LayerHooks(self, i)
+
+    def record(self, module: nnx.Module, name: str, value: jax.Array) -> None:
+        module.sow(nnx.Intermediate, name, value)
+
+
+class LayerHooks:
+    def __init__(self, hooks: Hooks, layer: int):
+        self.hooks, self.index = hooks, layer
+        capture = hooks.capture
+        self.records = capture is not None and capture.records(layer)
+        self.weights = self.records and capture.attention
+
+    def wants(self, site: str) -> bool:
+        if not self.records:
+            return False
+        capture = self.hooks.capture
+        return {"attn_out": capture.attention, "mlp_out": capture.mlp, "residual": capture.residual}[site]
+
+    def record(self, module: nnx.Module, name: str, value: jax.Array) -> None:
+        self.hooks.record(module, name, value)
+
+    def heads(self, out: jax.Array) -> jax.Array:
+        """Ablation of query heads: ``out`` [B, T, N, H], the heads' outputs before ``o``."""
+        if not self.hooks.plan.ablate:
+            return out
+        keep = self.hooks.data["keep"][self.index][:, None, :, None]  # [B, 1, N, 1]
+        mean = self.hooks.data["mean"][self.index][:, None, :, None]
+        live = self.hooks.live[:, :, None, None].astype(out.dtype)
+        average = jnp.sum(out * live, axis=(0, 1)) / jnp.maximum(jnp.sum(live), 1)  # [N, H]
+        return out * keep.astype(out.dtype) + average * mean.astype(out.dtype)
+
+    def site(self, module: nnx.Module, site: str, x: jax.Array) -> jax.Array:
+        """Patch (and, on the residual, steer) ``x`` [B, T, D] at ``site``; record what flows on."""
+        hooks = self.hooks
+        if f"patch_{site}" in hooks.data:
+            positions, masks, values = (a[self.index] for a in hooks.data[f"patch_{site}"])  # [P], [P, B], [P, D]
+            hit = (hooks.positions[:, :, None] == positions) & masks.T[:, None, :] & (positions >= 0)  # [B, T, P]
+            patched = jnp.einsum("BTP,PD->BTD", hit.astype(jnp.float32), values).astype(x.dtype)
+            x = jnp.where(jnp.any(hit, axis=-1, keepdims=True), patched, x)
+        if site == "residual" and hooks.plan.steer:
+            x = x + hooks.data["steer"][self.index][:, None, :].astype(x.dtype)
+        if self.wants(site):
+            self.record(module, site, x)
+        return x
+
+    def attend(self, q, k, v, visible, dtype, keys: int) -> tuple[jax.Array, jax.Array]:
+        """Attention that also returns its weights: q [B, T, K, G, H] (scaled), k, v [B, S, K, H],
+        visible [B, T, S] -> (out [B, T, K, G, H], weights [B, N, T, keys], zero past S)."""
+        weights = kernels.attention_weights(q, k, visible)  # [B, T, K, G, S]
+        out = jnp.einsum("BTKGS,BSKH->BTKGH", weights.astype(dtype), v)
+        b, t, kv, g, s = weights.shape
+        weights = jnp.transpose(weights.reshape(b, t, kv * g, s), (0, 2, 1, 3))
+        return out, jnp.pad(weights, ((0, 0), (0, 0), (0, 0), (0, keys - s)))
