@@ -33,6 +33,7 @@ from workbench.engine.inputs import bucket, check_decode_state, check_slot, chec
 from workbench.engine.sampling import GREEDY, Sampling
 from workbench.engine.types import DecodeState, Prefix, ResultTokens
 from workbench.model import ModelConfig, Transformer, kernels
+from workbench.model.init import random_params
 
 Params = nnx.State
 Rules = Sequence[tuple[str, str | None]]
@@ -124,11 +125,6 @@ class Engine:
         decode_model = steps.CachedModel(self.decode_graphdef, self.abstract_decode_cache, self.max_target_length)
         # setup. rest holds derived buffers (rope frequencies); XLA prunes the unused weight init.
         self.rest = jax.jit(lambda: nnx.split(_model(config), nnx.Param, ...)[2], out_shardings=self.rest_shardings)()
-        self._init_params_jit = jax.jit(
-            lambda seed: nnx.split(_model(config, seed=seed), nnx.Param, ...)[1],
-            static_argnums=0,
-            out_shardings=self.param_shardings,
-        )
         self._cast_params_jit = jax.jit(
             lambda p: jax.tree.map(lambda x, a: x.astype(a.dtype), p, self.abstract_params),
             out_shardings=self.param_shardings,
@@ -187,7 +183,8 @@ class Engine:
         """Params on the mesh: seeded random weights, or ``params`` (State or pure dict) checked
         against the model and placed by the rules (cast to the model's parameter dtype)."""
         if params is None:
-            return self._init_params_jit(check_int("seed", seed))
+            # drawn on the host (model.init): a compiled init costs ~13 s for the 56M preset
+            return random_params(self.abstract_params, self.param_shardings, check_int("seed", seed))
         pure = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
         if not isinstance(pure, dict):
             raise TypeError(f"params must be an nnx.State or a pure dict, got {type(params).__name__}")
