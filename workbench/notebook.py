@@ -17,8 +17,9 @@ def _ipython() -> Any | None:
     return get_ipython()
 
 
-def notebook_setup(*, dpi: int = 100, autovisualize_arrays: bool = True) -> None:
-    """Treescope as the default renderer, its array autovisualizer, matplotlib inline.
+def notebook_setup(*, dpi: int = 100, autovisualize_arrays: bool = True, compile_cache: bool = True) -> None:
+    """Treescope as the default renderer, its array autovisualizer, matplotlib inline, and the
+    persistent compilation cache (``compile_cache``; see :mod:`workbench.compile_cache`).
 
     Treescope renders non-streaming and uncompressed: a streamed rendering is empty HTML plus
     a compressed payload with random ids, which nbval could never compare. Objects with their
@@ -28,6 +29,10 @@ def notebook_setup(*, dpi: int = 100, autovisualize_arrays: bool = True) -> None
     import matplotlib
     import treescope
 
+    if compile_cache:
+        from workbench import compile_cache as cache
+
+        cache.enable()
     shell = _ipython()
     if shell is not None:
         treescope.register_as_default(streaming=False, compress_html=False)

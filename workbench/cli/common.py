@@ -23,6 +23,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, decode_batch: int =
         "--host-devices", type=int, default=None, metavar="N", help="simulate N CPU devices (applied before JAX starts)"
     )
     group.add_argument("--mesh", type=parse_mesh, default=None, metavar="data=2,tensor=4", help="mesh axis sizes")
+    group.add_argument(
+        "--no-compile-cache",
+        dest="compile_cache",
+        action="store_false",
+        help="compile without the persistent cache (default: on; see workbench.compile_cache)",
+    )
 
 
 def parse_mesh(text: str) -> dict[str, int]:
