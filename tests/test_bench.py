@@ -24,6 +24,10 @@ KEYS = {
     "bytes_per_step",
     "achieved_gb_per_s",
     "compiles",
+    "compile_s",
+    "first_token_s",
+    "load_s",
+    "compile_cache",
 }
 ARGS = [
     "bench",
@@ -57,7 +61,11 @@ def test_json_has_the_figures(bench_run):
     figures = json.loads(out)
     assert set(figures) == KEYS
     assert figures["compiles"] == {"prefill": 1, "insert": 1, "generate": 1}
-    for key in KEYS - {"compiles"}:
+    assert figures["compile_cache"] == "off"  # the suite runs without the persistent cache
+    assert set(figures["compile_s"]) == {"prefill", "insert", "generate"}
+    assert all(s >= 0 and math.isfinite(s) for s in figures["compile_s"].values())
+    assert figures["first_token_s"] > figures["load_s"]  # the process loaded the model before its first token
+    for key in KEYS - {"compiles", "compile_s", "compile_cache"}:
         assert figures[key] > 0 and math.isfinite(figures[key]), key
     step_s = figures["generate_step_ms"] / 1e3
     assert figures["decode_tokens_per_s"] == pytest.approx(4 / step_s)
