@@ -39,15 +39,19 @@ Params = nnx.State
 Rules = Sequence[tuple[str, str | None]]
 
 
-def _model(config: ModelConfig, cache: tuple[int, int] | None = None, seed: int = 0) -> Transformer:
+def _model(
+    config: ModelConfig, cache: tuple[int, int] | None = None, seed: int = 0, scan_layers: bool = False
+) -> Transformer:
     with nnx.use_eager_sharding(False):  # shardings come from our own rules, applied by jit
-        return Transformer(config, rngs=nnx.Rngs(seed), cache=cache)
+        return Transformer(config, rngs=nnx.Rngs(seed), cache=cache, scan_layers=scan_layers)
 
 
 class Engine:
     """JetStream-shaped engine: prefill -> insert / bulk_insert -> generate, on a device mesh.
 
     ``tokenizer``: the checkpoint's (``workbench.load`` passes it); ``get_tokenizer`` returns it.
+    ``scan_layers``: params and KV caches stacked on a leading ``layers`` axis, the blocks run by
+    one scan (``model.scan``): compile time flat in depth, the same numbers.
     """
 
     samples_per_slot = 1  # JetStream's properties that never change here
@@ -63,6 +67,7 @@ class Engine:
         max_target_length: int = 1024,
         rules: Rules = shd.RULES,
         tokenizer: Any = None,
+        scan_layers: bool = False,
     ):
         slots = check_int("decode_batch_size", decode_batch_size, positive=True)
         self.max_prefill_length = check_int("max_prefill_length", max_prefill_length, positive=True)
@@ -75,6 +80,7 @@ class Engine:
         if config.num_heads % tensor:
             raise ValueError(f"the mesh's tensor axis ({tensor}) does not divide the model's {config.num_heads} heads")
         self.config, self.mesh, self.rules, self.tokenizer = config, mesh, tuple(rules), tokenizer
+        self.scan_layers = bool(scan_layers)
         self._max_concurrent_decodes = slots
         self.compile_counts: collections.Counter[str] = collections.Counter()
         self._split_models()
@@ -84,14 +90,14 @@ class Engine:
     def _split_models(self) -> None:
         """Three abstract models, split once: prefill (batch 1), decode (one row per slot), and
         the uncached forward model. Params and rest are the same in all three."""
-        config, length = self.config, self.max_target_length
-        prefill = nnx.eval_shape(lambda: _model(config, (1, length)))
-        decode = nnx.eval_shape(lambda: _model(config, (self.max_concurrent_decodes, length)))
+        config, length, scan = self.config, self.max_target_length, self.scan_layers
+        prefill = nnx.eval_shape(lambda: _model(config, (1, length), scan_layers=scan))
+        decode = nnx.eval_shape(lambda: _model(config, (self.max_concurrent_decodes, length), scan_layers=scan))
         self.prefill_graphdef, self.abstract_params, self.abstract_prefill_cache, self.abstract_rest = nnx.split(
             prefill, nnx.Param, nnx.Cache, ...
         )
         self.decode_graphdef, _, self.abstract_decode_cache, _ = nnx.split(decode, nnx.Param, nnx.Cache, ...)
-        self.forward_graphdef = nnx.split(nnx.eval_shape(lambda: _model(config)), nnx.Param, ...)[0]
+        self.forward_graphdef = nnx.split(nnx.eval_shape(lambda: _model(config, scan_layers=scan)), nnx.Param, ...)[0]
 
     def _derive_shardings(self) -> None:
         """Every sharding from the rules table: params, rest, prefix, decode state, results."""
@@ -144,7 +150,8 @@ class Engine:
             static_argnames=("sampling",),
             out_shardings=(self.prefix_shardings, self.result_shardings),
         )
-        self._insert_jit = jax.jit(partial(steps.insert, counts), donate_argnums=(1,), out_shardings=state_out)
+        insert = partial(steps.insert, counts, slot_axis=1) if self.scan_layers else partial(steps.insert, counts)
+        self._insert_jit = jax.jit(insert, donate_argnums=(1,), out_shardings=state_out)
         self._generate_jit = jax.jit(
             partial(steps.generate, decode_model, counts),
             static_argnames=("sampling",),
