@@ -32,6 +32,7 @@ def load(
     config: ModelConfig | None = None,
     seed: int = 0,
     progress: bool | None = None,
+    scan_layers: bool = False,
 ) -> tuple[Engine, Params]:
     """An engine and its params on ``mesh``; the tokenizer is ``engine.get_tokenizer()``.
 
@@ -47,11 +48,15 @@ def load(
       seed: the seed of random weights.
       progress: a progress bar on stderr while reading a Hugging Face checkpoint (None: only
         for large ones).
+      scan_layers: the blocks' params and KV caches stacked on a leading ``layers`` axis and run
+        by one scan (compile time flat in depth); a checkpoint of either layout loads.
     """
     mesh = make_mesh(mesh)
     shape = dict(
         decode_batch_size=decode_batch_size, max_prefill_length=max_prefill_length, max_target_length=max_target_length
     )
+    if scan_layers:
+        shape["scan_layers"] = True
     if checkpoint is None and config is None and (DEFAULT_MODEL_DIR / "workbench.json").is_file():
         checkpoint = DEFAULT_MODEL_DIR
     if checkpoint is None:
@@ -69,6 +74,7 @@ def load(
         raise ValueError(f"checkpoint {os.fspath(path)!r} is not a directory")
 
     from workbench import checkpoints as ckpt
+    from workbench.checkpoints import layout
 
     # Both loaders take (path, abstract params, shardings) and place every array straight into
     # its shard, in the engine's dtype (orbax casts on the way in; the HF reader per region).
@@ -81,13 +87,24 @@ def load(
         config = _with_dtype(saved, dtype)
         tokenizer = ckpt.tokenizer_from_manifest(manifest.get("tokenizer"), path, config)
         engine = Engine(config, mesh, tokenizer=tokenizer, **shape)
-        pure = ckpt.restore_params(path, engine.abstract_params, engine.param_shardings)
+        stacked, layers = layout.saved_layers(path) or (engine.scan_layers, config.num_layers)
+        if layers != config.num_layers:
+            raise ValueError(
+                f"corrupt workbench checkpoint {os.fspath(path)!r}: cannot restore params "
+                f"({layers} layers saved, the config says {config.num_layers})"
+            )
+        pure = ckpt.restore_params(
+            path, *layout.targets(engine.abstract_params, engine.param_shardings, stacked=stacked)
+        )
+        if stacked != engine.scan_layers:
+            pure = layout.relayout(pure, engine.param_shardings, stacked=engine.scan_layers)
     elif ckpt.is_hf_checkpoint(path):
         config = _with_dtype(ckpt.read_hf_config(path), dtype)
         engine = Engine(config, mesh, tokenizer=ckpt.tokenizer_for_hf_dir(path, config), **shape)
-        pure = ckpt.load_hf_params(
-            path, engine.abstract_params, engine.param_shardings, config=config, progress=progress
-        )
+        unrolled = layout.targets(engine.abstract_params, engine.param_shardings, stacked=False)
+        pure = ckpt.load_hf_params(path, *unrolled, config=config, progress=progress)
+        if engine.scan_layers:
+            pure = layout.relayout(pure, engine.param_shardings, stacked=True)
     else:
         raise ValueError(
             f"{os.fspath(path)!r} is neither a workbench checkpoint (workbench.json) "

@@ -24,6 +24,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, decode_batch: int =
     )
     group.add_argument("--mesh", type=parse_mesh, default=None, metavar="data=2,tensor=4", help="mesh axis sizes")
     group.add_argument(
+        "--scan-layers", action="store_true", help="stack the layers and run them by one scan (compile flat in depth)"
+    )
+    group.add_argument(
         "--no-compile-cache",
         dest="compile_cache",
         action="store_false",
@@ -72,5 +75,7 @@ def load_engine(args: argparse.Namespace, **overrides: Any):
         max_target_length=args.max_target_length,
         dtype=args.dtype,
     )
+    if getattr(args, "scan_layers", False):
+        options["scan_layers"] = True
     options.update(overrides)
     return workbench.load(args.checkpoint, **options)
