@@ -11,6 +11,7 @@ from flax import nnx
 
 import workbench
 from helpers import SHAPE, SMALL, assert_close, engine_for, lively_arrays, prefill, write_hf
+from workbench import inspect
 from workbench.checkpoints import save_checkpoint
 from workbench.model.scan import stack_layers, unstack_layers
 from workbench.trees import leaf_paths
@@ -22,7 +23,8 @@ def ids(length: int, seed: int) -> list[int]:
 
 def run(engine, params, steps=5):
     """Every engine call, on a stacked or an unrolled engine: the logits and tokens along the
-    way, and the final state's cache per layer (numpy)."""
+    way, the final state's cache per layer (numpy), and what the inspectors make of the state:
+    the KV-cache report's rows, and the diff of the last generate step."""
     out = [np.asarray(engine.forward(params, np.asarray([ids(20, 7)])))]
     state = engine.init_decode_state()
     for slot, length in ((0, 9), (1, 14)):
@@ -32,10 +34,12 @@ def run(engine, params, steps=5):
     for step in range(steps):
         if step == 3:
             state = engine.free_resource(1, state)
+        before = inspect.snapshot(state)
         state, result = engine.generate(params, state)
         out += [np.asarray(result.logits), np.asarray(result.data)]
     layers = [jax.tree.map(np.asarray, state.layer_cache(i)) for i in range(engine.config.num_layers)]
-    return out, layers
+    reports = (inspect.kv_cache(state).to_rows(), inspect.kv_cache_diff(before, state).to_rows())
+    return out, layers, reports
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +56,11 @@ def unrolled(devices):
 # test_engine's 1-vs-8-devices check applies, tokens still identical.
 @pytest.mark.parametrize("mesh, rtol", [({"data": 2, "tensor": 4}, 1e-6), ({"data": 1}, 1e-5)])
 def test_scanned_layers_give_the_unrolled_numbers(unrolled, mesh, rtol):
-    (expected, expected_layers), arrays = unrolled
+    (expected, expected_layers, expected_reports), arrays = unrolled
     scanned = workbench.Engine(SMALL, workbench.make_mesh(mesh), scan_layers=True, **SHAPE)
     stacked = scanned.load_params(stack_layers(arrays))
     assert stacked["layers"]["attn"]["q"][...].shape[0] == SMALL.num_layers
-    actual, actual_layers = run(scanned, stacked)
+    actual, actual_layers, actual_reports = run(scanned, stacked)
     assert expected[-1][1, 1] == 0  # slot 1 was freed
     for want, got in zip(expected, actual):
         if want.dtype.kind == "f":
@@ -66,6 +70,12 @@ def test_scanned_layers_give_the_unrolled_numbers(unrolled, mesh, rtol):
     for want, got in zip(expected_layers, actual_layers):
         for name in ("k", "v"):
             assert_close(got[name], want[name], rtol)
+    # the inspectors show the stacked cache per layer, as they show the unrolled one
+    for want, got in zip(expected_reports, actual_reports):
+        assert [r.keys() for r in got] == [r.keys() for r in want] and len(got) == len(want) > 0
+        for row_want, row_got in zip(want, got):
+            for key, value in row_want.items():
+                assert row_got[key] == (pytest.approx(value, rel=10 * rtol) if isinstance(value, float) else value), key
 
 
 def test_stacked_params_and_caches_carry_the_layers_axis(devices):
