@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import SMALL, engine_for, pure_numpy
+import workbench
+from helpers import SHAPE, SMALL, engine_for, pure_numpy
 from workbench.engine.engine import _model
+from workbench.model.scan import stack_layers
 from workbench.trees import leaf_paths
 
 CONFIG = SMALL.replace(qkv_bias=True, vocab_size=512)  # every kind of leaf: norms, biases, an untied head
@@ -59,3 +61,11 @@ def test_random_params_in_bfloat16(devices):
 def test_load_params_rejects_a_bad_seed(engine):
     with pytest.raises(TypeError, match="seed must be an int"):
         engine.load_params(None, seed=1.5)
+
+
+def test_stacked_layers_hold_the_unrolled_draws(engine):
+    """A scanned engine's random weights are the unrolled engine's, stacked: the two layouts of
+    one seed are the same model."""
+    scanned = workbench.Engine(engine.config, engine.mesh, scan_layers=True, **SHAPE)
+    expected = stack_layers(pure_numpy(engine.load_params(None, seed=5)))
+    jax.tree.map(np.testing.assert_array_equal, pure_numpy(scanned.load_params(None, seed=5)), expected)

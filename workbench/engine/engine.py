@@ -34,6 +34,7 @@ from workbench.engine.sampling import GREEDY, Sampling
 from workbench.engine.types import DecodeState, Prefix, ResultTokens
 from workbench.model import ModelConfig, Transformer, kernels
 from workbench.model.init import random_params
+from workbench.model.scan import is_stacked, stack_layers, unstack_layers
 
 Params = nnx.State
 Rules = Sequence[tuple[str, str | None]]
@@ -195,6 +196,8 @@ class Engine:
         pure = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
         if not isinstance(pure, dict):
             raise TypeError(f"params must be an nnx.State or a pure dict, got {type(params).__name__}")
+        if self.scan_layers != is_stacked(pure):  # either layer layout: stacked here on the host
+            pure = stack_layers(pure) if self.scan_layers else unstack_layers(pure)
         trees.check_matches("params", self.abstract_params, pure)
         # device_put moves arrays from any devices (or the host) onto this engine's mesh; the cast
         # to the model's parameter dtype then runs there, shard by shard.
