@@ -127,3 +127,22 @@ def test_stack_and_unstack_are_inverse(small_arrays):
     assert stacked["layers"]["mlp"]["up"].shape == (2, 32, 48)
     jax.tree.map(np.testing.assert_array_equal, unstack_layers(stacked), small_arrays)
     assert stack_layers(stacked) is stacked and unstack_layers(small_arrays) is small_arrays
+
+
+def test_the_command_line_flags_reach_load(monkeypatch):
+    """``--scan-layers`` reaches ``workbench.load``; ``--no-compile-cache`` keeps the cache off."""
+    import argparse
+
+    from workbench.cli.common import add_engine_arguments, load_engine
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    seen = {}
+    monkeypatch.setattr(workbench, "load", lambda checkpoint, **options: seen.update(options))
+    load_engine(parser.parse_args(["--scan-layers"]))
+    assert seen["scan_layers"] is True
+    seen.clear()
+    load_engine(parser.parse_args([]))
+    assert "scan_layers" not in seen  # a default run calls load exactly as before
+    args = parser.parse_args(["--no-compile-cache"])
+    assert args.compile_cache is False and parser.parse_args([]).compile_cache is True

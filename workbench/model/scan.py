@@ -38,14 +38,23 @@ def stack_blocks(blocks: Any) -> nnx.Module:
 
 def run_blocks(layers: nnx.Module, x: jax.Array, *args: Any) -> jax.Array:
     """``x`` through every layer of the stacked block ``layers`` in turn, ``block(x, *args)``
-    each; the stacked caches come back updated. The params are scanned over, never copied out."""
+    each; the stacked caches come back updated.
+
+    The params are scanned over; the caches ride in the carry, layer ``i``'s read out and
+    written back in place, so the step touches each layer's cache once rather than copying the
+    stack into the scan's outputs.
+    """
     graphdef, cache, other = nnx.split(layers, nnx.Cache, ...)
 
-    def step(x, layer):
-        block = nnx.merge(graphdef, *layer)
-        return block(x, *args), nnx.state(block, nnx.Cache)
+    def step(carry, layer):
+        x, cache, i = carry
+        block = nnx.merge(graphdef, jax.tree.map(lambda c: c[i], cache), layer)
+        x = block(x, *args)
+        written = nnx.state(block, nnx.Cache)
+        cache = jax.tree.map(lambda c, new: jax.lax.dynamic_update_index_in_dim(c, new, i, 0), cache, written)
+        return (x, cache, i + 1), None
 
-    x, cache = jax.lax.scan(step, x, (cache, other))
+    (x, cache, _), _ = jax.lax.scan(step, (x, cache, jnp.int32(0)), other)
     nnx.update(layers, cache)
     return x
 
