@@ -52,7 +52,9 @@ def directory() -> Path | None:
 
 def enable(path: str | os.PathLike | None = None) -> Path | None:
     """Turn the cache on at ``path`` (default :func:`default_directory`); the directory in use,
-    or None when it is off (asked for, or refused with one warning). Call before compiling."""
+    or None when it is off (asked for, or refused with one warning). Call before compiling, and
+    after anything that must precede JAX's backend (device count, ``jax.distributed``): the
+    canary compile starts it."""
     global _directory
     import jax
 

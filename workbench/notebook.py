@@ -19,7 +19,9 @@ def _ipython() -> Any | None:
 
 def notebook_setup(*, dpi: int = 100, autovisualize_arrays: bool = True, compile_cache: bool = True) -> None:
     """Treescope as the default renderer, its array autovisualizer, matplotlib inline, and the
-    persistent compilation cache (``compile_cache``; see :mod:`workbench.compile_cache`).
+    persistent compilation cache (``compile_cache``; see :mod:`workbench.compile_cache`). The
+    cache's check compiles a tiny program, which starts JAX's backend: set the device count and
+    call ``workbench.distributed.initialize`` before this, as the notebooks' first cell does.
 
     Treescope renders non-streaming and uncompressed: a streamed rendering is empty HTML plus
     a compressed payload with random ids, which nbval could never compare. Objects with their
