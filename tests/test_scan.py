@@ -63,8 +63,8 @@ def test_scanned_layers_give_the_unrolled_numbers(unrolled, mesh, rtol, inspecto
     scanned = workbench.Engine(SMALL, workbench.make_mesh(mesh), scan_layers=True, **SHAPE)
     stacked = scanned.load_params(stack_layers(arrays))
     assert stacked["layers"]["attn"]["q"][...].shape[0] == SMALL.num_layers
-    actual, actual_layers, actual_reports = run(scanned, stacked, inspectors)
-    assert expected[-1][1, 1] == 0  # slot 1 was freed
+    actual, actual_layers, actual_reports = run(scanned, stacked, inspectors=inspectors)
+    assert expected[-1][1, 1] == 0 and len(actual) == len(expected)  # slot 1 was freed; every step ran
     for want, got in zip(expected, actual):
         if want.dtype.kind == "f":
             assert_close(got, want, rtol)
