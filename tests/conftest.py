@@ -3,6 +3,9 @@
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# No persistent compile cache in the suite (nor in the notebook kernels and CLI processes it
+# starts, which inherit this): every run compiles from scratch, as a fresh machine would.
+os.environ["WORKBENCH_COMPILE_CACHE"] = "off"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

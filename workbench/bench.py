@@ -8,11 +8,16 @@ shows up as a lower figure, never as a higher one.
 
 Every timed call is blocked until its results (the whole decode state included) are ready, and
 every call is warmed up first; ``compiles`` counts the traces the engine saw, warm-up included.
+The cold start is measured too: ``compile_s`` (each call's first run less its median run),
+``first_token_s`` (process start to the first generated token, prefill's), and, filled in by
+the bench command, ``load_s`` (``workbench.load``) and ``compile_cache`` (``"hit"`` when every
+program came from the persistent cache, ``"miss"``, or ``"off"``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -42,6 +47,10 @@ class BenchResult:
     quantize: str = "none"  # the weights' mode (``model.quant``)
     kv_cache_dtype: str = "auto"
     weight_bytes: int = 0  # every param leaf (quantized values and scales included)
+    compile_s: dict[str, float] = dataclasses.field(default_factory=dict)  # first call less the median call
+    first_token_s: float | None = None  # process start to prefill's token, ready on the host
+    load_s: float | None = None  # workbench.load: engine and params (the bench command's)
+    compile_cache: str = "off"  # "hit", "miss" or "off" (workbench.compile_cache.status)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -52,6 +61,20 @@ def _timed(call: Callable[[], Any]) -> float:
     start = time.perf_counter()
     jax.block_until_ready(call())
     return time.perf_counter() - start
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (Linux's /proc, 10 ms ticks; elsewhere, since this
+    module was imported)."""
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            started_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+            return float(uptime.read().split()[0]) - started_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _IMPORTED
+
+
+_IMPORTED = time.perf_counter()
 
 
 def bytes_per_step(engine: Engine, params: Params, cached_tokens: float) -> int:
@@ -107,11 +130,18 @@ def measure(
 
     # Stepped by hand, not through the Scheduler, on purpose: each engine call is timed alone,
     # blocked until ready, with no host bookkeeping in the measurement.
-    # Warm-up: every call compiles here, and none is timed.
-    prefix, _ = prefill()
-    state = fill(engine.init_decode_state(0))
-    state, _ = engine.generate(params, state)
-    jax.block_until_ready(state)
+    # Warm-up: every call compiles here; only the first call of each is timed (compile_s).
+    start = time.perf_counter()
+    prefix, first = prefill()
+    np.asarray(first.data)  # the first token on the host, where a user would see it
+    first_token_s, first_prefill_s = process_age_s(), time.perf_counter() - start
+    start = time.perf_counter()
+    state = jax.block_until_ready(engine.insert(prefix, engine.init_decode_state(0), 0))
+    first_insert_s = time.perf_counter() - start
+    state = fill(state)
+    start = time.perf_counter()
+    state, _ = jax.block_until_ready(engine.generate(params, state))
+    first_generate_s = time.perf_counter() - start
 
     prefill_s = statistics.median(_timed(prefill) for _ in range(repeats))
     insert_times = []
@@ -145,6 +175,15 @@ def measure(
         quantize=engine.config.quantize or "none",
         kv_cache_dtype=engine.config.kv_cache_dtype or "auto",
         weight_bytes=sum(leaf.size * leaf.dtype.itemsize for leaf in leaf_paths(params).values()),
+        compile_s={
+            name: max(0.0, first - median)
+            for name, first, median in zip(
+                COMPILED,
+                (first_prefill_s, first_insert_s, first_generate_s),
+                (prefill_s, statistics.median(insert_times), step_s),
+            )
+        },
+        first_token_s=first_token_s,
     )
 
 

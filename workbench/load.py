@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 from workbench import trees
 from workbench.engine import Engine, Params
 from workbench.model import ModelConfig, Transformer, quant
+from workbench.model.init import random_params
 from workbench.sharding import make_mesh, shardings_for
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"  # the one definition
@@ -35,6 +36,7 @@ def load(
     progress: bool | None = None,
     quantize: str | None = None,
     kv_cache_dtype: str | None = None,
+    scan_layers: bool = False,
 ) -> tuple[Engine, Params]:
     """An engine and its params on ``mesh``; the tokenizer is ``engine.get_tokenizer()``.
 
@@ -54,6 +56,8 @@ def load(
         float weights are quantized leaf by leaf as they load; a quantized checkpoint loads as it
         was saved, and asking it for another mode is an error.
       kv_cache_dtype: None (the compute dtype) or "int8".
+      scan_layers: the blocks' params and KV caches stacked on a leading ``layers`` axis and run
+        by one scan (compile time flat in depth); a checkpoint of either layout loads.
     """
     quant.check_mode(quantize)
     quant.check_kv_cache_dtype(kv_cache_dtype)
@@ -62,6 +66,8 @@ def load(
     shape = dict(
         decode_batch_size=decode_batch_size, max_prefill_length=max_prefill_length, max_target_length=max_target_length
     )
+    if scan_layers:
+        shape["scan_layers"] = True
     if checkpoint is None and config is None and (DEFAULT_MODEL_DIR / "workbench.json").is_file():
         checkpoint = DEFAULT_MODEL_DIR
     if checkpoint is None:
@@ -69,7 +75,11 @@ def load(
 
         config = _with_dtype(config or ModelConfig.tiny(), dtype).replace(**modes)
         engine = Engine(config, mesh, tokenizer=default_tokenizer(config), **shape)
-        return engine, engine.load_params(None, seed=seed)
+        if config.quantize is None:
+            return engine, engine.load_params(None, seed=seed)
+        # random float weights drawn on the host, then quantized leaf by leaf like a float checkpoint's
+        drawn = nnx.to_pure_dict(random_params(*_float_target(engine), seed))
+        return engine, _as_params(engine, _quantized(engine, drawn))
     if config is not None:
         raise ValueError("config= builds a model with random weights; it cannot be combined with a checkpoint")
     path = Path(checkpoint)
@@ -79,6 +89,7 @@ def load(
         raise ValueError(f"checkpoint {os.fspath(path)!r} is not a directory")
 
     from workbench import checkpoints as ckpt
+    from workbench.checkpoints import layout
 
     # Both loaders take (path, abstract params, shardings) and place every array straight into
     # its shard, in the engine's dtype (orbax casts on the way in; the HF reader per region).
@@ -96,14 +107,27 @@ def load(
         config = _with_dtype(saved, dtype).replace(quantize=quantize or saved.quantize, kv_cache_dtype=kv_cache_dtype)
         tokenizer = ckpt.tokenizer_from_manifest(manifest.get("tokenizer"), path, config)
         engine = Engine(config, mesh, tokenizer=tokenizer, **shape)
-        if saved.quantize is None:  # float weights, quantized as they load if asked
-            pure = _quantized(engine, ckpt.restore_params(path, *_float_target(engine)))
-        else:  # saved quantized: values and scales restore as they are
-            pure = ckpt.restore_params(path, engine.abstract_params, engine.param_shardings)
+        stacked, layers = layout.saved_layers(path) or (engine.scan_layers, config.num_layers)
+        if layers != config.num_layers:
+            raise ValueError(
+                f"corrupt workbench checkpoint {os.fspath(path)!r}: cannot restore params "
+                f"({layers} layers saved, the config says {config.num_layers})"
+            )
+        # float weights are quantized as they load if asked; quantized ones restore as they are
+        target = _float_target(engine) if saved.quantize is None else (engine.abstract_params, engine.param_shardings)
+        pure = ckpt.restore_params(path, *layout.targets(*target, stacked=stacked))
+        if stacked != engine.scan_layers:
+            pure = layout.relayout(pure, target[1], stacked=engine.scan_layers)
+        if saved.quantize is None:
+            pure = _quantized(engine, pure)
     elif ckpt.is_hf_checkpoint(path):
         config = _with_dtype(ckpt.read_hf_config(path), dtype).replace(**modes)
         engine = Engine(config, mesh, tokenizer=ckpt.tokenizer_for_hf_dir(path, config), **shape)
-        pure = ckpt.load_hf_params(path, *_float_target(engine), config=config, progress=progress)
+        pure = ckpt.load_hf_params(
+            path, *layout.targets(*_float_target(engine), stacked=False), config=config, progress=progress
+        )
+        if engine.scan_layers:
+            pure = layout.relayout(pure, _float_target(engine)[1], stacked=True)
         pure = _quantized(engine, pure)
     else:
         raise ValueError(

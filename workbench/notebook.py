@@ -17,8 +17,11 @@ def _ipython() -> Any | None:
     return get_ipython()
 
 
-def notebook_setup(*, dpi: int = 100, autovisualize_arrays: bool = True) -> None:
-    """Treescope as the default renderer, its array autovisualizer, matplotlib inline.
+def notebook_setup(*, dpi: int = 100, autovisualize_arrays: bool = True, compile_cache: bool = True) -> None:
+    """Treescope as the default renderer, its array autovisualizer, matplotlib inline, and the
+    persistent compilation cache (``compile_cache``; see :mod:`workbench.compile_cache`). The
+    cache's check compiles a tiny program, which starts JAX's backend: set the device count and
+    call ``workbench.distributed.initialize`` before this, as the notebooks' first cell does.
 
     Treescope renders non-streaming and uncompressed: a streamed rendering is empty HTML plus
     a compressed payload with random ids, which nbval could never compare. Objects with their
@@ -28,6 +31,10 @@ def notebook_setup(*, dpi: int = 100, autovisualize_arrays: bool = True) -> None
     import matplotlib
     import treescope
 
+    if compile_cache:
+        from workbench import compile_cache as cache
+
+        cache.enable()
     shell = _ipython()
     if shell is not None:
         treescope.register_as_default(streaming=False, compress_html=False)

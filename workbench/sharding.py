@@ -17,6 +17,7 @@ logical axis       meaning                                     mesh axis
 ``cache_seq``      positions in the KV cache                   --
 ``cache_kv_heads`` key/value heads of the KV cache             ``tensor``
 ``cache_head_dim`` width of one cached head                    --
+``layers``         stacked blocks (``scan_layers``), leading   --
 =================  ==========================================  ============
 
 Mesh axes: ``data`` (decode slots), ``fsdp`` (weights' embed dimension, optional), ``tensor``
@@ -51,6 +52,7 @@ RULES: tuple[tuple[str, str | None], ...] = (
     ("cache_seq", None),
     ("cache_kv_heads", "tensor"),
     ("cache_head_dim", None),
+    ("layers", None),
 )
 
 LogicalAxes = Sequence[str | None]

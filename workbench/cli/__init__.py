@@ -38,6 +38,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         apply_host_devices(args.host_devices)  # before anything starts JAX's backend
         join_processes(args)  # likewise; with --coordinator or $JAX_COORDINATOR_ADDRESS only
+        if getattr(args, "compile_cache", False):  # the engine commands; before their first compile
+            from workbench import compile_cache
+
+            compile_cache.enable()
         from workbench.distributed import main_process_output
 
         with main_process_output():  # only process 0 prints; errors still reach every stderr

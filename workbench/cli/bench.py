@@ -5,14 +5,19 @@ A table goes to stderr; with ``--json``, one object with the same figures goes t
 ``bytes_per_step``, ``achieved_gb_per_s`` and ``compiles`` (``{"prefill": n, "insert": n,
 "generate": n}``), ``quantize``, ``kv_cache_dtype``, ``weight_bytes``, ``read_gb_per_s`` (the
 machine's all-core read bandwidth, :func:`workbench.bench.read_gb_per_s`) and
-``roofline_fraction`` (achieved over read bandwidth). See :mod:`workbench.bench` for what is measured and how.
+``roofline_fraction`` (achieved over read bandwidth); the cold start: ``compile_s`` (the same
+three), ``load_s``, ``first_token_s`` (process start to the first token) and ``compile_cache``
+(``"hit"``, ``"miss"`` or ``"off"``). See :mod:`workbench.bench` for what is measured and how.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import dataclasses
 import json
 import sys
+import time
 
 from workbench.cli.common import add_engine_arguments, load_engine
 from workbench.cli.launch import add_process_arguments
@@ -28,13 +33,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from workbench import compile_cache
     from workbench.bench import check_shape, measure, read_gb_per_s
 
     # Before loading anything: a shape that cannot work should not cost a model load to find out.
     check_shape(args.prompt_length, args.steps, args.max_prefill_length, args.max_target_length)
+    cache_before, start = collections.Counter(compile_cache.counts), time.perf_counter()
     engine, params = load_engine(args)
+    load_s = time.perf_counter() - start
     result = measure(engine, params, prompt_length=args.prompt_length, steps=args.steps)
     bandwidth = read_gb_per_s()
+    result = dataclasses.replace(result, load_s=load_s, compile_cache=compile_cache.status(cache_before))
     config = engine.config
     print(
         f"bench: {config.num_params() / 1e6:.1f}M params ({config.param_dtype}), decode batch "
@@ -53,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
         ("roofline", f"{result.achieved_gb_per_s / bandwidth:.0%}", f"of the {bandwidth:.1f} GB/s all-core read"),
         ("weights", f"{result.weight_bytes / 1e6:.1f} MB", f"quantize {result.quantize}, KV {result.kv_cache_dtype}"),
         ("compiles", compiles, "warm-up included"),
+        ("compile", ", ".join(f"{name} {s:.2f} s" for name, s in result.compile_s.items()), "first call less median"),
+        ("load", f"{result.load_s:.2f} s", "workbench.load"),
+        ("first token", f"{result.first_token_s:.2f} s", f"from process start; compile cache {result.compile_cache}"),
     ]
     for name, value, note in rows:
         print(f"  {name:15s} {value:>32s}   {note}", file=sys.stderr)

@@ -25,6 +25,15 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, decode_batch: int =
         "--host-devices", type=int, default=None, metavar="N", help="simulate N CPU devices (applied before JAX starts)"
     )
     group.add_argument("--mesh", type=parse_mesh, default=None, metavar="data=2,tensor=4", help="mesh axis sizes")
+    group.add_argument(
+        "--scan-layers", action="store_true", help="stack the layers and run them by one scan (compile flat in depth)"
+    )
+    group.add_argument(
+        "--no-compile-cache",
+        dest="compile_cache",
+        action="store_false",
+        help="compile without the persistent cache (default: on; see workbench.compile_cache)",
+    )
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -70,5 +79,7 @@ def load_engine(args: argparse.Namespace, **overrides: Any):
         quantize=None if args.quantize in (None, "none") else args.quantize,
         kv_cache_dtype=None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype,
     )
+    if getattr(args, "scan_layers", False):
+        options["scan_layers"] = True
     options.update(overrides)
     return workbench.load(args.checkpoint, **options)

@@ -34,20 +34,26 @@ from workbench.engine.inputs import bucket, check_decode_state, check_slot, chec
 from workbench.engine.sampling import GREEDY, Sampling
 from workbench.engine.types import DecodeState, Prefix, ResultTokens
 from workbench.model import ModelConfig, Transformer, kernels
+from workbench.model.init import random_params
+from workbench.model.scan import is_stacked, stack_layers, unstack_layers
 
 Params = nnx.State
 Rules = Sequence[tuple[str, str | None]]
 
 
-def _model(config: ModelConfig, cache: tuple[int, int] | None = None, seed: int = 0) -> Transformer:
+def _model(
+    config: ModelConfig, cache: tuple[int, int] | None = None, seed: int = 0, scan_layers: bool = False
+) -> Transformer:
     with nnx.use_eager_sharding(False):  # shardings come from our own rules, applied by jit
-        return Transformer(config, rngs=nnx.Rngs(seed), cache=cache)
+        return Transformer(config, rngs=nnx.Rngs(seed), cache=cache, scan_layers=scan_layers)
 
 
 class Engine:
     """JetStream-shaped engine: prefill -> insert / bulk_insert -> generate, on a device mesh.
 
     ``tokenizer``: the checkpoint's (``workbench.load`` passes it); ``get_tokenizer`` returns it.
+    ``scan_layers``: params and KV caches stacked on a leading ``layers`` axis, the blocks run by
+    one scan (``model.scan``): compile time flat in depth, the same numbers.
     """
 
     samples_per_slot = 1  # JetStream's properties that never change here
@@ -63,6 +69,7 @@ class Engine:
         max_target_length: int = 1024,
         rules: Rules = shd.RULES,
         tokenizer: Any = None,
+        scan_layers: bool = False,
     ):
         slots = check_int("decode_batch_size", decode_batch_size, positive=True)
         self.max_prefill_length = check_int("max_prefill_length", max_prefill_length, positive=True)
@@ -75,6 +82,9 @@ class Engine:
         if config.num_heads % tensor:
             raise ValueError(f"the mesh's tensor axis ({tensor}) does not divide the model's {config.num_heads} heads")
         self.config, self.mesh, self.rules, self.tokenizer = config, mesh, tuple(rules), tokenizer
+        self.scan_layers = bool(scan_layers)
+        if self.scan_layers and (config.quantize or config.kv_cache_dtype):
+            raise ValueError("scan_layers does not combine with quantize or kv_cache_dtype yet: choose one")
         self._max_concurrent_decodes = slots
         self.compile_counts: collections.Counter[str] = collections.Counter()
         self._split_models()
@@ -84,14 +94,14 @@ class Engine:
     def _split_models(self) -> None:
         """Three abstract models, split once: prefill (batch 1), decode (one row per slot), and
         the uncached forward model. Params and rest are the same in all three."""
-        config, length = self.config, self.max_target_length
-        prefill = nnx.eval_shape(lambda: _model(config, (1, length)))
-        decode = nnx.eval_shape(lambda: _model(config, (self.max_concurrent_decodes, length)))
+        config, length, scan = self.config, self.max_target_length, self.scan_layers
+        prefill = nnx.eval_shape(lambda: _model(config, (1, length), scan_layers=scan))
+        decode = nnx.eval_shape(lambda: _model(config, (self.max_concurrent_decodes, length), scan_layers=scan))
         self.prefill_graphdef, self.abstract_params, self.abstract_prefill_cache, self.abstract_rest = nnx.split(
             prefill, nnx.Param, nnx.Cache, ...
         )
         self.decode_graphdef, _, self.abstract_decode_cache, _ = nnx.split(decode, nnx.Param, nnx.Cache, ...)
-        self.forward_graphdef = nnx.split(nnx.eval_shape(lambda: _model(config)), nnx.Param, ...)[0]
+        self.forward_graphdef = nnx.split(nnx.eval_shape(lambda: _model(config, scan_layers=scan)), nnx.Param, ...)[0]
 
     def _derive_shardings(self) -> None:
         """Every sharding from the rules table: params, rest, prefix, decode state, results."""
@@ -125,11 +135,6 @@ class Engine:
         decode_model = steps.CachedModel(self.decode_graphdef, self.abstract_decode_cache, self.max_target_length)
         # setup. rest holds derived buffers (rope frequencies); XLA prunes the unused weight init.
         self.rest = jax.jit(lambda: nnx.split(_model(config), nnx.Param, ...)[2], out_shardings=self.rest_shardings)()
-        self._init_params_jit = jax.jit(
-            lambda seed: nnx.split(_model(config, seed=seed), nnx.Param, ...)[1],
-            static_argnums=0,
-            out_shardings=self.param_shardings,
-        )
         self._cast_params_jit = jax.jit(
             lambda p: jax.tree.map(lambda x, a: x.astype(a.dtype), p, self.abstract_params),
             out_shardings=self.param_shardings,
@@ -149,7 +154,8 @@ class Engine:
             static_argnames=("sampling",),
             out_shardings=(self.prefix_shardings, self.result_shardings),
         )
-        self._insert_jit = jax.jit(partial(steps.insert, counts), donate_argnums=(1,), out_shardings=state_out)
+        insert = partial(steps.insert, counts, slot_axis=1) if self.scan_layers else partial(steps.insert, counts)
+        self._insert_jit = jax.jit(insert, donate_argnums=(1,), out_shardings=state_out)
         self._generate_jit = jax.jit(
             partial(steps.generate, decode_model, counts),
             static_argnames=("sampling",),
@@ -202,10 +208,13 @@ class Engine:
         """Params on the mesh: seeded random weights, or ``params`` (State or pure dict) checked
         against the model and placed by the rules (cast to the model's parameter dtype)."""
         if params is None:
-            return self._init_params_jit(check_int("seed", seed))
+            # drawn on the host (model.init): a compiled init costs ~13 s for the 56M preset
+            return random_params(self.abstract_params, self.param_shardings, check_int("seed", seed))
         pure = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
         if not isinstance(pure, dict):
             raise TypeError(f"params must be an nnx.State or a pure dict, got {type(params).__name__}")
+        if self.scan_layers != is_stacked(pure):  # either layer layout: stacked here on the host
+            pure = stack_layers(pure) if self.scan_layers else unstack_layers(pure)
         trees.check_matches("params", self.abstract_params, pure)
         # device_put moves arrays from any devices (or the host) onto this engine's mesh; the cast
         # to the model's parameter dtype then runs there, shard by shard.
@@ -243,6 +252,10 @@ class Engine:
     def pad(self, tokens: Sequence[int] | np.ndarray) -> tuple[np.ndarray, int]:
         """(padded int32 tokens of bucket length, true length), padded with the pad id."""
         return pad(tokens, self.config.pad_id, self.max_prefill_length)
+
+    def _check_probes_layout(self) -> None:
+        if self.scan_layers:
+            raise ValueError("probes and interventions need unscanned layers: load without scan_layers")
 
     def prefill(
         self,
@@ -282,6 +295,7 @@ class Engine:
         args = (params, self.rest, cache, jnp.asarray(tokens), jnp.int32(start), jnp.int32(true_length), key)
         if plan is None:
             return self._prefill_jit(*args, sampling=sampling or GREEDY)
+        self._check_probes_layout()
         prefix, result, raw = self._prefill_probes_jit(*args, data, sampling=sampling or GREEDY, plan=plan)
         return prefix, probing.attach(result, raw, plan)
 
@@ -321,6 +335,7 @@ class Engine:
         plan, data = probing.prepare(probes, interventions, self.config, self.max_concurrent_decodes)
         if plan is None:
             return self._generate_jit(params, self.rest, decode_state, sampling=sampling or GREEDY)
+        self._check_probes_layout()
         state, result, raw = self._generate_probes_jit(
             params, self.rest, decode_state, data, sampling=sampling or GREEDY, plan=plan
         )

@@ -89,13 +89,16 @@ def prefill(
     return prefix, ResultTokens(data=data, logits=last[None])
 
 
-def insert(counts: Counts, prefix: Prefix, state: DecodeState, slots: jax.Array) -> DecodeState:
-    """``prefix`` copied into the rows ``slots`` [n] of every cache and slot array."""
+def insert(counts: Counts, prefix: Prefix, state: DecodeState, slots: jax.Array, slot_axis: int = 0) -> DecodeState:
+    """``prefix`` copied into the rows ``slots`` [n] of every cache and slot array. ``slot_axis``:
+    the caches' batch axis (1 for stacked layers, [L, B, S, K, H])."""
     counts["insert"] += 1
     n = slots.shape[0]
+    index = (slice(None),) * slot_axis + (slots,)
 
     def put(rows: jax.Array, value: jax.Array) -> jax.Array:
-        return rows.at[slots].set(jnp.broadcast_to(value.astype(rows.dtype), (n, *value.shape[1:])))
+        shape = (*value.shape[:slot_axis], n, *value.shape[slot_axis + 1 :])
+        return rows.at[index].set(jnp.broadcast_to(value.astype(rows.dtype), shape))
 
     return state.replace(
         cache=jax.tree.map(put, state.cache, prefix.cache),

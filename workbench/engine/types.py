@@ -19,7 +19,10 @@ Cache = dict[str, Any]
 def layer_cache(cache: Cache, layer: int) -> dict[str, Any]:
     """Layer ``layer``'s ``{"k": [B, S, K, H], "v": [B, S, K, H]}`` in a cache dict: the one place
     that spells the path ``layers/<i>/attn/cache`` (the model's module names). The arrays are the
-    cache's own, so a snapshot (numpy) can be edited through it."""
+    cache's own, so a snapshot (numpy) can be edited through it. A stacked cache (scanned layers,
+    ``layers/attn/cache`` [L, B, S, K, H]) gives layer ``layer``'s slice (a view, in numpy)."""
+    if "attn" in cache["layers"]:  # stacked layers
+        return {name: array[layer] for name, array in cache["layers"]["attn"]["cache"].items()}
     return cache["layers"][layer]["attn"]["cache"]
 
 

@@ -24,6 +24,7 @@ from workbench.engine import DecodeState, Prefix
 from workbench.inspect import plots
 from workbench.inspect.report import Column, Report, Table, fmt_bytes, fmt_float, fmt_int, nbytes, plural
 from workbench.model import quant
+from workbench.model.scan import is_stacked, unstack_layers
 from workbench.trees import leaf_paths
 
 Tokens = Sequence[int | str] | str | Mapping[int, Sequence[int | str] | str]
@@ -60,6 +61,10 @@ def kv_source(obj: Any, *, role: str = "input") -> KVSource:
         kind, cache = "cache", obj
     else:
         raise TypeError(f"{role} must be a DecodeState, a Prefix or a cache dict, got {type(obj).__name__}")
+    if is_stacked(cache):  # scanned layers, [L, B, S, K, H]: shown per layer, as an unrolled cache is
+        for leaf in leaf_paths(cache).values():
+            check_not_donated(leaf, f"the {role}'s cache")
+        cache = unstack_layers(cache)
     pairs: dict[str, dict[str, Any]] = {}
     for path, leaf in leaf_paths(cache).items():
         check_not_donated(leaf, f"the {role}'s cache")

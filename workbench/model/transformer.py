@@ -10,6 +10,7 @@ from workbench.model import quant
 from workbench.model.attention import Attention
 from workbench.model.config import ModelConfig
 from workbench.model.layers import MLP, Embed, RMSNorm, Rotary, param
+from workbench.model.scan import run_blocks, stack_blocks
 
 
 class Block(nnx.Module):
@@ -34,10 +35,18 @@ class Transformer(nnx.Module):
     batch 1; an autoregressive model has one row per decode slot); ``cache=None`` gives the
     uncached model whose full forward pass is the oracle for every cached path. ``kernels``:
     ``"xla_cpu"`` (tuned attention) or ``"reference"`` (plain einsums); see ``model.kernels``.
+    ``scan_layers``: the blocks stacked on a leading ``layers`` axis and run by one scan
+    (``model.scan``): the same numbers, a compile that does not grow with depth.
     """
 
     def __init__(
-        self, config: ModelConfig, *, rngs: nnx.Rngs, cache: tuple[int, int] | None = None, kernels: str = "xla_cpu"
+        self,
+        config: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        cache: tuple[int, int] | None = None,
+        kernels: str = "xla_cpu",
+        scan_layers: bool = False,
     ):
         self.config = config
         self.embed = Embed(config, rngs=rngs)
@@ -45,6 +54,8 @@ class Transformer(nnx.Module):
         self.layers = nnx.List(
             [Block(config, rngs=rngs, cache=cache, kernels=kernels) for _ in range(config.num_layers)]
         )
+        if scan_layers:  # one Block holding every layer's params and cache, [L, ...] each
+            self.layers = stack_blocks(self.layers)
         self.final_norm = RMSNorm(config, rngs=rngs)
         if not config.tie_embeddings:
             self.lm_head = param(rngs, (config.embed_dim, config.vocab_size), ("embed", "vocab"), config.weight_dtype)
@@ -63,8 +74,11 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = self.embed(tokens)  # [B, T, D]
         rope = self.rope(positions)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, positions, rope) if hooks is None else layer(x, positions, rope, hooks.layer(i))
+        if isinstance(self.layers, Block):  # scanned layers
+            x = run_blocks(self.layers, x, positions, rope)
+        else:
+            for i, layer in enumerate(self.layers):
+                x = layer(x, positions, rope) if hooks is None else layer(x, positions, rope, hooks.layer(i))
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, D]
         x = self.final_norm(x)

@@ -1,0 +1,151 @@
+"""Scanned layers (``scan_layers=True``) against the unrolled model on the same weights: the same
+greedy tokens and logits through prefill, insert / bulk_insert, generate and free, on 8 devices
+and on 1; checkpoints of either layout load into either; the stacked cache reads per layer."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import workbench
+from helpers import SHAPE, SMALL, assert_close, engine_for, lively_arrays, prefill, write_hf
+from workbench import inspect
+from workbench.checkpoints import save_checkpoint
+from workbench.model.scan import stack_layers, unstack_layers
+from workbench.trees import leaf_paths
+
+
+def ids(length: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(3, SMALL.vocab_size, length).tolist()
+
+
+def run(engine, params, steps=5, inspectors=True):
+    """Every engine call, on a stacked or an unrolled engine: the logits and tokens along the
+    way, the final state's cache per layer (numpy), and what the inspectors make of the state:
+    the KV-cache report's rows, and the diff of the last generate step."""
+    out = [np.asarray(engine.forward(params, np.asarray([ids(20, 7)])))]
+    state = engine.init_decode_state()
+    for slot, length in ((0, 9), (1, 14)):
+        prefix, first = prefill(engine, params, ids(length, slot))
+        out.append(np.asarray(first.logits))
+        state = engine.insert(prefix, state, slot) if slot == 0 else engine.bulk_insert(prefix, state, [slot])
+    for step in range(steps):
+        if step == 3:
+            state = engine.free_resource(1, state)
+        before = inspect.snapshot(state)
+        state, result = engine.generate(params, state)
+        out += [np.asarray(result.logits), np.asarray(result.data)]
+    layers = [jax.tree.map(np.asarray, state.layer_cache(i)) for i in range(engine.config.num_layers)]
+    reports = (inspect.kv_cache(state).to_rows(), inspect.kv_cache_diff(before, state).to_rows()) if inspectors else ()
+    return out, layers, reports
+
+
+@pytest.fixture(scope="module")
+def unrolled(devices):
+    """The truth: the unrolled model's walk on data=2 x tensor=4 (1 device == 8 devices for the
+    unrolled model is test_engine's), with its params as a pure dict."""
+    engine = engine_for(SMALL, {"data": 2, "tensor": 4})
+    arrays = lively_arrays(engine)
+    return run(engine, engine.load_params(arrays)), arrays
+
+
+# On the truth's own mesh the scan must not move a number past 1e-6 (it moves none here); on one
+# device the products split differently from data=2 x tensor=4, so the mesh tolerance of
+# test_engine's 1-vs-8-devices check applies, tokens still identical.
+@pytest.mark.parametrize(
+    "mesh, rtol, inspectors",  # the inspectors' rows compared on the truth's mesh, where they compiled
+    [({"data": 2, "tensor": 4}, 1e-6, True), ({"data": 1}, 1e-5, False)],
+)
+def test_scanned_layers_give_the_unrolled_numbers(unrolled, mesh, rtol, inspectors):
+    (expected, expected_layers, expected_reports), arrays = unrolled
+    scanned = workbench.Engine(SMALL, workbench.make_mesh(mesh), scan_layers=True, **SHAPE)
+    stacked = scanned.load_params(stack_layers(arrays))
+    assert stacked["layers"]["attn"]["q"][...].shape[0] == SMALL.num_layers
+    actual, actual_layers, actual_reports = run(scanned, stacked, inspectors=inspectors)
+    assert expected[-1][1, 1] == 0 and len(actual) == len(expected)  # slot 1 was freed; every step ran
+    for want, got in zip(expected, actual):
+        if want.dtype.kind == "f":
+            assert_close(got, want, rtol)
+        else:  # token, valid, length: identical
+            np.testing.assert_array_equal(got, want)
+    for want, got in zip(expected_layers, actual_layers):
+        for name in ("k", "v"):
+            assert_close(got[name], want[name], rtol)
+    # the inspectors show the stacked cache per layer, as they show the unrolled one
+    for want, got in zip(expected_reports, actual_reports):
+        assert [r.keys() for r in got] == [r.keys() for r in want] and len(got) == len(want) > 0
+        for row_want, row_got in zip(want, got):
+            for key, value in row_want.items():
+                assert row_got[key] == (pytest.approx(value, rel=10 * rtol) if isinstance(value, float) else value), key
+
+
+def test_stacked_params_and_caches_carry_the_layers_axis(devices):
+    scanned = workbench.Engine(SMALL, workbench.make_mesh({"data": 2, "tensor": 2}), scan_layers=True, **SHAPE)
+    for path, variable in leaf_paths(scanned.abstract_params).items():
+        if path.startswith("layers/"):
+            assert variable.shape[0] == SMALL.num_layers, path
+    k = scanned.init_decode_state().cache["layers"]["attn"]["cache"]["k"]
+    assert k.shape == (SMALL.num_layers, 2, 32, 2, 8)
+    assert k.sharding.spec == jax.sharding.PartitionSpec(None, "data", None, "tensor")
+    assert ("layers", None) in workbench.RULES
+
+
+@pytest.fixture(scope="module")
+def small_arrays(devices):
+    return lively_arrays(engine_for(SMALL, {"data": 1}), seed=2)
+
+
+@pytest.mark.parametrize("saved_as", ["unrolled", "stacked", "hugging face"])
+@pytest.mark.parametrize("load_as", ["unrolled", "stacked"])
+def test_checkpoints_of_either_layout_load_into_either(small_arrays, tmp_path, saved_as, load_as):
+    path = tmp_path / "ckpt"
+    if saved_as == "hugging face":
+        write_hf(path, SMALL, small_arrays)
+    else:
+        saved = stack_layers(small_arrays) if saved_as == "stacked" else small_arrays
+        save_checkpoint(path, SMALL, saved, tokenizer=None)
+    mesh = {"data": 2, "tensor": 2}
+    engine, params = workbench.load(path, mesh=mesh, scan_layers=load_as == "stacked", **SHAPE)
+    pure = jax.tree.map(np.asarray, nnx.to_pure_dict(params))
+    expected = stack_layers(small_arrays) if load_as == "stacked" else small_arrays
+    assert leaf_paths(pure).keys() == leaf_paths(expected).keys()
+    jax.tree.map(np.testing.assert_array_equal, pure, expected)
+    for path, sharding in leaf_paths(engine.param_shardings).items():  # placed by the rules
+        assert leaf_paths(params)[path].sharding == sharding, path
+
+
+def test_a_layer_count_that_differs_from_the_config_is_one_error(small_arrays, tmp_path):
+    path = save_checkpoint(tmp_path / "ckpt", SMALL, stack_layers(small_arrays), tokenizer=None)
+    manifest = json.loads((path / "workbench.json").read_text())
+    manifest["model"]["num_layers"] = 3
+    (path / "workbench.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"cannot restore params \(2 layers saved, the config says 3\)"):
+        workbench.load(path, scan_layers=True, **SHAPE)
+
+
+def test_stack_and_unstack_are_inverse(small_arrays):
+    stacked = stack_layers(small_arrays)
+    assert stacked["layers"]["mlp"]["up"].shape == (2, 32, 48)
+    jax.tree.map(np.testing.assert_array_equal, unstack_layers(stacked), small_arrays)
+    assert stack_layers(stacked) is stacked and unstack_layers(small_arrays) is small_arrays
+
+
+def test_the_command_line_flags_reach_load(monkeypatch):
+    """``--scan-layers`` reaches ``workbench.load``; ``--no-compile-cache`` keeps the cache off."""
+    import argparse
+
+    from workbench.cli.common import add_engine_arguments, load_engine
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    seen = {}
+    monkeypatch.setattr(workbench, "load", lambda checkpoint, **options: seen.update(options))
+    load_engine(parser.parse_args(["--scan-layers"]))
+    assert seen["scan_layers"] is True
+    seen.clear()
+    load_engine(parser.parse_args([]))
+    assert "scan_layers" not in seen  # a default run calls load exactly as before
+    args = parser.parse_args(["--no-compile-cache"])
+    assert args.compile_cache is False and parser.parse_args([]).compile_cache is True

@@ -1,0 +1,67 @@
+"""Seeded random weights drawn on the host: no compile, so a model of any depth starts in seconds.
+
+Jitting the model's own initialisers (``Transformer(config, rngs=nnx.Rngs(seed))`` under
+``jax.jit``) costs a compile that grows with the model -- about 13 s for the 56M preset, most of
+it threefry unrolled once per weight. Here numpy draws every leaf instead (the same
+distributions as :func:`workbench.model.layers.param`: RMSNorm scales ones, biases zeros, every
+other weight normal with std ``INIT_STD``), one generator per leaf seeded by ``(seed, path)``,
+so a leaf's values depend on the seed and its name only -- not on the mesh, the order of leaves,
+or whether the layers are stacked (a stacked leaf ``layers/attn/q`` [L, ...] holds the draws of
+``layers/0/attn/q``, ``layers/1/attn/q``, ...). Each array goes straight into its sharding.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from workbench.model.layers import INIT_STD
+from workbench.trees import fill, leaf_paths, nest
+
+
+def init_kind(path: str) -> str:
+    """``"ones"``, ``"zeros"`` or ``"normal"``: how :func:`workbench.model.layers.param` makes the leaf."""
+    name = path.rsplit("/", 1)[-1]
+    if path.endswith("norm/scale"):
+        return "ones"
+    if name.endswith("_bias"):
+        return "zeros"
+    return "normal"
+
+
+def draw(path: str, shape: tuple[int, ...], dtype: Any, seed: int) -> np.ndarray:
+    """The leaf ``path`` of seed ``seed``, on the host, as ``dtype``."""
+    kind = init_kind(path)
+    if kind != "normal":
+        return np.full(shape, 1.0 if kind == "ones" else 0.0, dtype)
+    rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
+    values = rng.standard_normal(shape, dtype=np.float32)
+    values *= INIT_STD
+    return values.astype(dtype, copy=False)
+
+
+def draw_stacked(path: str, shape: tuple[int, ...], dtype: Any, seed: int) -> np.ndarray:
+    """Like :func:`draw`; a leaf of stacked layers (``layers/<name>`` [L, ...]) stacks the draws
+    of ``layers/<i>/<name>``, so stacked and unstacked models of one seed hold the same weights."""
+    if not path.startswith("layers/") or path.split("/")[1].isdigit():
+        return draw(path, shape, dtype, seed)
+    rest = path.split("/", 1)[1]
+    return np.stack([draw(f"layers/{i}/{rest}", shape[1:], dtype, seed) for i in range(shape[0])])
+
+
+def random_params(abstract_params: nnx.State, shardings: nnx.State, seed: int) -> nnx.State:
+    """Seeded random params shaped like ``abstract_params``, placed in ``shardings``."""
+    abstract, placements = leaf_paths(abstract_params), leaf_paths(shardings)
+    flat = {}
+    for path, leaf in abstract.items():
+        shape, dtype = tuple(leaf.shape), np.dtype(leaf.dtype)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"no random initialiser for {path} of dtype {dtype}")
+        values = draw_stacked(path, shape, dtype, seed)
+        flat[path] = jax.make_array_from_callback(shape, placements[path], lambda index, v=values: v[index])
+    return fill(abstract_params, nest(flat))
