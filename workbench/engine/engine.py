@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 from workbench import sharding as shd
 from workbench import trees
 from workbench.checks import check_int
-from workbench.engine import steps
+from workbench.engine import multisampling, packing, steps
 from workbench.engine.inputs import bucket, check_decode_state, check_slot, check_tokens, pad
 from workbench.engine.sampling import GREEDY, Sampling
 from workbench.engine.types import DecodeState, Prefix, ResultTokens
@@ -157,6 +157,14 @@ class Engine:
             compiler_options=self._compiler_options("generate"),
         )
         self._free_jit = jax.jit(steps.free, donate_argnums=(0,), out_shardings=state_out)
+        self._prefill_multisampling_jit = jax.jit(
+            partial(multisampling.prefill_multisampling, prefill_model, counts),
+            static_argnames=("sampling", "num_samples"),
+            out_shardings=(self.prefix_shardings, self.result_shardings),
+        )
+        # prefill_concat: one jit per number of prompts (its output is a list of that many prefixes)
+        self._prefill_concat_jits = {}
+        self._prefill_concat_body = partial(packing.prefill_concat, prefill_model, counts)
 
     def _compiler_options(self, step: str) -> dict[str, str] | None:
         return kernels.compiler_options(self.mesh.devices.flat[0].platform, step)
@@ -245,6 +253,11 @@ class Engine:
         holds the earlier prefix plus these tokens; its first token is sampled from the logits
         at the last real position. Chunked prefill equals one prefill of the whole prompt.
         """
+        inputs = self._prefill_inputs(existing_prefix, padded_tokens, true_length, rng)
+        return self._prefill_jit(params, self.rest, *inputs, sampling=sampling or GREEDY)
+
+    def _prefill_inputs(self, existing_prefix, padded_tokens, true_length, rng) -> tuple:
+        """(cache, tokens, start, true_length, key) for a prefill body, every input checked."""
         tokens = check_tokens(padded_tokens, self.config.vocab_size, self.max_prefill_length)
         true_length = check_int("true_length", true_length)
         if not 0 < true_length <= tokens.shape[0]:
@@ -252,6 +265,8 @@ class Engine:
         if existing_prefix is None:
             start, cache = 0, self._empty_prefix_jit()
         elif isinstance(existing_prefix, Prefix):
+            if existing_prefix.token.ndim:
+                raise ValueError("existing_prefix holds several samples (prefill_multisampling): it cannot be extended")
             start, cache = int(existing_prefix.length), existing_prefix.cache
         else:
             raise TypeError(f"existing_prefix must be a Prefix from prefill, got {type(existing_prefix).__name__}")
@@ -260,15 +275,64 @@ class Engine:
                 f"prompt of {start + true_length} tokens exceeds max_target_length ({self.max_target_length})"
             )
         key = jax.random.key(0) if rng is None else rng
-        return self._prefill_jit(
-            params,
-            self.rest,
-            cache,
-            jnp.asarray(tokens),
-            jnp.int32(start),
-            jnp.int32(true_length),
-            key,
-            sampling=sampling or GREEDY,
+        return cache, jnp.asarray(tokens), jnp.int32(start), jnp.int32(true_length), key
+
+    def prefill_multisampling(
+        self,
+        *,
+        params: Params,
+        padded_tokens: jax.Array | np.ndarray,
+        true_length: int,
+        num_samples: int,
+        sampling: Sampling | None = None,
+        rng: jax.Array | None = None,
+        existing_prefix: Prefix | None = None,
+    ) -> tuple[Prefix, ResultTokens]:
+        """``prefill``, drawing ``num_samples`` first tokens independently from the same logits.
+
+        The prefix's ``token`` is [num_samples] and the result's ``data`` [num_samples, 3];
+        ``bulk_insert(prefix, state, slots)`` with ``len(slots) == num_samples`` gives slot
+        ``slots[i]`` the i-th sample (see ``engine/multisampling.py``).
+        """
+        num_samples = check_int("num_samples", num_samples, positive=True)
+        if num_samples > self.max_concurrent_decodes:
+            raise ValueError(
+                f"num_samples ({num_samples}) exceeds the engine's {self.max_concurrent_decodes} decode slots"
+            )
+        inputs = self._prefill_inputs(existing_prefix, padded_tokens, true_length, rng)
+        return self._prefill_multisampling_jit(
+            params, self.rest, *inputs, sampling=sampling or GREEDY, num_samples=num_samples
+        )
+
+    def prefill_concat(
+        self,
+        *,
+        params: Params,
+        prompts: Sequence[Sequence[int]],
+        sampling: Sampling | None = None,
+        rng: jax.Array | None = None,
+    ) -> list[tuple[Prefix, ResultTokens]]:
+        """Several short prompts packed into one padded row and prefilled in one call; each comes
+        back as its own (prefix, first result), equal to a separate prefill of it and inserted like
+        one. The prompts must fit ``max_prefill_length`` tokens together (``engine/packing.py``)."""
+        packed = packing.pack(
+            prompts,
+            pad_id=self.config.pad_id,
+            vocab_size=self.config.vocab_size,
+            max_prefill_length=self.max_prefill_length,
+            cache_length=self.max_target_length,
+        )
+        n = len(packed.lengths)
+        if n not in self._prefill_concat_jits:
+            self._prefill_concat_jits[n] = jax.jit(
+                self._prefill_concat_body,
+                static_argnames=("sampling",),
+                out_shardings=[(self.prefix_shardings, self.result_shardings)] * n,
+            )
+        key = jax.random.key(0) if rng is None else rng
+        arrays = (packed.tokens, packed.positions, packed.segments, packed.last, packed.lengths)
+        return self._prefill_concat_jits[n](
+            params, self.rest, *map(jnp.asarray, arrays), key, sampling=sampling or GREEDY
         )
 
     # ---- insert ----------------------------------------------------------------------------------
@@ -277,13 +341,16 @@ class Engine:
         return self.bulk_insert(prefix, decode_state, [slot])
 
     def bulk_insert(self, prefix: Prefix, decode_state: DecodeState, slots: Sequence[int]) -> DecodeState:
-        """Put one prefix into several slots at once (e.g. several samples of one prompt)."""
+        """Put one prefix into several slots at once (e.g. several samples of one prompt: a prefix
+        of ``prefill_multisampling`` gives slot ``slots[i]`` its i-th first token)."""
         if not isinstance(prefix, Prefix):
             raise TypeError(f"prefix must be a Prefix from prefill, got {type(prefix).__name__}")
         check_decode_state(decode_state)
         slots = [check_slot(s, self.max_concurrent_decodes) for s in slots]
         if not slots or len(set(slots)) != len(slots):
             raise ValueError(f"slots must be a non-empty list of distinct slots, got {slots}")
+        if prefix.token.ndim and len(slots) != prefix.token.shape[0]:
+            raise ValueError(f"the prefix holds {prefix.token.shape[0]} samples: give as many slots, got {len(slots)}")
         return self._insert_jit(prefix, decode_state, jnp.asarray(slots, jnp.int32))
 
     # ---- generate --------------------------------------------------------------------------------

@@ -50,9 +50,14 @@ class KVCache(nnx.Module):
         self.k = nnx.Cache(jnp.zeros(shape, config.compute_dtype), out_sharding=CACHE_AXES)
         self.v = nnx.Cache(jnp.zeros(shape, config.compute_dtype), out_sharding=CACHE_AXES)
 
-    def update(self, k: jax.Array, v: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Write ``k, v`` [B, T, K, H] at ``positions`` [B, T]; return the whole cache [B, S, K, H]."""
-        rows = jnp.arange(k.shape[0])[:, None]
+    def update(
+        self, k: jax.Array, v: jax.Array, positions: jax.Array, rows: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """Write ``k, v`` [B, T, K, H] at ``positions`` [B, T]; return the whole cache [B, S, K, H].
+
+        ``rows`` [B, T]: the cache row of each token (packed prompts); default: the token's own row.
+        """
+        rows = jnp.arange(k.shape[0])[:, None] if rows is None else rows
         # Out-of-range positions (padding, or a slot that is full) are dropped, never clamped.
         self.k[...] = self.k[...].at[rows, positions].set(k.astype(self.k.dtype), mode="drop")
         self.v[...] = self.v[...].at[rows, positions].set(v.astype(self.v.dtype), mode="drop")
@@ -85,8 +90,11 @@ class Attention(nnx.Module):
             out = out + getattr(self, f"{name}_bias")[...].astype(self.dtype)
         return out
 
-    def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
-        # x [B, T, D], positions [B, T], rope: (sin, cos) for those positions
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array], segments: jax.Array | None = None
+    ) -> jax.Array:
+        # x [B, T, D], positions [B, T], rope: (sin, cos) for those positions; segments [B, T]: packed
+        # prompts (engine/packing.py), each one's tokens written to its own cache row
         q = apply_rope(self._project(x, "q"), rope)  # [B, T, N, H]
         k = apply_rope(self._project(x, "k"), rope)  # [B, T, K, H]
         v = self._project(x, "v")
@@ -94,6 +102,9 @@ class Attention(nnx.Module):
         q = q.reshape(b, t, n // self.groups, self.groups, h) * (h**-0.5)  # [B, T, K, G, H]
         if self.cache is None:
             out = self._attend(q, k, v, positions, positions)
+        elif segments is not None:  # fresh packed prompts: each sees its own keys, none cached before
+            self.cache.update(k, v, positions, rows=segments)
+            out = self._attend(q, k, v, positions, positions, segments=segments)
         else:
             k, v = self.cache.update(k, v, positions)  # [B, S, K, H]
             out = self._attend_cache(q, k, v, positions)
@@ -120,12 +131,15 @@ class Attention(nnx.Module):
         branches = [functools.partial(attend_prefix, length) for length in buckets]
         return jax.lax.switch(branch, branches, q, k, v, positions)
 
-    def _attend(self, q, k, v, query_positions, key_positions, sliced: bool = False) -> jax.Array:
+    def _attend(self, q, k, v, query_positions, key_positions, sliced: bool = False, segments=None) -> jax.Array:
         """Softmax attention: q [B, T, K, G, H] (scaled), k, v [B, S, K, H] -> [B, T, K, G, H].
 
         ``sliced``: k and v are a prefix sliced from a longer cache (see :mod:`kernels`).
+        ``segments`` [B, T] (queries and keys alike): a query sees only keys of its own segment.
         """
         visible = key_positions[:, None, :] <= query_positions[:, :, None]  # [B, T, S]
+        if segments is not None:
+            visible &= segments[:, None, :] == segments[:, :, None]
         if self.window is not None:
             visible &= key_positions[:, None, :] > query_positions[:, :, None] - self.window
         return kernels.attention(q, k, v, visible, self.dtype, kernels=self.kernels, sliced=sliced)

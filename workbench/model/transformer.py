@@ -18,8 +18,10 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config, rngs=rngs)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
-        x = x + self.attn(self.attn_norm(x), positions, rope)
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array], segments: jax.Array | None = None
+    ) -> jax.Array:
+        x = x + self.attn(self.attn_norm(x), positions, rope, segments)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -46,26 +48,37 @@ class Transformer(nnx.Module):
             self.lm_head = param(rngs, (config.embed_dim, config.vocab_size), ("embed", "vocab"), config.weight_dtype)
 
     def __call__(
-        self, tokens: jax.Array, positions: jax.Array | None = None, *, logits_at: jax.Array | None = None
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        *,
+        logits_at: jax.Array | None = None,
+        segments: jax.Array | None = None,
     ) -> jax.Array:
         """Logits [B, T, V] in float32 for ``tokens`` [B, T] at absolute ``positions`` [B, T].
 
         With ``logits_at`` [B] (one index into T per row) only those rows' logits, [B, V]: prefill
         needs just the last prompt token's, and the vocabulary projection of every position would
-        be about half of its work.
+        be about half of its work. ``logits_at`` [B, M]: M rows each, [B, M, V] (packed prompts).
+
+        ``segments`` [B, T]: several prompts packed in a row (``engine/packing.py``), each token
+        attending only to its own prompt and writing its K/V to cache row ``segments``.
         """
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = self.embed(tokens)  # [B, T, D]
         rope = self.rope(positions)
         for layer in self.layers:
-            x = layer(x, positions, rope)
+            x = layer(x, positions, rope, segments)
         if logits_at is not None:
-            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, D]
+            index = logits_at[:, None, None] if logits_at.ndim == 1 else logits_at[:, :, None]
+            x = jnp.take_along_axis(x, index, axis=1)  # [B, 1, D] (or [B, M, D])
         x = self.final_norm(x)
         if self.config.tie_embeddings:
             logits = self.embed.attend(x)
         else:
             logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...].astype(x.dtype))
         logits = logits.astype(jnp.float32)
-        return logits if logits_at is None else logits[:, 0]
+        if logits_at is None or logits_at.ndim == 2:
+            return logits
+        return logits[:, 0]
