@@ -82,7 +82,8 @@ class Scheduler:
       seed: seeds the decode state's key and each request's prefill key (so runs repeat).
       eos_ids: the ids that end a request; default ``engine.config.eos_ids``.
       return_logits: keep each token's logits row (copied to the host every step).
-      on_token: ``on_token(request, token)`` as each token arrives, for streaming.
+      on_token: ``on_token(request, token)`` as each token arrives, for streaming (for a request
+        of several samples ``on_token(request, token, sample)``).
       on_finish: ``on_finish(completion)`` as each request ends.
       pack_prefill: prefill waiting short prompts packed together (``engine.prefill_concat``), as
         many as free slots and one row of ``max_prefill_length`` allow; off: one prefill each.
@@ -262,7 +263,7 @@ class Scheduler:
         if row is not None:
             self._rows[stream].append(row)
         if self.on_token is not None:
-            self.on_token(request, token)
+            self.on_token(request, token, *stream[1:] if request.num_samples > 1 else ())
         reason = self._finish_reason(request, tokens)
         if reason is None:
             return False
