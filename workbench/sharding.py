@@ -17,6 +17,8 @@ logical axis       meaning                                     mesh axis
 ``cache_seq``      positions in the KV cache                   --
 ``cache_kv_heads`` key/value heads of the KV cache             ``tensor``
 ``cache_head_dim`` width of one cached head                    --
+``adapters``       loaded LoRA adapters (stacked)              --
+``lora_rank``      rank of the LoRA adapters                   --
 =================  ==========================================  ============
 
 Mesh axes: ``data`` (decode slots), ``fsdp`` (weights' embed dimension, optional), ``tensor``
@@ -51,6 +53,8 @@ RULES: tuple[tuple[str, str | None], ...] = (
     ("cache_seq", None),
     ("cache_kv_heads", "tensor"),
     ("cache_head_dim", None),
+    ("adapters", None),
+    ("lora_rank", None),
 )
 
 LogicalAxes = Sequence[str | None]

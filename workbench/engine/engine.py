@@ -33,20 +33,28 @@ from workbench.engine.inputs import bucket, check_decode_state, check_slot, chec
 from workbench.engine.sampling import GREEDY, Sampling
 from workbench.engine.types import DecodeState, Prefix, ResultTokens
 from workbench.model import ModelConfig, Transformer, kernels
+from workbench.model.lora import AdapterStack, LoraSpec
 
 Params = nnx.State
 Rules = Sequence[tuple[str, str | None]]
+# The base weights. LoRA adapters (nnx.LoRAParam, a Param subclass) stay out of params: they go
+# with rest, and only an engine built with adapters has any.
+PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
 
 
-def _model(config: ModelConfig, cache: tuple[int, int] | None = None, seed: int = 0) -> Transformer:
+def _model(
+    config: ModelConfig, cache: tuple[int, int] | None = None, seed: int = 0, lora_spec: LoraSpec | None = None
+) -> Transformer:
     with nnx.use_eager_sharding(False):  # shardings come from our own rules, applied by jit
-        return Transformer(config, rngs=nnx.Rngs(seed), cache=cache)
+        return Transformer(config, rngs=nnx.Rngs(seed), cache=cache, lora_spec=lora_spec)
 
 
 class Engine:
     """JetStream-shaped engine: prefill -> insert / bulk_insert -> generate, on a device mesh.
 
     ``tokenizer``: the checkpoint's (``workbench.load`` passes it); ``get_tokenizer`` returns it.
+    ``adapters``: LoRA adapters served per slot (``workbench.load(..., adapters=...)`` reads them);
+    ``engine.adapters`` lists their names.
     """
 
     samples_per_slot = 1  # JetStream's properties that never change here
@@ -62,6 +70,7 @@ class Engine:
         max_target_length: int = 1024,
         rules: Rules = shd.RULES,
         tokenizer: Any = None,
+        adapters: AdapterStack | None = None,
     ):
         slots = check_int("decode_batch_size", decode_batch_size, positive=True)
         self.max_prefill_length = check_int("max_prefill_length", max_prefill_length, positive=True)
@@ -75,22 +84,26 @@ class Engine:
             raise ValueError(f"the mesh's tensor axis ({tensor}) does not divide the model's {config.num_heads} heads")
         self.config, self.mesh, self.rules, self.tokenizer = config, mesh, tuple(rules), tokenizer
         self._max_concurrent_decodes = slots
+        self.adapters: tuple[str, ...] = adapters.names if adapters is not None else ()
+        self.lora_spec = adapters.spec if adapters is not None else None
         self.compile_counts: collections.Counter[str] = collections.Counter()
         self._split_models()
         self._derive_shardings()
         self._jit_steps()
+        if adapters is not None:
+            self.rest = self._with_adapters(adapters.weights)
 
     def _split_models(self) -> None:
         """Three abstract models, split once: prefill (batch 1), decode (one row per slot), and
         the uncached forward model. Params and rest are the same in all three."""
-        config, length = self.config, self.max_target_length
-        prefill = nnx.eval_shape(lambda: _model(config, (1, length)))
-        decode = nnx.eval_shape(lambda: _model(config, (self.max_concurrent_decodes, length)))
+        config, length, spec = self.config, self.max_target_length, self.lora_spec
+        prefill = nnx.eval_shape(lambda: _model(config, (1, length), lora_spec=spec))
+        decode = nnx.eval_shape(lambda: _model(config, (self.max_concurrent_decodes, length), lora_spec=spec))
         self.prefill_graphdef, self.abstract_params, self.abstract_prefill_cache, self.abstract_rest = nnx.split(
-            prefill, nnx.Param, nnx.Cache, ...
+            prefill, PARAMS, nnx.Cache, ...
         )
-        self.decode_graphdef, _, self.abstract_decode_cache, _ = nnx.split(decode, nnx.Param, nnx.Cache, ...)
-        self.forward_graphdef = nnx.split(nnx.eval_shape(lambda: _model(config)), nnx.Param, ...)[0]
+        self.decode_graphdef, _, self.abstract_decode_cache, _ = nnx.split(decode, PARAMS, nnx.Cache, ...)
+        self.forward_graphdef = nnx.split(nnx.eval_shape(lambda: _model(config, lora_spec=spec)), PARAMS, ...)[0]
 
     def _derive_shardings(self) -> None:
         """Every sharding from the rules table: params, rest, prefix, decode state, results."""
@@ -104,6 +117,7 @@ class Engine:
             length=rep,
             token=rep,
             logits=rep,
+            adapter=rep if self.adapters else None,
         )
         self.decode_state_shardings = DecodeState(
             cache=nnx.to_pure_dict(shd.shardings_for(self.abstract_decode_cache, mesh, rules)),
@@ -112,6 +126,7 @@ class Engine:
             lengths=slots,
             active=slots,
             rng=rep,
+            adapters=slots if self.adapters else None,
         )
         self.result_shardings = ResultTokens(data=rep, logits=rep)
 
@@ -123,9 +138,12 @@ class Engine:
         prefill_model = steps.CachedModel(self.prefill_graphdef, self.abstract_prefill_cache, self.max_target_length)
         decode_model = steps.CachedModel(self.decode_graphdef, self.abstract_decode_cache, self.max_target_length)
         # setup. rest holds derived buffers (rope frequencies); XLA prunes the unused weight init.
-        self.rest = jax.jit(lambda: nnx.split(_model(config), nnx.Param, ...)[2], out_shardings=self.rest_shardings)()
+        spec = self.lora_spec
+        self.rest = jax.jit(
+            lambda: nnx.split(_model(config, lora_spec=spec), PARAMS, ...)[2], out_shardings=self.rest_shardings
+        )()
         self._init_params_jit = jax.jit(
-            lambda seed: nnx.split(_model(config, seed=seed), nnx.Param, ...)[1],
+            lambda seed: nnx.split(_model(config, seed=seed), PARAMS, ...)[1],
             static_argnums=0,
             out_shardings=self.param_shardings,
         )
@@ -137,11 +155,18 @@ class Engine:
             partial(steps.zeros, self.abstract_prefill_cache), out_shardings=self.prefix_shardings.cache
         )
         self._init_state_jit = jax.jit(
-            partial(steps.init_decode_state, self.abstract_decode_cache, self.max_concurrent_decodes),
+            partial(
+                steps.init_decode_state,
+                self.abstract_decode_cache,
+                self.max_concurrent_decodes,
+                adapters=bool(self.adapters),
+            ),
             out_shardings=state_out,
         )
         # the oracle: the uncached forward pass
-        self._forward_jit = jax.jit(lambda p, rest, t: nnx.merge(self.forward_graphdef, p, rest, copy=True)(t))
+        self._forward_jit = jax.jit(
+            lambda p, rest, t, a=None: nnx.merge(self.forward_graphdef, p, rest, copy=True)(t, adapters=a)
+        )
         # the API steps
         self._prefill_jit = jax.jit(
             partial(steps.prefill, prefill_model, counts),
@@ -205,14 +230,42 @@ class Engine:
         placed = jax.device_put(trees.fill(self.abstract_params, pure), self.param_shardings)
         return self._cast_params_jit(placed)
 
-    def forward(self, params: Params, tokens: jax.Array | np.ndarray) -> jax.Array:
+    def forward(self, params: Params, tokens: jax.Array | np.ndarray, *, adapter: str | None = None) -> jax.Array:
         """Float32 logits [B, T, V] of a full forward pass over ``tokens`` [B, T] with no cache:
-        the oracle every cached path (prefill, chunks, insert, generate) must reproduce."""
+        the oracle every cached path (prefill, chunks, insert, generate) must reproduce.
+        ``adapter``: a loaded LoRA adapter applied to every row (None: the base model)."""
         tokens = np.asarray(tokens)
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be 2-D [batch, length], got shape {tokens.shape}")
         check_tokens(tokens.reshape(-1), self.config.vocab_size, None)
-        return self._forward_jit(params, self.rest, jnp.asarray(tokens, jnp.int32))
+        index = self.adapter_index(adapter)
+        if adapter is None:
+            return self._forward_jit(params, self.rest, jnp.asarray(tokens, jnp.int32))
+        rows = jnp.full((tokens.shape[0],), index, jnp.int32)
+        return self._forward_jit(params, self.rest, jnp.asarray(tokens, jnp.int32), rows)
+
+    # ---- adapters --------------------------------------------------------------------------------
+    def adapter_index(self, adapter: str | None) -> jax.Array | None:
+        """The int32 index of a loaded adapter (-1 for None: the base model); None on an engine
+        without adapters. ValueError naming the loaded ones for an unknown name."""
+        if adapter is not None and adapter not in self.adapters:
+            loaded = ", ".join(self.adapters) or "none are loaded"
+            raise ValueError(f"unknown adapter {adapter!r} (loaded: {loaded})")
+        if not self.adapters:
+            return None
+        return jnp.int32(-1 if adapter is None else self.adapters.index(adapter))
+
+    def _with_adapters(self, weights: dict) -> nnx.State:
+        """``rest`` with the LoRA weights of the stacked adapters, placed by the rules table."""
+        current = trees.leaf_paths(nnx.to_pure_dict(self.rest))
+        lora = trees.leaf_paths(weights)
+        unknown = sorted(set(lora) - set(current))
+        if unknown:
+            raise ValueError(f"adapter weights do not match the model: unexpected entry {unknown[0]}")
+        pure = trees.nest(current | lora)
+        trees.check_matches("adapter weights", self.abstract_rest, pure)
+        cast = jax.tree.map(lambda x, a: np.asarray(x, a.dtype), pure, nnx.to_pure_dict(self.abstract_rest))
+        return jax.device_put(trees.fill(self.abstract_rest, cast), self.rest_shardings)
 
     # ---- decode state ----------------------------------------------------------------------------
     def init_decode_state(self, rng: jax.Array | int | None = None) -> DecodeState:
@@ -246,15 +299,18 @@ class Engine:
         true_length: int,
         sampling: Sampling | None = None,
         rng: jax.Array | None = None,
+        adapter: str | None = None,
     ) -> tuple[Prefix, ResultTokens]:
         """Run the prompt (or, with ``existing_prefix``, its next chunk) through the prefill model.
 
         ``padded_tokens`` [P] holds ``true_length`` real tokens then padding. The result's cache
         holds the earlier prefix plus these tokens; its first token is sampled from the logits
         at the last real position. Chunked prefill equals one prefill of the whole prompt.
+        ``adapter``: a loaded LoRA adapter's name (None: the base model); insert records it.
         """
         inputs = self._prefill_inputs(existing_prefix, padded_tokens, true_length, rng)
-        return self._prefill_jit(params, self.rest, *inputs, sampling=sampling or GREEDY)
+        index = self.adapter_index(adapter)
+        return self._prefill_jit(params, self.rest, *inputs, sampling=sampling or GREEDY, adapter=index)
 
     def _prefill_inputs(self, existing_prefix, padded_tokens, true_length, rng) -> tuple:
         """(cache, tokens, start, true_length, key) for a prefill body, every input checked."""
@@ -287,6 +343,7 @@ class Engine:
         sampling: Sampling | None = None,
         rng: jax.Array | None = None,
         existing_prefix: Prefix | None = None,
+        adapter: str | None = None,
     ) -> tuple[Prefix, ResultTokens]:
         """``prefill``, drawing ``num_samples`` first tokens independently from the same logits.
 
@@ -300,8 +357,9 @@ class Engine:
                 f"num_samples ({num_samples}) exceeds the engine's {self.max_concurrent_decodes} decode slots"
             )
         inputs = self._prefill_inputs(existing_prefix, padded_tokens, true_length, rng)
+        index = self.adapter_index(adapter)
         return self._prefill_multisampling_jit(
-            params, self.rest, *inputs, sampling=sampling or GREEDY, num_samples=num_samples
+            params, self.rest, *inputs, sampling=sampling or GREEDY, num_samples=num_samples, adapter=index
         )
 
     def prefill_concat(
@@ -332,7 +390,12 @@ class Engine:
         key = jax.random.key(0) if rng is None else rng
         arrays = (packed.tokens, packed.positions, packed.segments, packed.last, packed.lengths)
         return self._prefill_concat_jits[n](
-            params, self.rest, *map(jnp.asarray, arrays), key, sampling=sampling or GREEDY
+            params,
+            self.rest,
+            *map(jnp.asarray, arrays),
+            key,
+            sampling=sampling or GREEDY,
+            adapter=self.adapter_index(None),
         )
 
     # ---- insert ----------------------------------------------------------------------------------

@@ -29,12 +29,23 @@ def prefill_multisampling(
     *,
     sampling: Sampling,
     num_samples: int,
+    adapter=None,
 ) -> tuple[Prefix, ResultTokens]:
     """``steps.prefill``'s prefix with ``num_samples`` first tokens: ``token`` [n], ``data`` [n, 3]."""
     counts["prefill_multisampling"] += 1
     # The plain prefill's own first token is unused, so XLA drops its argmax.
     prefix, _ = steps.prefill(
-        model, collections.Counter(), params, rest, cache, tokens, start, true_length, key, sampling=GREEDY
+        model,
+        collections.Counter(),
+        params,
+        rest,
+        cache,
+        tokens,
+        start,
+        true_length,
+        key,
+        sampling=GREEDY,
+        adapter=adapter,
     )
     rows = jnp.broadcast_to(prefix.logits, (num_samples, prefix.logits.shape[0]))  # [n, V]
     first = sample(rows, key, sampling)  # [n]: categorical draws each row independently

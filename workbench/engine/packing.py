@@ -84,8 +84,10 @@ def prefill_concat(
     key,
     *,
     sampling: Sampling,
+    adapter=None,
 ) -> list[tuple[Prefix, ResultTokens]]:
-    """The packed row [P] through the prefill model; one (prefix, first result) per prompt."""
+    """The packed row [P] through the prefill model; one (prefix, first result) per prompt.
+    ``adapter``: -1 on engines with LoRA adapters (packed prompts run on the base model)."""
     counts["prefill_concat"] += 1
     n = lengths.shape[0]
     empty = jax.tree.map(lambda a: jnp.zeros((n, *a.shape[1:]), a.dtype), nnx.to_pure_dict(model.abstract_cache))
@@ -101,6 +103,7 @@ def prefill_concat(
                 length=lengths[i],
                 token=first[i],
                 logits=logits[i],
+                adapter=adapter,
             ),
             ResultTokens(data=jnp.stack([first[i], one, one])[None], logits=logits[i][None]),
         )

@@ -40,7 +40,7 @@ def zeros(abstract: nnx.State) -> Cache:
     return nnx.to_pure_dict(jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), abstract))
 
 
-def init_decode_state(abstract_cache: nnx.State, slots: int, key: jax.Array) -> DecodeState:
+def init_decode_state(abstract_cache: nnx.State, slots: int, key: jax.Array, adapters: bool = False) -> DecodeState:
     empty = jnp.zeros((slots,), jnp.int32)
     return DecodeState(
         cache=zeros(abstract_cache),
@@ -49,6 +49,7 @@ def init_decode_state(abstract_cache: nnx.State, slots: int, key: jax.Array) -> 
         lengths=empty,
         active=jnp.zeros((slots,), bool),
         rng=key,
+        adapters=jnp.full((slots,), -1, jnp.int32) if adapters else None,  # -1: the base model
     )
 
 
@@ -64,17 +65,20 @@ def prefill(
     key,
     *,
     sampling: Sampling,
+    adapter=None,
 ) -> tuple[Prefix, ResultTokens]:
-    """``tokens`` [P] (``true_length`` real, then padding) written after ``start`` cached ones."""
+    """``tokens`` [P] (``true_length`` real, then padding) written after ``start`` cached ones;
+    ``adapter``: int32 [] LoRA adapter index (-1: none), on engines with adapters."""
     counts["prefill"] += 1
     merged = model.merge(params, cache, rest)
     steps = jnp.arange(tokens.shape[0])
     # Padding goes to position S (past the cache): its K/V writes are dropped.
     positions = jnp.where(steps < true_length, start + steps, model.length)
-    last = merged(tokens[None], positions[None], logits_at=(true_length - 1)[None])[0]  # [V]
+    adapters = None if adapter is None else adapter[None]
+    last = merged(tokens[None], positions[None], logits_at=(true_length - 1)[None], adapters=adapters)[0]  # [V]
     token = sample(last[None], key, sampling)[0]
     cache = nnx.to_pure_dict(nnx.state(merged, nnx.Cache))
-    prefix = Prefix(cache=cache, length=start + true_length, token=token, logits=last)
+    prefix = Prefix(cache=cache, length=start + true_length, token=token, logits=last, adapter=adapter)
     data = jnp.stack([token, jnp.int32(1), jnp.int32(1)])[None]
     return prefix, ResultTokens(data=data, logits=last[None])
 
@@ -93,6 +97,7 @@ def insert(counts: Counts, prefix: Prefix, state: DecodeState, slots: jax.Array)
         tokens=state.tokens.at[slots].set(prefix.token),
         lengths=state.lengths.at[slots].set(1),
         active=state.active.at[slots].set(True),
+        adapters=None if state.adapters is None else state.adapters.at[slots].set(prefix.adapter),
     )
 
 
@@ -104,7 +109,7 @@ def generate(
     live = state.active & (state.positions < model.length)  # [B]
     positions = jnp.where(live, state.positions, model.length)  # dead slots write nothing
     merged = model.merge(params, state.cache, rest)
-    logits = merged(state.tokens[:, None], positions[:, None])[:, 0]  # [B, V]
+    logits = merged(state.tokens[:, None], positions[:, None], adapters=state.adapters)[:, 0]  # [B, V]
     rng, key = jax.random.split(state.rng)
     tokens = jnp.where(live, sample(logits, key, sampling), state.tokens)
     lengths = state.lengths + live

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from workbench.model import kernels
+from workbench.model import kernels, lora
 from workbench.model.config import ModelConfig
 from workbench.model.layers import apply_rope, param
 
@@ -66,7 +66,13 @@ class KVCache(nnx.Module):
 
 class Attention(nnx.Module):
     def __init__(
-        self, config: ModelConfig, *, rngs: nnx.Rngs, cache: tuple[int, int] | None = None, kernels: str = "xla_cpu"
+        self,
+        config: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        cache: tuple[int, int] | None = None,
+        kernels: str = "xla_cpu",
+        lora_spec: lora.LoraSpec | None = None,
     ):
         d, n, k, h, w = config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim, config.weight_dtype
         self.q = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), w)
@@ -83,21 +89,29 @@ class Attention(nnx.Module):
         self.groups = n // k
         self.dtype = config.compute_dtype
         self.kernels = kernels
+        self.lora = lora.projections(config, lora_spec, ("q", "k", "v", "o"))  # None: no adapters
 
-    def _project(self, x: jax.Array, name: str) -> jax.Array:
+    def _project(self, x: jax.Array, name: str, adapters: jax.Array | None = None) -> jax.Array:
         out = jnp.einsum("BTD,DNH->BTNH", x, getattr(self, name)[...].astype(self.dtype))
+        out = lora.apply(self.lora, name, x, out, adapters)
         if self.qkv_bias:
             out = out + getattr(self, f"{name}_bias")[...].astype(self.dtype)
         return out
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array], segments: jax.Array | None = None
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        rope: tuple[jax.Array, jax.Array],
+        segments: jax.Array | None = None,
+        adapters: jax.Array | None = None,
     ) -> jax.Array:
         # x [B, T, D], positions [B, T], rope: (sin, cos) for those positions; segments [B, T]: packed
-        # prompts (engine/packing.py), each one's tokens written to its own cache row
-        q = apply_rope(self._project(x, "q"), rope)  # [B, T, N, H]
-        k = apply_rope(self._project(x, "k"), rope)  # [B, T, K, H]
-        v = self._project(x, "v")
+        # prompts (engine/packing.py), each one's tokens written to its own cache row; adapters [B]:
+        # each row's LoRA adapter (-1: none; model/lora.py)
+        q = apply_rope(self._project(x, "q", adapters), rope)  # [B, T, N, H]
+        k = apply_rope(self._project(x, "k", adapters), rope)  # [B, T, K, H]
+        v = self._project(x, "v", adapters)
         b, t, n, h = q.shape
         q = q.reshape(b, t, n // self.groups, self.groups, h) * (h**-0.5)  # [B, T, K, G, H]
         if self.cache is None:
@@ -111,7 +125,8 @@ class Attention(nnx.Module):
         # One contracting dim (N*H): given "BTNH,NHD", XLA orders the two as (H, N) and transposes
         # the o weights into that order on every call.
         o = self.o[...].astype(self.dtype).reshape(n * h, -1)
-        return jnp.einsum("BTX,XD->BTD", out.reshape(b, t, n * h), o)
+        out = out.reshape(b, t, n * h)
+        return lora.apply(self.lora, "o", out, jnp.einsum("BTX,XD->BTD", out, o), adapters)
 
     def _attend_cache(self, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array) -> jax.Array:
         """Attention over the first L cache positions, L the smallest bucket covering every live query."""

@@ -9,20 +9,34 @@ from flax import nnx
 from workbench.model.attention import Attention
 from workbench.model.config import ModelConfig
 from workbench.model.layers import MLP, Embed, RMSNorm, Rotary, param
+from workbench.model.lora import LoraSpec
 
 
 class Block(nnx.Module):
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, cache: tuple[int, int] | None, kernels: str):
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        cache: tuple[int, int] | None,
+        kernels: str,
+        lora_spec: LoraSpec | None = None,
+    ):
         self.attn_norm = RMSNorm(config, rngs=rngs)
-        self.attn = Attention(config, rngs=rngs, cache=cache, kernels=kernels)
+        self.attn = Attention(config, rngs=rngs, cache=cache, kernels=kernels, lora_spec=lora_spec)
         self.mlp_norm = RMSNorm(config, rngs=rngs)
-        self.mlp = MLP(config, rngs=rngs)
+        self.mlp = MLP(config, rngs=rngs, lora_spec=lora_spec)
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array], segments: jax.Array | None = None
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        rope: tuple[jax.Array, jax.Array],
+        segments: jax.Array | None = None,
+        adapters: jax.Array | None = None,
     ) -> jax.Array:
-        x = x + self.attn(self.attn_norm(x), positions, rope, segments)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self.attn(self.attn_norm(x), positions, rope, segments, adapters)
+        return x + self.mlp(self.mlp_norm(x), adapters)
 
 
 class Transformer(nnx.Module):
@@ -35,13 +49,22 @@ class Transformer(nnx.Module):
     """
 
     def __init__(
-        self, config: ModelConfig, *, rngs: nnx.Rngs, cache: tuple[int, int] | None = None, kernels: str = "xla_cpu"
+        self,
+        config: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        cache: tuple[int, int] | None = None,
+        kernels: str = "xla_cpu",
+        lora_spec: LoraSpec | None = None,
     ):
         self.config = config
         self.embed = Embed(config, rngs=rngs)
         self.rope = Rotary(config)
         self.layers = nnx.List(
-            [Block(config, rngs=rngs, cache=cache, kernels=kernels) for _ in range(config.num_layers)]
+            [
+                Block(config, rngs=rngs, cache=cache, kernels=kernels, lora_spec=lora_spec)
+                for _ in range(config.num_layers)
+            ]
         )
         self.final_norm = RMSNorm(config, rngs=rngs)
         if not config.tie_embeddings:
@@ -54,6 +77,7 @@ class Transformer(nnx.Module):
         *,
         logits_at: jax.Array | None = None,
         segments: jax.Array | None = None,
+        adapters: jax.Array | None = None,
     ) -> jax.Array:
         """Logits [B, T, V] in float32 for ``tokens`` [B, T] at absolute ``positions`` [B, T].
 
@@ -63,13 +87,14 @@ class Transformer(nnx.Module):
 
         ``segments`` [B, T]: several prompts packed in a row (``engine/packing.py``), each token
         attending only to its own prompt and writing its K/V to cache row ``segments``.
+        ``adapters`` [B]: each row's LoRA adapter index, -1 for none (a model built with ``lora_spec``).
         """
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = self.embed(tokens)  # [B, T, D]
         rope = self.rope(positions)
         for layer in self.layers:
-            x = layer(x, positions, rope, segments)
+            x = layer(x, positions, rope, segments, adapters)
         if logits_at is not None:
             index = logits_at[:, None, None] if logits_at.ndim == 1 else logits_at[:, :, None]
             x = jnp.take_along_axis(x, index, axis=1)  # [B, 1, D] (or [B, M, D])
