@@ -32,6 +32,7 @@ def load(
     config: ModelConfig | None = None,
     seed: int = 0,
     progress: bool | None = None,
+    adapters: Mapping[str, str | os.PathLike] | None = None,
 ) -> tuple[Engine, Params]:
     """An engine and its params on ``mesh``; the tokenizer is ``engine.get_tokenizer()``.
 
@@ -47,6 +48,8 @@ def load(
       seed: the seed of random weights.
       progress: a progress bar on stderr while reading a Hugging Face checkpoint (None: only
         for large ones).
+      adapters: ``{"name": "path/to/peft_adapter_dir"}``: LoRA adapters served per slot
+        (``engine.prefill(..., adapter="name")``); ``engine.adapters`` lists the names.
     """
     mesh = make_mesh(mesh)
     shape = dict(
@@ -58,7 +61,7 @@ def load(
         from workbench.checkpoints.tokenizer import default_tokenizer
 
         config = _with_dtype(config or ModelConfig.tiny(), dtype)
-        engine = Engine(config, mesh, tokenizer=default_tokenizer(config), **shape)
+        engine = Engine(config, mesh, tokenizer=default_tokenizer(config), **shape, **_adapters(adapters, config))
         return engine, engine.load_params(None, seed=seed)
     if config is not None:
         raise ValueError("config= builds a model with random weights; it cannot be combined with a checkpoint")
@@ -80,11 +83,12 @@ def load(
             raise ValueError(f"corrupt workbench checkpoint {os.fspath(path)!r}: bad model config ({error})") from None
         config = _with_dtype(saved, dtype)
         tokenizer = ckpt.tokenizer_from_manifest(manifest.get("tokenizer"), path, config)
-        engine = Engine(config, mesh, tokenizer=tokenizer, **shape)
+        engine = Engine(config, mesh, tokenizer=tokenizer, **shape, **_adapters(adapters, config))
         pure = ckpt.restore_params(path, engine.abstract_params, engine.param_shardings)
     elif ckpt.is_hf_checkpoint(path):
         config = _with_dtype(ckpt.read_hf_config(path), dtype)
-        engine = Engine(config, mesh, tokenizer=ckpt.tokenizer_for_hf_dir(path, config), **shape)
+        tokenizer = ckpt.tokenizer_for_hf_dir(path, config)
+        engine = Engine(config, mesh, tokenizer=tokenizer, **shape, **_adapters(adapters, config))
         pure = ckpt.load_hf_params(
             path, engine.abstract_params, engine.param_shardings, config=config, progress=progress
         )
@@ -94,6 +98,15 @@ def load(
             "nor a Hugging Face checkpoint (config.json)"
         )
     return engine, _as_params(engine, pure)
+
+
+def _adapters(adapters: Mapping[str, str | os.PathLike] | None, config: ModelConfig) -> dict:
+    """The engine's ``adapters`` argument: none, or the PEFT adapters read and stacked."""
+    if not adapters:
+        return {}
+    from workbench.checkpoints.adapters import load_adapters
+
+    return {"adapters": load_adapters(adapters, config)}
 
 
 def _with_dtype(config: ModelConfig, dtype: str | None) -> ModelConfig:
