@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import workbench
 from helpers import pure_numpy
 from workbench.checkpoints import merge_adapter
+from workbench.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' own deprecations
 VOCAB, NEW = 128, 5
@@ -168,3 +169,24 @@ def test_bad_input(reference, served, tmp_path):
         workbench.checkpoints.read_adapter(adapters["chat"], config.replace(embed_dim=32, head_dim=8))
     with pytest.raises(ValueError, match="'base' means no adapter"):
         workbench.load(base, adapters={"base": str(adapters["chat"])}, **SHAPE)
+
+
+def test_cli_serves_adapters_per_prompt(reference, capsys):
+    base, adapters, model = reference
+    flags = ["generate", "--checkpoint", str(base), "--mesh", "data=2,tensor=2", "--decode-batch", "4"]
+    flags += ["--max-prefill-length", "16", "--max-target-length", "32", "--max-new-tokens", str(NEW), "--ignore-eos"]
+    flags += [a for name, path in adapters.items() for a in ("--adapter", f"{name}={path}")]
+    prompts = [prompt for _, prompt in SLOTS.values()][1:]
+    flags += [a for p in prompts for a in ("--prompt-ids", ",".join(map(str, p)))]
+    assert main([*flags, "--use-adapter", "base", "--use-adapter", "code", "--use-adapter", "chat", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)["requests"]
+    for adapter, prompt, request in zip((None, "code", "chat"), prompts, report):
+        assert request.get("adapter") == adapter and request["tokens"] == torch_run(model, adapter, prompt)[0]
+    for extra, message in [
+        (["--use-adapter", "poem"], "--use-adapter poem: unknown adapter (loaded: chat, code)"),
+        (["--use-adapter", "chat", "--use-adapter", "chat"], "given 2 times: give it once (all prompts) or once per"),
+        (["--adapter", "base=x"], "the name 'base' is reserved"),
+    ]:
+        assert main([*flags, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err

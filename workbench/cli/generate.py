@@ -42,6 +42,33 @@ def parse_ids(text: str) -> list[int]:
         ) from None
 
 
+def parse_adapter(text: str) -> tuple[str, str]:
+    """``chat=path/to/adapter`` -> ``("chat", "path/to/adapter")``."""
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"malformed adapter {text!r}: expected NAME=PATH")
+    return name.strip(), path.strip()
+
+
+def _adapter_choices(args: argparse.Namespace, count: int) -> list[str | None]:
+    """Each request's adapter (None: base) from ``--use-adapter``, checked against ``--adapter``."""
+    loaded = dict(args.adapter)
+    if len(loaded) != len(args.adapter):
+        raise CliError("--adapter: each NAME may be given once")
+    if "base" in loaded:
+        raise CliError("--adapter: the name 'base' is reserved for the model without adapters")
+    chosen = args.use_adapter or ["base"]
+    if len(chosen) not in (1, count):
+        raise CliError(
+            f"--use-adapter given {len(chosen)} times: give it once (all prompts) or once per prompt ({count})"
+        )
+    for name in chosen:
+        if name != "base" and name not in loaded:
+            raise CliError(f"--use-adapter {name}: unknown adapter (loaded: {', '.join(loaded) or 'none'})")
+    chosen = chosen * count if len(chosen) == 1 else chosen
+    return [None if name == "base" else name for name in chosen]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
     add_process_arguments(parser)
@@ -56,6 +83,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-samples", type=int, default=1, metavar="N", help="N continuations per prompt from one prefill"
     )
     requests.add_argument("--pack-prefill", action="store_true", help="prefill waiting short prompts packed in one row")
+    adapters = parser.add_argument_group("LoRA adapters (PEFT format)")
+    adapters.add_argument(
+        "--adapter", action="append", type=parse_adapter, default=[], metavar="NAME=PATH", help="repeatable"
+    )
+    adapters.add_argument(
+        "--use-adapter",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="once: for every prompt; once per prompt: in order; 'base' for none",
+    )
     sampling = parser.add_argument_group("sampling (no sampling flag: greedy)")
     sampling.add_argument("--temperature", type=float, default=None, metavar="T")
     sampling.add_argument("--top-k", type=int, default=None, metavar="K")
@@ -92,10 +130,11 @@ def run(args: argparse.Namespace) -> int:
     if args.num_samples > args.decode_batch:
         raise CliError(f"--num-samples {args.num_samples} exceeds the {args.decode_batch} slots of --decode-batch")
     sampling = _sampling(args)
+    adapters = _adapter_choices(args, len(args.requests))
 
     from workbench.engine.scheduler import Scheduler
 
-    engine, params = load_engine(args)
+    engine, params = load_engine(args, **({"adapters": dict(args.adapter)} if args.adapter else {}))
     tokenizer = engine.tokenizer
     prompts = []
     for index, (kind, value) in enumerate(args.requests):
@@ -119,7 +158,11 @@ def run(args: argparse.Namespace) -> int:
     for index, prompt in enumerate(prompts):
         try:
             scheduler.submit(
-                prompt, max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos, num_samples=args.num_samples
+                prompt,
+                max_new_tokens=args.max_new_tokens,
+                ignore_eos=args.ignore_eos,
+                num_samples=args.num_samples,
+                adapter=adapters[index],
             )
         except ValueError as error:
             raise CliError(f"request {index}: {error}") from None
@@ -167,6 +210,8 @@ def _request_json(completion, tokenizer, return_logits: bool) -> dict[str, Any]:
         "text": None if tokenizer is None else tokenizer.decode(completion.tokens),
         "finish_reason": completion.finish_reason,
     }
+    if completion.request.adapter is not None:
+        entry["adapter"] = completion.request.adapter
     if return_logits:
         entry["logits"] = completion.logits.tolist()  # float32 -> exact as JSON doubles
     return entry

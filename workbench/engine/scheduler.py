@@ -45,6 +45,7 @@ class Request:
     max_new_tokens: int
     ignore_eos: bool = False
     num_samples: int = 1  # continuations of the one prompt, each in its own slot (multisampling)
+    adapter: str | None = None  # the LoRA adapter it runs with (None: the base model)
 
 
 @dataclasses.dataclass
@@ -123,12 +124,19 @@ class Scheduler:
 
     # ---- requests ------------------------------------------------------------------------------
     def submit(
-        self, prompt: Sequence[int], *, max_new_tokens: int, ignore_eos: bool = False, num_samples: int = 1
+        self,
+        prompt: Sequence[int],
+        *,
+        max_new_tokens: int,
+        ignore_eos: bool = False,
+        num_samples: int = 1,
+        adapter: str | None = None,
     ) -> int:
         """Queue a request; returns its id. The prompt must leave room for one new token.
 
         ``num_samples``: continuations drawn from one prefill (``engine.prefill_multisampling``),
         each in its own slot; the request waits until that many slots are free together.
+        ``adapter``: one of ``engine.adapters`` (None: the base model).
         """
         ids = np.asarray(prompt)
         if ids.ndim != 1 or ids.size == 0:
@@ -145,8 +153,9 @@ class Scheduler:
             raise ValueError(
                 f"num_samples ({num_samples}) exceeds the engine's {self.engine.max_concurrent_decodes} decode slots"
             )
+        self.engine.adapter_index(adapter)  # an unknown name fails here, not at its turn
         request = Request(
-            len(self._requests), tuple(int(i) for i in ids), max_new_tokens, bool(ignore_eos), num_samples
+            len(self._requests), tuple(int(i) for i in ids), max_new_tokens, bool(ignore_eos), num_samples, adapter
         )
         self._requests.append(request)
         self.queue.append(request)
@@ -211,7 +220,8 @@ class Scheduler:
         packed, total = [], 0
         for request in self.queue:
             total += len(request.prompt)
-            if len(packed) == free or request.num_samples > 1 or total > self.engine.max_prefill_length:
+            alone = request.num_samples > 1 or request.adapter is not None  # packed rows run the base model
+            if len(packed) == free or alone or total > self.engine.max_prefill_length:
                 break
             packed.append(request)
         return packed
@@ -246,6 +256,8 @@ class Scheduler:
         for start in range(0, len(request.prompt), chunk):
             padded, length = self.engine.pad(request.prompt[start : start + chunk])
             inputs = dict(params=self.params, existing_prefix=prefix, padded_tokens=padded, true_length=length)
+            if request.adapter is not None:
+                inputs["adapter"] = request.adapter
             if request.num_samples > 1 and start + chunk >= len(request.prompt):
                 prefix, _ = self.engine.prefill_multisampling(
                     **inputs, num_samples=request.num_samples, sampling=self.sampling, rng=key
