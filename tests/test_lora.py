@@ -190,3 +190,14 @@ def test_cli_serves_adapters_per_prompt(reference, capsys):
         assert main([*flags, *extra]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_inspect_state_shows_adapters_and_slots(served):
+    engine, params, (_, state) = served
+    rows = workbench.inspect.state(engine, params, state).to_rows()
+    lora = [r for r in rows if r["collection"] == "lora"]
+    assert len(lora) == 2 * 7 * 2 and {r["type"] for r in lora} == {"LoRAParam"}  # a, b x 7 projections x 2 layers
+    q = next(r for r in lora if r["path"] == "layers/0/attn/lora/q/b")
+    assert q["shape"] == (2, 8, 64) and q["axes"] == ("adapters", "lora_rank", "heads") and q["spec"] == "(-, -, tensor)"
+    assert not [r for r in rows if r["collection"] == "params" and "lora" in r["path"]]
+    assert [r["path"] for r in rows if r["collection"] == "decode"][-1] == "adapters"
