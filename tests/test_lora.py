@@ -40,17 +40,13 @@ def reference(tmp_path_factory):
     """(base dir, adapter dirs, the peft model holding both adapters)."""
     root = tmp_path_factory.mktemp("lora")
     torch.manual_seed(0)
+    # fmt: off
     config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, attn_implementation="eager",
         initializer_range=0.3,  # 0.02 makes a random model repeat one token
-        attn_implementation="eager",
     )
+    # fmt: on
     base = LlamaForCausalLM(config).eval()
     base.save_pretrained(root / "base")
     model = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **ADAPTERS["chat"]), "chat")
@@ -198,6 +194,8 @@ def test_inspect_state_shows_adapters_and_slots(served):
     lora = [r for r in rows if r["collection"] == "lora"]
     assert len(lora) == 2 * 7 * 2 and {r["type"] for r in lora} == {"LoRAParam"}  # a, b x 7 projections x 2 layers
     q = next(r for r in lora if r["path"] == "layers/0/attn/lora/q/b")
-    assert q["shape"] == (2, 8, 64) and q["axes"] == ("adapters", "lora_rank", "heads") and q["spec"] == "(-, -, tensor)"
+    assert (
+        q["shape"] == (2, 8, 64) and q["axes"] == ("adapters", "lora_rank", "heads") and q["spec"] == "(-, -, tensor)"
+    )
     assert not [r for r in rows if r["collection"] == "params" and "lora" in r["path"]]
     assert [r["path"] for r in rows if r["collection"] == "decode"][-1] == "adapters"

@@ -65,15 +65,8 @@ class KVCache(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(
-        self,
-        config: ModelConfig,
-        *,
-        rngs: nnx.Rngs,
-        cache: tuple[int, int] | None = None,
-        kernels: str = "xla_cpu",
-        lora_spec: lora.LoraSpec | None = None,
-    ):
+    # cache: (batch, length) or None; lora_spec: a model.lora.LoraSpec, or None for no adapters
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, cache=None, kernels: str = "xla_cpu", lora_spec=None):
         d, n, k, h, w = config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim, config.weight_dtype
         self.q = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), w)
         self.k = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), w)

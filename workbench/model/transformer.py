@@ -27,16 +27,10 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config, rngs=rngs)
         self.mlp = MLP(config, rngs=rngs, lora_spec=lora_spec)
 
-    def __call__(
-        self,
-        x: jax.Array,
-        positions: jax.Array,
-        rope: tuple[jax.Array, jax.Array],
-        segments: jax.Array | None = None,
-        adapters: jax.Array | None = None,
-    ) -> jax.Array:
-        x = x + self.attn(self.attn_norm(x), positions, rope, segments, adapters)
-        return x + self.mlp(self.mlp_norm(x), adapters)
+    def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array], **rows) -> jax.Array:
+        # rows: the optional per-row inputs (segments, adapters) Attention documents
+        x = x + self.attn(self.attn_norm(x), positions, rope, **rows)
+        return x + self.mlp(self.mlp_norm(x), rows.get("adapters"))
 
 
 class Transformer(nnx.Module):
@@ -94,7 +88,7 @@ class Transformer(nnx.Module):
         x = self.embed(tokens)  # [B, T, D]
         rope = self.rope(positions)
         for layer in self.layers:
-            x = layer(x, positions, rope, segments, adapters)
+            x = layer(x, positions, rope, segments=segments, adapters=adapters)
         if logits_at is not None:
             index = logits_at[:, None, None] if logits_at.ndim == 1 else logits_at[:, :, None]
             x = jnp.take_along_axis(x, index, axis=1)  # [B, 1, D] (or [B, M, D])
