@@ -150,6 +150,9 @@ def test_bad_input(reference, served, tmp_path):
     padded, n = engine.pad([1, 2, 3])
     with pytest.raises(ValueError, match=r"unknown adapter 'c' \(loaded: chat, code\)"):
         engine.prefill(params=params, padded_tokens=padded, true_length=n, adapter="c")
+    first, _ = engine.prefill(params=params, padded_tokens=padded, true_length=n, adapter="chat")
+    with pytest.raises(ValueError, match="existing_prefix was prefilled with another adapter than 'code'"):
+        engine.prefill(params=params, existing_prefix=first, padded_tokens=padded, true_length=n, adapter="code")
     config = engine.config
     for changes, message in [
         (dict(use_dora=True), "unsupported PEFT option use_dora=True"),

@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--return-logits needs --json")
     if args.num_samples < 1:
         raise CliError(f"--num-samples must be positive, got {args.num_samples}")
-    if args.num_samples > args.decode_batch:
+    if args.num_samples > max(args.decode_batch, 1):  # a bad --decode-batch is the engine's to name
         raise CliError(f"--num-samples {args.num_samples} exceeds the {args.decode_batch} slots of --decode-batch")
     sampling = _sampling(args)
     adapters = _adapter_choices(args, len(args.requests))

@@ -309,8 +309,16 @@ class Engine:
         ``adapter``: a loaded LoRA adapter's name (None: the base model); insert records it.
         """
         inputs = self._prefill_inputs(existing_prefix, padded_tokens, true_length, rng)
-        index = self.adapter_index(adapter)
+        index = self._chunk_adapter(existing_prefix, adapter)
         return self._prefill_jit(params, self.rest, *inputs, sampling=sampling or GREEDY, adapter=index)
+
+    def _chunk_adapter(self, existing_prefix: Prefix | None, adapter: str | None) -> jax.Array | None:
+        """The adapter index of a prefill; a later chunk must keep the earlier chunks' adapter."""
+        index = self.adapter_index(adapter)
+        if index is not None and isinstance(existing_prefix, Prefix) and existing_prefix.adapter is not None:
+            if int(existing_prefix.adapter) != int(index):
+                raise ValueError(f"existing_prefix was prefilled with another adapter than {adapter or 'base'!r}")
+        return index
 
     def _prefill_inputs(self, existing_prefix, padded_tokens, true_length, rng) -> tuple:
         """(cache, tokens, start, true_length, key) for a prefill body, every input checked."""
@@ -357,7 +365,7 @@ class Engine:
                 f"num_samples ({num_samples}) exceeds the engine's {self.max_concurrent_decodes} decode slots"
             )
         inputs = self._prefill_inputs(existing_prefix, padded_tokens, true_length, rng)
-        index = self.adapter_index(adapter)
+        index = self._chunk_adapter(existing_prefix, adapter)
         return self._prefill_multisampling_jit(
             params, self.rest, *inputs, sampling=sampling or GREEDY, num_samples=num_samples, adapter=index
         )
