@@ -112,12 +112,16 @@ def test_mixed_batch_matches_peft(reference, served):
     assert out[0][0] != out[1][0], "adapter chat should change the base model's tokens"
 
 
-def test_base_slots_equal_an_engine_without_adapters(reference, served):
+@pytest.fixture(scope="module")
+def plain(reference):
+    """The same checkpoint on an engine without adapters."""
+    return workbench.load(reference[0], **SHAPE)[0]
+
+
+def test_base_slots_equal_an_engine_without_adapters(served, plain):
     """The prefill row bit for bit; generate's rows to float rounding: XLA fuses the adapter
     program's base products differently (measured: at most a few ulp, 1e-6 of the logits)."""
-    base, _, _ = reference
-    _, _, (out, _) = served
-    plain, params = workbench.load(base, **SHAPE)
+    _, params, (out, _) = served
     assert plain.adapters == () and "lora" not in str(plain.rest)
     plain_out, _ = engine_run(plain, params, {slot: (None, prompt) for slot, (_, prompt) in SLOTS.items()})
     assert plain_out[0][0] == out[0][0]
@@ -125,10 +129,9 @@ def test_base_slots_equal_an_engine_without_adapters(reference, served):
     np.testing.assert_allclose(plain_out[0][1], out[0][1], rtol=0, atol=1e-6 * np.abs(out[0][1]).max())
 
 
-def test_merge_adapter_equals_the_unmerged_path(reference, served):
-    base, adapters, _ = reference
+def test_merge_adapter_equals_the_unmerged_path(reference, served, plain):
+    _, adapters, _ = reference
     engine, params, _ = served
-    plain, _ = workbench.load(base, **SHAPE)
     merged = plain.load_params(merge_adapter(pure_numpy(params), adapters["code"], plain.config))
     tokens = np.array([SLOTS[2][1] + [1] * 9])
     expected = np.asarray(engine.forward(params, tokens, adapter="code"))
@@ -170,17 +173,21 @@ def test_bad_input(reference, served, tmp_path):
         workbench.load(base, adapters={"base": str(adapters["chat"])}, **SHAPE)
 
 
-def test_cli_serves_adapters_per_prompt(reference, capsys):
+def test_cli_serves_adapters_per_prompt_and_samples(reference, capsys):
+    """Three prompts on base, code and chat, two (greedy, so equal) samples each on 4 slots."""
     base, adapters, model = reference
     flags = ["generate", "--checkpoint", str(base), "--mesh", "data=2,tensor=2", "--decode-batch", "4"]
     flags += ["--max-prefill-length", "16", "--max-target-length", "32", "--max-new-tokens", str(NEW), "--ignore-eos"]
     flags += [a for name, path in adapters.items() for a in ("--adapter", f"{name}={path}")]
     prompts = [prompt for _, prompt in SLOTS.values()][1:]
     flags += [a for p in prompts for a in ("--prompt-ids", ",".join(map(str, p)))]
-    assert main([*flags, "--use-adapter", "base", "--use-adapter", "code", "--use-adapter", "chat", "--json"]) == 0
+    choices = ["--use-adapter", "base", "--use-adapter", "code", "--use-adapter", "chat"]
+    assert main([*flags, *choices, "--num-samples", "2", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)["requests"]
     for adapter, prompt, request in zip((None, "code", "chat"), prompts, report):
-        assert request.get("adapter") == adapter and request["tokens"] == torch_run(model, adapter, prompt)[0]
+        tokens = torch_run(model, adapter, prompt)[0]
+        assert request.get("adapter") == adapter and request["tokens"] == tokens
+        assert [s["tokens"] for s in request["samples"]] == [tokens, tokens]
     for extra, message in [
         (["--use-adapter", "poem"], "--use-adapter poem: unknown adapter (loaded: chat, code)"),
         (["--use-adapter", "chat", "--use-adapter", "chat"], "given 2 times: give it once (all prompts) or once per"),
