@@ -50,11 +50,13 @@ class LoRA(nnx.Module):
 
     def __call__(self, x: jax.Array, y: jax.Array, adapters: jax.Array) -> jax.Array:
         """``y`` [B, T, out...] plus each row's delta of ``x`` [B, T, in...]; ``adapters`` [B]."""
+        # Every adapter's A on every row, then each row keeps its own: two plain products that
+        # read each stacked weight once, where gathering A_i, B_i per row would copy them per slot.
         b, t = x.shape[:2]
-        chosen = jnp.maximum(adapters, 0)
-        a, bb = self.a[...][chosen].astype(x.dtype), self.b[...][chosen].astype(x.dtype)  # [B, in, r], [B, r, out]
-        low = jnp.einsum("BTI,BIR->BTR", x.reshape(b, t, -1), a)
-        delta = jnp.einsum("BTR,BRO->BTO", low, bb).reshape(y.shape)
+        low = jnp.einsum("BTI,NIR->BTNR", x.reshape(b, t, -1), self.a[...].astype(x.dtype))
+        chosen = jax.nn.one_hot(adapters, self.a.shape[0], dtype=x.dtype)  # [B, N]; -1 (base): all zero
+        low = low * chosen[:, None, :, None]
+        delta = jnp.einsum("BTNR,NRO->BTO", low, self.b[...].astype(x.dtype)).reshape(y.shape)
         base = (adapters < 0).reshape(b, *([1] * (y.ndim - 1)))
         return jnp.where(base, y, y + delta.astype(y.dtype))
 
