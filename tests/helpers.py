@@ -67,6 +67,20 @@ def prefill_chunks(engine, params, tokens):
     return prefix
 
 
+def forward_rows(engine, params, tokens):
+    """The uncached forward pass's logits rows [len(tokens), V]: the sequence right-padded to
+    max_target_length, so every call shares one compile (causal: later tokens change no row)."""
+    padded = np.zeros((1, engine.max_target_length), np.int32)
+    padded[0, : len(tokens)] = tokens
+    return np.asarray(engine.forward(params, padded))[0, : len(tokens)]
+
+
+def assert_greedy_continuation(engine, params, prompt, generated):
+    """``generated`` (the first token included) is the forward pass's greedy continuation of ``prompt``."""
+    rows = forward_rows(engine, params, list(prompt) + list(generated[:-1]))
+    assert list(generated) == rows[len(prompt) - 1 :].argmax(-1).tolist()
+
+
 def assert_close(actual, expected, rtol=1e-5):
     """Max abs difference within ``rtol`` of the largest expected magnitude."""
     actual, expected = np.asarray(actual), np.asarray(expected)

@@ -37,6 +37,7 @@ def load(
     quantize: str | None = None,
     kv_cache_dtype: str | None = None,
     scan_layers: bool = False,
+    adapters: Mapping[str, str | os.PathLike] | None = None,
 ) -> tuple[Engine, Params]:
     """An engine and its params on ``mesh``; the tokenizer is ``engine.get_tokenizer()``.
 
@@ -58,6 +59,8 @@ def load(
       kv_cache_dtype: None (the compute dtype) or "int8".
       scan_layers: the blocks' params and KV caches stacked on a leading ``layers`` axis and run
         by one scan (compile time flat in depth); a checkpoint of either layout loads.
+      adapters: ``{"name": "path/to/peft_adapter_dir"}``: LoRA adapters served per slot
+        (``engine.prefill(..., adapter="name")``); ``engine.adapters`` lists the names.
     """
     quant.check_mode(quantize)
     quant.check_kv_cache_dtype(kv_cache_dtype)
@@ -74,7 +77,7 @@ def load(
         from workbench.checkpoints.tokenizer import default_tokenizer
 
         config = _with_dtype(config or ModelConfig.tiny(), dtype).replace(**modes)
-        engine = Engine(config, mesh, tokenizer=default_tokenizer(config), **shape)
+        engine = Engine(config, mesh, tokenizer=default_tokenizer(config), **shape, **_adapters(adapters, config))
         if config.quantize is None:
             return engine, engine.load_params(None, seed=seed)
         # random float weights drawn on the host, then quantized leaf by leaf like a float checkpoint's
@@ -106,7 +109,7 @@ def load(
             )
         config = _with_dtype(saved, dtype).replace(quantize=quantize or saved.quantize, kv_cache_dtype=kv_cache_dtype)
         tokenizer = ckpt.tokenizer_from_manifest(manifest.get("tokenizer"), path, config)
-        engine = Engine(config, mesh, tokenizer=tokenizer, **shape)
+        engine = Engine(config, mesh, tokenizer=tokenizer, **shape, **_adapters(adapters, config))
         stacked, layers = layout.saved_layers(path) or (engine.scan_layers, config.num_layers)
         if layers != config.num_layers:
             raise ValueError(
@@ -122,7 +125,8 @@ def load(
             pure = _quantized(engine, pure)
     elif ckpt.is_hf_checkpoint(path):
         config = _with_dtype(ckpt.read_hf_config(path), dtype).replace(**modes)
-        engine = Engine(config, mesh, tokenizer=ckpt.tokenizer_for_hf_dir(path, config), **shape)
+        tokenizer = ckpt.tokenizer_for_hf_dir(path, config)
+        engine = Engine(config, mesh, tokenizer=tokenizer, **shape, **_adapters(adapters, config))
         pure = ckpt.load_hf_params(
             path, *layout.targets(*_float_target(engine), stacked=False), config=config, progress=progress
         )
@@ -135,6 +139,15 @@ def load(
             "nor a Hugging Face checkpoint (config.json)"
         )
     return engine, _as_params(engine, pure)
+
+
+def _adapters(adapters: Mapping[str, str | os.PathLike] | None, config: ModelConfig) -> dict:
+    """The engine's ``adapters`` argument: none, or the PEFT adapters read and stacked."""
+    if not adapters:
+        return {}
+    from workbench.checkpoints.adapters import load_adapters
+
+    return {"adapters": load_adapters(adapters, config)}
 
 
 def _with_dtype(config: ModelConfig, dtype: str | None) -> ModelConfig:

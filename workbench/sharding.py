@@ -18,6 +18,8 @@ logical axis       meaning                                     mesh axis
 ``cache_kv_heads`` key/value heads of the KV cache             ``tensor``
 ``cache_head_dim`` width of one cached head                    --
 ``layers``         stacked blocks (``scan_layers``), leading   --
+``adapters``       loaded LoRA adapters (stacked)              --
+``lora_rank``      rank of the LoRA adapters                   --
 =================  ==========================================  ============
 
 Mesh axes: ``data`` (decode slots), ``fsdp`` (weights' embed dimension, optional), ``tensor``
@@ -53,6 +55,8 @@ RULES: tuple[tuple[str, str | None], ...] = (
     ("cache_kv_heads", "tensor"),
     ("cache_head_dim", None),
     ("layers", None),
+    ("adapters", None),
+    ("lora_rank", None),
 )
 
 LogicalAxes = Sequence[str | None]

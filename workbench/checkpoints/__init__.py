@@ -1,5 +1,6 @@
 """Checkpoints: workbench (orbax) directories, Hugging Face safetensors import, tokenizers."""
 
+from workbench.checkpoints.adapters import Adapter, load_adapters, merge_adapter, read_adapter, stack_adapters
 from workbench.checkpoints.hf import load_hf_params
 from workbench.checkpoints.hf_config import config_from_hf, is_hf_checkpoint, read_hf_config
 from workbench.checkpoints.orbax import (
@@ -21,6 +22,7 @@ from workbench.checkpoints.tokenizer import (
 )
 
 __all__ = [
+    "Adapter",
     "ByteTokenizer",
     "HFTokenizer",
     "StreamDecoder",
@@ -30,12 +32,16 @@ __all__ = [
     "default_tokenizer",
     "is_hf_checkpoint",
     "is_workbench_checkpoint",
+    "load_adapters",
     "load_hf_params",
+    "merge_adapter",
+    "read_adapter",
     "read_config",
     "read_hf_config",
     "read_manifest",
     "restore_params",
     "save_checkpoint",
+    "stack_adapters",
     "tokenizer_for_hf_dir",
     "tokenizer_from_manifest",
 ]

@@ -42,6 +42,33 @@ def parse_ids(text: str) -> list[int]:
         ) from None
 
 
+def parse_adapter(text: str) -> tuple[str, str]:
+    """``chat=path/to/adapter`` -> ``("chat", "path/to/adapter")``."""
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"malformed adapter {text!r}: expected NAME=PATH")
+    return name.strip(), path.strip()
+
+
+def _adapter_choices(args: argparse.Namespace, count: int) -> list[str | None]:
+    """Each request's adapter (None: base) from ``--use-adapter``, checked against ``--adapter``."""
+    loaded = dict(args.adapter)
+    if len(loaded) != len(args.adapter):
+        raise CliError("--adapter: each NAME may be given once")
+    if "base" in loaded:
+        raise CliError("--adapter: the name 'base' is reserved for the model without adapters")
+    chosen = args.use_adapter or ["base"]
+    if len(chosen) not in (1, count):
+        raise CliError(
+            f"--use-adapter given {len(chosen)} times: give it once (all prompts) or once per prompt ({count})"
+        )
+    for name in chosen:
+        if name != "base" and name not in loaded:
+            raise CliError(f"--use-adapter {name}: unknown adapter (loaded: {', '.join(loaded) or 'none'})")
+    chosen = chosen * count if len(chosen) == 1 else chosen
+    return [None if name == "base" else name for name in chosen]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
     add_process_arguments(parser)
@@ -52,6 +79,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     requests.add_argument("--prompt-ids", const="ids", type=parse_ids, metavar="1,2,3", **each)
     requests.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="per request (default 32)")
     requests.add_argument("--ignore-eos", action="store_true", help="run every request to --max-new-tokens")
+    requests.add_argument(
+        "--num-samples", type=int, default=1, metavar="N", help="N continuations per prompt from one prefill"
+    )
+    requests.add_argument("--pack-prefill", action="store_true", help="prefill waiting short prompts packed in one row")
+    adapters = parser.add_argument_group("LoRA adapters (PEFT format)")
+    adapters.add_argument(
+        "--adapter", action="append", type=parse_adapter, default=[], metavar="NAME=PATH", help="repeatable"
+    )
+    adapters.add_argument(
+        "--use-adapter",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="once: for every prompt; once per prompt: in order; 'base' for none",
+    )
     sampling = parser.add_argument_group("sampling (no sampling flag: greedy)")
     sampling.add_argument("--temperature", type=float, default=None, metavar="T")
     sampling.add_argument("--top-k", type=int, default=None, metavar="K")
@@ -83,11 +125,16 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if args.return_logits and not args.json:
         raise CliError("--return-logits needs --json")
+    if args.num_samples < 1:
+        raise CliError(f"--num-samples must be positive, got {args.num_samples}")
+    if args.num_samples > max(args.decode_batch, 1):  # a bad --decode-batch is the engine's to name
+        raise CliError(f"--num-samples {args.num_samples} exceeds the {args.decode_batch} slots of --decode-batch")
     sampling = _sampling(args)
+    adapters = _adapter_choices(args, len(args.requests))
 
     from workbench.engine.scheduler import Scheduler
 
-    engine, params = load_engine(args)
+    engine, params = load_engine(args, **({"adapters": dict(args.adapter)} if args.adapter else {}))
     tokenizer = engine.tokenizer
     prompts = []
     for index, (kind, value) in enumerate(args.requests):
@@ -99,11 +146,24 @@ def run(args: argparse.Namespace) -> int:
                 raise CliError(f"request {index}: the prompt encodes to no tokens")
         prompts.append(value)
 
-    scheduler = Scheduler(engine, params, sampling=sampling, seed=args.seed, return_logits=args.return_logits)
+    scheduler = Scheduler(
+        engine,
+        params,
+        sampling=sampling,
+        seed=args.seed,
+        return_logits=args.return_logits,
+        pack_prefill=args.pack_prefill,
+    )
     limit, budget = engine.max_target_length, 0
     for index, prompt in enumerate(prompts):
         try:
-            scheduler.submit(prompt, max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos)
+            scheduler.submit(
+                prompt,
+                max_new_tokens=args.max_new_tokens,
+                ignore_eos=args.ignore_eos,
+                num_samples=args.num_samples,
+                adapter=adapters[index],
+            )
         except ValueError as error:
             raise CliError(f"request {index}: {error}") from None
         if len(prompt) + args.max_new_tokens > limit:
@@ -112,8 +172,9 @@ def run(args: argparse.Namespace) -> int:
                 f"(a {len(prompt)}-token prompt within --max-target-length {limit})",
                 file=sys.stderr,
             )
-        budget += min(args.max_new_tokens, limit - len(prompt))
-    output = None if args.json else _Streamer(tokenizer, prompts, total=budget)
+        budget += min(args.max_new_tokens, limit - len(prompt)) * args.num_samples
+    streams = [(index, sample) for index in range(len(prompts)) for sample in range(args.num_samples)]
+    output = None if args.json else _Streamer(tokenizer, prompts, total=budget, streams=streams)
     if output is not None:
         scheduler.on_token, scheduler.on_finish = output.token, output.finish
     try:
@@ -132,8 +193,12 @@ def run(args: argparse.Namespace) -> int:
                 "top_p": sampling.top_p,
                 "seed": args.seed,
             },
-            "requests": [_request_json(c, tokenizer, args.return_logits) for c in completions],
+            "requests": [_request_json(c, tokenizer, args.return_logits) for c in completions if c.sample == 0],
         }
+        if args.num_samples > 1:  # a request's fields are its first sample's; "samples" holds all of them
+            for entry, index in zip(report["requests"], range(len(prompts))):
+                samples = [c for c in completions if c.request.id == index]
+                entry["samples"] = [_request_json(c, tokenizer, args.return_logits) for c in samples]
         print(json.dumps(report))
     return 0
 
@@ -145,6 +210,8 @@ def _request_json(completion, tokenizer, return_logits: bool) -> dict[str, Any]:
         "text": None if tokenizer is None else tokenizer.decode(completion.tokens),
         "finish_reason": completion.finish_reason,
     }
+    if completion.request.adapter is not None:
+        entry["adapter"] = completion.request.adapter
     if return_logits:
         entry["logits"] = completion.logits.tolist()  # float32 -> exact as JSON doubles
     return entry
@@ -157,30 +224,35 @@ class _Streamer:
     of through it. The first unfinished request streams; later ones buffer until it is done.
     """
 
-    def __init__(self, tokenizer, prompts: list[list[int]], *, total: int):
+    def __init__(self, tokenizer, prompts: list[list[int]], *, total: int, streams: list[tuple[int, int]]):
         from tqdm import tqdm
 
         from workbench.checkpoints import StreamDecoder
 
         self.tokenizer = tokenizer
         self.bar = tqdm(total=total, unit="tok", desc="generating", file=sys.stderr, dynamic_ncols=True)
-        self.pending = [self._header(i, p) for i, p in enumerate(prompts)]  # text not yet written
-        self.decoders = [StreamDecoder(tokenizer) if tokenizer else None for _ in prompts]
-        self.finished = [False] * len(prompts)
+        # one stream per (request, sample), written in that order
+        self.index = {stream: i for i, stream in enumerate(streams)}
+        several = len(streams) > len(prompts)
+        self.pending = [self._header(r, s if several else None, prompts[r]) for r, s in streams]  # not yet written
+        self.decoders = [StreamDecoder(tokenizer) if tokenizer else None for _ in streams]
+        self.finished = [False] * len(streams)
         self.head = 0  # the request whose text is being written
 
-    def _header(self, index: int, prompt: list[int]) -> str:
+    def _header(self, index: int, sample: int | None, prompt: list[int]) -> str:
         shown = self.tokenizer.decode(prompt) if self.tokenizer else " ".join(map(str, prompt)) + " ->"
-        return f"=== request {index} ===\n{shown}"
+        return f"=== request {index}{'' if sample is None else f', sample {sample}'} ===\n{shown}"
 
-    def token(self, request, token: int) -> None:
-        decoder = self.decoders[request.id]
-        self.pending[request.id] += decoder.push(token) if decoder else f" {token}"
+    def token(self, request, token: int, sample: int = 0) -> None:
+        index = self.index[request.id, sample]
+        decoder = self.decoders[index]
+        self.pending[index] += decoder.push(token) if decoder else f" {token}"
         self.bar.update(1)
         self._write()
 
     def finish(self, completion) -> None:
-        index, decoder = completion.request.id, self.decoders[completion.request.id]
+        index = self.index[completion.request.id, completion.sample]
+        decoder = self.decoders[index]
         tail = decoder.flush() if decoder else ""
         self.pending[index] += f"{tail}\n[{len(completion.tokens)} tokens, {completion.finish_reason}]\n"
         self.finished[index] = True

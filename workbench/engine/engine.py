@@ -29,23 +29,31 @@ from workbench import probes as probing
 from workbench import sharding as shd
 from workbench import trees
 from workbench.checks import check_int
-from workbench.engine import steps
+from workbench.engine import multisampling, packing, steps
 from workbench.engine.inputs import bucket, check_decode_state, check_slot, check_tokens, pad
 from workbench.engine.sampling import GREEDY, Sampling
 from workbench.engine.types import DecodeState, Prefix, ResultTokens
 from workbench.model import ModelConfig, Transformer, kernels
 from workbench.model.init import random_params
+from workbench.model.lora import AdapterStack, LoraSpec
 from workbench.model.scan import is_stacked, stack_layers, unstack_layers
 
 Params = nnx.State
 Rules = Sequence[tuple[str, str | None]]
+# The base weights. LoRA adapters (nnx.LoRAParam, a Param subclass) stay out of params: they go
+# with rest, and only an engine built with adapters has any.
+PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
 
 
 def _model(
-    config: ModelConfig, cache: tuple[int, int] | None = None, seed: int = 0, scan_layers: bool = False
+    config: ModelConfig,
+    cache: tuple[int, int] | None = None,
+    seed: int = 0,
+    scan_layers: bool = False,
+    lora_spec: LoraSpec | None = None,
 ) -> Transformer:
     with nnx.use_eager_sharding(False):  # shardings come from our own rules, applied by jit
-        return Transformer(config, rngs=nnx.Rngs(seed), cache=cache, scan_layers=scan_layers)
+        return Transformer(config, rngs=nnx.Rngs(seed), cache=cache, scan_layers=scan_layers, lora_spec=lora_spec)
 
 
 class Engine:
@@ -54,6 +62,8 @@ class Engine:
     ``tokenizer``: the checkpoint's (``workbench.load`` passes it); ``get_tokenizer`` returns it.
     ``scan_layers``: params and KV caches stacked on a leading ``layers`` axis, the blocks run by
     one scan (``model.scan``): compile time flat in depth, the same numbers.
+    ``adapters``: LoRA adapters served per slot (``workbench.load(..., adapters=...)`` reads them);
+    ``engine.adapters`` lists their names.
     """
 
     samples_per_slot = 1  # JetStream's properties that never change here
@@ -70,6 +80,7 @@ class Engine:
         rules: Rules = shd.RULES,
         tokenizer: Any = None,
         scan_layers: bool = False,
+        adapters: AdapterStack | None = None,
     ):
         slots = check_int("decode_batch_size", decode_batch_size, positive=True)
         self.max_prefill_length = check_int("max_prefill_length", max_prefill_length, positive=True)
@@ -86,22 +97,29 @@ class Engine:
         if self.scan_layers and (config.quantize or config.kv_cache_dtype):
             raise ValueError("scan_layers does not combine with quantize or kv_cache_dtype yet: choose one")
         self._max_concurrent_decodes = slots
+        self.adapters: tuple[str, ...] = adapters.names if adapters is not None else ()
+        self.lora_spec = adapters.spec if adapters is not None else None
         self.compile_counts: collections.Counter[str] = collections.Counter()
         self._split_models()
         self._derive_shardings()
         self._jit_steps()
+        if adapters is not None:
+            self.rest = self._with_adapters(adapters.weights)
 
     def _split_models(self) -> None:
         """Three abstract models, split once: prefill (batch 1), decode (one row per slot), and
         the uncached forward model. Params and rest are the same in all three."""
-        config, length, scan = self.config, self.max_target_length, self.scan_layers
-        prefill = nnx.eval_shape(lambda: _model(config, (1, length), scan_layers=scan))
-        decode = nnx.eval_shape(lambda: _model(config, (self.max_concurrent_decodes, length), scan_layers=scan))
-        self.prefill_graphdef, self.abstract_params, self.abstract_prefill_cache, self.abstract_rest = nnx.split(
-            prefill, nnx.Param, nnx.Cache, ...
+        config, length, scan, spec = self.config, self.max_target_length, self.scan_layers, self.lora_spec
+        prefill = nnx.eval_shape(lambda: _model(config, (1, length), scan_layers=scan, lora_spec=spec))
+        decode = nnx.eval_shape(
+            lambda: _model(config, (self.max_concurrent_decodes, length), scan_layers=scan, lora_spec=spec)
         )
-        self.decode_graphdef, _, self.abstract_decode_cache, _ = nnx.split(decode, nnx.Param, nnx.Cache, ...)
-        self.forward_graphdef = nnx.split(nnx.eval_shape(lambda: _model(config, scan_layers=scan)), nnx.Param, ...)[0]
+        self.prefill_graphdef, self.abstract_params, self.abstract_prefill_cache, self.abstract_rest = nnx.split(
+            prefill, PARAMS, nnx.Cache, ...
+        )
+        self.decode_graphdef, _, self.abstract_decode_cache, _ = nnx.split(decode, PARAMS, nnx.Cache, ...)
+        forward = nnx.eval_shape(lambda: _model(config, scan_layers=scan, lora_spec=spec))
+        self.forward_graphdef = nnx.split(forward, PARAMS, ...)[0]
 
     def _derive_shardings(self) -> None:
         """Every sharding from the rules table: params, rest, prefix, decode state, results."""
@@ -115,6 +133,7 @@ class Engine:
             length=rep,
             token=rep,
             logits=rep,
+            adapter=rep if self.adapters else None,
         )
         self.decode_state_shardings = DecodeState(
             cache=nnx.to_pure_dict(shd.shardings_for(self.abstract_decode_cache, mesh, rules)),
@@ -123,6 +142,7 @@ class Engine:
             lengths=slots,
             active=slots,
             rng=rep,
+            adapters=slots if self.adapters else None,
         )
         self.result_shardings = ResultTokens(data=rep, logits=rep)
 
@@ -134,7 +154,10 @@ class Engine:
         prefill_model = steps.CachedModel(self.prefill_graphdef, self.abstract_prefill_cache, self.max_target_length)
         decode_model = steps.CachedModel(self.decode_graphdef, self.abstract_decode_cache, self.max_target_length)
         # setup. rest holds derived buffers (rope frequencies); XLA prunes the unused weight init.
-        self.rest = jax.jit(lambda: nnx.split(_model(config), nnx.Param, ...)[2], out_shardings=self.rest_shardings)()
+        spec = self.lora_spec
+        self.rest = jax.jit(
+            lambda: nnx.split(_model(config, lora_spec=spec), PARAMS, ...)[2], out_shardings=self.rest_shardings
+        )()
         self._cast_params_jit = jax.jit(
             lambda p: jax.tree.map(lambda x, a: x.astype(a.dtype), p, self.abstract_params),
             out_shardings=self.param_shardings,
@@ -143,11 +166,18 @@ class Engine:
             partial(steps.zeros, self.abstract_prefill_cache), out_shardings=self.prefix_shardings.cache
         )
         self._init_state_jit = jax.jit(
-            partial(steps.init_decode_state, self.abstract_decode_cache, self.max_concurrent_decodes),
+            partial(
+                steps.init_decode_state,
+                self.abstract_decode_cache,
+                self.max_concurrent_decodes,
+                adapters=bool(self.adapters),
+            ),
             out_shardings=state_out,
         )
         # the oracle: the uncached forward pass
-        self._forward_jit = jax.jit(lambda p, rest, t: nnx.merge(self.forward_graphdef, p, rest, copy=True)(t))
+        self._forward_jit = jax.jit(
+            lambda p, rest, t, a=None: nnx.merge(self.forward_graphdef, p, rest, copy=True)(t, adapters=a)
+        )
         # the API steps
         self._prefill_jit = jax.jit(
             partial(steps.prefill, prefill_model, counts),
@@ -177,6 +207,14 @@ class Engine:
             out_shardings=(state_out, self.result_shardings, None),
             compiler_options=self._compiler_options("generate"),
         )
+        self._prefill_multisampling_jit = jax.jit(
+            partial(multisampling.prefill_multisampling, prefill_model, counts),
+            static_argnames=("sampling", "num_samples"),
+            out_shardings=(self.prefix_shardings, self.result_shardings),
+        )
+        # prefill_concat: one jit per number of prompts (its output is a list of that many prefixes)
+        self._prefill_concat_jits = {}
+        self._prefill_concat_body = partial(packing.prefill_concat, prefill_model, counts)
 
     def _compiler_options(self, step: str) -> dict[str, str] | None:
         weights = self.config.quantize or self.config.param_dtype
@@ -221,14 +259,42 @@ class Engine:
         placed = jax.device_put(trees.fill(self.abstract_params, pure), self.param_shardings)
         return self._cast_params_jit(placed)
 
-    def forward(self, params: Params, tokens: jax.Array | np.ndarray) -> jax.Array:
+    def forward(self, params: Params, tokens: jax.Array | np.ndarray, *, adapter: str | None = None) -> jax.Array:
         """Float32 logits [B, T, V] of a full forward pass over ``tokens`` [B, T] with no cache:
-        the oracle every cached path (prefill, chunks, insert, generate) must reproduce."""
+        the oracle every cached path (prefill, chunks, insert, generate) must reproduce.
+        ``adapter``: a loaded LoRA adapter applied to every row (None: the base model)."""
         tokens = np.asarray(tokens)
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be 2-D [batch, length], got shape {tokens.shape}")
         check_tokens(tokens.reshape(-1), self.config.vocab_size, None)
-        return self._forward_jit(params, self.rest, jnp.asarray(tokens, jnp.int32))
+        index = self.adapter_index(adapter)
+        if adapter is None:
+            return self._forward_jit(params, self.rest, jnp.asarray(tokens, jnp.int32))
+        rows = jnp.full((tokens.shape[0],), index, jnp.int32)
+        return self._forward_jit(params, self.rest, jnp.asarray(tokens, jnp.int32), rows)
+
+    # ---- adapters --------------------------------------------------------------------------------
+    def adapter_index(self, adapter: str | None) -> jax.Array | None:
+        """The int32 index of a loaded adapter (-1 for None: the base model); None on an engine
+        without adapters. ValueError naming the loaded ones for an unknown name."""
+        if adapter is not None and adapter not in self.adapters:
+            loaded = ", ".join(self.adapters) or "none are loaded"
+            raise ValueError(f"unknown adapter {adapter!r} (loaded: {loaded})")
+        if not self.adapters:
+            return None
+        return jnp.int32(-1 if adapter is None else self.adapters.index(adapter))
+
+    def _with_adapters(self, weights: dict) -> nnx.State:
+        """``rest`` with the LoRA weights of the stacked adapters, placed by the rules table."""
+        current = trees.leaf_paths(nnx.to_pure_dict(self.rest))
+        lora = trees.leaf_paths(weights)
+        unknown = sorted(set(lora) - set(current))
+        if unknown:
+            raise ValueError(f"adapter weights do not match the model: unexpected entry {unknown[0]}")
+        pure = trees.nest(current | lora)
+        trees.check_matches("adapter weights", self.abstract_rest, pure)
+        cast = jax.tree.map(lambda x, a: np.asarray(x, a.dtype), pure, nnx.to_pure_dict(self.abstract_rest))
+        return jax.device_put(trees.fill(self.abstract_rest, cast), self.rest_shardings)
 
     # ---- decode state ----------------------------------------------------------------------------
     def init_decode_state(self, rng: jax.Array | int | None = None) -> DecodeState:
@@ -254,8 +320,8 @@ class Engine:
         return pad(tokens, self.config.pad_id, self.max_prefill_length)
 
     def _check_probes_layout(self) -> None:
-        if self.scan_layers:
-            raise ValueError("probes and interventions need unscanned layers: load without scan_layers")
+        if self.scan_layers or self.adapters:
+            raise ValueError("probes and interventions need unscanned layers and no adapters (not combined yet)")
 
     def prefill(
         self,
@@ -266,6 +332,7 @@ class Engine:
         true_length: int,
         sampling: Sampling | None = None,
         rng: jax.Array | None = None,
+        adapter: str | None = None,
         probes: probing.Capture | None = None,
         interventions: Sequence[Any] | None = None,
     ) -> tuple[Prefix, ResultTokens]:
@@ -274,8 +341,30 @@ class Engine:
         ``padded_tokens`` [P] holds ``true_length`` real tokens then padding. The result's cache
         holds the earlier prefix plus these tokens; its first token is sampled from the logits
         at the last real position. Chunked prefill equals one prefill of the whole prompt.
+        ``adapter``: a loaded LoRA adapter's name (None: the base model); insert records it.
         ``probes`` / ``interventions``: see :mod:`workbench.probes` (the result's ``captured``).
         """
+        inputs = self._prefill_inputs(existing_prefix, padded_tokens, true_length, rng)
+        index = self._chunk_adapter(existing_prefix, adapter)
+        plan, data = probing.prepare(probes, interventions, self.config, 1)
+        if plan is None:
+            return self._prefill_jit(params, self.rest, *inputs, sampling=sampling or GREEDY, adapter=index)
+        self._check_probes_layout()
+        prefix, result, raw = self._prefill_probes_jit(
+            params, self.rest, *inputs, data, sampling=sampling or GREEDY, plan=plan
+        )
+        return prefix, probing.attach(result, raw, plan)
+
+    def _chunk_adapter(self, existing_prefix: Prefix | None, adapter: str | None) -> jax.Array | None:
+        """The adapter index of a prefill; a later chunk must keep the earlier chunks' adapter."""
+        index = self.adapter_index(adapter)
+        if index is not None and isinstance(existing_prefix, Prefix) and existing_prefix.adapter is not None:
+            if int(existing_prefix.adapter) != int(index):
+                raise ValueError(f"existing_prefix was prefilled with another adapter than {adapter or 'base'!r}")
+        return index
+
+    def _prefill_inputs(self, existing_prefix, padded_tokens, true_length, rng) -> tuple:
+        """(cache, tokens, start, true_length, key) for a prefill body, every input checked."""
         tokens = check_tokens(padded_tokens, self.config.vocab_size, self.max_prefill_length)
         true_length = check_int("true_length", true_length)
         if not 0 < true_length <= tokens.shape[0]:
@@ -283,6 +372,8 @@ class Engine:
         if existing_prefix is None:
             start, cache = 0, self._empty_prefix_jit()
         elif isinstance(existing_prefix, Prefix):
+            if existing_prefix.token.ndim:
+                raise ValueError("existing_prefix holds several samples (prefill_multisampling): it cannot be extended")
             start, cache = int(existing_prefix.length), existing_prefix.cache
         else:
             raise TypeError(f"existing_prefix must be a Prefix from prefill, got {type(existing_prefix).__name__}")
@@ -291,13 +382,72 @@ class Engine:
                 f"prompt of {start + true_length} tokens exceeds max_target_length ({self.max_target_length})"
             )
         key = jax.random.key(0) if rng is None else rng
-        plan, data = probing.prepare(probes, interventions, self.config, 1)
-        args = (params, self.rest, cache, jnp.asarray(tokens), jnp.int32(start), jnp.int32(true_length), key)
-        if plan is None:
-            return self._prefill_jit(*args, sampling=sampling or GREEDY)
-        self._check_probes_layout()
-        prefix, result, raw = self._prefill_probes_jit(*args, data, sampling=sampling or GREEDY, plan=plan)
-        return prefix, probing.attach(result, raw, plan)
+        return cache, jnp.asarray(tokens), jnp.int32(start), jnp.int32(true_length), key
+
+    def prefill_multisampling(
+        self,
+        *,
+        params: Params,
+        padded_tokens: jax.Array | np.ndarray,
+        true_length: int,
+        num_samples: int,
+        sampling: Sampling | None = None,
+        rng: jax.Array | None = None,
+        existing_prefix: Prefix | None = None,
+        adapter: str | None = None,
+    ) -> tuple[Prefix, ResultTokens]:
+        """``prefill``, drawing ``num_samples`` first tokens independently from the same logits.
+
+        The prefix's ``token`` is [num_samples] and the result's ``data`` [num_samples, 3];
+        ``bulk_insert(prefix, state, slots)`` with ``len(slots) == num_samples`` gives slot
+        ``slots[i]`` the i-th sample (see ``engine/multisampling.py``).
+        """
+        num_samples = check_int("num_samples", num_samples, positive=True)
+        if num_samples > self.max_concurrent_decodes:
+            raise ValueError(
+                f"num_samples ({num_samples}) exceeds the engine's {self.max_concurrent_decodes} decode slots"
+            )
+        inputs = self._prefill_inputs(existing_prefix, padded_tokens, true_length, rng)
+        index = self._chunk_adapter(existing_prefix, adapter)
+        return self._prefill_multisampling_jit(
+            params, self.rest, *inputs, sampling=sampling or GREEDY, num_samples=num_samples, adapter=index
+        )
+
+    def prefill_concat(
+        self,
+        *,
+        params: Params,
+        prompts: Sequence[Sequence[int]],
+        sampling: Sampling | None = None,
+        rng: jax.Array | None = None,
+    ) -> list[tuple[Prefix, ResultTokens]]:
+        """Several short prompts packed into one padded row and prefilled in one call; each comes
+        back as its own (prefix, first result), equal to a separate prefill of it and inserted like
+        one. The prompts must fit ``max_prefill_length`` tokens together (``engine/packing.py``)."""
+        packed = packing.pack(
+            prompts,
+            pad_id=self.config.pad_id,
+            vocab_size=self.config.vocab_size,
+            max_prefill_length=self.max_prefill_length,
+            cache_length=self.max_target_length,
+        )
+        n = len(packed.lengths)
+        if n not in self._prefill_concat_jits:
+            self._prefill_concat_jits[n] = jax.jit(
+                self._prefill_concat_body,
+                static_argnames=("sampling",),
+                out_shardings=[(self.prefix_shardings, self.result_shardings)] * n,
+            )
+        key = jax.random.key(0) if rng is None else rng
+        arrays = (packed.tokens, packed.positions, packed.segments, packed.last, packed.lengths)
+        return self._prefill_concat_jits[n](
+            params,
+            self.rest,
+            *map(jnp.asarray, arrays),
+            key,
+            sampling=sampling or GREEDY,
+            adapter=self.adapter_index(None),
+        )
 
     # ---- insert ----------------------------------------------------------------------------------
     def insert(self, prefix: Prefix, decode_state: DecodeState, slot: int) -> DecodeState:
@@ -305,13 +455,16 @@ class Engine:
         return self.bulk_insert(prefix, decode_state, [slot])
 
     def bulk_insert(self, prefix: Prefix, decode_state: DecodeState, slots: Sequence[int]) -> DecodeState:
-        """Put one prefix into several slots at once (e.g. several samples of one prompt)."""
+        """Put one prefix into several slots at once (e.g. several samples of one prompt: a prefix
+        of ``prefill_multisampling`` gives slot ``slots[i]`` its i-th first token)."""
         if not isinstance(prefix, Prefix):
             raise TypeError(f"prefix must be a Prefix from prefill, got {type(prefix).__name__}")
         check_decode_state(decode_state)
         slots = [check_slot(s, self.max_concurrent_decodes) for s in slots]
         if not slots or len(set(slots)) != len(slots):
             raise ValueError(f"slots must be a non-empty list of distinct slots, got {slots}")
+        if prefix.token.ndim and len(slots) != prefix.token.shape[0]:
+            raise ValueError(f"the prefix holds {prefix.token.shape[0]} samples: give as many slots, got {len(slots)}")
         return self._insert_jit(prefix, decode_state, jnp.asarray(slots, jnp.int32))
 
     # ---- generate --------------------------------------------------------------------------------

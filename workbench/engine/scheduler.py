@@ -44,6 +44,8 @@ class Request:
     prompt: tuple[int, ...]
     max_new_tokens: int
     ignore_eos: bool = False
+    num_samples: int = 1  # continuations of the one prompt, each in its own slot (multisampling)
+    adapter: str | None = None  # the LoRA adapter it runs with (None: the base model)
 
 
 @dataclasses.dataclass
@@ -55,6 +57,7 @@ class Completion:
     tokens: list[int]
     finish_reason: FinishReason
     logits: np.ndarray | None = None
+    sample: int = 0  # which of the request's ``num_samples`` continuations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +83,11 @@ class Scheduler:
       seed: seeds the decode state's key and each request's prefill key (so runs repeat).
       eos_ids: the ids that end a request; default ``engine.config.eos_ids``.
       return_logits: keep each token's logits row (copied to the host every step).
-      on_token: ``on_token(request, token)`` as each token arrives, for streaming.
+      on_token: ``on_token(request, token)`` as each token arrives, for streaming (for a request
+        of several samples ``on_token(request, token, sample)``).
       on_finish: ``on_finish(completion)`` as each request ends.
+      pack_prefill: prefill waiting short prompts packed together (``engine.prefill_concat``), as
+        many as free slots and one row of ``max_prefill_length`` allow; off: one prefill each.
     """
 
     def __init__(
@@ -95,26 +101,43 @@ class Scheduler:
         return_logits: bool = False,
         on_token: TokenCallback | None = None,
         on_finish: FinishCallback | None = None,
+        pack_prefill: bool = False,
     ):
         self.engine, self.params = engine, params
         self.sampling = sampling or GREEDY
         self.eos_ids = frozenset(engine.config.eos_ids if eos_ids is None else (int(i) for i in eos_ids))
         self.return_logits = return_logits
         self.on_token, self.on_finish = on_token, on_finish
+        self.pack_prefill = pack_prefill
         self.step_count = 0
         self.events: list[Event] = []
         self.queue: collections.deque[Request] = collections.deque()
         self.slots: dict[int, Request] = {}  # occupied slot -> its request
+        self._sample: dict[int, int] = {}  # occupied slot -> which sample of its request
         self._key = jax.random.key(seed)
         self._state = engine.init_decode_state(seed)
         self._requests: list[Request] = []
-        self._tokens: dict[int, list[int]] = {}
-        self._rows: dict[int, list[np.ndarray]] = {}
-        self._done: dict[int, Completion] = {}
+        # per (request id, sample): the tokens so far, their logits rows, the completion
+        self._tokens: dict[tuple[int, int], list[int]] = {}
+        self._rows: dict[tuple[int, int], list[np.ndarray]] = {}
+        self._done: dict[tuple[int, int], Completion] = {}
 
     # ---- requests ------------------------------------------------------------------------------
-    def submit(self, prompt: Sequence[int], *, max_new_tokens: int, ignore_eos: bool = False) -> int:
-        """Queue a request; returns its id. The prompt must leave room for one new token."""
+    def submit(
+        self,
+        prompt: Sequence[int],
+        *,
+        max_new_tokens: int,
+        ignore_eos: bool = False,
+        num_samples: int = 1,
+        adapter: str | None = None,
+    ) -> int:
+        """Queue a request; returns its id. The prompt must leave room for one new token.
+
+        ``num_samples``: continuations drawn from one prefill (``engine.prefill_multisampling``),
+        each in its own slot; the request waits until that many slots are free together.
+        ``adapter``: one of ``engine.adapters`` (None: the base model).
+        """
         ids = np.asarray(prompt)
         if ids.ndim != 1 or ids.size == 0:
             raise ValueError(f"a prompt must be a non-empty list of token ids, got shape {ids.shape}")
@@ -125,7 +148,15 @@ class Scheduler:
                 f"prompt of {ids.size} tokens leaves no room to generate within max_target_length ({limit})"
             )
         check_int("max_new_tokens", max_new_tokens, positive=True)
-        request = Request(len(self._requests), tuple(int(i) for i in ids), max_new_tokens, bool(ignore_eos))
+        check_int("num_samples", num_samples, positive=True)
+        if num_samples > self.engine.max_concurrent_decodes:
+            raise ValueError(
+                f"num_samples ({num_samples}) exceeds the engine's {self.engine.max_concurrent_decodes} decode slots"
+            )
+        self.engine.adapter_index(adapter)  # an unknown name fails here, not at its turn
+        request = Request(
+            len(self._requests), tuple(int(i) for i in ids), max_new_tokens, bool(ignore_eos), num_samples, adapter
+        )
         self._requests.append(request)
         self.queue.append(request)
         return request.id
@@ -141,8 +172,9 @@ class Scheduler:
         return self._state
 
     def completions(self) -> list[Completion]:
-        """The finished requests, in submission order."""
-        return [self._done[r.id] for r in self._requests if r.id in self._done]
+        """The finished requests, in submission order (a request's samples in sample order)."""
+        streams = ((r.id, i) for r in self._requests for i in range(r.num_samples))
+        return [self._done[s] for s in streams if s in self._done]
 
     def run(self) -> list[Completion]:
         """Step until every request is done; all completions in submission order."""
@@ -153,9 +185,25 @@ class Scheduler:
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> None:
         """Admit queued requests into free slots, then one generate step for every occupied slot."""
-        for slot in range(self.engine.max_concurrent_decodes):
-            while self.queue and slot not in self.slots:  # a request can end at its first token
-                self._admit(self.queue.popleft(), slot)
+        while self.queue:  # the lowest free slots first; a request can end at its first token
+            free = [s for s in range(self.engine.max_concurrent_decodes) if s not in self.slots]
+            if self.queue[0].num_samples > len(free):
+                break
+            packed = self._packable(len(free)) if self.pack_prefill else []
+            if len(packed) > 1:
+                results = self.engine.prefill_concat(
+                    params=self.params,
+                    prompts=[r.prompt for r in packed],
+                    sampling=self.sampling,
+                    rng=jax.random.fold_in(self._key, packed[0].id),
+                )
+                for request, (prefix, _) in zip(packed, results):
+                    self.queue.popleft()
+                    free = [s for s in range(self.engine.max_concurrent_decodes) if s not in self.slots]
+                    self._admit(request, free[:1], (prefix, "packed"))
+            else:
+                request = self.queue.popleft()
+                self._admit(request, free[: request.num_samples])
         if not self.slots:
             return
         self._state, result = self.engine.generate(self.params, self._state, sampling=self.sampling)
@@ -167,51 +215,75 @@ class Scheduler:
                 raise RuntimeError(f"slot {slot} produced no token for request {request.id}")  # a scheduler bug
             self._emit(request, slot, int(data[slot, 0]), None if logits is None else logits[slot])
 
-    def _admit(self, request: Request, slot: int) -> None:
-        self.slots[slot] = request
-        self._tokens[request.id], self._rows[request.id] = [], []
-        prefix, chunks = self._prefill(request)
-        self.events.append(Event(self.step_count, slot, request.id, "prefill", f"{chunks} chunk(s)"))
-        first_logits = np.asarray(prefix.logits) if self.return_logits else None
-        if self._emit(request, slot, int(prefix.token), first_logits, inserted=False):
-            return  # done after its first token: the slot never held it
-        self._state = self.engine.insert(prefix, self._state, slot)
-        self.events.append(Event(self.step_count, slot, request.id, "insert"))
+    def _packable(self, free: int) -> list[Request]:
+        """The queue's head requests that fit one packed row: single samples, at most ``free``."""
+        packed, total = [], 0
+        for request in self.queue:
+            total += len(request.prompt)
+            alone = request.num_samples > 1 or request.adapter is not None  # packed rows run the base model
+            if len(packed) == free or alone or total > self.engine.max_prefill_length:
+                break
+            packed.append(request)
+        return packed
 
-    def _prefill(self, request: Request) -> tuple[Prefix, int]:
-        """The prompt's prefix, prefilled in chunks of at most max_prefill_length tokens."""
+    def _admit(self, request: Request, slots: list[int], prefilled: tuple[Prefix, str] | None = None) -> None:
+        """Prefill ``request`` (unless ``prefilled``: its prefix and how it was made) into ``slots``,
+        one per sample; samples that end at their first token never take their slot."""
+        for sample, slot in enumerate(slots):
+            self.slots[slot], self._sample[slot] = request, sample
+            self._tokens[request.id, sample], self._rows[request.id, sample] = [], []
+        prefix, detail = self._prefill(request) if prefilled is None else prefilled
+        self.events.append(Event(self.step_count, slots[0], request.id, "prefill", detail))
+        first_logits = np.asarray(prefix.logits) if self.return_logits else None
+        first = np.asarray(prefix.token).reshape(-1)  # one first token per sample
+        kept = [i for i, slot in enumerate(slots) if not self._emit(request, slot, int(first[i]), first_logits, False)]
+        if not kept:
+            return  # done after its first token: the slot never held it
+        if request.num_samples == 1:
+            self._state = self.engine.insert(prefix, self._state, slots[0])
+        else:
+            prefix = prefix.replace(token=prefix.token[np.asarray(kept)])
+            self._state = self.engine.bulk_insert(prefix, self._state, [slots[i] for i in kept])
+        for i in kept:
+            self.events.append(Event(self.step_count, slots[i], request.id, "insert"))
+
+    def _prefill(self, request: Request) -> tuple[Prefix, str]:
+        """The prompt's prefix, prefilled in chunks of at most max_prefill_length tokens; the last
+        chunk draws the first token of every sample."""
         chunk = self.engine.max_prefill_length
         key = jax.random.fold_in(self._key, request.id)
         prefix, chunks = None, 0
         for start in range(0, len(request.prompt), chunk):
             padded, length = self.engine.pad(request.prompt[start : start + chunk])
-            prefix, _ = self.engine.prefill(
-                params=self.params,
-                existing_prefix=prefix,
-                padded_tokens=padded,
-                true_length=length,
-                sampling=self.sampling,
-                rng=key,
-            )
+            inputs = dict(params=self.params, existing_prefix=prefix, padded_tokens=padded, true_length=length)
+            if request.adapter is not None:
+                inputs["adapter"] = request.adapter
+            if request.num_samples > 1 and start + chunk >= len(request.prompt):
+                prefix, _ = self.engine.prefill_multisampling(
+                    **inputs, num_samples=request.num_samples, sampling=self.sampling, rng=key
+                )
+            else:
+                prefix, _ = self.engine.prefill(**inputs, sampling=self.sampling, rng=key)
             chunks += 1
-        return prefix, chunks
+        return prefix, f"{chunks} chunk(s)"
 
     def _emit(self, request: Request, slot: int, token: int, row: np.ndarray | None, inserted: bool = True) -> bool:
         """Record one token; finish the request if it ended. Returns whether it ended."""
-        tokens = self._tokens[request.id]
+        stream = request.id, self._sample[slot]
+        tokens = self._tokens[stream]
         tokens.append(token)
         if row is not None:
-            self._rows[request.id].append(row)
+            self._rows[stream].append(row)
         if self.on_token is not None:
-            self.on_token(request, token)
+            self.on_token(request, token, *stream[1:] if request.num_samples > 1 else ())
         reason = self._finish_reason(request, tokens)
         if reason is None:
             return False
-        rows = self._rows.pop(request.id)
+        rows = self._rows.pop(stream)
         logits = np.stack(rows) if self.return_logits else None
-        completion = self._done[request.id] = Completion(request, self._tokens.pop(request.id), reason, logits)
+        completion = self._done[stream] = Completion(request, self._tokens.pop(stream), reason, logits, stream[1])
         self.events.append(Event(self.step_count, slot, request.id, "finish", reason))
-        del self.slots[slot]
+        del self.slots[slot], self._sample[slot]
         if inserted:
             self._state = self.engine.free_resource(slot, self._state)
         self.events.append(Event(self.step_count, slot, request.id, "free"))

@@ -40,7 +40,7 @@ def zeros(abstract: nnx.State) -> Cache:
     return nnx.to_pure_dict(jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), abstract))
 
 
-def init_decode_state(abstract_cache: nnx.State, slots: int, key: jax.Array) -> DecodeState:
+def init_decode_state(abstract_cache: nnx.State, slots: int, key: jax.Array, adapters: bool = False) -> DecodeState:
     empty = jnp.zeros((slots,), jnp.int32)
     return DecodeState(
         cache=zeros(abstract_cache),
@@ -49,6 +49,7 @@ def init_decode_state(abstract_cache: nnx.State, slots: int, key: jax.Array) -> 
         lengths=empty,
         active=jnp.zeros((slots,), bool),
         rng=key,
+        adapters=jnp.full((slots,), -1, jnp.int32) if adapters else None,  # -1: the base model
     )
 
 
@@ -66,8 +67,10 @@ def prefill(
     *,
     sampling: Sampling,
     plan: probes.Plan | None = None,
+    adapter=None,
 ) -> tuple[Prefix, ResultTokens]:
-    """``tokens`` [P] (``true_length`` real, then padding) written after ``start`` cached ones.
+    """``tokens`` [P] (``true_length`` real, then padding) written after ``start`` cached ones;
+    ``adapter``: int32 [] LoRA adapter index (-1: none), on engines with adapters.
     With a probe ``plan`` (static) and its ``probe_data``, also the raw capture (``probes.run``)."""
     counts["prefill" if plan is None else "prefill+probes"] += 1
     merged = model.merge(params, cache, rest)
@@ -75,14 +78,15 @@ def prefill(
     # Padding goes to position S (past the cache): its K/V writes are dropped.
     positions = jnp.where(steps < true_length, start + steps, model.length)
     if plan is None:
-        last = merged(tokens[None], positions[None], logits_at=(true_length - 1)[None])[0]  # [V]
+        adapters = None if adapter is None else adapter[None]
+        last = merged(tokens[None], positions[None], logits_at=(true_length - 1)[None], adapters=adapters)[0]  # [V]
     else:
         live = (steps < true_length)[None]
         last, raw = probes.run(merged, plan, probe_data, tokens[None], positions[None], live, (true_length - 1)[None])
         last = last[0]
     token = sample(last[None], key, sampling)[0]
     cache = nnx.to_pure_dict(nnx.state(merged, nnx.Cache))
-    prefix = Prefix(cache=cache, length=start + true_length, token=token, logits=last)
+    prefix = Prefix(cache=cache, length=start + true_length, token=token, logits=last, adapter=adapter)
     data = jnp.stack([token, jnp.int32(1), jnp.int32(1)])[None]
     if plan is not None:
         return prefix, ResultTokens(data=data, logits=last[None]), raw
@@ -106,6 +110,7 @@ def insert(counts: Counts, prefix: Prefix, state: DecodeState, slots: jax.Array,
         tokens=state.tokens.at[slots].set(prefix.token),
         lengths=state.lengths.at[slots].set(1),
         active=state.active.at[slots].set(True),
+        adapters=None if state.adapters is None else state.adapters.at[slots].set(prefix.adapter),
     )
 
 
@@ -126,7 +131,7 @@ def generate(
     positions = jnp.where(live, state.positions, model.length)  # dead slots write nothing
     merged = model.merge(params, state.cache, rest)
     if plan is None:
-        logits = merged(state.tokens[:, None], positions[:, None])[:, 0]  # [B, V]
+        logits = merged(state.tokens[:, None], positions[:, None], adapters=state.adapters)[:, 0]  # [B, V]
     else:
         logits, raw = probes.run(merged, plan, probe_data, state.tokens[:, None], positions[:, None], live[:, None])
         logits = logits[:, 0]

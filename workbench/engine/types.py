@@ -38,6 +38,7 @@ class Prefix:
     length: jax.Array  # int32 []
     token: jax.Array  # int32 []
     logits: jax.Array  # float32 [V]
+    adapter: jax.Array | None = None  # int32 []: its LoRA adapter (-1: none), on engines with adapters
 
     def layer_cache(self, layer: int) -> dict[str, Any]:
         """``{"k": [1, S, K, H], "v": ...}`` of one layer."""
@@ -59,6 +60,7 @@ class DecodeState:
     lengths: jax.Array  # int32 [B]
     active: jax.Array  # bool [B]
     rng: jax.Array  # key, split once per generate step
+    adapters: jax.Array | None = None  # int32 [B]: each slot's LoRA adapter (-1: none); engines with adapters
 
     def layer_cache(self, layer: int) -> dict[str, Any]:
         """``{"k": [B, S, K, H], "v": ...}`` of one layer, every slot."""

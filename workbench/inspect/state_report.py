@@ -78,7 +78,7 @@ def _collection(engine: Engine, collection: str, abstract: nnx.State, concrete: 
 
 def _slot_rows(engine: Engine, decode_state: DecodeState) -> list[dict[str, Any]]:
     rows = []
-    for name in _SLOT_FIELDS:
+    for name in _SLOT_FIELDS + (("adapters",) if decode_state.adapters is not None else ()):
         shape, dtype, actual = leaf_metadata(f"decode {name}", getattr(decode_state, name))
         expected = getattr(engine.decode_state_shardings, name)
         rows.append(_row("decode", name, "-", None, shape, dtype, actual, expected, expected.spec))
@@ -175,7 +175,13 @@ def state(engine: Engine, params: nnx.State | dict, decode_state: DecodeState | 
         rows += _collection(engine, "cache", engine.abstract_prefill_cache, None)
     else:
         rows += _collection(engine, "cache", engine.abstract_decode_cache, decode_state.cache)
-    rows += _collection(engine, "rest", engine.abstract_rest, engine.rest)
+    if engine.adapters:  # the LoRA weights (nnx.LoRAParam) live in rest; shown as their own collection
+        abstract_lora, abstract_rest = nnx.split_state(engine.abstract_rest, nnx.LoRAParam, ...)
+        lora, rest = nnx.split_state(engine.rest, nnx.LoRAParam, ...)
+        rows += _collection(engine, "lora", abstract_lora, lora)
+        rows += _collection(engine, "rest", abstract_rest, rest)
+    else:
+        rows += _collection(engine, "rest", engine.abstract_rest, engine.rest)
     if decode_state is not None:
         rows += _slot_rows(engine, decode_state)
     source = "prefill cache (abstract)" if decode_state is None else "decode state"

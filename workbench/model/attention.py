@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from workbench.model import kernels, quant
+from workbench.model import kernels, lora, quant
 from workbench.model.config import ModelConfig
 from workbench.model.layers import apply_rope, param
 
@@ -50,9 +50,14 @@ class KVCache(nnx.Module):
         self.k = nnx.Cache(jnp.zeros(shape, config.compute_dtype), out_sharding=CACHE_AXES)
         self.v = nnx.Cache(jnp.zeros(shape, config.compute_dtype), out_sharding=CACHE_AXES)
 
-    def update(self, k: jax.Array, v: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Write ``k, v`` [B, T, K, H] at ``positions`` [B, T]; return the whole cache [B, S, K, H]."""
-        rows = jnp.arange(k.shape[0])[:, None]
+    def update(
+        self, k: jax.Array, v: jax.Array, positions: jax.Array, rows: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """Write ``k, v`` [B, T, K, H] at ``positions`` [B, T]; return the whole cache [B, S, K, H].
+
+        ``rows`` [B, T]: the cache row of each token (packed prompts); default: the token's own row.
+        """
+        rows = jnp.arange(k.shape[0])[:, None] if rows is None else rows
         # Out-of-range positions (padding, or a slot that is full) are dropped, never clamped.
         self.k[...] = self.k[...].at[rows, positions].set(k.astype(self.k.dtype), mode="drop")
         self.v[...] = self.v[...].at[rows, positions].set(v.astype(self.v.dtype), mode="drop")
@@ -60,9 +65,8 @@ class KVCache(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(
-        self, config: ModelConfig, *, rngs: nnx.Rngs, cache: tuple[int, int] | None = None, kernels: str = "xla_cpu"
-    ):
+    # cache: (batch, length) or None; lora_spec: a model.lora.LoraSpec, or None for no adapters
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, cache=None, kernels: str = "xla_cpu", lora_spec=None):
         d, n, k, h, w = config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim, config.weight_dtype
         self.q = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), w)
         self.k = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), w)
@@ -78,22 +82,37 @@ class Attention(nnx.Module):
         self.groups = n // k
         self.dtype = config.compute_dtype
         self.kernels = kernels
+        self.lora = lora.projections(config, lora_spec, ("q", "k", "v", "o"))  # None: no adapters
 
-    def _project(self, x: jax.Array, name: str) -> jax.Array:
+    def _project(self, x: jax.Array, name: str, adapters: jax.Array | None = None) -> jax.Array:
         out = quant.einsum("BTD,DNH->BTNH", x, getattr(self, name), self.dtype)
+        out = lora.apply(self.lora, name, x, out, adapters)
         if self.qkv_bias:
             out = out + getattr(self, f"{name}_bias")[...].astype(self.dtype)
         return out
 
-    def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array], hooks=None) -> jax.Array:
-        # x [B, T, D], positions [B, T], rope: (sin, cos) for those positions; hooks: model.hooks
-        q = apply_rope(self._project(x, "q"), rope)  # [B, T, N, H]
-        k = apply_rope(self._project(x, "k"), rope)  # [B, T, K, H]
-        v = self._project(x, "v")
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        rope: tuple[jax.Array, jax.Array],
+        hooks=None,
+        segments: jax.Array | None = None,
+        adapters: jax.Array | None = None,
+    ) -> jax.Array:
+        # x [B, T, D], positions [B, T], rope: (sin, cos) for those positions; hooks: model.hooks;
+        # segments [B, T]: packed prompts (engine/packing.py), each one's tokens written to its own
+        # cache row; adapters [B]: each row's LoRA adapter (-1: none; model/lora.py)
+        q = apply_rope(self._project(x, "q", adapters), rope)  # [B, T, N, H]
+        k = apply_rope(self._project(x, "k", adapters), rope)  # [B, T, K, H]
+        v = self._project(x, "v", adapters)
         b, t, n, h = q.shape
         q = q.reshape(b, t, n // self.groups, self.groups, h) * (h**-0.5)  # [B, T, K, G, H]
         if self.cache is None:
             out = self._attend(q, k, v, positions, positions, hooks=hooks, keys=t)
+        elif segments is not None:  # fresh packed prompts: each sees its own keys, none cached before
+            self.cache.update(k, v, positions, rows=segments)
+            out = self._attend(q, k, v, positions, positions, segments=segments, hooks=hooks, keys=t)
         else:
             k, v = self.cache.update(k, v, positions)  # [B, S, K, H]
             out = self._attend_cache(q, k, v, positions, hooks)
@@ -104,7 +123,9 @@ class Attention(nnx.Module):
             out = hooks.heads(out.reshape(b, t, n, h))
         # One contracting dim (N*H): given "BTNH,NHD", XLA orders the two as (H, N) and transposes
         # the o weights into that order on every call.
-        return quant.einsum("BTX,XD->BTD", out.reshape(b, t, n * h), self.o, self.dtype, shape=(n * h, -1))
+        out = out.reshape(b, t, n * h)
+        o = quant.einsum("BTX,XD->BTD", out, self.o, self.dtype, shape=(n * h, -1))
+        return lora.apply(self.lora, "o", out, o, adapters)
 
     def _attend_cache(self, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, hooks=None) -> jax.Array:
         """Attention over the first L cache positions, L the smallest bucket covering every live query."""
@@ -126,12 +147,17 @@ class Attention(nnx.Module):
         branches = [functools.partial(attend_prefix, length) for length in buckets]
         return jax.lax.switch(branch, branches, q, k, v, positions)
 
-    def _attend(self, q, k, v, query_positions, key_positions, sliced: bool = False, hooks=None, keys=0) -> jax.Array:
+    def _attend(
+        self, q, k, v, query_positions, key_positions, sliced: bool = False, hooks=None, keys=0, segments=None
+    ) -> jax.Array:
         """Softmax attention: q [B, T, K, G, H] (scaled), k, v [B, S, K, H] -> [B, T, K, G, H].
 
         ``sliced``: k and v are a prefix sliced from a longer cache (see :mod:`kernels`).
+        ``segments`` [B, T] (queries and keys alike): a query sees only keys of its own segment.
         """
         visible = key_positions[:, None, :] <= query_positions[:, :, None]  # [B, T, S]
+        if segments is not None:
+            visible &= segments[:, None, :] == segments[:, :, None]
         if self.window is not None:
             visible &= key_positions[:, None, :] > query_positions[:, :, None] - self.window
         if hooks is not None and hooks.weights:  # probes: the weights too, padded to ``keys`` keys

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from workbench.model import quant
+from workbench.model import lora, quant
 from workbench.model.config import ModelConfig, RopeScaling
 
 INIT_STD = 0.02
@@ -101,14 +101,18 @@ def apply_rope(x: jax.Array, sin_cos: tuple[jax.Array, jax.Array]) -> jax.Array:
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, lora_spec: lora.LoraSpec | None = None):
         d, f, w = config.embed_dim, config.mlp_dim, config.weight_dtype
         self.gate = param(rngs, (d, f), ("embed", "mlp"), w)
         self.up = param(rngs, (d, f), ("embed", "mlp"), w)
         self.down = param(rngs, (f, d), ("mlp", "embed"), w)
         self.dtype = config.compute_dtype
+        self.lora = lora.projections(config, lora_spec, ("gate", "up", "down"))  # None: no adapters
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D]
+    def __call__(self, x: jax.Array, adapters: jax.Array | None = None) -> jax.Array:  # [B, T, D]
         gate = quant.einsum("BTD,DF->BTF", x, self.gate, self.dtype)
         up = quant.einsum("BTD,DF->BTF", x, self.up, self.dtype)
-        return quant.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, self.down, self.dtype)
+        gate, up = lora.apply(self.lora, "gate", x, gate, adapters), lora.apply(self.lora, "up", x, up, adapters)
+        hidden = jax.nn.silu(gate) * up
+        out = quant.einsum("BTF,FD->BTD", hidden, self.down, self.dtype)
+        return lora.apply(self.lora, "down", hidden, out, adapters)

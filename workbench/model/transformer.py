@@ -10,22 +10,35 @@ from workbench.model import quant
 from workbench.model.attention import Attention
 from workbench.model.config import ModelConfig
 from workbench.model.layers import MLP, Embed, RMSNorm, Rotary, param
+from workbench.model.lora import LoraSpec
 from workbench.model.scan import run_blocks, stack_blocks
 
 
 class Block(nnx.Module):
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, cache: tuple[int, int] | None, kernels: str):
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        cache: tuple[int, int] | None,
+        kernels: str,
+        lora_spec: LoraSpec | None = None,
+    ):
         self.attn_norm = RMSNorm(config, rngs=rngs)
-        self.attn = Attention(config, rngs=rngs, cache=cache, kernels=kernels)
+        self.attn = Attention(config, rngs=rngs, cache=cache, kernels=kernels, lora_spec=lora_spec)
         self.mlp_norm = RMSNorm(config, rngs=rngs)
-        self.mlp = MLP(config, rngs=rngs)
+        self.mlp = MLP(config, rngs=rngs, lora_spec=lora_spec)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array], hooks=None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array], hooks=None, **rows
+    ) -> jax.Array:
+        # rows: the optional per-row inputs (segments, adapters) Attention documents
         if hooks is not None:  # probes (workbench.model.hooks): patch, steer and record at each site
-            x = x + hooks.site(self, "attn_out", self.attn(self.attn_norm(x), positions, rope, hooks))
-            return hooks.site(self, "residual", x + hooks.site(self, "mlp_out", self.mlp(self.mlp_norm(x))))
-        x = x + self.attn(self.attn_norm(x), positions, rope)
-        return x + self.mlp(self.mlp_norm(x))
+            x = x + hooks.site(self, "attn_out", self.attn(self.attn_norm(x), positions, rope, hooks, **rows))
+            mlp = self.mlp(self.mlp_norm(x), rows.get("adapters"))
+            return hooks.site(self, "residual", x + hooks.site(self, "mlp_out", mlp))
+        x = x + self.attn(self.attn_norm(x), positions, rope, **rows)
+        return x + self.mlp(self.mlp_norm(x), rows.get("adapters"))
 
 
 class Transformer(nnx.Module):
@@ -47,12 +60,16 @@ class Transformer(nnx.Module):
         cache: tuple[int, int] | None = None,
         kernels: str = "xla_cpu",
         scan_layers: bool = False,
+        lora_spec: LoraSpec | None = None,
     ):
         self.config = config
         self.embed = Embed(config, rngs=rngs)
         self.rope = Rotary(config)
         self.layers = nnx.List(
-            [Block(config, rngs=rngs, cache=cache, kernels=kernels) for _ in range(config.num_layers)]
+            [
+                Block(config, rngs=rngs, cache=cache, kernels=kernels, lora_spec=lora_spec)
+                for _ in range(config.num_layers)
+            ]
         )
         if scan_layers:  # one Block holding every layer's params and cache, [L, ...] each
             self.layers = stack_blocks(self.layers)
@@ -62,25 +79,42 @@ class Transformer(nnx.Module):
         quant.quantize_model(self, config.quantize)  # a no-op for float weights
 
     def __call__(
-        self, tokens: jax.Array, positions: jax.Array | None = None, *, logits_at: jax.Array | None = None, hooks=None
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        *,
+        logits_at: jax.Array | None = None,
+        segments: jax.Array | None = None,
+        adapters: jax.Array | None = None,
+        hooks=None,
     ) -> jax.Array:
         """Logits [B, T, V] in float32 for ``tokens`` [B, T] at absolute ``positions`` [B, T].
 
         With ``logits_at`` [B] (one index into T per row) only those rows' logits, [B, V]: prefill
         needs just the last prompt token's, and the vocabulary projection of every position would
-        be about half of its work. ``hooks``: a ``workbench.model.hooks.Hooks`` (probes: capture, interventions).
+        be about half of its work. ``logits_at`` [B, M]: M rows each, [B, M, V] (packed prompts).
+        ``hooks``: a ``workbench.model.hooks.Hooks`` (probes: capture, interventions).
+
+        ``segments`` [B, T]: several prompts packed in a row (``engine/packing.py``), each token
+        attending only to its own prompt and writing its K/V to cache row ``segments``.
+        ``adapters`` [B]: each row's LoRA adapter index, -1 for none (a model built with ``lora_spec``).
         """
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = self.embed(tokens)  # [B, T, D]
         rope = self.rope(positions)
+        rows = dict(segments=segments, adapters=adapters)
         if isinstance(self.layers, Block):  # scanned layers
+            if segments is not None or adapters is not None:
+                raise ValueError("scanned layers do not take packed prompts or adapters yet: load without scan_layers")
             x = run_blocks(self.layers, x, positions, rope)
         else:
             for i, layer in enumerate(self.layers):
-                x = layer(x, positions, rope) if hooks is None else layer(x, positions, rope, hooks.layer(i))
+                probed = () if hooks is None else (hooks.layer(i),)
+                x = layer(x, positions, rope, *probed, **rows)
         if logits_at is not None:
-            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, D]
+            index = logits_at[:, None, None] if logits_at.ndim == 1 else logits_at[:, :, None]
+            x = jnp.take_along_axis(x, index, axis=1)  # [B, 1, D] (or [B, M, D])
         x = self.final_norm(x)
         if self.config.tie_embeddings:
             logits = self.embed.attend(x)
@@ -89,4 +123,6 @@ class Transformer(nnx.Module):
         logits = logits.astype(jnp.float32)
         if hooks is not None and hooks.capture is not None and hooks.capture.logits:
             hooks.record(self, "logits", logits)
-        return logits if logits_at is None else logits[:, 0]
+        if logits_at is None or logits_at.ndim == 2:
+            return logits
+        return logits[:, 0]
