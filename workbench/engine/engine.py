@@ -94,8 +94,8 @@ class Engine:
             raise ValueError(f"the mesh's tensor axis ({tensor}) does not divide the model's {config.num_heads} heads")
         self.config, self.mesh, self.rules, self.tokenizer = config, mesh, tuple(rules), tokenizer
         self.scan_layers = bool(scan_layers)
-        if self.scan_layers and (config.quantize or config.kv_cache_dtype):
-            raise ValueError("scan_layers does not combine with quantize or kv_cache_dtype yet: choose one")
+        if self.scan_layers and (config.quantize or config.kv_cache_dtype or adapters is not None):
+            raise ValueError("scan_layers does not combine with quantize, kv_cache_dtype or adapters yet: choose one")
         self._max_concurrent_decodes = slots
         self.adapters: tuple[str, ...] = adapters.names if adapters is not None else ()
         self.lora_spec = adapters.spec if adapters is not None else None
