@@ -127,11 +127,10 @@ def load(
         config = _with_dtype(ckpt.read_hf_config(path), dtype).replace(**modes)
         tokenizer = ckpt.tokenizer_for_hf_dir(path, config)
         engine = Engine(config, mesh, tokenizer=tokenizer, **shape, **_adapters(adapters, config))
-        pure = ckpt.load_hf_params(
-            path, *layout.targets(*_float_target(engine), stacked=False), config=config, progress=progress
-        )
+        target = _float_target(engine)
+        pure = ckpt.load_hf_params(path, *layout.targets(*target, stacked=False), config=config, progress=progress)
         if engine.scan_layers:
-            pure = layout.relayout(pure, _float_target(engine)[1], stacked=True)
+            pure = layout.relayout(pure, target[1], stacked=True)
         pure = _quantized(engine, pure)
     else:
         raise ValueError(
