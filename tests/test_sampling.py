@@ -17,6 +17,12 @@ def draws(sampling, count=300):
 
 def test_greedy_is_argmax():
     np.testing.assert_array_equal(sample(LOGITS, jax.random.key(0), GREEDY), np.argmax(LOGITS, -1))
+    # ties go to the first index, as numpy's; -inf rows give 0; a whole vocabulary under jit
+    ties = jnp.asarray([[1.0, 3.0, 3.0, 0.0], [-jnp.inf] * 4, [2.0, 0.0, 2.0, 2.0]])
+    greedy = jax.jit(lambda logits: sample(logits, jax.random.key(0), GREEDY))
+    np.testing.assert_array_equal(greedy(ties), [1, 0, 0])
+    vocab = jnp.asarray(np.random.default_rng(1).normal(size=(8, 32000)), jnp.float32)
+    np.testing.assert_array_equal(greedy(vocab), np.argmax(vocab, -1))
 
 
 def test_top_k_keeps_only_the_k_most_likely():

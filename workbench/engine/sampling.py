@@ -61,8 +61,21 @@ def probabilities(logits: jax.Array, sampling: Sampling) -> jax.Array:
     return jax.nn.softmax(filtered_logits(logits, sampling), axis=-1)
 
 
+def argmax(logits: jax.Array) -> jax.Array:
+    """``jnp.argmax`` over the last axis (the first index of the largest logit), in int32.
+
+    As two plain reductions, a max then the smallest index holding it: XLA:CPU runs argmax's
+    paired (value, index) reduction element by element, about 3x slower over a 32k vocabulary
+    at batch 8 (0.60 against 0.20 ms, docs/speed.md). Unlike ``jnp.argmax``, a row holding a
+    NaN gives index 0 (every ``logit < NaN`` is false).
+    """
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(logits < top, logits.shape[-1], index), axis=-1)
+
+
 def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
     """Token ids [B] from float32 logits [B, V]; deterministic for a given key."""
     if sampling.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return argmax(logits)
     return jax.random.categorical(key, filtered_logits(logits, sampling), axis=-1).astype(jnp.int32)
