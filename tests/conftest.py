@@ -6,6 +6,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 # No persistent compile cache in the suite (nor in the notebook kernels and CLI processes it
 # starts, which inherit this): every run compiles from scratch, as a fresh machine would.
 os.environ["WORKBENCH_COMPILE_CACHE"] = "off"
+os.environ["WORKBENCH_AUTOTUNE"] = "off"  # the fixed decode library: no probe, the same programs on every machine
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

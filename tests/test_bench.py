@@ -33,6 +33,7 @@ KEYS = {
     "first_token_s",
     "load_s",
     "compile_cache",
+    "decode_library",
 }
 ARGS = [
     "bench",
@@ -69,10 +70,11 @@ def test_json_has_the_figures(bench_run):
     assert (figures["quantize"], figures["kv_cache_dtype"]) == ("none", "auto")
     assert figures["roofline_fraction"] == pytest.approx(figures["achieved_gb_per_s"] / figures["read_gb_per_s"])
     assert figures["compile_cache"] == "off"  # the suite runs without the persistent cache
+    assert figures["decode_library"] == "eigen"  # and with the fixed library (WORKBENCH_AUTOTUNE=off)
     assert set(figures["compile_s"]) == {"prefill", "insert", "generate"}
     assert all(s >= 0 and math.isfinite(s) for s in figures["compile_s"].values())
     assert figures["first_token_s"] > figures["load_s"]  # the process loaded the model before its first token
-    for key in KEYS - {"compiles", "compile_s", "compile_cache", "quantize", "kv_cache_dtype"}:
+    for key in KEYS - {"compiles", "compile_s", "compile_cache", "quantize", "kv_cache_dtype", "decode_library"}:
         assert figures[key] > 0 and math.isfinite(figures[key]), key
     step_s = figures["generate_step_ms"] / 1e3
     assert figures["decode_tokens_per_s"] == pytest.approx(4 / step_s)

@@ -15,7 +15,7 @@ from helpers import SHAPE, SMALL, assert_close, engine_for, lively_arrays, prefi
 from workbench import checkpoints, train, trees
 from workbench.cli import main
 from workbench.engine import steps
-from workbench.model import kernels, quant
+from workbench.model import quant
 
 
 def ids(length, seed):  # token ids of SMALL's vocabulary
@@ -221,9 +221,3 @@ def test_bfloat16_weights_with_float32_compute(float_arrays, reference):
     assert trees.leaf_paths(params)["layers/0/mlp/up"].dtype == jnp.bfloat16
     rounded = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16).astype(np.float32), float_arrays)
     assert_close(mixed.forward(params, TOKENS), reference.forward(reference.load_params(rounded), TOKENS), rtol=0.05)
-
-
-@pytest.mark.parametrize("weights, eigen", [("float32", True), ("bfloat16", False), ("w8a8", False), ("w8", False)])
-def test_the_decode_kernel_library_follows_the_weights(weights, eigen):
-    options = kernels.compiler_options("cpu", "generate", weights)
-    assert (options == {"xla_cpu_experimental_ynn_fusion_type": ""}) is eigen

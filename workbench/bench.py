@@ -51,6 +51,7 @@ class BenchResult:
     first_token_s: float | None = None  # process start to prefill's token, ready on the host
     load_s: float | None = None  # workbench.load: engine and params (the bench command's)
     compile_cache: str = "off"  # "hit", "miss" or "off" (workbench.compile_cache.status)
+    decode_library: str | None = None  # the library of decode's products on the CPU (engine.autotune)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -184,7 +185,16 @@ def measure(
             )
         },
         first_token_s=first_token_s,
+        decode_library=_decode_library(engine),
     )
+
+
+def _decode_library(engine: Engine) -> str | None:
+    from workbench.engine import autotune
+
+    if engine.mesh.devices.flat[0].platform != "cpu":
+        return None
+    return autotune.library(engine.config, engine.max_concurrent_decodes)
 
 
 def numpy_read_gb_per_s(gib: float = 1.0, repeats: int = 5) -> float:

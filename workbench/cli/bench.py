@@ -7,7 +7,9 @@ A table goes to stderr; with ``--json``, one object with the same figures goes t
 machine's all-core read bandwidth, :func:`workbench.bench.read_gb_per_s`) and
 ``roofline_fraction`` (achieved over read bandwidth); the cold start: ``compile_s`` (the same
 three), ``load_s``, ``first_token_s`` (process start to the first token) and ``compile_cache``
-(``"hit"``, ``"miss"`` or ``"off"``). See :mod:`workbench.bench` for what is measured and how.
+(``"hit"``, ``"miss"`` or ``"off"``); ``decode_library`` (``"ynnpack"`` or ``"eigen"``: what runs
+the decode step's weight products on the CPU, :mod:`workbench.engine.autotune`). See
+:mod:`workbench.bench` for what is measured and how.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         ("achieved", f"{result.achieved_gb_per_s:.2f} GB/s", "bytes per step / step time"),
         ("roofline", f"{result.achieved_gb_per_s / bandwidth:.0%}", f"of the {bandwidth:.1f} GB/s all-core read"),
         ("weights", f"{result.weight_bytes / 1e6:.1f} MB", f"quantize {result.quantize}, KV {result.kv_cache_dtype}"),
+        ("decode library", result.decode_library or "-", "of the weight products (engine.autotune)"),
         ("compiles", compiles, "warm-up included"),
         ("compile", ", ".join(f"{name} {s:.2f} s" for name, s in result.compile_s.items()), "first call less median"),
         ("load", f"{result.load_s:.2f} s", "workbench.load"),

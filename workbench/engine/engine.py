@@ -29,11 +29,11 @@ from workbench import probes as probing
 from workbench import sharding as shd
 from workbench import trees
 from workbench.checks import check_int
-from workbench.engine import multisampling, packing, steps
+from workbench.engine import autotune, multisampling, packing, steps
 from workbench.engine.inputs import bucket, check_decode_state, check_slot, check_tokens, pad
 from workbench.engine.sampling import GREEDY, Sampling
 from workbench.engine.types import DecodeState, Prefix, ResultTokens
-from workbench.model import ModelConfig, Transformer, kernels
+from workbench.model import ModelConfig, Transformer
 from workbench.model.init import random_params
 from workbench.model.lora import AdapterStack, LoraSpec
 from workbench.model.scan import is_stacked, stack_layers, unstack_layers
@@ -217,8 +217,10 @@ class Engine:
         self._prefill_concat_body = partial(packing.prefill_concat, prefill_model, counts)
 
     def _compiler_options(self, step: str) -> dict[str, str] | None:
-        weights = self.config.quantize or self.config.param_dtype
-        return kernels.compiler_options(self.mesh.devices.flat[0].platform, step, weights)
+        """Decode's products: the library measured fastest on this CPU (``engine.autotune``)."""
+        if step != "generate":
+            return None
+        return autotune.generate_options(self.config, self.max_concurrent_decodes, self.mesh.devices.flat[0].platform)
 
     # ---- JetStream's properties (docs/engine-api.md) ---------------------------------------------
     @property

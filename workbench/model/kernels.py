@@ -11,8 +11,8 @@ The switch is ``kernels`` (an argument of ``Transformer`` and ``Attention``):
                   :func:`sliced_products` over a prefix sliced from a longer one.
 ================  =============================================================================
 
-The dtype-aware choices to come (quantized caches and weights) belong in :func:`attention`'s
-table and in :func:`compiler_options`, beside the platform they serve.
+Which library XLA:CPU runs the weight products with (YNNPACK or Eigen) is measured per machine:
+:mod:`workbench.engine.autotune`.
 
 All take q ``[B, T, K, G, H]`` (scaled; the G query heads of each kv head), k and v
 ``[B, S, K, H]``, visible ``[B, T, S]`` (bool) and return ``[B, T, K, G, H]`` in ``dtype``.
@@ -119,20 +119,3 @@ def choose(kernels: str, queries: int, sliced: bool) -> Callable[..., jax.Array]
 
 def attention(q, k, v, visible, dtype, *, kernels: str = "xla_cpu", sliced: bool = False) -> jax.Array:
     return choose(kernels, q.shape[1], sliced)(q, k, v, visible, dtype)
-
-
-def compiler_options(platform: str, step: str, weights: str = "float32") -> dict[str, str] | None:
-    """XLA options for one jitted engine step (``"prefill"``, ``"generate"``, ...) on ``platform``.
-
-    XLA:CPU hands dots to the YNNPACK library by default. Decode multiplies a few rows (one per
-    slot) by every weight, and there Eigen's kernels are faster; prefill's long row blocks show
-    no clear winner, so only generate opts out. The option is an experimental one of XLA:CPU;
-    other platforms get none.
-    """
-    # The figure behind the choice: a 56M Llama step at batch 8 on 2 cores, 33 against 43 ms
-    # (medians, interleaved in one process). ``weights`` (the param dtype, or the quantize mode):
-    # only float32 products opt out; Eigen runs bfloat16 products about 4.5x and int8 x int8
-    # (w8a8) about 12x slower than YNNPACK (docs: the weight products of the 56M model at batch 8).
-    if platform == "cpu" and step == "generate" and weights == "float32":
-        return {"xla_cpu_experimental_ynn_fusion_type": ""}
-    return None

@@ -1,0 +1,158 @@
+"""Which library runs the decode step's weight products on this CPU: measured once, cached.
+
+XLA:CPU hands a dot to YNNPACK or to Eigen (``compiler_options`` of the jit). Decode multiplies
+a few rows (one per slot) by every weight, and which library streams those weights faster
+depends on the CPU *and* the weights' dtype: on one 2-core AVX2 EPYC, Eigen ran the float32
+step of the 56M Llama 1.3x faster; on a 2-core AVX-512 EPYC, YNNPACK ran it 1.15x faster
+(``docs/speed.md``). bfloat16 and int8 products have no fast Eigen kernel (4.5x and 12x slower,
+measured), so only float32 products are measured: the first engine built for a (CPU, XLA flags,
+jax version, model shape, decode batch) runs a probe -- its layers' float32 products at the
+decode batch, chained, under each library in interleaved rounds -- keeps the faster, says so on
+stderr, and writes the choice to ``$XDG_CACHE_HOME/workbench/autotune.json``
+(``~/.cache/workbench/autotune.json``). Later engines and processes read it back.
+
+``WORKBENCH_AUTOTUNE``: ``off`` keeps the fixed choice (Eigen for float32, the test suite's
+setting: no probe, the same program on every machine), ``ynnpack`` or ``eigen`` forces one, and
+any other value is the path of the cache file. YNNPACK is asked for dots only
+(``LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT``): its default also takes reductions, and then copies
+the cache slice attention reads (measured: 16 copies a step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+ENV = "WORKBENCH_AUTOTUNE"
+OPTION = "xla_cpu_experimental_ynn_fusion_type"
+LIBRARIES = {"ynnpack": {OPTION: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}, "eigen": {OPTION: ""}}
+FIXED = "eigen"  # float32 with WORKBENCH_AUTOTUNE=off
+PROBE_BYTES = 128 * 2**20  # enough layers to pass the last-level cache, as the real step does
+ROUNDS, CALLS = 5, 8
+
+_chosen: dict[str, str] = {}  # this process's choices, by key
+
+
+def generate_options(config, batch: int, platform: str) -> dict[str, str] | None:
+    """The ``compiler_options`` of the generate step: None off the CPU."""
+    if platform != "cpu":
+        return None
+    return LIBRARIES[library(config, batch)]
+
+
+def library(config, batch: int) -> str:
+    """``"ynnpack"`` or ``"eigen"`` for the decode products of ``config`` at decode ``batch``."""
+    setting = os.environ.get(ENV, "").strip()
+    if setting in LIBRARIES:
+        return setting
+    if _products_dtype(config) != "float32":
+        return "ynnpack"
+    if setting.lower() in ("off", "0", "false", "no", "none"):
+        return FIXED
+    key = _key(config, batch)
+    if key not in _chosen:
+        path = Path(setting).expanduser() if setting else _default_path()
+        cached = _read(path)
+        if key in cached:
+            _chosen[key] = cached[key]["library"]
+        else:
+            times = measure(config, batch)
+            _chosen[key] = min(times, key=times.get)
+            shown = ", ".join(f"{name} {ms:.2f} ms" for name, ms in times.items())
+            print(f"autotune: float32 decode products on this CPU: {shown} -> {_chosen[key]}", file=sys.stderr)
+            _write(path, {**cached, key: {"library": _chosen[key], "ms": times}})
+    return _chosen[key]
+
+
+def measure(config, batch: int) -> dict[str, float]:
+    """Median ms of the probe (the model's float32 layer products at ``batch`` rows, chained)
+    under each library, timed in interleaved rounds."""
+    d, f = config.embed_dim, config.mlp_dim
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]
+    per_layer = 4 * sum(a * b for a, b in shapes)
+    layers = max(1, min(config.num_layers, PROBE_BYTES // per_layer))
+    weights = [[jnp.full(shape, 0.01, jnp.float32) for shape in shapes] for _ in range(layers)]
+    x = jnp.ones((batch, d), jnp.float32)
+    runs = {name: jax.jit(_probe, compiler_options=options) for name, options in LIBRARIES.items()}
+    for run in runs.values():
+        run(x, weights).block_until_ready()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(ROUNDS):
+        for name, run in runs.items():
+            for _ in range(CALLS):
+                start = time.perf_counter()
+                run(x, weights).block_until_ready()
+                times[name].append(time.perf_counter() - start)
+    return {name: round(statistics.median(t) * 1e3, 3) for name, t in times.items()}
+
+
+def _probe(x: jax.Array, weights: list[list[jax.Array]]) -> jax.Array:
+    for wq, wk, wv, wo, gate, up, down in weights:
+        attn = x @ wq + jnp.concatenate([x @ wk, x @ wv], axis=-1).sum(-1, keepdims=True)
+        x = x + jnp.tanh(attn) @ wo
+        x = x + (jax.nn.silu(x @ gate) * (x @ up)) @ down
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+    return x
+
+
+def _products_dtype(config) -> str:
+    """The dtype the decode products run in: int8 for w8a8, the weights' own for bfloat16
+    weights, else float32 (w8 and w4 convert their weights before a float product)."""
+    if config.quantize == "w8a8":
+        return "int8"
+    if config.quantize is None and config.param_dtype == "bfloat16":
+        return "bfloat16"
+    return "float32"
+
+
+def _key(config, batch: int) -> str:
+    shape = (config.embed_dim, config.mlp_dim, config.num_heads, config.num_kv_heads, config.head_dim)
+    return "|".join(
+        (jax.__version__, _cpu(), os.environ.get("XLA_FLAGS", ""), "float32", "x".join(map(str, shape)), f"b{batch}")
+    )
+
+
+def _cpu() -> str:
+    """The CPU's model name and its flags' count (another kind of machine gets its own entry)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    return f"{fields.get('model name', '?')} ({len(fields.get('flags', '').split())} flags, {os.cpu_count()} cpus)"
+
+
+def _default_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "workbench" / "autotune.json"
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # none yet, or unreadable: measure again
+    return data if isinstance(data, dict) else {}
+
+
+def _write(path: Path, data: dict) -> None:
+    """Best effort (atomic rename): a cache that cannot be written only costs a probe next time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as out:
+            json.dump(data, out, indent=1, sort_keys=True)
+        os.replace(out.name, path)
+    except OSError as error:
+        print(f"warning: autotune choices not saved to {path}: {error.strerror or error}", file=sys.stderr)
