@@ -1,7 +1,8 @@
 """LoRA adapters against Hugging Face peft on a small random Llama, adapters on all seven
 projections: one decode batch mixing base, adapter chat and adapter code slots on a data=2,tensor=2
 mesh gives transformers+peft's greedy tokens and logits (1e-4 relative); base slots equal an
-engine without adapters (see below for where bit for bit); merge_adapter equals the unmerged path."""
+engine without adapters (see below for where bit for bit); merge_adapter equals the unmerged path; the same batch on a w8 or w8a8 base matches peft on the
+dequantized base weights."""
 
 import copy
 import json
@@ -10,13 +11,16 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from flax import nnx
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import workbench
-from helpers import pure_numpy
+from helpers import hf_tensors, pure_numpy
 from workbench.checkpoints import merge_adapter
 from workbench.cli import main
+from workbench.model import quant
+from workbench.trees import leaf_paths, nest
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' own deprecations
 VOCAB, NEW = 128, 5
@@ -211,3 +215,41 @@ def test_inspect_state_shows_adapters_and_slots(served):
     )
     assert not [r for r in rows if r["collection"] == "params" and "lora" in r["path"]]
     assert [r["path"] for r in rows if r["collection"] == "decode"][-1] == "adapters"
+
+
+def dequantized_peft(reference, engine, params):
+    """transformers + peft with both adapters on the base weights our quantized engine holds,
+    dequantized (``quant.dequantize``): the float model a quantized base with float adapters computes."""
+    base, adapters, _ = reference
+    flat = leaf_paths(pure_numpy(params))
+    for owner in [path.removesuffix("/values") for path in flat if path.endswith("/values")]:
+        contract = quant.rule(owner, engine.config.quantize)[0]
+        flat[owner] = quant.dequantize(flat.pop(f"{owner}/values"), flat.pop(f"{owner}/scale"), contract)
+    model = LlamaForCausalLM.from_pretrained(base).eval()
+    tensors = hf_tensors(engine.config.replace(quantize=None), nest(flat))
+    model.load_state_dict({name: torch.tensor(t) for name, t in tensors.items()})
+    model = PeftModel.from_pretrained(model, adapters["chat"], adapter_name="chat")
+    model.load_adapter(adapters["code"], adapter_name="code")
+    return model.eval()
+
+
+@pytest.mark.parametrize("quantize", ["w8", "w8a8"])
+def test_quantized_base_with_float_adapters(reference, quantize):
+    """The mixed batch on a quantized base: against peft on the dequantized base weights. w8 is a
+    float product over those weights (logits to 1e-5 relative, measured 3e-6); w8a8 also rounds
+    each token's activations to int8 (measured 4e-2 of the logits), so it is held to the greedy
+    tokens, which every slot's adapter changes, and a 0.1 logits bound."""
+    base, adapters, _ = reference
+    engine, params = workbench.load(base, quantize=quantize, adapters={k: str(v) for k, v in adapters.items()}, **SHAPE)
+    lora = [leaf for path, leaf in leaf_paths(nnx.to_pure_dict(engine.rest)).items() if "/lora/" in path]
+    assert lora and {leaf.dtype for leaf in lora} == {np.dtype(np.float32)}
+    assert params["layers"][0]["attn"]["q"]["values"].dtype == np.int8
+    model = dequantized_peft(reference, engine, params)
+    out, state = engine_run(engine, params, SLOTS)
+    assert np.asarray(state.adapters).tolist() == [-1, 0, 1, 0]
+    for slot, (adapter, prompt) in SLOTS.items():
+        tokens, rows = torch_run(model, adapter, prompt)
+        assert out[slot][0] == tokens, f"slot {slot} ({adapter})"
+        bound = 1e-5 if quantize == "w8" else 0.1
+        assert np.abs(out[slot][1] - rows).max() <= bound * np.abs(rows).max(), f"slot {slot} ({adapter})"
+    assert out[0][0] != out[1][0], "adapter chat should change the base model's tokens"
