@@ -1,8 +1,9 @@
 """LoRA adapters against Hugging Face peft on a small random Llama, adapters on all seven
 projections: one decode batch mixing base, adapter chat and adapter code slots on a data=2,tensor=2
 mesh gives transformers+peft's greedy tokens and logits (1e-4 relative); base slots equal an
-engine without adapters (see below for where bit for bit); merge_adapter equals the unmerged path; the same batch on a w8 or w8a8 base matches peft on the
-dequantized base weights."""
+engine without adapters (see below for where bit for bit); merge_adapter equals the unmerged path.
+The same batch on a w8 / w8a8 base matches peft on the dequantized base weights, and one adapter
+on a small random Mistral and Qwen2 matches peft too."""
 
 import copy
 import json
@@ -13,7 +14,7 @@ import pytest
 import torch
 from flax import nnx
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import workbench
 from helpers import hf_tensors, pure_numpy
@@ -253,3 +254,44 @@ def test_quantized_base_with_float_adapters(reference, quantize):
         bound = 1e-5 if quantize == "w8" else 0.1
         assert np.abs(out[slot][1] - rows).max() <= bound * np.abs(rows).max(), f"slot {slot} ({adapter})"
     assert out[0][0] != out[1][0], "adapter chat should change the base model's tokens"
+
+
+# Mistral with a sliding window shorter than the prompt; Qwen2 with q/k/v biases (randomised: HF starts them at 0)
+FAMILIES = {
+    "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=4)),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_other_families_match_peft(family, tmp_path):
+    """One adapter on all seven projections of a small random Mistral / Qwen2, beside a base slot."""
+    config_class, model_class, changes = FAMILIES[family]
+    torch.manual_seed(1)
+    # fmt: off
+    config = config_class(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, attn_implementation="eager", initializer_range=0.3,
+        **changes,
+    )
+    # fmt: on
+    base = model_class(config).eval()
+    with torch.no_grad():
+        for name, weight in base.named_parameters():
+            if weight.ndim == 1:
+                weight.normal_(1.0 if "norm" in name else 0.0, 0.3)
+    base.save_pretrained(tmp_path / "base")
+    model = get_peft_model(base, LoraConfig(init_lora_weights=False, **ADAPTERS["code"]), "code")
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0.0, 0.3)
+    model.save_pretrained(tmp_path / "adapters")
+    engine, params = workbench.load(tmp_path / "base", adapters={"code": str(tmp_path / "adapters" / "code")}, **SHAPE)
+    slots = {0: (None, SLOTS[2][1]), 1: ("code", SLOTS[2][1])}
+    out, _ = engine_run(engine, params, slots)
+    for slot, (adapter, prompt) in slots.items():
+        tokens, rows = torch_run(model.eval(), adapter, prompt)
+        assert out[slot][0] == tokens, f"slot {slot} ({adapter})"
+        assert np.abs(out[slot][1] - rows).max() <= 1e-4 * np.abs(rows).max(), f"slot {slot} ({adapter})"
+    assert out[0][0] != out[1][0], "the adapter should change the base model's tokens"
