@@ -235,8 +235,8 @@ def dequantized_peft(reference, engine, params):
 def test_quantized_base_with_float_adapters(reference, quantize):
     """The mixed batch on a quantized base: against peft on the dequantized base weights. w8 is a
     float product over those weights (logits to 1e-5 relative, measured 3e-6); w8a8 also rounds
-    each token's activations to int8 (measured 4e-2 of the logits), so it is held to the greedy
-    tokens, which every slot's adapter changes, and a 0.1 logits bound."""
+    each token's activations to int8 (measured 4e-2 of the logits), so it is held to peft's greedy
+    tokens (which the adapters change) and a 0.1 logits bound."""
     base, adapters, _ = reference
     engine, params = workbench.load(base, quantize=quantize, adapters={k: str(v) for k, v in adapters.items()}, **SHAPE)
     lora = [leaf for path, leaf in leaf_paths(nnx.to_pure_dict(engine.rest)).items() if "/lora/" in path]
