@@ -29,6 +29,7 @@ from workbench import probes as probing
 from workbench import sharding as shd
 from workbench import trees
 from workbench.checks import check_int
+from workbench.engine import adapters as adapting
 from workbench.engine import autotune, multisampling, packing, steps
 from workbench.engine.inputs import bucket, check_decode_state, check_slot, check_tokens, pad
 from workbench.engine.sampling import GREEDY, Sampling
@@ -104,7 +105,7 @@ class Engine:
         self._derive_shardings()
         self._jit_steps()
         if adapters is not None:
-            self.rest = self._with_adapters(adapters.weights)
+            self.rest = adapting.place(self.rest, adapters.weights, self.abstract_rest, self.rest_shardings)
 
     def _split_models(self) -> None:
         """Three abstract models, split once: prefill (batch 1), decode (one row per slot), and
@@ -269,34 +270,14 @@ class Engine:
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be 2-D [batch, length], got shape {tokens.shape}")
         check_tokens(tokens.reshape(-1), self.config.vocab_size, None)
-        index = self.adapter_index(adapter)
-        if adapter is None:
-            return self._forward_jit(params, self.rest, jnp.asarray(tokens, jnp.int32))
-        rows = jnp.full((tokens.shape[0],), index, jnp.int32)
+        rows = adapting.rows(self.adapters, adapter, tokens.shape[0])
         return self._forward_jit(params, self.rest, jnp.asarray(tokens, jnp.int32), rows)
 
-    # ---- adapters --------------------------------------------------------------------------------
+    # ---- adapters (engine/adapters.py) -----------------------------------------------------------
     def adapter_index(self, adapter: str | None) -> jax.Array | None:
         """The int32 index of a loaded adapter (-1 for None: the base model); None on an engine
         without adapters. ValueError naming the loaded ones for an unknown name."""
-        if adapter is not None and adapter not in self.adapters:
-            loaded = ", ".join(self.adapters) or "none are loaded"
-            raise ValueError(f"unknown adapter {adapter!r} (loaded: {loaded})")
-        if not self.adapters:
-            return None
-        return jnp.int32(-1 if adapter is None else self.adapters.index(adapter))
-
-    def _with_adapters(self, weights: dict) -> nnx.State:
-        """``rest`` with the LoRA weights of the stacked adapters, placed by the rules table."""
-        current = trees.leaf_paths(nnx.to_pure_dict(self.rest))
-        lora = trees.leaf_paths(weights)
-        unknown = sorted(set(lora) - set(current))
-        if unknown:
-            raise ValueError(f"adapter weights do not match the model: unexpected entry {unknown[0]}")
-        pure = trees.nest(current | lora)
-        trees.check_matches("adapter weights", self.abstract_rest, pure)
-        cast = jax.tree.map(lambda x, a: np.asarray(x, a.dtype), pure, nnx.to_pure_dict(self.abstract_rest))
-        return jax.device_put(trees.fill(self.abstract_rest, cast), self.rest_shardings)
+        return adapting.index(self.adapters, adapter)
 
     # ---- decode state ----------------------------------------------------------------------------
     def init_decode_state(self, rng: jax.Array | int | None = None) -> DecodeState:
@@ -347,7 +328,7 @@ class Engine:
         ``probes`` / ``interventions``: see :mod:`workbench.probes` (the result's ``captured``).
         """
         inputs = self._prefill_inputs(existing_prefix, padded_tokens, true_length, rng)
-        index = self._chunk_adapter(existing_prefix, adapter)
+        index = adapting.chunk_index(self.adapters, existing_prefix, adapter)
         plan, data = probing.prepare(probes, interventions, self.config, 1)
         if plan is None:
             return self._prefill_jit(params, self.rest, *inputs, sampling=sampling or GREEDY, adapter=index)
@@ -356,14 +337,6 @@ class Engine:
             params, self.rest, *inputs, data, sampling=sampling or GREEDY, plan=plan
         )
         return prefix, probing.attach(result, raw, plan)
-
-    def _chunk_adapter(self, existing_prefix: Prefix | None, adapter: str | None) -> jax.Array | None:
-        """The adapter index of a prefill; a later chunk must keep the earlier chunks' adapter."""
-        index = self.adapter_index(adapter)
-        if index is not None and isinstance(existing_prefix, Prefix) and existing_prefix.adapter is not None:
-            if int(existing_prefix.adapter) != int(index):
-                raise ValueError(f"existing_prefix was prefilled with another adapter than {adapter or 'base'!r}")
-        return index
 
     def _prefill_inputs(self, existing_prefix, padded_tokens, true_length, rng) -> tuple:
         """(cache, tokens, start, true_length, key) for a prefill body, every input checked."""
@@ -410,7 +383,7 @@ class Engine:
                 f"num_samples ({num_samples}) exceeds the engine's {self.max_concurrent_decodes} decode slots"
             )
         inputs = self._prefill_inputs(existing_prefix, padded_tokens, true_length, rng)
-        index = self._chunk_adapter(existing_prefix, adapter)
+        index = adapting.chunk_index(self.adapters, existing_prefix, adapter)
         return self._prefill_multisampling_jit(
             params, self.rest, *inputs, sampling=sampling or GREEDY, num_samples=num_samples, adapter=index
         )

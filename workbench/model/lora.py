@@ -56,9 +56,15 @@ class LoRA(nnx.Module):
         low = jnp.einsum("BTI,NIR->BTNR", x.reshape(b, t, -1), self.a[...].astype(x.dtype))
         chosen = jax.nn.one_hot(adapters, self.a.shape[0], dtype=x.dtype)  # [B, N]; -1 (base): all zero
         low = low * chosen[:, None, :, None]
-        delta = jnp.einsum("BTNR,NRO->BTO", low, self.b[...].astype(x.dtype)).reshape(y.shape)
-        base = (adapters < 0).reshape(b, *([1] * (y.ndim - 1)))
-        return jnp.where(base, y, y + delta.astype(y.dtype))
+        delta = jnp.einsum("BTNR,NRO->BTO", low, self.b[...].astype(x.dtype))  # [B, T, out]; 0 on base rows
+        # y + delta written as a product, y * 1 + delta * used (used = 0 on a base row: y exactly). XLA:CPU fuses
+        # an elementwise combine (a select, an add) into the consumer's loop -- rope's sin and cos, silu --
+        # whose code then rounds those by an ulp unlike the engine without adapters; a product's output is
+        # never fused into its consumer, which so receives a plain buffer, as it does without adapters.
+        used = (adapters >= 0).astype(y.dtype)
+        mix = jnp.stack([jnp.ones_like(used), used], axis=1)  # [B, 2]
+        both = jnp.stack([y.reshape(b, -1), delta.astype(y.dtype).reshape(b, -1)], axis=1)  # [B, 2, T * out]
+        return jnp.einsum("BKX,BK->BX", both, mix).reshape(y.shape)
 
 
 def projections(config, spec: LoraSpec | None, names: tuple[str, ...]) -> nnx.Dict | None:
