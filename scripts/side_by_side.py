@@ -11,7 +11,7 @@ bandwidth (the sum of 1 GiB), our step, transformers' step, our insert at batch 
 ratio is the median of the rounds' ratios.
 
 ``--precision`` measures instead, in interleaved rounds at decode batch 8, our step and insert in
-each precision (float32, bfloat16, bf16 weights with float32 compute, w8, w8a8, w4) beside
+each precision (float32, bfloat16 -- on the CPU bf16 weights with float32 compute --, w8, w8a8, w4) beside
 transformers' step in the same precision:
 float32, bfloat16 (``model.to(torch.bfloat16)``) and, for w8a8, torch's dynamic int8
 (``torch.ao.quantization.quantize_dynamic`` on every ``nn.Linear``); w8 and w4 have no torch
@@ -361,8 +361,7 @@ def write_report(out_dir: Path, results: dict, met: list[tuple[str, str, bool]])
 
 PRECISIONS = {  # ours: workbench.load options; theirs: the transformers model of the same precision
     "float32": ({}, "float32"),
-    "bfloat16": ({"dtype": "bfloat16"}, "bfloat16"),
-    "bf16 weights": ({"param_dtype": "bfloat16"}, "bfloat16"),  # f32 activations, norms and KV cache
+    "bfloat16": ({"dtype": "bfloat16"}, "bfloat16"),  # on the CPU: bf16 weights, f32 compute and KV cache
     "w8": ({"quantize": "w8"}, "float32"),
     "w8a8": ({"quantize": "w8a8"}, "int8 dynamic"),
     "w4": ({"quantize": "w4"}, "float32"),
@@ -370,17 +369,10 @@ PRECISIONS = {  # ours: workbench.load options; theirs: the transformers model o
 
 
 def load_precision(checkpoint: Path, options: dict):
-    """(engine, params) at decode batch 8; ``param_dtype`` (bf16 weights, float32 compute) has no
-    ``workbench.load`` option, so that engine is built from the checkpoint's config by hand."""
+    """(engine, params) at decode batch 8 in one precision (``workbench.load`` options)."""
     import workbench
-    from workbench import checkpoints, trees
 
-    if "param_dtype" not in options:
-        return workbench.load(checkpoint, decode_batch_size=TARGET_BATCH, **options)
-    config = checkpoints.read_hf_config(checkpoint).replace(**options)
-    engine = workbench.Engine(config, workbench.make_mesh(None), decode_batch_size=TARGET_BATCH)
-    pure = checkpoints.load_hf_params(checkpoint, engine.abstract_params, engine.param_shardings, config=config)
-    return engine, trees.fill(engine.abstract_params, pure)
+    return workbench.load(checkpoint, decode_batch_size=TARGET_BATCH, **options)
 
 
 def precision_rounds(checkpoint: Path, model, steps: int, rounds: int, log) -> tuple[str, list[dict]]:
@@ -390,6 +382,7 @@ def precision_rounds(checkpoint: Path, model, steps: int, rounds: int, log) -> t
     import torch
 
     from workbench.bench import measure, read_gb_per_s
+    from workbench.engine import autotune
 
     theirs_models = {
         "float32": model,
@@ -419,8 +412,8 @@ def precision_rounds(checkpoint: Path, model, steps: int, rounds: int, log) -> t
         f"{rounds} interleaved rounds, medians of per-round ratios)",
         "",
         "| precision | transformers in | ours ms/step | theirs ms/step | theirs/ours | ours / our f32 | "
-        "insert / our f32 insert | weight MB | roofline |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "insert / our f32 insert | weight MB | roofline | decode library |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, (_, theirs) in PRECISIONS.items():
         mine = [r[name]["ours"] for r in rows]
@@ -431,7 +424,8 @@ def precision_rounds(checkpoint: Path, model, steps: int, rounds: int, log) -> t
             f"{med(m['generate_step_ms'] / f['generate_step_ms'] for m, f in zip(mine, f32)):.2f} | "
             f"{med(m['insert_ms'] / f['insert_ms'] for m, f in zip(mine, f32)):.2f} | "
             f"{mine[0]['weight_bytes'] / 1e6:.1f} | "
-            f"{med(m['achieved_gb_per_s'] / r['read_gb_per_s'] for m, r in zip(mine, rows)):.0%} |"
+            f"{med(m['achieved_gb_per_s'] / r['read_gb_per_s'] for m, r in zip(mine, rows)):.0%} | "
+            f"{mine[0]['decode_library']} |"
         )
     lines += [
         "",
@@ -440,6 +434,7 @@ def precision_rounds(checkpoint: Path, model, steps: int, rounds: int, log) -> t
         + "; all-core read bandwidth: "
         + ", ".join(f"{r['read_gb_per_s']:.1f}" for r in rows)
         + " GB/s.",
+        f"CPU: {autotune.cpu_name()}.",
         "",
     ]
     return "\n".join(lines), rows

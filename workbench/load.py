@@ -48,7 +48,12 @@ def load(
       mesh: axis sizes such as ``{"data": 2, "tensor": 4}``, a ``jax.sharding.Mesh``, or None
         (every device on ``data``).
       decode_batch_size / max_prefill_length / max_target_length: the engine's shape.
-      dtype: "float32" or "bfloat16" for both weights and compute; None keeps the model's.
+      dtype: "float32" or "bfloat16" for both weights and compute; None keeps the model's. On the
+        CPU, bfloat16 (asked for here or saved in the checkpoint) means bfloat16 weights with
+        float32 compute (activations, norms, KV cache), each product of bf16 weights taking a
+        float32 result: XLA:CPU runs that mix about 0.7x the float32 step, where bfloat16
+        elementwise ops and cache writes make an all-bf16 step ~7x slower (``docs/speed.md``).
+        An ``Engine`` built directly from a ``ModelConfig`` computes in whatever dtype it names.
       config: with ``checkpoint=None``, a model config to build with seeded random weights.
       seed: the seed of random weights.
       progress: a progress bar on stderr while reading a Hugging Face checkpoint (None: only
@@ -66,6 +71,7 @@ def load(
     quant.check_kv_cache_dtype(kv_cache_dtype)
     modes = dict(quantize=quantize, kv_cache_dtype=kv_cache_dtype)
     mesh = make_mesh(mesh)
+    platform = mesh.devices.flat[0].platform
     shape = dict(
         decode_batch_size=decode_batch_size, max_prefill_length=max_prefill_length, max_target_length=max_target_length
     )
@@ -76,7 +82,7 @@ def load(
     if checkpoint is None:
         from workbench.checkpoints.tokenizer import default_tokenizer
 
-        config = _with_dtype(config or ModelConfig.tiny(), dtype).replace(**modes)
+        config = _with_dtype(config or ModelConfig.tiny(), dtype, platform).replace(**modes)
         engine = Engine(config, mesh, tokenizer=default_tokenizer(config), **shape, **_adapters(adapters, config))
         if config.quantize is None:
             return engine, engine.load_params(None, seed=seed)
@@ -107,7 +113,8 @@ def load(
                 f"checkpoint {os.fspath(path)!r} is quantized {saved.quantize}: load it with quantize=None or "
                 f"{saved.quantize!r}, not {quantize!r}"
             )
-        config = _with_dtype(saved, dtype).replace(quantize=quantize or saved.quantize, kv_cache_dtype=kv_cache_dtype)
+        config = _with_dtype(saved, dtype, platform)
+        config = config.replace(quantize=quantize or saved.quantize, kv_cache_dtype=kv_cache_dtype)
         tokenizer = ckpt.tokenizer_from_manifest(manifest.get("tokenizer"), path, config)
         engine = Engine(config, mesh, tokenizer=tokenizer, **shape, **_adapters(adapters, config))
         stacked, layers = layout.saved_layers(path) or (engine.scan_layers, config.num_layers)
@@ -124,7 +131,7 @@ def load(
         if saved.quantize is None:
             pure = _quantized(engine, pure)
     elif ckpt.is_hf_checkpoint(path):
-        config = _with_dtype(ckpt.read_hf_config(path), dtype).replace(**modes)
+        config = _with_dtype(ckpt.read_hf_config(path), dtype, platform).replace(**modes)
         tokenizer = ckpt.tokenizer_for_hf_dir(path, config)
         engine = Engine(config, mesh, tokenizer=tokenizer, **shape, **_adapters(adapters, config))
         target = _float_target(engine)
@@ -149,8 +156,11 @@ def _adapters(adapters: Mapping[str, str | os.PathLike] | None, config: ModelCon
     return {"adapters": load_adapters(adapters, config)}
 
 
-def _with_dtype(config: ModelConfig, dtype: str | None) -> ModelConfig:
-    return config if dtype is None else config.replace(dtype=dtype, param_dtype=dtype)
+def _with_dtype(config: ModelConfig, dtype: str | None, platform: str) -> ModelConfig:
+    """``config`` in ``dtype`` (None: its own); on the CPU, bfloat16 compute becomes float32."""
+    if dtype is not None:
+        config = config.replace(dtype=dtype, param_dtype=dtype)
+    return config.replace(dtype="float32") if platform == "cpu" and config.dtype == "bfloat16" else config
 
 
 def _float_target(engine: Engine) -> tuple[Params, Params]:

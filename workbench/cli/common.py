@@ -18,7 +18,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, decode_batch: int =
     group.add_argument("--decode-batch", type=int, default=decode_batch, metavar="B", help="decode slots")
     group.add_argument("--max-prefill-length", type=int, default=256, metavar="L")
     group.add_argument("--max-target-length", type=int, default=1024, metavar="T")
-    group.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: the checkpoint's")
+    group.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="default: the checkpoint's; on the CPU bfloat16 weights compute in float32",
+    )
     group.add_argument("--quantize", choices=("none", "w8", "w8a8", "w4"), default=None, help="default: as saved")
     group.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto", help="auto: the compute dtype")
     group.add_argument(

@@ -116,12 +116,11 @@ def _products_dtype(config) -> str:
 
 def _key(config, batch: int) -> str:
     shape = (config.embed_dim, config.mlp_dim, config.num_heads, config.num_kv_heads, config.head_dim)
-    return "|".join(
-        (jax.__version__, _cpu(), os.environ.get("XLA_FLAGS", ""), "float32", "x".join(map(str, shape)), f"b{batch}")
-    )
+    flags = os.environ.get("XLA_FLAGS", "")
+    return "|".join((jax.__version__, cpu_name(), flags, "float32", "x".join(map(str, shape)), f"b{batch}"))
 
 
-def _cpu() -> str:
+def cpu_name() -> str:
     """The CPU's model name and its flags' count (another kind of machine gets its own entry)."""
     try:
         info = Path("/proc/cpuinfo").read_text()
