@@ -31,8 +31,8 @@ test: setup  ## ruff (lint, format check), then the whole suite: unit and parity
 test-browser: setup  ## the notebooks run in JupyterLab and checked in Chromium (fails without a Chromium)
 	WORKBENCH_REQUIRE_BROWSER=1 $(PY) -m pytest tests/test_browser.py
 
-notebooks: setup  ## re-execute every notebook in place and store its outputs (what nbval compares)
-	$(PY) -m jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=600 notebooks/*.ipynb
+notebooks: setup  ## re-execute every notebook in place and store its outputs (what nbval compares), in the tests' environment
+	WORKBENCH_COMPILE_CACHE=off WORKBENCH_AUTOTUNE=off $(PY) -m jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=600 notebooks/*.ipynb
 
 lab: setup  ## JupyterLab on notebooks/, in the project environment
 	$(PY) -m jupyter lab --notebook-dir=notebooks

@@ -1,18 +1,10 @@
-"""Test setup: 8 simulated CPU devices (before JAX starts) and small models built from configs."""
+"""Test fixtures: small models built from configs (the environment is set by ../conftest.py)."""
 
-import os
+import jax
+import pytest
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-# No persistent compile cache in the suite (nor in the notebook kernels and CLI processes it
-# starts, which inherit this): every run compiles from scratch, as a fresh machine would.
-os.environ["WORKBENCH_COMPILE_CACHE"] = "off"
-os.environ["WORKBENCH_AUTOTUNE"] = "off"  # the fixed decode library: no probe, the same programs on every machine
-
-import jax  # noqa: E402
-import pytest  # noqa: E402
-
-import workbench  # noqa: E402
-from helpers import lively_params  # noqa: E402
+import workbench
+from helpers import lively_params
 
 
 @pytest.fixture(scope="session")
