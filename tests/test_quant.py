@@ -11,8 +11,9 @@ import pytest
 from flax import nnx
 
 import workbench
-from helpers import SHAPE, SMALL, assert_close, engine_for, lively_arrays, prefill, prompt
+from helpers import SHAPE, SMALL, assert_close, engine_for, lively_arrays, prefill, prompt, write_hf
 from workbench import checkpoints, train, trees
+from workbench.checkpoints import hf
 from workbench.cli import main
 from workbench.engine import steps
 from workbench.model import kernels, quant
@@ -189,6 +190,33 @@ def test_a_quantized_checkpoint_restores_as_saved(tmp_path):
         np.testing.assert_array_equal(np.asarray(leaf, np.float32), np.asarray(saved[name], np.float32), err_msg=name)
     with pytest.raises(ValueError, match="is quantized w4: load it with quantize=None or 'w4', not 'w8'"):
         workbench.load(path, quantize="w8", **SHAPE)
+
+
+def test_a_hugging_face_import_quantizes_each_weight_as_it_is_placed(tmp_path, float_arrays, monkeypatch):
+    """w8 from a float32 HF checkpoint: after each weight is placed, the float32 arrays of a weight's
+    shape that the load made (``jax.live_arrays``) never add up to more than the largest weight --
+    never a float copy of the model; and the int8 values dequantize to the checkpoint's weights."""
+    path = write_hf(tmp_path / "hf", SMALL, float_arrays)
+    weights = {p: np.shape(x) for p, x in trees.leaf_paths(float_arrays).items() if quant.rule(p, "w8")}
+    before = jax.live_arrays()  # held: their ids stay theirs
+    known = {id(a) for a in before}
+    alive, place = [], hf._place
+
+    def placing(*args):
+        array = place(*args)
+        made = [a for a in jax.live_arrays() if id(a) not in known and a.dtype == jnp.float32]
+        alive.append(sum(a.nbytes for a in made if a.shape in weights.values()))
+        return array
+
+    monkeypatch.setattr(hf, "_place", placing)
+    engine, params = workbench.load(path, quantize="w8", mesh={"data": 1, "tensor": 2}, **SHAPE)
+    assert len(alive) == len(trees.leaf_paths(float_arrays)) and len(weights) == 16
+    assert max(alive) == max(4 * np.prod(shape) for shape in weights.values()), alive
+    loaded, shardings = trees.leaf_paths(params), trees.leaf_paths(engine.param_shardings)
+    assert loaded["layers/1/mlp/up/values"].dtype == jnp.int8
+    assert all(leaf.sharding == shardings[name] for name, leaf in loaded.items())
+    for name, leaf in trees.leaf_paths(dequantized(params)).items():  # rounding: half a step
+        assert_close(leaf, trees.leaf_paths(float_arrays)[name], rtol=1 / 254)
 
 
 # ---- inspectors --------------------------------------------------------------------------------

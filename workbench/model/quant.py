@@ -204,24 +204,30 @@ def quantize_model(model: nnx.Module, quantize: str | None) -> None:
 
 
 def quantize_params(pure: dict, quantize: str | None, shardings: dict | None = None) -> dict:
-    """A float pure dict of params -> the quantized model's pure dict, leaf by leaf. ``pure`` is
-    consumed (emptied): each float leaf is let go as soon as its quantized form exists, so the
-    model is never held twice in full precision. ``shardings``: the quantized model's pure dict of
-    shardings, or None."""
+    """A float pure dict of params -> the quantized model's pure dict, leaf by leaf
+    (:func:`quantize_leaf`). ``pure`` is consumed (emptied): each float leaf is let go as soon as
+    its quantized form exists, so the model is never held twice in full precision.
+    ``shardings``: the quantized model's pure dict of shardings, or None."""
     flat = trees.leaf_paths(pure)
     pure.clear()
     targets = trees.leaf_paths(shardings) if shardings is not None else {}
     out = {}
     for path in list(flat):
-        leaf = flat.pop(path)
-        applied = rule(path, quantize)
-        if applied is None:
-            out[path] = leaf
-            continue
-        placed = (targets.get(f"{path}/values"), targets.get(f"{path}/scale")) if targets else None
-        out[f"{path}/values"], out[f"{path}/scale"] = _quantizer(placed)(leaf, *applied)
-        del leaf
+        out.update(quantize_leaf(path, flat.pop(path), quantize, targets))
     return trees.nest(out)
+
+
+def quantize_leaf(path: str, leaf: jax.Array, quantize: str | None, shardings: dict | None = None) -> dict:
+    """One float leaf of the params -> its entries in the quantized model's flat params:
+    ``{path: leaf}`` where the rules keep it float, else ``{path/values, path/scale}``, placed in
+    ``shardings`` (the quantized model's ``{leaf path: sharding}``) when given. A loader calls it
+    on each leaf as it reads it, so only one float weight is alive at a time."""
+    applied = rule(path, quantize)
+    if applied is None:
+        return {path: leaf}
+    placed = (shardings.get(f"{path}/values"), shardings.get(f"{path}/scale")) if shardings else None
+    values, scale = _quantizer(placed)(leaf, *applied)
+    return {f"{path}/values": values, f"{path}/scale": scale}
 
 
 @functools.lru_cache
