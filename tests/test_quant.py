@@ -122,12 +122,20 @@ def test_cli_rejects_an_unknown_mode(capsys, args, message):
 
 
 def test_int8_kv_cache_follows_the_uncached_forward(float_arrays):
-    engine = quantized_engine(SMALL.replace(kv_cache_dtype="int8"))
+    # 160 positions: key buckets 128 and 160, so attention reads (and dequantizes) a sliced prefix
+    shape = dict(SHAPE, max_target_length=160)
+    engine = workbench.Engine(
+        SMALL.replace(kv_cache_dtype="int8"), workbench.make_mesh({"data": 1, "tensor": 2}), **shape
+    )
     params = engine.load_params(float_arrays)
     tokens = ids(12, 3)
     prefix, first = prefill(engine, params, tokens)
     cache = trees.leaf_paths(prefix.cache)
-    assert cache["layers/0/attn/cache/k"].dtype == jnp.int8 and cache["layers/0/attn/cache/k_scale"].shape == (1, 32, 2)
+    assert cache["layers/0/attn/cache/k"].dtype == jnp.int8 and cache["layers/0/attn/cache/k_scale"].shape == (
+        1,
+        160,
+        2,
+    )
     state = engine.insert(prefix, engine.init_decode_state(), 1)
     state, result = engine.generate(params, state)
     oracle = engine.forward(params, np.asarray([tokens + [int(first.data[0, 0])]]))[0]
