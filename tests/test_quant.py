@@ -123,25 +123,27 @@ def test_cli_rejects_an_unknown_mode(capsys, args, message):
 
 def test_int8_kv_cache_follows_the_uncached_forward(float_arrays):
     # 160 positions: key buckets 128 and 160, so attention reads (and dequantizes) a sliced prefix
-    shape = dict(SHAPE, max_target_length=160)
-    engine = workbench.Engine(
-        SMALL.replace(kv_cache_dtype="int8"), workbench.make_mesh({"data": 1, "tensor": 2}), **shape
-    )
+    mesh = workbench.make_mesh({"data": 1, "tensor": 2})
+    engine = workbench.Engine(SMALL.replace(kv_cache_dtype="int8"), mesh, **dict(SHAPE, max_target_length=160))
     params = engine.load_params(float_arrays)
     tokens = ids(12, 3)
     prefix, first = prefill(engine, params, tokens)
     cache = trees.leaf_paths(prefix.cache)
-    assert cache["layers/0/attn/cache/k"].dtype == jnp.int8 and cache["layers/0/attn/cache/k_scale"].shape == (
-        1,
-        160,
-        2,
-    )
+    assert cache["layers/0/attn/cache/k"].dtype == jnp.int8
+    assert cache["layers/0/attn/cache/k_scale"].shape == (1, 160, 2)
     state = engine.insert(prefix, engine.init_decode_state(), 1)
     state, result = engine.generate(params, state)
     oracle = engine.forward(params, np.asarray([tokens + [int(first.data[0, 0])]]))[0]
     # int8 keys and values (one scale per position and kv head) move the logits by a few percent
     assert_close(prefix.logits, oracle[len(tokens) - 1], rtol=0.05)
     assert_close(result.logits[1], oracle[len(tokens)], rtol=0.05)
+    # packed prompts (prefill_concat) write int8 rows too: layer 0's equal the prompt's prefilled
+    # alone (later layers differ by the int8 noise: packed prompts attend their float keys)
+    packed, _ = engine.prefill_concat(params=params, prompts=[ids(4, 4), tokens])[1]
+    for name, leaf in trees.leaf_paths(packed.cache).items():
+        assert leaf.dtype == cache[name].dtype and leaf.shape == cache[name].shape
+        if name.startswith("layers/0/"):
+            np.testing.assert_array_equal(leaf, cache[name], err_msg=name)
 
 
 # ---- accuracy on the default model's held-out text ---------------------------------------------

@@ -127,7 +127,7 @@ class Attention(nnx.Module):
         o = quant.einsum("BTX,XD->BTD", out, self.o, self.dtype, shape=(n * h, -1))
         return lora.apply(self.lora, "o", out, o, adapters)
 
-    def _attend_cache(self, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, hooks=None) -> jax.Array:
+    def _attend_cache(self, q: jax.Array, k, v, positions: jax.Array, hooks=None) -> jax.Array:
         """Attention over the first L cache positions, L the smallest bucket covering every live query.
 
         ``k, v``: the whole cache [B, S, K, H], float or ``quant.Int8Rows`` (dequantized after the

@@ -291,9 +291,12 @@ class Int8KVCache(nnx.Module):
         self.k_scale = nnx.Cache(jnp.zeros(shape[:3], jnp.float32), out_sharding=axes[:3])
         self.v_scale = nnx.Cache(jnp.zeros(shape[:3], jnp.float32), out_sharding=axes[:3])
 
-    def update(self, k: jax.Array, v: jax.Array, positions: jax.Array) -> tuple[Int8Rows, Int8Rows]:
-        """Write ``k, v`` [B, T, K, H] at ``positions`` [B, T]; return the whole cache, int8."""
-        rows = jnp.arange(k.shape[0])[:, None]
+    def update(
+        self, k: jax.Array, v: jax.Array, positions: jax.Array, rows: jax.Array | None = None
+    ) -> tuple[Int8Rows, Int8Rows]:
+        """Write ``k, v`` [B, T, K, H] at ``positions`` [B, T] (of cache ``rows`` [B, T], packed
+        prompts; default: the token's own row); return the whole cache, int8."""
+        rows = jnp.arange(k.shape[0])[:, None] if rows is None else rows
         out = []
         for name, new in (("k", k), ("v", v)):
             values, scale = quantize_rows(new)
