@@ -11,8 +11,9 @@ import pytest
 from flax import nnx
 
 import workbench
-from helpers import SHAPE, SMALL, assert_close, engine_for, lively_arrays, prefill, prompt
+from helpers import SHAPE, SMALL, assert_close, engine_for, lively_arrays, prefill, prompt, write_hf
 from workbench import checkpoints, train, trees
+from workbench.checkpoints import hf
 from workbench.cli import main
 from workbench.engine import steps
 from workbench.model import quant
@@ -121,18 +122,28 @@ def test_cli_rejects_an_unknown_mode(capsys, args, message):
 
 
 def test_int8_kv_cache_follows_the_uncached_forward(float_arrays):
-    engine = quantized_engine(SMALL.replace(kv_cache_dtype="int8"))
+    # 160 positions: key buckets 128 and 160, so attention reads (and dequantizes) a sliced prefix
+    mesh = workbench.make_mesh({"data": 1, "tensor": 2})
+    engine = workbench.Engine(SMALL.replace(kv_cache_dtype="int8"), mesh, **dict(SHAPE, max_target_length=160))
     params = engine.load_params(float_arrays)
     tokens = ids(12, 3)
     prefix, first = prefill(engine, params, tokens)
     cache = trees.leaf_paths(prefix.cache)
-    assert cache["layers/0/attn/cache/k"].dtype == jnp.int8 and cache["layers/0/attn/cache/k_scale"].shape == (1, 32, 2)
+    assert cache["layers/0/attn/cache/k"].dtype == jnp.int8
+    assert cache["layers/0/attn/cache/k_scale"].shape == (1, 160, 2)
     state = engine.insert(prefix, engine.init_decode_state(), 1)
     state, result = engine.generate(params, state)
     oracle = engine.forward(params, np.asarray([tokens + [int(first.data[0, 0])]]))[0]
     # int8 keys and values (one scale per position and kv head) move the logits by a few percent
     assert_close(prefix.logits, oracle[len(tokens) - 1], rtol=0.05)
     assert_close(result.logits[1], oracle[len(tokens)], rtol=0.05)
+    # packed prompts (prefill_concat) write int8 rows too: layer 0's equal the prompt's prefilled
+    # alone (later layers differ by the int8 noise: packed prompts attend their float keys)
+    packed, _ = engine.prefill_concat(params=params, prompts=[ids(4, 4), tokens])[1]
+    for name, leaf in trees.leaf_paths(packed.cache).items():
+        assert leaf.dtype == cache[name].dtype and leaf.shape == cache[name].shape
+        if name.startswith("layers/0/"):
+            np.testing.assert_array_equal(leaf, cache[name], err_msg=name)
 
 
 # ---- accuracy on the default model's held-out text ---------------------------------------------
@@ -189,6 +200,33 @@ def test_a_quantized_checkpoint_restores_as_saved(tmp_path):
         np.testing.assert_array_equal(np.asarray(leaf, np.float32), np.asarray(saved[name], np.float32), err_msg=name)
     with pytest.raises(ValueError, match="is quantized w4: load it with quantize=None or 'w4', not 'w8'"):
         workbench.load(path, quantize="w8", **SHAPE)
+
+
+def test_a_hugging_face_import_quantizes_each_weight_as_it_is_placed(tmp_path, float_arrays, monkeypatch):
+    """w8 from a float32 HF checkpoint: after each weight is placed, the float32 arrays of a weight's
+    shape that the load made (``jax.live_arrays``) never add up to more than the largest weight --
+    never a float copy of the model; and the int8 values dequantize to the checkpoint's weights."""
+    path = write_hf(tmp_path / "hf", SMALL, float_arrays)
+    weights = {p: np.shape(x) for p, x in trees.leaf_paths(float_arrays).items() if quant.rule(p, "w8")}
+    before = jax.live_arrays()  # held: their ids stay theirs
+    known = {id(a) for a in before}
+    alive, place = [], hf._place
+
+    def placing(*args):
+        array = place(*args)
+        made = [a for a in jax.live_arrays() if id(a) not in known and a.dtype == jnp.float32]
+        alive.append(sum(a.nbytes for a in made if a.shape in weights.values()))
+        return array
+
+    monkeypatch.setattr(hf, "_place", placing)
+    engine, params = workbench.load(path, quantize="w8", mesh={"data": 1, "tensor": 2}, **SHAPE)
+    assert len(alive) == len(trees.leaf_paths(float_arrays)) and len(weights) == 16
+    assert max(alive) == max(4 * np.prod(shape) for shape in weights.values()), alive
+    loaded, shardings = trees.leaf_paths(params), trees.leaf_paths(engine.param_shardings)
+    assert loaded["layers/1/mlp/up/values"].dtype == jnp.int8
+    assert all(leaf.sharding == shardings[name] for name, leaf in loaded.items())
+    for name, leaf in trees.leaf_paths(dequantized(params)).items():  # rounding: half a step
+        assert_close(leaf, trees.leaf_paths(float_arrays)[name], rtol=1 / 254)
 
 
 # ---- inspectors --------------------------------------------------------------------------------

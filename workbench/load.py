@@ -7,6 +7,7 @@ into the engine's shardings, and the engine is built with the checkpoint's token
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -135,10 +136,16 @@ def load(
         tokenizer = ckpt.tokenizer_for_hf_dir(path, config)
         engine = Engine(config, mesh, tokenizer=tokenizer, **shape, **_adapters(adapters, config))
         target = _float_target(engine)
-        pure = ckpt.load_hf_params(path, *layout.targets(*target, stacked=False), config=config, progress=progress)
-        if engine.scan_layers:
+        # each float leaf is quantized as soon as it is placed: never a float copy of the model
+        pure = ckpt.load_hf_params(
+            path,
+            *layout.targets(*target, stacked=False),
+            config=config,
+            progress=progress,
+            transform=_quantizer(engine),
+        )
+        if engine.scan_layers:  # (never quantized: the engine refuses scan_layers with quantize)
             pure = layout.relayout(pure, target[1], stacked=True)
-        pure = _quantized(engine, pure)
     else:
         raise ValueError(
             f"{os.fspath(path)!r} is neither a workbench checkpoint (workbench.json) "
@@ -173,6 +180,15 @@ def _float_target(engine: Engine) -> tuple[Params, Params]:
         abstract = nnx.eval_shape(lambda: Transformer(float_config, rngs=nnx.Rngs(0)))
     params = nnx.split(abstract, nnx.Param, ...)[1]
     return params, shardings_for(params, engine.mesh, engine.rules)
+
+
+def _quantizer(engine: Engine):
+    """The per-leaf transform of a float checkpoint's reader: ``(path, float array) -> {path:
+    array, ...}`` in the engine's shardings, quantized when the engine is; None when it is not."""
+    if engine.config.quantize is None:
+        return None
+    shardings = trees.leaf_paths(nnx.to_pure_dict(engine.param_shardings))
+    return functools.partial(quant.quantize_leaf, quantize=engine.config.quantize, shardings=shardings)
 
 
 def _quantized(engine: Engine, pure: dict) -> dict:

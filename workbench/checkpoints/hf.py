@@ -178,13 +178,16 @@ def load_hf_params(
     *,
     config: ModelConfig | None = None,
     progress: bool | None = None,
+    transform: Callable[[str, jax.Array], dict[str, jax.Array]] | None = None,
 ) -> dict:
     """The HF checkpoint's weights as a pure dict of arrays placed in ``shardings``, shaped and
     typed like ``abstract_params`` (say, an engine's ``abstract_params`` and ``param_shardings``).
 
     ``config``: the model the params belong to (default: the checkpoint's ``config.json``; pass
     it when the abstract params use another dtype). ``progress``: a tqdm bar on stderr (None:
-    only for large checkpoints).
+    only for large checkpoints). ``transform``: ``(path, array) -> {path: array, ...}``, called
+    on each array as soon as it is placed, its result kept instead (say, ``quant.quantize_leaf``:
+    then only one full-precision weight is ever alive).
     """
     path = Path(path)
     if config is None:
@@ -222,7 +225,9 @@ def load_hf_params(
                 disable=not show,
             ) as bar:
                 for ours, layout in layouts.items():
-                    flat[ours] = _place(get(layout.name), layout, abstract[ours], shardings[ours])
+                    array = _place(get(layout.name), layout, abstract[ours], shardings[ours])
+                    flat.update({ours: array} if transform is None else transform(ours, array))
+                    del array  # transformed: the placed array is let go before the next is read
                     bar.update(sizes[ours])
     except ValueError:
         raise

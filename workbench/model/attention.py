@@ -114,7 +114,7 @@ class Attention(nnx.Module):
             self.cache.update(k, v, positions, rows=segments)
             out = self._attend(q, k, v, positions, positions, segments=segments, hooks=hooks, keys=t)
         else:
-            k, v = self.cache.update(k, v, positions)  # [B, S, K, H]
+            k, v = self.cache.update(k, v, positions)  # [B, S, K, H] (int8: quant.Int8Rows)
             out = self._attend_cache(q, k, v, positions, hooks)
         if hooks is not None:  # probes: record the weights, ablate heads
             if hooks.weights:
@@ -127,17 +127,19 @@ class Attention(nnx.Module):
         o = quant.einsum("BTX,XD->BTD", out, self.o, self.dtype, shape=(n * h, -1))
         return lora.apply(self.lora, "o", out, o, adapters)
 
-    def _attend_cache(self, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, hooks=None) -> jax.Array:
-        """Attention over the first L cache positions, L the smallest bucket covering every live query."""
+    def _attend_cache(self, q: jax.Array, k, v, positions: jax.Array, hooks=None) -> jax.Array:
+        """Attention over the first L cache positions, L the smallest bucket covering every live query.
+
+        ``k, v``: the whole cache [B, S, K, H], float or ``quant.Int8Rows`` (dequantized after the
+        slice: a decode step converts the L positions it reads, not the S it holds)."""
         cache_length = k.shape[1]
         buckets = key_buckets(cache_length)
 
         def attend_prefix(length: int, q, k, v, positions):
             key_positions = jnp.broadcast_to(jnp.arange(length), (k.shape[0], length))
             sliced = length < cache_length
-            return self._attend(
-                q, k[:, :length], v[:, :length], positions, key_positions, sliced=sliced, hooks=hooks, keys=cache_length
-            )
+            k, v = quant.cache_prefix(k, length, self.dtype), quant.cache_prefix(v, length, self.dtype)
+            return self._attend(q, k, v, positions, key_positions, sliced=sliced, hooks=hooks, keys=cache_length)
 
         if len(buckets) == 1:
             return attend_prefix(cache_length, q, k, v, positions)

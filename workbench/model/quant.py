@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import re
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -204,24 +205,30 @@ def quantize_model(model: nnx.Module, quantize: str | None) -> None:
 
 
 def quantize_params(pure: dict, quantize: str | None, shardings: dict | None = None) -> dict:
-    """A float pure dict of params -> the quantized model's pure dict, leaf by leaf. ``pure`` is
-    consumed (emptied): each float leaf is let go as soon as its quantized form exists, so the
-    model is never held twice in full precision. ``shardings``: the quantized model's pure dict of
-    shardings, or None."""
+    """A float pure dict of params -> the quantized model's pure dict, leaf by leaf
+    (:func:`quantize_leaf`). ``pure`` is consumed (emptied): each float leaf is let go as soon as
+    its quantized form exists, so the model is never held twice in full precision.
+    ``shardings``: the quantized model's pure dict of shardings, or None."""
     flat = trees.leaf_paths(pure)
     pure.clear()
     targets = trees.leaf_paths(shardings) if shardings is not None else {}
     out = {}
     for path in list(flat):
-        leaf = flat.pop(path)
-        applied = rule(path, quantize)
-        if applied is None:
-            out[path] = leaf
-            continue
-        placed = (targets.get(f"{path}/values"), targets.get(f"{path}/scale")) if targets else None
-        out[f"{path}/values"], out[f"{path}/scale"] = _quantizer(placed)(leaf, *applied)
-        del leaf
+        out.update(quantize_leaf(path, flat.pop(path), quantize, targets))
     return trees.nest(out)
+
+
+def quantize_leaf(path: str, leaf: jax.Array, quantize: str | None, shardings: dict | None = None) -> dict:
+    """One float leaf of the params -> its entries in the quantized model's flat params:
+    ``{path: leaf}`` where the rules keep it float, else ``{path/values, path/scale}``, placed in
+    ``shardings`` (the quantized model's ``{leaf path: sharding}``) when given. A loader calls it
+    on each leaf as it reads it, so only one float weight is alive at a time."""
+    applied = rule(path, quantize)
+    if applied is None:
+        return {path: leaf}
+    placed = (shardings.get(f"{path}/values"), shardings.get(f"{path}/scale")) if shardings else None
+    values, scale = _quantizer(placed)(leaf, *applied)
+    return {f"{path}/values": values, f"{path}/scale": scale}
 
 
 @functools.lru_cache
@@ -250,9 +257,31 @@ def cache_class(config, float_cache: type) -> type:
     return Int8KVCache if config.kv_cache_dtype == "int8" else float_cache
 
 
+class Int8Rows(NamedTuple):
+    """An int8 cache as attention reads it: ``values`` [B, S, K, H] and ``scale`` [B, S, K], kept
+    apart until :func:`cache_prefix` has sliced the positions attention reads."""
+
+    values: jax.Array
+    scale: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.values.shape
+
+
+def cache_prefix(cache: jax.Array | Int8Rows, length: int, dtype) -> jax.Array:
+    """The first ``length`` positions of a cache [B, S, K, H] in ``dtype``: a float cache sliced;
+    an int8 one sliced, then dequantized -- only the positions read are converted."""
+    if isinstance(cache, Int8Rows):
+        values, scale = cache.values[:, :length], cache.scale[:, :length]
+        return (values.astype(jnp.float32) * scale[..., None]).astype(dtype)
+    return cache[:, :length]
+
+
 class Int8KVCache(nnx.Module):
     """``attention.KVCache`` stored as int8 with a float32 scale per (position, kv head): keys and
-    values are quantized on write and handed back dequantized to the attention that reads them."""
+    values are quantized on write and handed to attention as :class:`Int8Rows`, which it
+    dequantizes after slicing the prefix it reads (:func:`cache_prefix`)."""
 
     def __init__(self, config, batch: int, length: int):
         shape = (batch, length, config.num_kv_heads, config.head_dim)
@@ -261,16 +290,18 @@ class Int8KVCache(nnx.Module):
         self.v = nnx.Cache(jnp.zeros(shape, jnp.int8), out_sharding=axes)
         self.k_scale = nnx.Cache(jnp.zeros(shape[:3], jnp.float32), out_sharding=axes[:3])
         self.v_scale = nnx.Cache(jnp.zeros(shape[:3], jnp.float32), out_sharding=axes[:3])
-        self.dtype = config.compute_dtype
 
-    def update(self, k: jax.Array, v: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Write ``k, v`` [B, T, K, H] at ``positions`` [B, T]; return the whole cache [B, S, K, H]."""
-        rows = jnp.arange(k.shape[0])[:, None]
+    def update(
+        self, k: jax.Array, v: jax.Array, positions: jax.Array, rows: jax.Array | None = None
+    ) -> tuple[Int8Rows, Int8Rows]:
+        """Write ``k, v`` [B, T, K, H] at ``positions`` [B, T] (of cache ``rows`` [B, T], packed
+        prompts; default: the token's own row); return the whole cache, int8."""
+        rows = jnp.arange(k.shape[0])[:, None] if rows is None else rows
         out = []
         for name, new in (("k", k), ("v", v)):
             values, scale = quantize_rows(new)
             cache, scales = getattr(self, name), getattr(self, f"{name}_scale")
             cache[...] = cache[...].at[rows, positions].set(values, mode="drop")
             scales[...] = scales[...].at[rows, positions].set(scale, mode="drop")
-            out.append((cache[...].astype(jnp.float32) * scales[...][..., None]).astype(self.dtype))
+            out.append(Int8Rows(cache[...], scales[...]))
         return out[0], out[1]
