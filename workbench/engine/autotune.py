@@ -13,7 +13,9 @@ stderr, and writes the choice to ``$XDG_CACHE_HOME/workbench/autotune.json``
 
 ``WORKBENCH_AUTOTUNE``: ``off`` keeps the fixed choice (Eigen for float32, the test suite's
 setting: no probe, the same program on every machine), ``ynnpack`` or ``eigen`` forces one, and
-any other value is the path of the cache file. YNNPACK is asked for dots only
+any other value is the path of the cache file. A mesh over several processes (``jax.distributed``)
+takes the fixed choice unless one is forced: a probe per process could pick differently, and
+replicas of one array on two processes must round alike. YNNPACK is asked for dots only
 (``LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT``): its default also takes reductions, and then copies
 the cache slice attention reads (measured: 16 copies a step).
 """
@@ -55,8 +57,8 @@ def library(config, batch: int) -> str:
         return setting
     if _products_dtype(config) != "float32":
         return "ynnpack"
-    if setting.lower() in ("off", "0", "false", "no", "none"):
-        return FIXED
+    if setting.lower() in ("off", "0", "false", "no", "none") or jax.process_count() > 1:
+        return FIXED  # several processes must compile alike: their replicas must round alike
     key = _key(config, batch)
     if key not in _chosen:
         path = Path(setting).expanduser() if setting else _default_path()
