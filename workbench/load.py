@@ -52,8 +52,8 @@ def load(
       dtype: "float32" or "bfloat16" for both weights and compute; None keeps the model's. On the
         CPU, bfloat16 (asked for here or saved in the checkpoint) means bfloat16 weights with
         float32 compute (activations, norms, KV cache), each product of bf16 weights taking a
-        float32 result: XLA:CPU runs that mix about 0.7x the float32 step, where bfloat16
-        elementwise ops and cache writes make an all-bf16 step ~7x slower (``docs/speed.md``).
+        float32 result: XLA:CPU runs that mix at about 0.8x the float32 step, where bfloat16
+        elementwise ops and cache writes make an all-bf16 step 7-9x slower (``docs/speed.md``).
         An ``Engine`` built directly from a ``ModelConfig`` computes in whatever dtype it names.
       config: with ``checkpoint=None``, a model config to build with seeded random weights.
       seed: the seed of random weights.
