@@ -41,8 +41,13 @@ def default_directory() -> Path | None:
     chosen = os.environ.get(ENV)
     if chosen is not None:
         return None if chosen.strip().lower() in OFF or not chosen.strip() else Path(chosen).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "workbench" / "jax"
+    return cache_home() / "jax"
+
+
+def cache_home() -> Path:
+    """Where workbench keeps what it learns about this machine: ``$XDG_CACHE_HOME/workbench``, else
+    ``~/.cache/workbench`` (the compile cache, the autotune choices)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "workbench"
 
 
 def directory() -> Path | None:

@@ -33,6 +33,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from workbench import compile_cache
+
 ENV = "WORKBENCH_AUTOTUNE"
 OPTION = "xla_cpu_experimental_ynn_fusion_type"
 LIBRARIES = {"ynnpack": {OPTION: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}, "eigen": {OPTION: ""}}
@@ -57,11 +59,11 @@ def library(config, batch: int) -> str:
         return setting
     if _products_dtype(config) != "float32":
         return "ynnpack"
-    if setting.lower() in ("off", "0", "false", "no", "none") or jax.process_count() > 1:
+    if setting.lower() in compile_cache.OFF or jax.process_count() > 1:
         return FIXED  # several processes must compile alike: their replicas must round alike
     key = _key(config, batch)
     if key not in _chosen:
-        path = Path(setting).expanduser() if setting else _default_path()
+        path = Path(setting).expanduser() if setting else compile_cache.cache_home() / "autotune.json"
         cached = _read(path)
         if key in cached:
             _chosen[key] = cached[key]["library"]
@@ -133,11 +135,6 @@ def cpu_name() -> str:
     fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
     fields = {k.strip(): v.strip() for k, v in fields.items()}
     return f"{fields.get('model name', '?')} ({len(fields.get('flags', '').split())} flags, {os.cpu_count()} cpus)"
-
-
-def _default_path() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "workbench" / "autotune.json"
 
 
 def _read(path: Path) -> dict:
