@@ -249,7 +249,7 @@ def dequantized_cache(layer: dict) -> dict:
     """``{"k", "v"}`` of one layer's cache dict as float32, dequantized when it holds int8 and scales."""
     if "k_scale" not in layer:
         return layer
-    return {name: layer[name].astype(jnp.float32) * layer[f"{name}_scale"][..., None] for name in ("k", "v")}
+    return {name: Int8Rows(layer[name], layer[f"{name}_scale"]).dequantized() for name in ("k", "v")}
 
 
 def cache_class(config, float_cache: type) -> type:
@@ -268,13 +268,15 @@ class Int8Rows(NamedTuple):
     def shape(self) -> tuple[int, ...]:
         return self.values.shape
 
+    def dequantized(self, dtype=jnp.float32) -> jax.Array:
+        return (self.values.astype(jnp.float32) * self.scale[..., None]).astype(dtype)
+
 
 def cache_prefix(cache: jax.Array | Int8Rows, length: int, dtype) -> jax.Array:
     """The first ``length`` positions of a cache [B, S, K, H] in ``dtype``: a float cache sliced;
     an int8 one sliced, then dequantized -- only the positions read are converted."""
     if isinstance(cache, Int8Rows):
-        values, scale = cache.values[:, :length], cache.scale[:, :length]
-        return (values.astype(jnp.float32) * scale[..., None]).astype(dtype)
+        return Int8Rows(cache.values[:, :length], cache.scale[:, :length]).dequantized(dtype)
     return cache[:, :length]
 
 
