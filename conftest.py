@@ -5,6 +5,9 @@ library (no autotune probe: the same programs on every machine, nothing extra on
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ["WORKBENCH_COMPILE_CACHE"] = "off"
 os.environ["WORKBENCH_AUTOTUNE"] = "off"
+
+from workbench.devices import simulate_cpu_devices  # noqa: E402 (after the environment it may read)
+
+simulate_cpu_devices(8)

@@ -13,6 +13,7 @@ or let the continuous-batching driver step it (prefill, insert, generate and fre
 The engine's contract with JetStream's API, difference by difference: ``docs/engine-api.md``.
 """
 
+from workbench.devices import simulate_cpu_devices
 from workbench.engine import (
     GREEDY,
     Completion,
@@ -47,6 +48,7 @@ __all__ = [
     "notebook_setup",
     "preset",
     "run_requests",
+    "simulate_cpu_devices",
 ]
 
 

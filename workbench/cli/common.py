@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import re
 from typing import Any
+
+from workbench.devices import simulate_cpu_devices
+from workbench.model.quant import MODES as QUANTIZE_MODES
 
 
 class CliError(Exception):
@@ -24,7 +26,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, decode_batch: int =
         default=None,
         help="default: the checkpoint's; on the CPU bfloat16 weights compute in float32",
     )
-    group.add_argument("--quantize", choices=("none", "w8", "w8a8", "w4"), default=None, help="default: as saved")
+    group.add_argument("--quantize", choices=("none", *QUANTIZE_MODES), default=None, help="default: as saved")
     group.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto", help="auto: the compute dtype")
     group.add_argument(
         "--host-devices", type=int, default=None, metavar="N", help="simulate N CPU devices (applied before JAX starts)"
@@ -53,22 +55,16 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def apply_host_devices(count: int | None) -> None:
-    """Simulate ``count`` CPU devices; must run before JAX initialises its backend."""
+    """Simulate ``count`` CPU devices (:func:`workbench.devices.simulate_cpu_devices`); must run
+    before JAX initialises its backend."""
     if count is None:
         return
     if count < 1:
         raise CliError(f"--host-devices must be positive, got {count}")
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
-    import jax
-
     try:
-        jax.config.update("jax_num_cpu_devices", count)
-    except RuntimeError:  # JAX already started (say, in a notebook): fine if it has what was asked
-        if jax.device_count() != count:
-            raise CliError(
-                f"--host-devices {count}: JAX has already started with {jax.device_count()} devices"
-            ) from None
+        simulate_cpu_devices(count)
+    except RuntimeError as error:  # JAX already started (say, in a notebook) with another count
+        raise CliError(f"--host-devices {count}: {error}") from None
 
 
 def load_engine(args: argparse.Namespace, **overrides: Any):
