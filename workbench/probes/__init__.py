@@ -1,0 +1,62 @@
+"""Research instruments inside the engine's own steps: capture activations, intervene on them.
+
+    capture = probes.Capture(attention=True, residual=True, mlp=True, logits=True)
+    prefix, first = engine.prefill(..., probes=capture)       # first.captured: a Captured
+    state, result = engine.generate(params, state, probes=capture,
+                                    interventions=[probes.Ablate(1, [3]), probes.Steer(2, v, 4.0)])
+
+**Capture** is ``Module.sow`` of ``nnx.Intermediate`` values at the hook sites
+(:mod:`workbench.model.hooks`), collected by ``nnx.capture`` around the merged model's call inside
+the jitted step and returned from it as a plain dict (so nothing outlives split / merge). Per
+layer: the attention weights ``[rows, N, T, S]`` (rows: 1 for prefill, the slots for generate;
+T the step's queries; S the keys it read), the attention block's output ``attn_out`` and the MLP
+output ``mlp`` (``[rows, T, D]``, what each adds to the residual stream), the residual stream after
+the block ``residual``; and the final logits ``[rows, T, V]``.
+
+**Interventions** are data. :func:`prepare` turns a list of them into dense arrays over layers
+(``[L, rows, N]`` head gains, ``[L, rows, D]`` steering vectors, ``[L, P, ...]`` patches) passed
+into the jitted step; only the *kinds* present (and a patch's count of positions, rounded up to
+a power of two) are static.
+So changing a layer, a head, a value or a slot does not recompile. ``slots`` on an intervention
+is the slot mask: which decode rows it applies to (None: all; prefill has one row, 0).
+
+Zero cost when off: with no probes and no interventions the engine calls its steps exactly as
+before (the hooks are ``None`` and every hook site is a Python ``if``), so the compiled programs
+are today's. Each probe setting compiles once, counted as ``"prefill+probes"`` / ``"generate+probes"``.
+"""
+
+from workbench.probes.interventions import (
+    ABLATE_MODES,
+    INTERVENTIONS,
+    SITES,
+    Ablate,
+    Capture,
+    Patch,
+    Steer,
+    check_layer,
+)
+from workbench.probes.plan import Plan, attach, prepare, run
+from workbench.probes.recorded import NO_CAPTURE, SOWN, Captured, captured, captured_from
+from workbench.probes.uncached import forward, unembed
+
+__all__ = [
+    "ABLATE_MODES",
+    "INTERVENTIONS",
+    "NO_CAPTURE",
+    "SITES",
+    "SOWN",
+    "Ablate",
+    "Capture",
+    "Captured",
+    "Patch",
+    "Plan",
+    "Steer",
+    "attach",
+    "captured",
+    "captured_from",
+    "check_layer",
+    "forward",
+    "prepare",
+    "run",
+    "unembed",
+]

@@ -1,0 +1,151 @@
+"""What the jitted step gets: :func:`prepare` turns a capture and interventions into a static
+:class:`Plan` and dense arrays; :func:`run` calls the merged model under them inside the step;
+:func:`attach` hands the step's capture back on its result."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from workbench.checks import check_int, is_int
+from workbench.model.hooks import Hooks
+from workbench.probes.interventions import ABLATE_MODES, INTERVENTIONS, SITES, Ablate, Capture, Steer, check_layer
+from workbench.probes.recorded import captured_from
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The static half of a probe setting (a jit static argument): what to capture, which kinds
+    of intervention are present, and each patched site's count of positions."""
+
+    capture: Capture | None = None
+    ablate: bool = False
+    steer: bool = False
+    patches: tuple[tuple[str, int], ...] = ()
+
+
+def _slot_mask(what: str, slots: Any, rows: int) -> np.ndarray:
+    """The rows an intervention applies to: None -> all; slot indices or a bool mask [rows]."""
+    if slots is None:
+        return np.ones(rows, bool)
+    slots = np.asarray(slots)
+    if slots.dtype == bool:
+        if slots.shape != (rows,):
+            raise ValueError(f"{what}: slot mask has shape {slots.shape}, expected ({rows},)")
+        return slots
+    if slots.dtype.kind not in "iu" or slots.ndim != 1 or ((slots < 0) | (slots >= rows)).any():
+        raise ValueError(f"{what}: slots must be indices in 0..{rows - 1} or a bool mask, got {slots.tolist()}")
+    mask = np.zeros(rows, bool)
+    mask[slots] = True
+    return mask
+
+
+def _vectors(what: str, values: Any, shape: tuple[int, ...]) -> np.ndarray:
+    array = np.asarray(values, np.float32)
+    if array.shape != shape:
+        raise ValueError(f"{what}: values have shape {array.shape}, but the site takes {shape}")
+    return array
+
+
+def _check_overlaps(site: str, entries: list, rows: int) -> None:
+    """ValueError when two patches write the same layer, position and slot of ``site``."""
+    taken: dict[tuple[int, int], np.ndarray] = {}
+    for layer, position, mask, _ in entries:
+        before = taken.setdefault((layer, position), np.zeros(rows, bool))
+        if (before & mask).any():
+            raise ValueError(f"Patch: {site} of layer {layer} at position {position} is patched twice")
+        before |= mask
+
+
+def prepare(
+    capture: Capture | None, interventions: Sequence[Any] | None, config: Any, rows: int
+) -> tuple[Plan | None, dict[str, Any] | None]:
+    """(static plan, arrays) for one step of ``rows`` batch rows; (None, None) when nothing is asked."""
+    if capture is not None and not isinstance(capture, Capture):
+        raise TypeError(f"probes must be a workbench.probes.Capture, got {type(capture).__name__}")
+    interventions = list(interventions or ())
+    if capture is None and not interventions:
+        return None, None
+    L, N, D = config.num_layers, config.num_heads, config.embed_dim  # noqa: N806 (axis letters)
+    if capture is not None:
+        for layer in capture.layers or ():
+            check_layer("Capture", layer, L)
+    keep, mean = np.ones((L, rows, N), np.float32), np.zeros((L, rows, N), np.float32)
+    steer = np.zeros((L, rows, D), np.float32)
+    patches: dict[str, list[tuple[int, int, np.ndarray, np.ndarray]]] = {}
+    for item in interventions:
+        if not isinstance(item, INTERVENTIONS):
+            raise TypeError(f"interventions must be probes.Ablate / Patch / Steer, got {type(item).__name__}")
+        what = type(item).__name__
+        layer = check_layer(what, item.layer, L)
+        mask = _slot_mask(what, item.slots, rows)
+        if isinstance(item, Ablate):
+            if is_int(item.heads) or isinstance(item.heads, str):
+                raise TypeError(f"Ablate: heads must be a list of head indices, got {item.heads!r}")
+            if item.mode not in ABLATE_MODES:
+                raise ValueError(f"Ablate: mode must be one of {ABLATE_MODES}, got {item.mode!r}")
+            for head in item.heads:
+                if not is_int(head) or not 0 <= head < N:
+                    raise ValueError(f"Ablate: head {head!r} is out of range: layer {layer} has heads 0..{N - 1}")
+                keep[layer, mask, head] = 0.0
+                mean[layer, mask, head] = 1.0 if item.mode == "mean" else 0.0
+        elif isinstance(item, Steer):
+            steer[layer, mask] += float(item.scale) * _vectors("Steer", item.vector, (D,))
+        else:
+            if item.site not in SITES:
+                raise ValueError(f"Patch: site must be one of {SITES}, got {item.site!r}")
+            positions = [check_int("Patch position", p) for p in item.positions]
+            if len(set(positions)) != len(positions) or any(p < 0 for p in positions):
+                raise ValueError(f"Patch: positions must be distinct and >= 0, got {positions}")
+            values = _vectors("Patch", item.values, (len(positions), D))
+            patches.setdefault(item.site, []).extend((layer, p, mask, v) for p, v in zip(positions, values))
+    # The kinds present are static (an Ablate of no heads still compiles the ablating program, so
+    # a baseline run shares it); everything else is data.
+    plan = Plan(
+        capture, any(isinstance(i, Ablate) for i in interventions), any(isinstance(i, Steer) for i in interventions)
+    )
+    data: dict[str, Any] = {}
+    if plan.ablate:
+        data["keep"], data["mean"] = keep, mean
+    if plan.steer:
+        data["steer"] = steer
+    sizes = []
+    for site in sorted(patches):  # a static plan that does not depend on the order given
+        entries = patches[site]
+        _check_overlaps(site, entries, rows)
+        # Room for a power of two of entries (unused ones never match): patching n positions
+        # compiles once per power of two, not once per n.
+        P = 1 << max(len(entries) - 1, 0).bit_length()  # noqa: N806
+        sizes.append((site, P))
+        positions = np.full((L, P), -1, np.int32)
+        masks, values = np.zeros((L, P, rows), bool), np.zeros((L, P, D), np.float32)
+        for j, (layer, p, mask, v) in enumerate(entries):
+            positions[layer, j], masks[layer, j], values[layer, j] = p, mask, v
+        data[f"patch_{site}"] = (positions, masks, values)
+    plan = dataclasses.replace(plan, patches=tuple(sizes))
+    return plan, data
+
+
+def run(model: Any, plan: Plan, data: dict | None, tokens, positions, live, logits_at=None) -> tuple[jax.Array, dict]:
+    """Call a merged model under ``plan`` inside a jitted step: (logits, the raw capture).
+
+    With ``Capture(logits=True)`` every position's logits are computed (and recorded); the
+    step still gets the rows at ``logits_at`` [B] when given."""
+    hooks = Hooks(plan, data or {}, positions, live)
+    every = plan.capture is not None and plan.capture.logits
+    call = nnx.capture(model, nnx.Intermediate)  # what the hooks ``sow`` comes back as a State
+    logits, sown = call(tokens, positions, logits_at=None if every else logits_at, hooks=hooks)
+    if every and logits_at is not None:
+        logits = jnp.take_along_axis(logits, logits_at[:, None, None], axis=1)[:, 0]
+    return logits, {"sown": nnx.to_pure_dict(sown), "tokens": tokens, "positions": positions, "live": live}
+
+
+def attach(result: Any, raw: dict, plan: Plan) -> Any:
+    """``result`` (a ResultTokens) carrying the step's :class:`Captured` (None without a capture)."""
+    return result if plan.capture is None else result.replace(captured=captured_from(raw, plan.capture))

@@ -1,0 +1,89 @@
+"""What the user gets back: :class:`Captured`, one step's recorded activations on the host, built
+from the step's raw capture by :func:`captured_from`; :func:`captured` finds it on a result."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+from workbench import trees
+from workbench.probes.interventions import Capture
+
+NO_CAPTURE = "was not captured: pass probes=workbench.probes.Capture(...) to prefill / generate"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Captured:
+    """One step's recorded activations, on the host, trimmed to the real queries and the keys
+    they could see. ``tokens``, ``positions``, ``live``: [rows, T] (rows: 1 for prefill, the
+    slots for generate); per layer (see ``attention`` / ``attn_out`` / ``residual`` / ``mlp``)."""
+
+    capture: Capture
+    tokens: np.ndarray
+    positions: np.ndarray
+    live: np.ndarray
+    sites: dict[str, dict[int, np.ndarray]]
+    logits: np.ndarray | None
+
+    def site(self, name: str, layer: int) -> np.ndarray:
+        if name not in self.sites:
+            flag = {"attn_out": "attention", "mlp_out": "mlp"}.get(name, name)
+            raise ValueError(f"{name} {NO_CAPTURE} with {flag}=True")
+        if layer not in self.sites[name]:
+            raise ValueError(f"layer {layer} {NO_CAPTURE}: captured layers are {sorted(self.sites[name])}")
+        return self.sites[name][layer]
+
+    def attention(self, layer: int) -> np.ndarray:
+        """Attention weights [rows, N, T, S] over keys 0 .. S-1 (S: one past the furthest query)."""
+        return self.site("attention", layer)
+
+    def attn_out(self, layer: int) -> np.ndarray:
+        """What attention adds to the residual stream, [rows, T, D]."""
+        return self.site("attn_out", layer)
+
+    def residual(self, layer: int) -> np.ndarray:
+        """The residual stream after block ``layer``, [rows, T, D]."""
+        return self.site("residual", layer)
+
+    def mlp(self, layer: int) -> np.ndarray:
+        """What the MLP adds to the residual stream, [rows, T, D]."""
+        return self.site("mlp_out", layer)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({layer for per_layer in self.sites.values() for layer in per_layer})
+
+
+SOWN = {"weights": "attention", "attn_out": "attn_out", "residual": "residual", "mlp_out": "mlp_out"}
+
+
+def captured_from(raw: dict, capture: Capture) -> Captured:
+    """The host-side :class:`Captured` of a step's raw capture (``run``'s second output)."""
+    raw = jax.device_get(raw)
+    live = np.asarray(raw["live"], bool)
+    queries = int(np.flatnonzero(live.any(axis=0)).max(initial=-1)) + 1 if live.shape[1] > 1 else live.shape[1]
+    keys = int(np.asarray(raw["positions"])[live].max(initial=-1)) + 1
+    sites: dict[str, dict[int, np.ndarray]] = {}
+    logits = None
+    for path, value in trees.leaf_paths(raw["sown"]).items():
+        parts = path.split("/")
+        if parts[0] == "logits":
+            logits = np.asarray(value)[:, :queries]
+            continue
+        name = SOWN[[p for p in parts if p in SOWN][-1]]
+        value = np.asarray(value)
+        value = value[:, :, :queries, :keys] if name == "attention" else value[:, :queries]
+        sites.setdefault(name, {})[int(parts[1])] = value
+    cut = (slice(None), slice(0, queries))
+    return Captured(capture, raw["tokens"][cut], raw["positions"][cut], live[cut], sites, logits)
+
+
+def captured(result: Any) -> Captured:
+    """The :class:`Captured` of a ResultTokens (or a Captured itself); a one-line error when none."""
+    found = getattr(result, "captured", result)
+    if not isinstance(found, Captured):
+        raise ValueError(f"this result {NO_CAPTURE}")
+    return found
