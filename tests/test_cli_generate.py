@@ -263,3 +263,11 @@ def test_subprocess_error_is_one_line():
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.startswith("error: mesh data=4 needs 4 devices but only 2 exist")
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("count", ["0", "-2"])
+def test_a_sample_count_below_one_is_the_schedulers_one_line_error(capsys, checkpoint, count):
+    """The CLI leaves this check to the scheduler, whose error still comes out as one line."""
+    code, out, err = generate(capsys, "--checkpoint", str(checkpoint), *ENGINE, "--prompt", "x", "--num-samples", count)
+    assert code == 2 and out == ""
+    assert err == f"error: request 0: num_samples must be a positive int, got {count}\n"

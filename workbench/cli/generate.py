@@ -18,6 +18,7 @@ from typing import Any
 
 from workbench.cli.common import CliError, add_engine_arguments, load_engine
 from workbench.cli.launch import add_process_arguments
+from workbench.cli.streaming import TextStream
 
 
 class _AddRequest(argparse.Action):
@@ -48,25 +49,6 @@ def parse_adapter(text: str) -> tuple[str, str]:
     if not sep or not name.strip() or not path.strip():
         raise argparse.ArgumentTypeError(f"malformed adapter {text!r}: expected NAME=PATH")
     return name.strip(), path.strip()
-
-
-def _adapter_choices(args: argparse.Namespace, count: int) -> list[str | None]:
-    """Each request's adapter (None: base) from ``--use-adapter``, checked against ``--adapter``."""
-    loaded = dict(args.adapter)
-    if len(loaded) != len(args.adapter):
-        raise CliError("--adapter: each NAME may be given once")
-    if "base" in loaded:
-        raise CliError("--adapter: the name 'base' is reserved for the model without adapters")
-    chosen = args.use_adapter or ["base"]
-    if len(chosen) not in (1, count):
-        raise CliError(
-            f"--use-adapter given {len(chosen)} times: give it once (all prompts) or once per prompt ({count})"
-        )
-    for name in chosen:
-        if name != "base" and name not in loaded:
-            raise CliError(f"--use-adapter {name}: unknown adapter (loaded: {', '.join(loaded) or 'none'})")
-    chosen = chosen * count if len(chosen) == 1 else chosen
-    return [None if name == "base" else name for name in chosen]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -106,16 +88,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _sampling(args: argparse.Namespace):
-    from workbench.engine import GREEDY, Sampling
-
-    if args.temperature is None and args.top_k is None and args.top_p is None:
-        return GREEDY
-    temperature = 1.0 if args.temperature is None else args.temperature
-    return Sampling(temperature=temperature, top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p)
-
-
 def run(args: argparse.Namespace) -> int:
+    check_flags(args)
+    sampling = sampling_of(args)
+    adapters = adapter_choices(args, len(args.requests))
+
+    from workbench.engine.scheduler import Scheduler
+
+    engine, params = load_engine(args, **({"adapters": dict(args.adapter)} if args.adapter else {}))
+    prompts = encode(args.requests, engine.tokenizer)
+    scheduler = Scheduler(
+        engine,
+        params,
+        sampling=sampling,
+        seed=args.seed,
+        return_logits=args.return_logits,
+        pack_prefill=args.pack_prefill,
+    )
+    budget = submit(scheduler, prompts, args, adapters)
+    if args.json:
+        completions = scheduler.run()
+        print(json.dumps(json_report(args, engine, sampling, completions)))
+    else:
+        with TextStream(engine.tokenizer, prompts, num_samples=args.num_samples, total=budget) as stream:
+            scheduler.on_token, scheduler.on_finish = stream.token, stream.finish
+            scheduler.run()
+    return 0
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """The mistakes the flags alone show, named by flag, before the (slow) engine load. The rest
+    (token ids, prompt lengths, sample counts, sampling values, the mesh) the engine and the
+    scheduler check, in one line each that ``run``'s caller prints."""
     if not args.requests:
         raise CliError("give at least one --prompt or --prompt-ids")
     for index, (kind, value) in enumerate(args.requests):
@@ -125,36 +129,53 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if args.return_logits and not args.json:
         raise CliError("--return-logits needs --json")
-    if args.num_samples < 1:
-        raise CliError(f"--num-samples must be positive, got {args.num_samples}")
+    # The scheduler refuses this too, but only after the load and without naming the two flags.
     if args.num_samples > max(args.decode_batch, 1):  # a bad --decode-batch is the engine's to name
         raise CliError(f"--num-samples {args.num_samples} exceeds the {args.decode_batch} slots of --decode-batch")
-    sampling = _sampling(args)
-    adapters = _adapter_choices(args, len(args.requests))
 
-    from workbench.engine.scheduler import Scheduler
 
-    engine, params = load_engine(args, **({"adapters": dict(args.adapter)} if args.adapter else {}))
-    tokenizer = engine.tokenizer
-    prompts = []
-    for index, (kind, value) in enumerate(args.requests):
-        if kind == "text":
-            if tokenizer is None:
-                raise CliError(f"request {index}: this model has no tokenizer; give --prompt-ids instead of --prompt")
-            value = tokenizer.encode(value)
-            if not value:
-                raise CliError(f"request {index}: the prompt encodes to no tokens")
-        prompts.append(value)
+def adapter_choices(args: argparse.Namespace, count: int) -> list[str | None]:
+    """Each request's adapter (None: base) from ``--use-adapter``, checked against ``--adapter``."""
+    loaded = dict(args.adapter)
+    if len(loaded) != len(args.adapter):
+        raise CliError("--adapter: each NAME may be given once")
+    if "base" in loaded:
+        raise CliError("--adapter: the name 'base' is reserved for the model without adapters")
+    chosen = args.use_adapter or ["base"]
+    if len(chosen) not in (1, count):
+        raise CliError(
+            f"--use-adapter given {len(chosen)} times: give it once (all prompts) or once per prompt ({count})"
+        )
+    for name in chosen:
+        if name != "base" and name not in loaded:
+            raise CliError(f"--use-adapter {name}: unknown adapter (loaded: {', '.join(loaded) or 'none'})")
+    chosen = chosen * count if len(chosen) == 1 else chosen
+    return [None if name == "base" else name for name in chosen]
 
-    scheduler = Scheduler(
-        engine,
-        params,
-        sampling=sampling,
-        seed=args.seed,
-        return_logits=args.return_logits,
-        pack_prefill=args.pack_prefill,
-    )
-    limit, budget = engine.max_target_length, 0
+
+def sampling_of(args: argparse.Namespace):
+    """The sampling flags as a ``Sampling``; none given: greedy. The engine checks the values."""
+    from workbench.engine import GREEDY, Sampling
+
+    if args.temperature is None and args.top_k is None and args.top_p is None:
+        return GREEDY
+    temperature = 1.0 if args.temperature is None else args.temperature
+    return Sampling(temperature=temperature, top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p)
+
+
+def encode(requests: list[tuple[str, Any]], tokenizer) -> list[list[int]]:
+    """Each request's token ids: ``--prompt-ids`` as given, ``--prompt`` text through the tokenizer."""
+    if tokenizer is None and any(kind == "text" for kind, _ in requests):
+        index = next(i for i, (kind, _) in enumerate(requests) if kind == "text")
+        raise CliError(f"request {index}: this model has no tokenizer; give --prompt-ids instead of --prompt")
+    return [tokenizer.encode(value) if kind == "text" else value for kind, value in requests]
+
+
+def submit(scheduler, prompts: list[list[int]], args: argparse.Namespace, adapters: list[str | None]) -> int:
+    """Queue every prompt (the scheduler's one-line errors, prefixed with the request); returns
+    how many tokens they may generate in all (the progress bar's total). A request that would run
+    past ``--max-target-length`` is clipped to it, with a warning."""
+    limit, budget = scheduler.engine.max_target_length, 0
     for index, prompt in enumerate(prompts):
         try:
             scheduler.submit(
@@ -166,44 +187,43 @@ def run(args: argparse.Namespace) -> int:
             )
         except ValueError as error:
             raise CliError(f"request {index}: {error}") from None
-        if len(prompt) + args.max_new_tokens > limit:
+        room = limit - len(prompt)
+        if args.max_new_tokens > room:
             print(
-                f"warning: request {index}: --max-new-tokens {args.max_new_tokens} clipped to {limit - len(prompt)} "
+                f"warning: request {index}: --max-new-tokens {args.max_new_tokens} clipped to {room} "
                 f"(a {len(prompt)}-token prompt within --max-target-length {limit})",
                 file=sys.stderr,
             )
-        budget += min(args.max_new_tokens, limit - len(prompt)) * args.num_samples
-    streams = [(index, sample) for index in range(len(prompts)) for sample in range(args.num_samples)]
-    output = None if args.json else _Streamer(tokenizer, prompts, total=budget, streams=streams)
-    if output is not None:
-        scheduler.on_token, scheduler.on_finish = output.token, output.finish
-    try:
-        completions = scheduler.run()
-    finally:
-        if output is not None:
-            output.close()
-
-    if args.json:
-        report = {
-            "checkpoint": args.checkpoint,
-            "mesh": dict(engine.mesh.shape),
-            "sampling": {
-                "temperature": sampling.temperature,
-                "top_k": sampling.top_k,
-                "top_p": sampling.top_p,
-                "seed": args.seed,
-            },
-            "requests": [_request_json(c, tokenizer, args.return_logits) for c in completions if c.sample == 0],
-        }
-        if args.num_samples > 1:  # a request's fields are its first sample's; "samples" holds all of them
-            for entry, index in zip(report["requests"], range(len(prompts))):
-                samples = [c for c in completions if c.request.id == index]
-                entry["samples"] = [_request_json(c, tokenizer, args.return_logits) for c in samples]
-        print(json.dumps(report))
-    return 0
+        budget += min(args.max_new_tokens, room) * args.num_samples
+    return budget
 
 
-def _request_json(completion, tokenizer, return_logits: bool) -> dict[str, Any]:
+def json_report(args: argparse.Namespace, engine, sampling, completions) -> dict[str, Any]:
+    """The ``--json`` object. Each request's fields are its first sample's; with
+    ``--num-samples`` above 1, ``samples`` holds all of them."""
+    by_request: dict[int, list] = {}
+    for completion in completions:  # in submission order, a request's samples in sample order
+        by_request.setdefault(completion.request.id, []).append(completion)
+    requests = []
+    for samples in by_request.values():
+        entry = completion_json(samples[0], engine.tokenizer, args.return_logits)
+        if args.num_samples > 1:
+            entry["samples"] = [completion_json(c, engine.tokenizer, args.return_logits) for c in samples]
+        requests.append(entry)
+    return {
+        "checkpoint": args.checkpoint,
+        "mesh": dict(engine.mesh.shape),
+        "sampling": {
+            "temperature": sampling.temperature,
+            "top_k": sampling.top_k,
+            "top_p": sampling.top_p,
+            "seed": args.seed,
+        },
+        "requests": requests,
+    }
+
+
+def completion_json(completion, tokenizer, return_logits: bool) -> dict[str, Any]:
     entry = {
         "prompt_ids": list(completion.request.prompt),
         "tokens": completion.tokens,
@@ -215,61 +235,3 @@ def _request_json(completion, tokenizer, return_logits: bool) -> dict[str, Any]:
     if return_logits:
         entry["logits"] = completion.logits.tolist()  # float32 -> exact as JSON doubles
     return entry
-
-
-class _Streamer:
-    """Text on stdout in input order, a line at a time, with a tqdm bar on stderr.
-
-    Whole lines only, written with the bar cleared, so the bar redraws below the text instead
-    of through it. The first unfinished request streams; later ones buffer until it is done.
-    """
-
-    def __init__(self, tokenizer, prompts: list[list[int]], *, total: int, streams: list[tuple[int, int]]):
-        from tqdm import tqdm
-
-        from workbench.checkpoints import StreamDecoder
-
-        self.tokenizer = tokenizer
-        self.bar = tqdm(total=total, unit="tok", desc="generating", file=sys.stderr, dynamic_ncols=True)
-        # one stream per (request, sample), written in that order
-        self.index = {stream: i for i, stream in enumerate(streams)}
-        several = len(streams) > len(prompts)
-        self.pending = [self._header(r, s if several else None, prompts[r]) for r, s in streams]  # not yet written
-        self.decoders = [StreamDecoder(tokenizer) if tokenizer else None for _ in streams]
-        self.finished = [False] * len(streams)
-        self.head = 0  # the request whose text is being written
-
-    def _header(self, index: int, sample: int | None, prompt: list[int]) -> str:
-        shown = self.tokenizer.decode(prompt) if self.tokenizer else " ".join(map(str, prompt)) + " ->"
-        return f"=== request {index}{'' if sample is None else f', sample {sample}'} ===\n{shown}"
-
-    def token(self, request, token: int, sample: int = 0) -> None:
-        index = self.index[request.id, sample]
-        decoder = self.decoders[index]
-        self.pending[index] += decoder.push(token) if decoder else f" {token}"
-        self.bar.update(1)
-        self._write()
-
-    def finish(self, completion) -> None:
-        index = self.index[completion.request.id, completion.sample]
-        decoder = self.decoders[index]
-        tail = decoder.flush() if decoder else ""
-        self.pending[index] += f"{tail}\n[{len(completion.tokens)} tokens, {completion.finish_reason}]\n"
-        self.finished[index] = True
-        self._write()
-
-    def _write(self) -> None:
-        while self.head < len(self.pending):
-            text, done = self.pending[self.head], self.finished[self.head]
-            cut = len(text) if done else text.rfind("\n") + 1
-            if cut:
-                with self.bar.external_write_mode(file=sys.stdout):
-                    sys.stdout.write(text[:cut])
-                    sys.stdout.flush()
-                self.pending[self.head] = text[cut:]
-            if not done:
-                return
-            self.head += 1
-
-    def close(self) -> None:
-        self.bar.close()
