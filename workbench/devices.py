@@ -4,8 +4,9 @@
     workbench.simulate_cpu_devices(8)   # before the first JAX computation
 
 Used by the command line (``--host-devices``), the tests' conftest and the notebooks' first cell.
-It only affects the CPU platform, so a GPU or TPU machine runs unchanged. This module imports
-nothing heavy at import time: the tests' conftest imports it before JAX may start.
+It only affects the CPU platform, so a GPU or TPU machine runs unchanged. ``import workbench``
+imports JAX but does not start its backend (``tests/test_devices.py`` checks), so this can run
+right after it.
 """
 
 from __future__ import annotations

@@ -89,6 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check the flags, load the engine, queue every request, then stream text or print JSON."""
     check_flags(args)
     sampling = sampling_of(args)
     adapters = adapter_choices(args, len(args.requests))
