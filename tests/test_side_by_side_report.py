@@ -80,3 +80,22 @@ def test_report_tables_come_from_the_rows(tmp_path):
     assert "| 8 | 10.00 | 25.00 | 2.50x | 4.00 | 2.000 |" in lines  # batch 8
     assert "| 64 | 10.00 | 25.00 | 2.50x | 4.00 |" in lines  # context 64
     assert "| 16 | 4.00 | 5.00 | 1.25x |" in lines  # prompt 16
+
+
+def test_precision_table_medians_per_round_ratios_against_float32():
+    import side_by_side_precision as precision
+
+    def entry(step, hf, insert, gb_s):
+        ours = dict(generate_step_ms=step, insert_ms=insert, achieved_gb_per_s=gb_s, weight_bytes=2e6)
+        return dict(ours=ours | dict(decode_library="eigen"), hf_step_ms=hf)
+
+    # w8a8 / float32 step: 0.5, 0.25, 1.0 over three rounds -> median 0.5; the rest constant
+    steps = {"float32": [10.0, 20.0, 10.0], "w8a8": [5.0, 5.0, 10.0]}
+    rows = [
+        dict(read_gb_per_s=20.0, load=1.0)
+        | {name: entry(steps.get(name, [10.0] * 3)[i], 30.0, 2.0, 5.0) for name in precision.PRECISIONS}
+        for i in range(3)
+    ]
+    lines = precision.report(rows).splitlines()
+    assert "| w8a8 | int8 dynamic | 5.00 | 30.00 | 6.00x | 0.50 | 1.00 | 2.0 | 25% | eigen |" in lines
+    assert "| float32 | float32 | 10.00 | 30.00 | 3.00x | 1.00 | 1.00 | 2.0 | 25% | eigen |" in lines
