@@ -1,6 +1,7 @@
 """Building an engine: its shardings from the rules table, and its jitted steps, each a
 ``jax.jit`` of a pure body in ``engine/steps.py`` (or ``multisampling.py``, ``packing.py``) with
-its static half bound. Nothing here runs a step or measures anything.
+its static half bound. Nothing here measures anything; the one program run is
+:func:`initial_rest`'s (the model's derived buffers).
 
 Donation: the decode state (every KV cache) flows through insert, generate and free; donating
 it lets XLA update the caches in place instead of copying all slots. Probes are a static

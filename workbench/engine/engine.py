@@ -123,7 +123,7 @@ class Engine:
         """Pick the decode step's products library and build generate with it; returns the
         library (``"ynnpack"`` or ``"eigen"``; None: XLA's default, off the CPU or with
         ``kernels="reference"``). On the CPU this reads the cache of earlier picks or runs the
-        decode-library probe once (``engine/autotune.py``: up to a few seconds, one stderr line).
+        decode-library probe once (``engine/autotune.py``; one stderr line).
         The first ``generate`` calls it if nobody did before; later calls return the same."""
         if self._generate is None:
             self.decode_library = self.tuning.decode_library(self.config, self.max_concurrent_decodes)

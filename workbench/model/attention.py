@@ -24,7 +24,7 @@ from flax import nnx
 
 from workbench.model import kernels, lora, quant
 from workbench.model.config import ModelConfig
-from workbench.model.layers import apply_rope, param
+from workbench.model.layers import apply_rope, param, project
 
 CACHE_AXES = ("cache_batch", "cache_seq", "cache_kv_heads", "cache_head_dim")  # of every KV cache [B, S, K, H]
 MIN_KEY_BUCKET = 128
@@ -95,8 +95,7 @@ class Attention(nnx.Module):
         self.lora = lora.projections(config, lora_spec, ("q", "k", "v", "o"))  # None: no adapters
 
     def _project(self, x: jax.Array, name: str, adapters: jax.Array | None = None) -> jax.Array:
-        out = quant.einsum("BTD,DNH->BTNH", x, getattr(self, name), self.dtype)
-        out = lora.apply(self.lora, name, x, out, adapters)
+        out = project("BTD,DNH->BTNH", x, self, name, self.dtype, adapters)
         if self.qkv_bias:
             out = out + getattr(self, f"{name}_bias")[...].astype(self.dtype)
         return out
@@ -134,8 +133,7 @@ class Attention(nnx.Module):
         # One contracting dim (N*H): given "BTNH,NHD", XLA orders the two as (H, N) and transposes
         # the o weights into that order on every call.
         out = out.reshape(b, t, n * h)
-        o = quant.einsum("BTX,XD->BTD", out, self.o, self.dtype, shape=(n * h, -1))
-        return lora.apply(self.lora, "o", out, o, adapters)
+        return project("BTX,XD->BTD", out, self, "o", self.dtype, adapters, shape=(n * h, -1))
 
     def _attend_cache(self, q: jax.Array, k, v, positions: jax.Array, hooks=None) -> jax.Array:
         """Attention over the first L cache positions, L the smallest bucket covering every live query.
