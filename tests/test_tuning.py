@@ -116,3 +116,9 @@ def test_building_an_engine_measures_nothing(monkeypatch, tmp_path):
     engine = build()
     assert calls == [] and not path.exists() and engine.decode_library is None
     assert engine.tune() == "eigen" and len(calls) == 1 and path.exists()
+
+
+def test_load_passes_the_kernels_on():
+    engine, _ = workbench.load(kernels="reference", mesh={"data": 2}, **SHAPE)
+    assert engine.tuning == tuning.Tuning("reference", cpu_products=False)
+    assert kernels_in(engine.decode_graphdef) == {"reference"}

@@ -39,6 +39,7 @@ def load(
     kv_cache_dtype: str | None = None,
     scan_layers: bool = False,
     adapters: Mapping[str, str | os.PathLike] | None = None,
+    kernels: str | tuning.Tuning = "auto",
 ) -> tuple[Engine, Params]:
     """An engine and its params on ``mesh``; the tokenizer is ``engine.get_tokenizer()``.
 
@@ -67,6 +68,8 @@ def load(
         by one scan (compile time flat in depth); a checkpoint of either layout loads.
       adapters: ``{"name": "path/to/peft_adapter_dir"}``: LoRA adapters served per slot
         (``engine.prefill(..., adapter="name")``); ``engine.adapters`` lists the names.
+      kernels: the platform tuning (``engine/tuning.py``): "auto" (by platform), "reference" (the
+        plain path) or "xla_cpu".
     """
     quant.check_mode(quantize)
     quant.check_kv_cache_dtype(kv_cache_dtype)
@@ -78,6 +81,8 @@ def load(
     )
     if scan_layers:
         shape["scan_layers"] = True
+    if kernels != "auto":
+        shape["kernels"] = kernels
     if checkpoint is None and config is None and (DEFAULT_MODEL_DIR / "workbench.json").is_file():
         checkpoint = DEFAULT_MODEL_DIR
     if checkpoint is None:

@@ -36,10 +36,9 @@ import dataclasses
 from jax.sharding import Mesh
 
 from workbench.engine import autotune
-from workbench.model import ModelConfig
-from workbench.model.kernels import KERNELS as ATTENTION_KERNELS
+from workbench.model import ModelConfig, kernels
 
-KERNELS = ("auto", *ATTENTION_KERNELS)  # what Engine(kernels=...) takes
+KERNELS = ("auto", *kernels.KERNELS)  # what Engine(kernels=...) takes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +49,8 @@ class Tuning:
     cpu_products: bool = False  # decode's products on the library autotune picks (XLA:CPU only)
 
     def __post_init__(self) -> None:
-        if self.attention_kernels not in ATTENTION_KERNELS:
-            raise ValueError(f"attention_kernels must be one of {ATTENTION_KERNELS}, got {self.attention_kernels!r}")
+        if self.attention_kernels not in kernels.KERNELS:
+            raise ValueError(f"attention_kernels must be one of {kernels.KERNELS}, got {self.attention_kernels!r}")
 
     def decode_library(self, config, batch: int) -> str | None:
         """``"ynnpack"`` or ``"eigen"`` for decode's products of ``config`` at decode ``batch``
@@ -71,15 +70,16 @@ def for_platform(config: ModelConfig, platform: str) -> ModelConfig:
     return config.replace(dtype="float32") if platform == "cpu" and config.dtype == "bfloat16" else config
 
 
-def choose(kernels: str | Tuning, platform: str) -> Tuning:
-    """The tuning an engine on ``platform`` (``"cpu"``, ``"gpu"``, ``"tpu"``) runs for ``kernels``."""
-    if isinstance(kernels, Tuning):
-        return dataclasses.replace(kernels, cpu_products=kernels.cpu_products and platform == "cpu")
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {', '.join(KERNELS)} (or a tuning.Tuning), got {kernels!r}")
-    if kernels == "auto":
-        kernels = "xla_cpu" if platform == "cpu" else "reference"
-    return Tuning(attention_kernels=kernels, cpu_products=kernels == "xla_cpu" and platform == "cpu")
+def choose(choice: str | Tuning, platform: str) -> Tuning:
+    """The tuning an engine on ``platform`` (``"cpu"``, ``"gpu"``, ``"tpu"``) runs for
+    ``Engine(kernels=choice)``."""
+    if isinstance(choice, Tuning):
+        return dataclasses.replace(choice, cpu_products=choice.cpu_products and platform == "cpu")
+    if choice not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)} (or a tuning.Tuning), got {choice!r}")
+    if choice == "auto":
+        choice = "xla_cpu" if platform == "cpu" else "reference"
+    return Tuning(attention_kernels=choice, cpu_products=choice == "xla_cpu" and platform == "cpu")
 
 
 def compiler_options(library: str | None) -> dict[str, str] | None:
