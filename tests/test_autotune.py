@@ -5,7 +5,7 @@ import json
 import pytest
 
 from workbench import ModelConfig
-from workbench.engine import autotune
+from workbench.engine import autotune, tuning
 
 TINY = ModelConfig.tiny()
 
@@ -23,8 +23,9 @@ def fresh(monkeypatch):
 def test_off_keeps_the_fixed_choice_per_weights(fresh, config, library):
     fresh.setenv(autotune.ENV, "off")
     assert autotune.library(config, 8) == library
-    assert autotune.generate_options(config, 8, "cpu") == autotune.LIBRARIES[library]
-    assert autotune.generate_options(config, 8, "gpu") is None
+    assert tuning.choose("auto", "cpu").decode_library(config, 8) == library
+    assert tuning.compiler_options(library) == autotune.LIBRARIES[library]
+    assert tuning.choose("auto", "gpu").decode_library(config, 8) is None and tuning.compiler_options(None) is None
 
 
 def test_a_forced_library_wins(fresh):
@@ -52,9 +53,3 @@ def test_measured_once_then_read_back(fresh, tmp_path, capsys):
     fresh.setattr(autotune, "_chosen", {})
     fresh.setattr(autotune, "measure", lambda *a: {"ynnpack": 1.0, "eigen": 2.0})
     assert autotune.library(TINY, 2) == "ynnpack" and json.loads(path.read_text())[key]["library"] == "ynnpack"
-
-
-def test_the_engine_asks_for_the_chosen_library(fresh, engine):
-    fresh.setenv(autotune.ENV, "ynnpack")
-    assert engine._compiler_options("generate") == autotune.LIBRARIES["ynnpack"]
-    assert engine._compiler_options("prefill") is None

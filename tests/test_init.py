@@ -8,7 +8,7 @@ from flax import nnx
 
 import workbench
 from helpers import SHAPE, SMALL, engine_for, pure_numpy
-from workbench.engine.engine import _model
+from workbench.engine.compiled import model
 from workbench.model.scan import stack_layers
 from workbench.trees import leaf_paths
 
@@ -26,7 +26,7 @@ def test_random_params_follow_the_model_initialisers(engine, monkeypatch):
     leaf is ones, zeros or normal and with what scale; the host draws must agree, leaf by leaf."""
     mark = 10.0
     monkeypatch.setattr(jax.random, "normal", lambda key, shape, dtype: jnp.full(shape, mark, dtype))
-    truths = leaf_paths(pure_numpy(jax.jit(lambda: nnx.split(_model(CONFIG), nnx.Param, ...)[1])()))
+    truths = leaf_paths(pure_numpy(jax.jit(lambda: nnx.split(model(CONFIG), nnx.Param, ...)[1])()))
     fast = leaf_paths(pure_numpy(engine.load_params(None, seed=0)))
     assert fast.keys() == truths.keys()
     for path, truth in truths.items():

@@ -49,14 +49,15 @@ def test_the_switch_picks_a_variant_per_shape():
 
 
 def test_a_reference_model_gives_the_tuned_models_logits(engine):
-    """The whole model with kernels="reference" against the default, cached and uncached."""
+    """The whole model with the reference kernels (its default) against the XLA:CPU ones, cached
+    and uncached."""
     params = lively_params(engine)
     tokens = np.random.default_rng(0).integers(0, engine.config.vocab_size, size=(2, 20))
 
     def logits(kind: str):
         with nnx.use_eager_sharding(False):
             # a cache of 200: key buckets 128 and 200, so decode reads a sliced prefix
-            model = workbench.Transformer(engine.config, rngs=nnx.Rngs(0), cache=(2, 200), kernels=kind)
+            model = workbench.Transformer(engine.config, rngs=nnx.Rngs(0), cache=(2, 200), attention_kernels=kind)
         nnx.update(model, jax.device_get(params))
         forward = nnx.jit(lambda model, tokens, positions: model(tokens, positions))  # compiled: eager is slow
         positions = np.broadcast_to(np.arange(20), (2, 20))

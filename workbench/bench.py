@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from workbench.checks import check_int
-from workbench.engine.engine import Engine, Params
+from workbench.engine import Engine, Params
 from workbench.trees import leaf_paths
 
 COMPILED = ("prefill", "insert", "generate")
@@ -51,7 +51,7 @@ class BenchResult:
     first_token_s: float | None = None  # process start to prefill's token, ready on the host
     load_s: float | None = None  # workbench.load: engine and params (the bench command's)
     compile_cache: str = "off"  # "hit", "miss" or "off" (workbench.compile_cache.status)
-    decode_library: str | None = None  # the library of decode's products on the CPU (engine.autotune)
+    decode_library: str | None = None  # the library of decode's products on the CPU (Engine.tune)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -118,6 +118,8 @@ def measure(
     check_shape(prompt_length, steps, engine.max_prefill_length, engine.max_target_length)
     check_int("repeats", repeats, positive=True)
     slots = engine.max_concurrent_decodes
+    # The decode library first (a probe on a new machine), so no timed call includes it.
+    decode_library = engine.tune()
     prompt = np.random.default_rng(0).integers(0, engine.config.vocab_size, size=prompt_length)
     padded, true_length = engine.pad(prompt)
 
@@ -185,16 +187,8 @@ def measure(
             )
         },
         first_token_s=first_token_s,
-        decode_library=_decode_library(engine),
+        decode_library=decode_library,
     )
-
-
-def _decode_library(engine: Engine) -> str | None:
-    from workbench.engine import autotune
-
-    if engine.mesh.devices.flat[0].platform != "cpu":
-        return None
-    return autotune.library(engine.config, engine.max_concurrent_decodes)
 
 
 def numpy_read_gb_per_s(gib: float = 1.0, repeats: int = 5) -> float:

@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from workbench import trees
-from workbench.engine import Engine, Params
+from workbench.engine import Engine, Params, tuning
 from workbench.model import ModelConfig, Transformer, quant
 from workbench.model.init import random_params
 from workbench.sharding import make_mesh, shardings_for
@@ -39,6 +39,7 @@ def load(
     kv_cache_dtype: str | None = None,
     scan_layers: bool = False,
     adapters: Mapping[str, str | os.PathLike] | None = None,
+    kernels: str | tuning.Tuning = "auto",
 ) -> tuple[Engine, Params]:
     """An engine and its params on ``mesh``; the tokenizer is ``engine.get_tokenizer()``.
 
@@ -52,8 +53,8 @@ def load(
       dtype: "float32" or "bfloat16" for both weights and compute; None keeps the model's. On the
         CPU, bfloat16 (asked for here or saved in the checkpoint) means bfloat16 weights with
         float32 compute (activations, norms, KV cache), each product of bf16 weights taking a
-        float32 result: XLA:CPU runs that mix at about 0.8x the float32 step, where bfloat16
-        elementwise ops and cache writes make an all-bf16 step 7-9x slower (``docs/speed.md``).
+        float32 result: XLA:CPU runs that mix faster than the float32 step, where bfloat16
+        elementwise ops and cache writes make an all-bf16 step many times slower (``docs/speed.md``).
         An ``Engine`` built directly from a ``ModelConfig`` computes in whatever dtype it names.
       config: with ``checkpoint=None``, a model config to build with seeded random weights.
       seed: the seed of random weights.
@@ -67,17 +68,21 @@ def load(
         by one scan (compile time flat in depth); a checkpoint of either layout loads.
       adapters: ``{"name": "path/to/peft_adapter_dir"}``: LoRA adapters served per slot
         (``engine.prefill(..., adapter="name")``); ``engine.adapters`` lists the names.
+      kernels: the platform tuning (``engine/tuning.py``): "auto" (by platform), "reference" (the
+        plain path) or "xla_cpu".
     """
     quant.check_mode(quantize)
     quant.check_kv_cache_dtype(kv_cache_dtype)
     modes = dict(quantize=quantize, kv_cache_dtype=kv_cache_dtype)
     mesh = make_mesh(mesh)
-    platform = mesh.devices.flat[0].platform
+    platform = tuning.platform(mesh)
     shape = dict(
         decode_batch_size=decode_batch_size, max_prefill_length=max_prefill_length, max_target_length=max_target_length
     )
     if scan_layers:
         shape["scan_layers"] = True
+    if kernels != "auto":
+        shape["kernels"] = kernels
     if checkpoint is None and config is None and (DEFAULT_MODEL_DIR / "workbench.json").is_file():
         checkpoint = DEFAULT_MODEL_DIR
     if checkpoint is None:
@@ -142,7 +147,7 @@ def load(
             *layout.targets(*target, stacked=False),
             config=config,
             progress=progress,
-            transform=_quantizer(engine),
+            transform=_quantize_each_leaf(engine),
         )
         if engine.scan_layers:  # (never quantized: the engine refuses scan_layers with quantize)
             pure = layout.relayout(pure, target[1], stacked=True)
@@ -164,10 +169,10 @@ def _adapters(adapters: Mapping[str, str | os.PathLike] | None, config: ModelCon
 
 
 def _with_dtype(config: ModelConfig, dtype: str | None, platform: str) -> ModelConfig:
-    """``config`` in ``dtype`` (None: its own); on the CPU, bfloat16 compute becomes float32."""
+    """``config`` in ``dtype`` (None: its own), as it runs on ``platform`` (``tuning.for_platform``)."""
     if dtype is not None:
         config = config.replace(dtype=dtype, param_dtype=dtype)
-    return config.replace(dtype="float32") if platform == "cpu" and config.dtype == "bfloat16" else config
+    return tuning.for_platform(config, platform)
 
 
 def _float_target(engine: Engine) -> tuple[Params, Params]:
@@ -182,7 +187,7 @@ def _float_target(engine: Engine) -> tuple[Params, Params]:
     return params, shardings_for(params, engine.mesh, engine.rules)
 
 
-def _quantizer(engine: Engine):
+def _quantize_each_leaf(engine: Engine):
     """The per-leaf transform of a float checkpoint's reader: ``(path, float array) -> {path:
     array, ...}`` in the engine's shardings, quantized when the engine is; None when it is not."""
     if engine.config.quantize is None:

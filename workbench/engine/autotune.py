@@ -1,15 +1,18 @@
-"""Which library runs the decode step's weight products on this CPU: measured once, cached.
+"""The decode-library probe: which library runs the decode step's weight products on this CPU,
+measured once and cached.
 
 XLA:CPU hands a dot to YNNPACK or to Eigen (``compiler_options`` of the jit). Decode multiplies
 a few rows (one per slot) by every weight, and which library streams those weights faster
-depends on the CPU *and* the weights' dtype: on one 2-core AVX2 EPYC, Eigen ran the float32
-step of the 56M Llama 1.3x faster; on a 2-core AVX-512 EPYC, YNNPACK ran it 1.15x faster
-(``docs/speed.md``). bfloat16 and int8 products have no fast Eigen kernel (4.5x and 12x slower,
-measured), so only float32 products are measured: the first engine built for a (CPU, XLA flags,
-jax version, model shape, decode batch) runs a probe -- its layers' float32 products at the
-decode batch, chained, under each library in interleaved rounds -- keeps the faster, says so on
-stderr, and writes the choice to ``$XDG_CACHE_HOME/workbench/autotune.json``
-(``~/.cache/workbench/autotune.json``). Later engines and processes read it back.
+depends on the CPU *and* the weights' dtype (``docs/speed.md`` has the figures: each library
+won on one of two 2-core machines). bfloat16 and int8 products have no fast Eigen kernel, so
+they always take YNNPACK and only float32 products are measured: the probe -- the model's
+float32 layer products at the decode batch, chained, under each library in interleaved rounds
+-- keeps the faster, says so on stderr, and writes the choice to
+``$XDG_CACHE_HOME/workbench/autotune.json`` (``~/.cache/workbench/autotune.json``), keyed by
+(CPU, XLA flags, jax version, model shape, decode batch). Later engines and processes read it back.
+
+When it runs: :mod:`workbench.engine.tuning` asks :func:`library` for an engine on the CPU, at
+``engine.tune()`` or the engine's first ``generate`` -- never while an engine is built.
 
 ``WORKBENCH_AUTOTUNE``: ``off`` keeps the fixed choice (Eigen for float32, the test suite's
 setting: no probe, the same program on every machine), ``ynnpack`` or ``eigen`` forces one, and
@@ -17,7 +20,7 @@ any other value is the path of the cache file. A mesh over several processes (``
 takes the fixed choice unless one is forced: a probe per process could pick differently, and
 replicas of one array on two processes must round alike. YNNPACK is asked for dots only
 (``LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT``): its default also takes reductions, and then copies
-the cache slice attention reads (measured: 16 copies a step).
+the cache slice attention reads.
 """
 
 from __future__ import annotations
@@ -43,13 +46,6 @@ PROBE_BYTES = 128 * 2**20  # enough layers to pass the last-level cache, as the 
 ROUNDS, CALLS = 5, 8
 
 _chosen: dict[str, str] = {}  # this process's choices, by key
-
-
-def generate_options(config, batch: int, platform: str) -> dict[str, str] | None:
-    """The ``compiler_options`` of the generate step: None off the CPU."""
-    if platform != "cpu":
-        return None
-    return LIBRARIES[library(config, batch)]
 
 
 def library(config, batch: int) -> str:
@@ -79,13 +75,11 @@ def library(config, batch: int) -> str:
 def measure(config, batch: int) -> dict[str, float]:
     """Median ms of the probe (the model's float32 layer products at ``batch`` rows, chained)
     under each library, timed in interleaved rounds."""
-    d, f = config.embed_dim, config.mlp_dim
-    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]
+    shapes = [size for size, _ in config.projections().values()]  # q, k, v, o, gate, up, down
     per_layer = 4 * sum(a * b for a, b in shapes)
     layers = max(1, min(config.num_layers, PROBE_BYTES // per_layer))
     weights = [[jnp.full(shape, 0.01, jnp.float32) for shape in shapes] for _ in range(layers)]
-    x = jnp.ones((batch, d), jnp.float32)
+    x = jnp.ones((batch, config.embed_dim), jnp.float32)
     runs = {name: jax.jit(_probe, compiler_options=options) for name, options in LIBRARIES.items()}
     for run in runs.values():
         run(x, weights).block_until_ready()

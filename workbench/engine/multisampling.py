@@ -25,8 +25,7 @@ def prefill_multisampling(
     """
     counts["prefill_multisampling"] += 1
     # The plain prefill's own first token is unused, so XLA drops its argmax.
-    prefix, _ = steps.prefill(model, collections.Counter(), *inputs, sampling=GREEDY, adapter=adapter)
+    prefix, _, _ = steps.prefill(model, collections.Counter(), *inputs, sampling=GREEDY, adapter=adapter)
     rows = jnp.broadcast_to(prefix.logits, (num_samples, prefix.logits.shape[0]))  # [n, V]
-    first = sample(rows, inputs[-1], sampling)  # the key  # [n]: categorical draws each row independently
-    ones = jnp.ones_like(first)
-    return prefix.replace(token=first), ResultTokens(data=jnp.stack([first, ones, ones], axis=-1), logits=rows)
+    first = sample(rows, inputs[-1], sampling)  # inputs[-1]: the key. [n]: each row drawn independently
+    return prefix.replace(token=first), steps.first_result(first, rows)

@@ -95,7 +95,6 @@ def prefill_concat(
     logits = merged(tokens[None], positions[None], logits_at=last[None], segments=segments[None])[0]  # [n, V]
     first = sample(logits, key, sampling)  # [n]
     cache = nnx.to_pure_dict(nnx.state(merged, nnx.Cache))  # rows [n, S, K, H]: one per prompt
-    one = jnp.int32(1)
     return [
         (
             Prefix(
@@ -105,7 +104,7 @@ def prefill_concat(
                 logits=logits[i],
                 adapter=adapter,
             ),
-            ResultTokens(data=jnp.stack([first[i], one, one])[None], logits=logits[i][None]),
+            steps.first_result(first[i], logits[i][None]),
         )
         for i in range(n)
     ]

@@ -1,9 +1,14 @@
 """The engine's jitted bodies as pure functions: arrays in, arrays out.
 
-The engine binds the static half of each (the model's ``CachedModel``, the compile counter)
-with ``functools.partial`` and jits the rest. Caches cross the jit boundary as plain dicts;
-each body re-forms its model with ``nnx.merge(..., copy=True)`` and hands the cache back as a
-plain dict. ``counts[name] += 1`` runs once per trace, so the counter counts compiles.
+``engine/compiled.py`` binds the static half of each (the model's ``CachedModel``, the compile
+counter) with ``functools.partial`` and jits the rest. Caches cross the jit boundary as plain
+dicts; each body re-forms its model with ``nnx.merge(..., copy=True)`` and hands the cache back
+as a plain dict. ``counts[name] += 1`` runs once per trace, so the counter counts compiles.
+
+Probes (:mod:`workbench.probes`) are one static argument of prefill and generate: with a
+``plan``, the body runs the model through ``probes.run`` and returns the raw capture as its
+third output; without one it runs the model plainly and that output is ``{}`` (no array, so the
+program is the plain step's).
 """
 
 from __future__ import annotations
@@ -33,6 +38,18 @@ class CachedModel:
 
     def merge(self, params: nnx.State, cache: Cache, rest: nnx.State) -> Transformer:
         return nnx.merge(self.graphdef, params, trees.fill(self.abstract_cache, cache), rest, copy=True)
+
+
+def first_result(token: jax.Array, logits: jax.Array) -> ResultTokens:
+    """The result of a prefill: ``token`` [] (or [n] samples) as ``data`` [n, 3] = (token, valid
+    1, length 1), the first generated token of each; ``logits`` [n, V] the rows they came from."""
+    ones = jnp.ones_like(token)
+    return ResultTokens(data=jnp.stack([token, ones, ones], axis=-1).reshape(-1, 3), logits=logits)
+
+
+def forward(graphdef: nnx.GraphDef, params, rest, tokens, adapters=None) -> jax.Array:
+    """The uncached forward pass: float32 logits [B, T, V] of ``tokens`` [B, T] (the oracle)."""
+    return nnx.merge(graphdef, params, rest, copy=True)(tokens, adapters=adapters)
 
 
 def zeros(abstract: nnx.State) -> Cache:
@@ -68,15 +85,16 @@ def prefill(
     sampling: Sampling,
     plan: probes.Plan | None = None,
     adapter=None,
-) -> tuple[Prefix, ResultTokens]:
+) -> tuple[Prefix, ResultTokens, dict]:
     """``tokens`` [P] (``true_length`` real, then padding) written after ``start`` cached ones;
     ``adapter``: int32 [] LoRA adapter index (-1: none), on engines with adapters.
-    With a probe ``plan`` (static) and its ``probe_data``, also the raw capture (``probes.run``)."""
+    The third output: the raw capture of a probe ``plan`` (static) and its ``probe_data``, else {}."""
     counts["prefill" if plan is None else "prefill+probes"] += 1
     merged = model.merge(params, cache, rest)
     steps = jnp.arange(tokens.shape[0])
     # Padding goes to position S (past the cache): its K/V writes are dropped.
     positions = jnp.where(steps < true_length, start + steps, model.length)
+    raw = {}
     if plan is None:
         adapters = None if adapter is None else adapter[None]
         last = merged(tokens[None], positions[None], logits_at=(true_length - 1)[None], adapters=adapters)[0]  # [V]
@@ -87,10 +105,7 @@ def prefill(
     token = sample(last[None], key, sampling)[0]
     cache = nnx.to_pure_dict(nnx.state(merged, nnx.Cache))
     prefix = Prefix(cache=cache, length=start + true_length, token=token, logits=last, adapter=adapter)
-    data = jnp.stack([token, jnp.int32(1), jnp.int32(1)])[None]
-    if plan is not None:
-        return prefix, ResultTokens(data=data, logits=last[None]), raw
-    return prefix, ResultTokens(data=data, logits=last[None])
+    return prefix, first_result(token, last[None]), raw
 
 
 def insert(counts: Counts, prefix: Prefix, state: DecodeState, slots: jax.Array, slot_axis: int = 0) -> DecodeState:
@@ -124,12 +139,14 @@ def generate(
     *,
     sampling: Sampling,
     plan: probes.Plan | None = None,
-) -> tuple[DecodeState, ResultTokens]:
-    """One token for every live slot (holding a request, with room in its cache)."""
+) -> tuple[DecodeState, ResultTokens, dict]:
+    """One token for every live slot (holding a request, with room in its cache); the third
+    output as :func:`prefill`'s."""
     counts["generate" if plan is None else "generate+probes"] += 1
     live = state.active & (state.positions < model.length)  # [B]
     positions = jnp.where(live, state.positions, model.length)  # dead slots write nothing
     merged = model.merge(params, state.cache, rest)
+    raw = {}
     if plan is None:
         logits = merged(state.tokens[:, None], positions[:, None], adapters=state.adapters)[:, 0]  # [B, V]
     else:
@@ -146,9 +163,7 @@ def generate(
         rng=rng,
     )
     data = jnp.stack([tokens, live.astype(jnp.int32), lengths], axis=-1)
-    if plan is not None:
-        return new_state, ResultTokens(data=data, logits=logits), raw
-    return new_state, ResultTokens(data=data, logits=logits)
+    return new_state, ResultTokens(data=data, logits=logits), raw
 
 
 def free(state: DecodeState, slot: jax.Array) -> DecodeState:

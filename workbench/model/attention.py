@@ -10,8 +10,8 @@ Speed (decode is bound by the bytes it reads): with a cache, attention reads onl
 it -- the shortest of a few static key lengths (:func:`key_buckets`) that covers the furthest
 live position, picked on device by ``lax.switch``, so one compiled step serves every length
 and a 64-token request in a 1024-position cache reads 128 positions, not 1024. The products
-themselves are in :mod:`workbench.model.kernels`: a plain einsum reference and the variants
-tuned for XLA:CPU, chosen by the ``kernels`` switch.
+themselves are in :mod:`workbench.model.kernels`: a plain einsum reference (the default) and
+the variants tuned for XLA:CPU, chosen by ``attention_kernels``.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from flax import nnx
 
 from workbench.model import kernels, lora, quant
 from workbench.model.config import ModelConfig
-from workbench.model.layers import apply_rope, param
+from workbench.model.layers import apply_rope, param, project
 
-CACHE_AXES = ("cache_batch", "cache_seq", "cache_kv_heads", "cache_head_dim")
+CACHE_AXES = ("cache_batch", "cache_seq", "cache_kv_heads", "cache_head_dim")  # of every KV cache [B, S, K, H]
 MIN_KEY_BUCKET = 128
 
 
@@ -64,9 +64,19 @@ class KVCache(nnx.Module):
         return self.k[...], self.v[...]
 
 
+def kv_cache(config: ModelConfig, batch: int, length: int) -> KVCache | quant.Int8KVCache:
+    """One layer's KV cache in ``config.kv_cache_dtype``: float (:class:`KVCache`) or int8."""
+    if config.kv_cache_dtype == "int8":
+        return quant.Int8KVCache(config, batch, length, CACHE_AXES)
+    return KVCache(config, batch, length)
+
+
 class Attention(nnx.Module):
-    # cache: (batch, length) or None; lora_spec: a model.lora.LoraSpec, or None for no adapters
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, cache=None, kernels: str = "xla_cpu", lora_spec=None):
+    # cache: (batch, length) or None; attention_kernels: a kernel set of model.kernels;
+    # lora_spec: a model.lora.LoraSpec, or None for no adapters
+    def __init__(
+        self, config: ModelConfig, *, rngs: nnx.Rngs, cache=None, attention_kernels: str = "reference", lora_spec=None
+    ):
         d, n, k, h, w = config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim, config.weight_dtype
         self.q = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), w)
         self.k = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), w)
@@ -76,17 +86,16 @@ class Attention(nnx.Module):
             self.q_bias = param(rngs, (n, h), ("heads", "head_dim"), w, init="zeros")
             self.k_bias = param(rngs, (k, h), ("kv_heads", "head_dim"), w, init="zeros")
             self.v_bias = param(rngs, (k, h), ("kv_heads", "head_dim"), w, init="zeros")
-        self.cache = None if cache is None else quant.cache_class(config, KVCache)(config, *cache)
+        self.cache = None if cache is None else kv_cache(config, *cache)
         self.qkv_bias = config.qkv_bias
         self.window = config.sliding_window
         self.groups = n // k
         self.dtype = config.compute_dtype
-        self.kernels = kernels
+        self.attention_kernels = attention_kernels
         self.lora = lora.projections(config, lora_spec, ("q", "k", "v", "o"))  # None: no adapters
 
     def _project(self, x: jax.Array, name: str, adapters: jax.Array | None = None) -> jax.Array:
-        out = quant.einsum("BTD,DNH->BTNH", x, getattr(self, name), self.dtype)
-        out = lora.apply(self.lora, name, x, out, adapters)
+        out = project("BTD,DNH->BTNH", x, self, name, self.dtype, adapters)
         if self.qkv_bias:
             out = out + getattr(self, f"{name}_bias")[...].astype(self.dtype)
         return out
@@ -124,8 +133,7 @@ class Attention(nnx.Module):
         # One contracting dim (N*H): given "BTNH,NHD", XLA orders the two as (H, N) and transposes
         # the o weights into that order on every call.
         out = out.reshape(b, t, n * h)
-        o = quant.einsum("BTX,XD->BTD", out, self.o, self.dtype, shape=(n * h, -1))
-        return lora.apply(self.lora, "o", out, o, adapters)
+        return project("BTX,XD->BTD", out, self, "o", self.dtype, adapters, shape=(n * h, -1))
 
     def _attend_cache(self, q: jax.Array, k, v, positions: jax.Array, hooks=None) -> jax.Array:
         """Attention over the first L cache positions, L the smallest bucket covering every live query.
@@ -164,4 +172,4 @@ class Attention(nnx.Module):
             visible &= key_positions[:, None, :] > query_positions[:, :, None] - self.window
         if hooks is not None and hooks.weights:  # probes: the weights too, padded to ``keys`` keys
             return hooks.attend(q, k, v, visible, self.dtype, keys)
-        return kernels.attention(q, k, v, visible, self.dtype, kernels=self.kernels, sliced=sliced)
+        return kernels.attention(q, k, v, visible, self.dtype, kernels=self.attention_kernels, sliced=sliced)

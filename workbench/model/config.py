@@ -113,6 +113,21 @@ class ModelConfig:
             raise ValueError(f"unknown ModelConfig field {unknown[0]!r}")
         return cls(**data)
 
+    def projections(self) -> dict[str, tuple[tuple[int, int], tuple[str, str]]]:
+        """The seven weight products of a block, in order q, k, v, o, gate, up, down: each one's
+        (in, out) sizes, heads flattened as HF stores them, and the logical axes of in and out."""
+        d, f = self.embed_dim, self.mlp_dim
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return {
+            "q": ((d, q), ("embed", "heads")),
+            "k": ((d, kv), ("embed", "kv_heads")),
+            "v": ((d, kv), ("embed", "kv_heads")),
+            "o": ((q, d), ("heads", "embed")),
+            "gate": ((d, f), ("embed", "mlp")),
+            "up": ((d, f), ("embed", "mlp")),
+            "down": ((f, d), ("mlp", "embed")),
+        }
+
     def num_params(self) -> int:
         d, h = self.embed_dim, self.head_dim
         attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)

@@ -1,8 +1,8 @@
 """Seeded random weights drawn on the host: no compile, so a model of any depth starts in seconds.
 
 Jitting the model's own initialisers (``Transformer(config, rngs=nnx.Rngs(seed))`` under
-``jax.jit``) costs a compile that grows with the model -- about 13 s for the 56M preset, most of
-it threefry unrolled once per weight. Here numpy draws every leaf instead (the same
+``jax.jit``) costs a compile that grows with the model, most of it threefry unrolled once per
+weight (``docs/speed.md`` has a figure). Here numpy draws every leaf instead (the same
 distributions as :func:`workbench.model.layers.param`: RMSNorm scales ones, biases zeros, every
 other weight normal with std ``INIT_STD``), one generator per leaf seeded by ``(seed, path)``,
 so a leaf's values depend on the seed and its name only -- not on the mesh, the order of leaves,

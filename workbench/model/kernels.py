@@ -1,22 +1,22 @@
-"""Attention kernels: the plain einsum reference, and the variants tuned for XLA:CPU.
+"""Attention kernels: the plain einsum reference, then the variants tuned for XLA:CPU.
 
-The switch is ``kernels`` (an argument of ``Transformer`` and ``Attention``):
-
-================  =============================================================================
-``"reference"``   :func:`reference`: two einsums over ``[B, T, K, G, H]`` queries. The readable
-                  definition; every other variant must equal it (``tests/test_kernels.py``).
-``"xla_cpu"``     (default) layouts XLA:CPU runs faster, measured in float32 and bfloat16 on a
-                  2-core CPU (``benchmarks/``): :func:`stacked` for prefill, and for decode (one
-                  query per sequence) :func:`block_diagonal` over a whole cache or
-                  :func:`sliced_products` over a prefix sliced from a longer one.
-================  =============================================================================
-
-Which library XLA:CPU runs the weight products with (YNNPACK or Eigen) is measured per machine:
-:mod:`workbench.engine.autotune`.
-
-All take q ``[B, T, K, G, H]`` (scaled; the G query heads of each kv head), k and v
-``[B, S, K, H]``, visible ``[B, T, S]`` (bool) and return ``[B, T, K, G, H]`` in ``dtype``.
+Every kernel takes q ``[B, T, K, G, H]`` (scaled; the G query heads of each kv head), k and v
+``[B, S, K, H]``, visible ``[B, T, S]`` (bool) and returns ``[B, T, K, G, H]`` in ``dtype``.
 Scores and softmax are float32.
+
+The model calls one function, :func:`attention`, and a kernel set picks what runs:
+
+================  =============================================================================
+``"reference"``   :func:`reference` for every shape: two einsums, softmax attention as written
+                  on paper. The model's default, and the truth every variant must equal
+                  (``tests/test_kernels.py``).
+``"xla_cpu"``     XLA:CPU tuning: layouts that XLA:CPU runs faster than the reference's einsums
+                  (``docs/speed.md``): :func:`stacked` for prefill, and for decode (one query per
+                  sequence) :func:`block_diagonal` over a whole cache or :func:`sliced_products`
+                  over a prefix sliced from a longer one.
+================  =============================================================================
+
+Which set an engine runs is chosen per platform in :mod:`workbench.engine.tuning`.
 """
 
 from __future__ import annotations
@@ -42,6 +42,28 @@ def reference(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, dtyp
     return jnp.einsum("BTKGS,BSKH->BTKGH", attention_weights(q, k, visible).astype(dtype), v)
 
 
+def attention(q, k, v, visible, dtype, *, kernels: str = "reference", sliced: bool = False) -> jax.Array:
+    """Softmax attention by the kernel set ``kernels``; ``sliced``: k and v are a prefix sliced
+    from a longer cache (the XLA:CPU set reads those differently)."""
+    return choose(kernels, q.shape[1], sliced)(q, k, v, visible, dtype)
+
+
+def choose(kernels: str, queries: int, sliced: bool) -> Callable[..., jax.Array]:
+    """The kernel of set ``kernels`` for ``queries`` query positions per sequence; ``sliced``:
+    k and v are a prefix sliced from a longer cache."""
+    if kernels == "reference":
+        return reference
+    if kernels != "xla_cpu":
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    # XLA:CPU: a long prompt runs faster stacked; a decode step over a sliced prefix faster as
+    # products and sums (a dot would copy the slice), over a whole cache faster block-diagonal.
+    # The measurements behind each choice are in docs/speed.md.
+    if queries > 1:
+        return stacked
+    return sliced_products if sliced else block_diagonal
+
+
+# ---- XLA:CPU tuning: the same attention in layouts XLA:CPU runs faster ---------------------------
 def stacked(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, dtype) -> jax.Array:
     """Batched over (B, K) with the G query heads of a kv head stacked on T: one tall product per
     kv head. Left to ``reference``'s einsums, XLA:CPU picks slower layouts for long prompts."""
@@ -99,23 +121,3 @@ VARIANTS: dict[str, Callable[..., jax.Array]] = {
     "block_diagonal": block_diagonal,
     "sliced_products": sliced_products,
 }
-
-
-def choose(kernels: str, queries: int, sliced: bool) -> Callable[..., jax.Array]:
-    """The variant for ``queries`` query positions per sequence; ``sliced``: k and v are a prefix
-    sliced from a longer cache."""
-    if kernels == "reference":
-        return reference
-    if kernels != "xla_cpu":
-        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
-    # The figures behind each choice (2 CPU cores, the medians the commits that chose them quote):
-    # prefill of 1024 tokens, 145 ms a layer with reference's einsums against 104 ms stacked;
-    # decode, 8 layers at batch 8, a 128-position prefix of a 1024 cache: 3.7 ms with products
-    # against 7.9 ms with dots; over the whole cache (no slice): 35 ms against 22 ms.
-    if queries > 1:
-        return stacked
-    return sliced_products if sliced else block_diagonal
-
-
-def attention(q, k, v, visible, dtype, *, kernels: str = "xla_cpu", sliced: bool = False) -> jax.Array:
-    return choose(kernels, q.shape[1], sliced)(q, k, v, visible, dtype)

@@ -1,4 +1,5 @@
-"""Building blocks: parameter helper, embedding, RMSNorm, rotary embedding, SwiGLU MLP.
+"""Building blocks: parameter helper, the weight product, embedding, RMSNorm, rotary embedding,
+SwiGLU MLP.
 
 Axis letters in einsums and shape comments: B batch, T query positions, S key positions,
 D embed, N query heads, K kv heads, G query heads per kv head, H head_dim, F mlp, V vocab.
@@ -30,6 +31,14 @@ def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], dtyp
     else:
         raise ValueError(f"unknown init {init!r}")
     return nnx.Param(value.astype(dtype), out_sharding=tuple(axes))
+
+
+def project(spec: str, x: jax.Array, module: nnx.Module, name: str, dtype, adapters=None, shape=None) -> jax.Array:
+    """A block's weight product: ``x`` times ``module``'s weight ``name`` by ``spec`` in ``dtype``
+    (``quant.einsum``: a float or a quantized weight, reshaped to ``shape`` if given), plus each
+    row's LoRA delta where ``module.lora`` holds adapters for it (``lora.apply``; ``adapters`` [B])."""
+    y = quant.einsum(spec, x, getattr(module, name), dtype, shape)
+    return lora.apply(module.lora, name, x, y, adapters)
 
 
 class Embed(nnx.Module):
@@ -110,9 +119,6 @@ class MLP(nnx.Module):
         self.lora = lora.projections(config, lora_spec, ("gate", "up", "down"))  # None: no adapters
 
     def __call__(self, x: jax.Array, adapters: jax.Array | None = None) -> jax.Array:  # [B, T, D]
-        gate = quant.einsum("BTD,DF->BTF", x, self.gate, self.dtype)
-        up = quant.einsum("BTD,DF->BTF", x, self.up, self.dtype)
-        gate, up = lora.apply(self.lora, "gate", x, gate, adapters), lora.apply(self.lora, "up", x, up, adapters)
-        hidden = jax.nn.silu(gate) * up
-        out = quant.einsum("BTF,FD->BTD", hidden, self.down, self.dtype)
-        return lora.apply(self.lora, "down", hidden, out, adapters)
+        gate = project("BTD,DF->BTF", x, self, "gate", self.dtype, adapters)
+        up = project("BTD,DF->BTF", x, self, "up", self.dtype, adapters)
+        return project("BTF,FD->BTD", jax.nn.silu(gate) * up, self, "down", self.dtype, adapters)

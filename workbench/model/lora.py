@@ -71,17 +71,7 @@ def projections(config, spec: LoraSpec | None, names: tuple[str, ...]) -> nnx.Di
     """A ``LoRA`` per targeted projection among ``names`` (None without a spec or targets)."""
     if spec is None or not set(names) & set(spec.targets):
         return None
-    d, f = config.embed_dim, config.mlp_dim
-    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    shapes = {  # (in, out) sizes and logical axes, flattened as HF stores them
-        "q": ((d, q), ("embed", "heads")),
-        "k": ((d, kv), ("embed", "kv_heads")),
-        "v": ((d, kv), ("embed", "kv_heads")),
-        "o": ((q, d), ("heads", "embed")),
-        "gate": ((d, f), ("embed", "mlp")),
-        "up": ((d, f), ("embed", "mlp")),
-        "down": ((f, d), ("mlp", "embed")),
-    }
+    shapes = config.projections()  # (in, out) sizes and logical axes, flattened as HF stores them
     wanted = [name for name in names if name in spec.targets]
     return nnx.Dict({name: LoRA(spec, *shapes[name], config.weight_dtype) for name in wanted})
 

@@ -17,13 +17,14 @@ Modes (``ModelConfig.quantize``):
           accumulated in int32 (``preferred_element_type``), then both scales applied in f32.
 ``w4``    int4 weights with one scale per group of :data:`GROUP` input rows; dequantized before a
           float product (an int4 dot does not pay on this jaxlib). The vocabulary projection
-          stays ``w8`` (:data:`RULES`).
+          stays ``w8`` (:data:`QUANTIZED_WEIGHTS`).
 ========  =======================================================================================
 
 Why our own einsum and not qwix 0.1.8: qwix composes with split / merge, but its weight-only
-path dequantizes before a float dot (measured 69 ms against f32's 24 ms on six blocks), and the
-int8 x int8 product it reaches for w8a8 is the few lines of :meth:`QuantizedWeight.product`;
-owning them keeps the default float path's program unchanged and the scales visible as params.
+path dequantizes before a float dot (several times slower than the float32 product on
+XLA:CPU, ``docs/speed.md``), and the int8 x int8 product it reaches for w8a8 is the few lines
+of :meth:`QuantizedWeight.product`; owning them keeps the default float path's program
+unchanged and the scales visible as params.
 """
 
 from __future__ import annotations
@@ -44,10 +45,10 @@ GROUP = 32  # w4: input rows that share one scale
 INT_MAX = {"w8": 127, "w8a8": 127, "w4": 7}
 STORAGE = {"w8": jnp.int8, "w8a8": jnp.int8, "w4": jnp.int4}
 
-# The rule table, written once: leaf path pattern -> (contracting axes of the weight, the mode
-# each requested mode applies to it). The contracting axes are the ones the product sums over;
-# the scale has one entry per position of the other (output) axes.
-RULES: tuple[tuple[str, tuple[int, ...], dict[str, str]], ...] = (
+# The table of quantized weights, written once: leaf path pattern -> (contracting axes of the
+# weight, the mode each requested mode applies to it). The contracting axes are the ones the
+# product sums over; the scale has one entry per position of the other (output) axes.
+QUANTIZED_WEIGHTS: tuple[tuple[str, tuple[int, ...], dict[str, str]], ...] = (
     (r"layers/\d+/attn/[qkv]", (0,), {"w8": "w8", "w8a8": "w8a8", "w4": "w4"}),  # [D, N|K, H]
     (r"layers/\d+/attn/o", (0, 1), {"w8": "w8", "w8a8": "w8a8", "w4": "w4"}),  # [N, H, D]
     (r"layers/\d+/mlp/(gate|up|down)", (0,), {"w8": "w8", "w8a8": "w8a8", "w4": "w4"}),  # [D, F] / [F, D]
@@ -71,7 +72,7 @@ def rule(path: str, quantize: str | None) -> tuple[tuple[int, ...], str] | None:
     """(contracting axes, applied mode) for the leaf ``path`` under ``quantize``; None: kept float."""
     if quantize is None:
         return None
-    for pattern, contract, modes in RULES:
+    for pattern, contract, modes in QUANTIZED_WEIGHTS:
         if re.fullmatch(pattern, path) and modes.get(quantize):
             return contract, modes[quantize]
     return None
@@ -172,7 +173,7 @@ def einsum(spec: str, x: jax.Array, w: nnx.Param | QuantizedWeight, dtype, shape
     first if given. A float param in the compute dtype takes the plain einsum (the program of the
     unquantized model). Narrower float weights (bfloat16 params, float32 compute) multiply the
     activations rounded to their dtype with a float32 result: XLA:CPU runs that mix fast, where
-    converting the weights to float32 before the dot is about 4x slower (docs/nnx-facts)."""
+    converting the weights to float32 before the dot is several times slower (``docs/speed.md``)."""
     if isinstance(w, QuantizedWeight):
         return w.product(spec, x, dtype, shape)
     if jnp.dtype(w.dtype).itemsize < jnp.dtype(dtype).itemsize:  # bf16 weights, f32 compute: the fast mix
@@ -227,12 +228,12 @@ def quantize_leaf(path: str, leaf: jax.Array, quantize: str | None, shardings: d
     if applied is None:
         return {path: leaf}
     placed = (shardings.get(f"{path}/values"), shardings.get(f"{path}/scale")) if shardings else None
-    values, scale = _quantizer(placed)(leaf, *applied)
+    values, scale = _jitted_quantize(placed)(leaf, *applied)
     return {f"{path}/values": values, f"{path}/scale": scale}
 
 
 @functools.lru_cache
-def _quantizer(placed: tuple | None):  # one jitted quantizer per output sharding: layers share compiles
+def _jitted_quantize(placed: tuple | None):  # one jit per output sharding: layers share compiles
     return jax.jit(quantize_array, static_argnums=(1, 2), out_shardings=placed)
 
 
@@ -250,11 +251,6 @@ def dequantized_cache(layer: dict) -> dict:
     if "k_scale" not in layer:
         return layer
     return {name: Int8Rows(layer[name], layer[f"{name}_scale"]).dequantized() for name in ("k", "v")}
-
-
-def cache_class(config, float_cache: type) -> type:
-    """The KV cache module for ``config.kv_cache_dtype``: ``float_cache`` (attention's) or int8."""
-    return Int8KVCache if config.kv_cache_dtype == "int8" else float_cache
 
 
 class Int8Rows(NamedTuple):
@@ -285,9 +281,9 @@ class Int8KVCache(nnx.Module):
     values are quantized on write and handed to attention as :class:`Int8Rows`, which it
     dequantizes after slicing the prefix it reads (:func:`cache_prefix`)."""
 
-    def __init__(self, config, batch: int, length: int):
+    def __init__(self, config, batch: int, length: int, axes: tuple[str, ...]):
+        # axes: the logical axes of a [B, S, K, H] cache (attention.CACHE_AXES); the scales drop H
         shape = (batch, length, config.num_kv_heads, config.head_dim)
-        axes = ("cache_batch", "cache_seq", "cache_kv_heads", "cache_head_dim")
         self.k = nnx.Cache(jnp.zeros(shape, jnp.int8), out_sharding=axes)
         self.v = nnx.Cache(jnp.zeros(shape, jnp.int8), out_sharding=axes)
         self.k_scale = nnx.Cache(jnp.zeros(shape[:3], jnp.float32), out_sharding=axes[:3])

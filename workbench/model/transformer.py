@@ -21,11 +21,11 @@ class Block(nnx.Module):
         *,
         rngs: nnx.Rngs,
         cache: tuple[int, int] | None,
-        kernels: str,
+        attention_kernels: str,
         lora_spec: LoraSpec | None = None,
     ):
         self.attn_norm = RMSNorm(config, rngs=rngs)
-        self.attn = Attention(config, rngs=rngs, cache=cache, kernels=kernels, lora_spec=lora_spec)
+        self.attn = Attention(config, rngs=rngs, cache=cache, attention_kernels=attention_kernels, lora_spec=lora_spec)
         self.mlp_norm = RMSNorm(config, rngs=rngs)
         self.mlp = MLP(config, rngs=rngs, lora_spec=lora_spec)
 
@@ -46,8 +46,9 @@ class Transformer(nnx.Module):
 
     ``cache=(batch, length)`` gives every layer a KV cache of that size (a prefill model has
     batch 1; an autoregressive model has one row per decode slot); ``cache=None`` gives the
-    uncached model whose full forward pass is the oracle for every cached path. ``kernels``:
-    ``"xla_cpu"`` (tuned attention) or ``"reference"`` (plain einsums); see ``model.kernels``.
+    uncached model whose full forward pass is the oracle for every cached path.
+    ``attention_kernels``: ``"reference"`` (plain einsums) or ``"xla_cpu"`` (layouts tuned for
+    XLA:CPU); see ``model.kernels`` (an engine picks per platform: ``engine.tuning``).
     ``scan_layers``: the blocks stacked on a leading ``layers`` axis and run by one scan
     (``model.scan``): the same numbers, a compile that does not grow with depth.
     """
@@ -58,7 +59,7 @@ class Transformer(nnx.Module):
         *,
         rngs: nnx.Rngs,
         cache: tuple[int, int] | None = None,
-        kernels: str = "xla_cpu",
+        attention_kernels: str = "reference",
         scan_layers: bool = False,
         lora_spec: LoraSpec | None = None,
     ):
@@ -67,7 +68,7 @@ class Transformer(nnx.Module):
         self.rope = Rotary(config)
         self.layers = nnx.List(
             [
-                Block(config, rngs=rngs, cache=cache, kernels=kernels, lora_spec=lora_spec)
+                Block(config, rngs=rngs, cache=cache, attention_kernels=attention_kernels, lora_spec=lora_spec)
                 for _ in range(config.num_layers)
             ]
         )
