@@ -206,7 +206,12 @@ def die(out_dir: str) -> None:
 
 def cli_die(out_dir: str) -> None:
     """``generate`` of the CLI on both processes; process 1 dies at its third decode step, after
-    writing the time. Process 0 exits as the CLI makes it (``workbench.cli.main``)."""
+    writing the time. Process 0 exits as the CLI makes it (``workbench.cli.main``).
+
+    Process 1 first waits 2 s, so that process 0 is waiting in that step's first collective with
+    it, on every device. A process that dies halfway through a collective can instead leave some
+    of process 0's devices waiting on a local collective for a sibling whose part failed: a hang
+    that only JAX's heartbeat timeout ends (with an abort; see the README)."""
     from workbench.cli import main
 
     if jax.process_index() == 1:
@@ -215,6 +220,7 @@ def cli_die(out_dir: str) -> None:
         def dying(self, *args, **kwargs):
             calls.append(1)
             if len(calls) == 3:
+                time.sleep(2)
                 with open(os.path.join(out_dir, "died"), "w") as f:
                     f.write(repr(time.time()))
                 os._exit(3)
@@ -225,5 +231,6 @@ def cli_die(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    distributed.initialize()  # from the launcher's environment variables, before JAX starts
+    # From the environment (the launcher's, or the test's), before JAX starts; generous: 2 cores start many processes.
+    distributed.initialize(timeout=240)
     {"run": run, "die": die, "cli_die": cli_die}[sys.argv[1]](*sys.argv[2:])

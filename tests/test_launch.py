@@ -82,25 +82,22 @@ def test_launcher_stops_everyone_on_timeout(tmp_path, capfd):
 
 
 def test_stop_kills_what_ignores_sigterm_after_the_grace():
-    stubborn = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True); time.sleep(60)",
-        ],
-        stdout=subprocess.PIPE,
-        start_new_session=True,
+    """SIGKILL after the grace, or as soon as ``hurry()`` says so (the launcher: another signal)."""
+    ignoring = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True); time.sleep(60)"
     )
-    try:
-        assert stubborn.stdout.readline()  # SIGTERM is ignored from here on
-        started = time.monotonic()
-        stop([stubborn], grace=0.5)
-        took = time.monotonic() - started
-        assert stubborn.returncode == -signal.SIGKILL and 0.5 <= took < GRACE_S, took
-    finally:
-        if stubborn.poll() is None:
-            stubborn.kill()
-            stubborn.wait()
+    for grace, hurry, took_at_least in ((0.5, bool, 0.5), (GRACE_S, lambda: True, 0.0)):
+        stubborn = subprocess.Popen([sys.executable, "-c", ignoring], stdout=subprocess.PIPE, start_new_session=True)
+        try:
+            assert stubborn.stdout.readline()  # SIGTERM is ignored from here on
+            started = time.monotonic()
+            stop([stubborn], grace=grace, hurry=hurry)
+            took = time.monotonic() - started
+            assert stubborn.returncode == -signal.SIGKILL and took_at_least <= took < GRACE_S - 1, took
+        finally:
+            if stubborn.poll() is None:
+                stubborn.kill()
+                stubborn.wait()
 
 
 SLEEPER = """

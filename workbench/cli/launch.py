@@ -219,8 +219,8 @@ def launch(
                     return 124
                 time.sleep(poll_s)
         finally:
-            # A second signal while stopping skips the rest of the grace.
-            stop(children, grace, hurry=lambda: signals.count > 1)
+            seen = signals.count  # another signal while stopping skips the rest of the grace
+            stop(children, grace, hurry=lambda: signals.count > seen)
 
 
 class _Signals:
