@@ -8,11 +8,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from workbench.cli import main
-from workbench.cli.launch import GRACE_S, reserved_port, stop
+from workbench.cli.launch import GRACE_S, launch, reserved_port, stop
 
 
 def _run_cli(args: list[str]) -> subprocess.Popen:
@@ -71,8 +74,6 @@ def test_launch_bad_input_is_one_line(capsys):
 
 
 def test_launcher_stops_everyone_on_timeout(tmp_path, capfd):
-    from workbench.cli.launch import launch
-
     handlers = [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)]
     started = time.monotonic()
     code = launch([sys.executable, "-c", "import time; time.sleep(60)"], processes=2, timeout=1)
@@ -98,6 +99,37 @@ def test_stop_kills_what_ignores_sigterm_after_the_grace():
             if stubborn.poll() is None:
                 stubborn.kill()
                 stubborn.wait()
+
+
+def test_a_signal_while_starting_starts_no_more_and_stops_what_started(monkeypatch):
+    """The handlers are in place before the first process starts, and only record: a signal
+    between two starts cannot leave a started process behind, nor start the next."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers need the main thread")
+    started, original = [], subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(original(*args, **kwargs))
+        os.kill(os.getpid(), signal.SIGTERM)  # to this process: the launcher's handler has it
+        return started[-1]
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    assert launch([sys.executable, "-c", "import time; time.sleep(60)"], processes=3) == 128 + signal.SIGTERM
+    assert len(started) == 1 and started[0].returncode == -signal.SIGTERM
+
+
+def test_a_reserved_port_is_held_for_a_coordinator_only():
+    """What the launcher relies on: while held, nothing else binds the port (nor gets it as an
+    ephemeral port), yet a listener that sets SO_REUSEADDR, as the coordinator does, can."""
+    with reserved_port() as port:
+        for family, address in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::")):
+            with socket.socket(family) as other, pytest.raises(OSError):
+                other.bind((address, port))
+        with socket.socket(socket.AF_INET6) as coordinator:
+            coordinator.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            coordinator.bind(("::", port))
+            coordinator.listen()
+    assert _port_free(port)
 
 
 SLEEPER = """
