@@ -20,6 +20,7 @@ the processes and sets the environment variables :func:`initialize` reads.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import re
@@ -154,8 +155,8 @@ def _port_free(port: int) -> bool:
         try:
             probe.bind(("::", port))
             probe.listen()
-        except OSError:
-            return False
+        except OSError as error:
+            return error.errno != errno.EADDRINUSE  # anything else (IPv6 off, say) is left to JAX
     return True
 
 

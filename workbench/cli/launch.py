@@ -136,19 +136,21 @@ def free_port() -> int:
 
 
 def _bound_everywhere() -> socket.socket:
+    """A socket bound to a port the kernel picks, on every IPv6 and IPv4 address (or every
+    IPv4 one, where IPv6 is off)."""
     try:
         sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    except OSError:  # no IPv6 on this machine: every IPv4 address
+        try:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(("::", 0))
+            return sock
+        except OSError:
+            sock.close()
+            raise
+    except OSError:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.bind(("0.0.0.0", 0))
         return sock
-    try:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind(("::", 0))
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 def process_env(process_id: int, processes: int, port: int, host_devices: int | None) -> dict[str, str]:
