@@ -3,6 +3,7 @@ variables of ``workbench.cli.launch.process_env`` say which.
 
     python tests/distributed_worker.py run OUT_DIR RESTORE_DIR HF_DIR  # engine, scheduler, checkpoints, inspectors, CLI
     python tests/distributed_worker.py die OUT_DIR                     # process 1 dies mid-run
+    python tests/distributed_worker.py cli_die OUT_DIR                 # the CLI's generate; process 1 dies mid-run
 
 ``run`` writes ``OUT_DIR/process{i}.npz`` (every process: what it read back on its host),
 saves its params to ``OUT_DIR/saved`` (every process writing its own shards), then runs the
@@ -14,6 +15,7 @@ can compute the single-process reference itself.
 import os
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -154,6 +156,7 @@ def run(out_dir: str, restore_dir: str, hf_dir: str) -> None:
         assert leaf.is_fully_addressable == (jax.process_count() == 1), path  # split between the processes
         out[f"restored/{path}"] = distributed.host_value(leaf)
     hf_import(hf_dir, out)
+    autotune_choices(engine, out, out_dir)
     np.savez(os.path.join(out_dir, f"process{jax.process_index()}.npz"), **out)
     if jax.process_count() == 1:
         return
@@ -163,6 +166,26 @@ def run(out_dir: str, restore_dir: str, hf_dir: str) -> None:
     print("CLI OUTPUT FOLLOWS", flush=True)  # every process: the test checks that 1 adds nothing after it
     if main(CLI) != 0:
         sys.exit(1)
+
+
+def autotune_choices(engine, out: dict, out_dir: str) -> None:
+    """The decode library ``autotune`` gives this engine's shape: from a cache file that says
+    YNNPACK (one process takes it; several must keep the fixed one), with the setting unset
+    (several processes: the fixed one, and no probe), and forced."""
+    from workbench.engine import autotune
+
+    config, batch = engine.config, engine.max_concurrent_decodes
+    cache = os.path.join(out_dir, f"autotune{jax.process_index()}.json")
+    autotune._write(Path(cache), {autotune._key(config, batch): {"library": "ynnpack", "ms": {}}})
+    if jax.process_count() > 1:
+        autotune.measure = lambda *a: sys.exit("autotune probed on a mesh over several processes")
+    for name, setting in (("cached", cache), ("unset", ""), ("forced", "ynnpack")):
+        if name == "unset" and jax.process_count() == 1:
+            continue  # one process would probe (and write to the user's cache)
+        os.environ[autotune.ENV] = setting
+        autotune._chosen.clear()
+        out[f"autotune/{name}"] = np.asarray(autotune.library(config, batch))
+    os.environ[autotune.ENV] = "off"
 
 
 def die(out_dir: str) -> None:
@@ -181,6 +204,33 @@ def die(out_dir: str) -> None:
         time.sleep(0.05)
 
 
+def cli_die(out_dir: str) -> None:
+    """``generate`` of the CLI on both processes; process 1 dies at its third decode step, after
+    writing the time. Process 0 exits as the CLI makes it (``workbench.cli.main``).
+
+    Process 1 first waits 2 s, so that process 0 is waiting in that step's first collective with
+    it, on every device. A process that dies halfway through a collective can instead leave some
+    of process 0's devices waiting on a local collective for a sibling whose part failed: a hang
+    that only JAX's heartbeat timeout ends (with an abort; see the README)."""
+    from workbench.cli import main
+
+    if jax.process_index() == 1:
+        original, calls = workbench.Engine.generate, []
+
+        def dying(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                time.sleep(2)
+                with open(os.path.join(out_dir, "died"), "w") as f:
+                    f.write(repr(time.time()))
+                os._exit(3)
+            return original(self, *args, **kwargs)
+
+        workbench.Engine.generate = dying
+    sys.exit(main([*CLI, "--max-new-tokens", "40"]))  # the last --max-new-tokens counts
+
+
 if __name__ == "__main__":
-    distributed.initialize()  # from the launcher's environment variables, before JAX starts
-    {"run": run, "die": die}[sys.argv[1]](*sys.argv[2:])
+    # From the environment (the launcher's, or the test's), before JAX starts; generous: 2 cores start many processes.
+    distributed.initialize(timeout=240)
+    {"run": run, "die": die, "cli_die": cli_die}[sys.argv[1]](*sys.argv[2:])

@@ -53,3 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as error:  # over several processes: a collective whose peer is gone, as one line
+        from workbench import distributed
+
+        if (line := distributed.failure_line(error)) is None:
+            raise
+        distributed.leave(1, line)  # JAX's shutdown would wait for the lost peer, then abort
