@@ -4,7 +4,8 @@ models of each supported family, built from configs here and saved with ``save_p
 Several prompts of different lengths share fewer decode slots than requests, on a data=2,tensor=2
 mesh, with prompts longer than max_prefill_length (chunked prefill) and, for Mistral, longer than
 its sliding window. Greedy tokens must equal transformers' ``generate``; every logits row must be
-within 1e-3 (relative to the row's largest logit) of an uncached transformers forward pass.
+within 1e-3 (relative to the row's largest logit) of an uncached transformers forward pass, with
+decode's products on each library the autotune probe can pick (YNNPACK, Eigen).
 """
 
 import contextlib
@@ -27,6 +28,7 @@ from transformers import (
 
 import workbench
 from workbench.cli import main
+from workbench.engine import autotune
 from workbench.engine.scheduler import run_requests
 
 VOCAB, NEW_TOKENS, SLOTS, PREFILL, TARGET = 128, 8, 2, 8, 64
@@ -111,7 +113,11 @@ def assert_rows_close(actual, expected):
         assert np.abs(ours - theirs).max() <= 1e-3 * np.abs(theirs).max()
 
 
-def test_generate_matches_transformers(family):
+@pytest.mark.parametrize("library", list(autotune.LIBRARIES))
+def test_generate_matches_transformers(family, library, monkeypatch):
+    """Under each library the autotune probe can pick for decode's float32 products, forced
+    before the engine builds its jits (the suite otherwise runs the fixed choice only)."""
+    monkeypatch.setenv(autotune.ENV, library)
     path, model = family
     engine, params = workbench.load(path, **ENGINE)
     completions = run_requests(engine, params, PROMPTS, max_new_tokens=NEW_TOKENS, ignore_eos=True, return_logits=True)
