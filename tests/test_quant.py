@@ -138,6 +138,7 @@ def test_int8_kv_cache_follows_the_uncached_forward(float_arrays):
     state, result = engine.generate(params, state)
     oracle = engine.forward(params, np.asarray([tokens + [int(first.data[0, 0])]]))[0]
     # int8 keys and values (one scale per position and kv head) move the logits by a few percent
+    # (measured 1.6% and 2.0% here, with this CPU's vectors and under SSE4_2)
     assert_close(prefix.logits, oracle[len(tokens) - 1], rtol=0.05)
     assert_close(result.logits[1], oracle[len(tokens)], rtol=0.05)
     # packed prompts (prefill_concat) write int8 rows too: layer 0's equal the prompt's prefilled
@@ -265,9 +266,10 @@ def test_inspectors_show_quantized_leaves_and_read_an_int8_cache(float_arrays):
 
 def test_bfloat16_weights_with_float32_compute(float_arrays, reference):
     """The fast bfloat16 mix: bf16 weights, f32 activations, products with a f32 result; equal to
-    the float32 model over the same bf16-rounded weights, up to the activations' rounding."""
+    the float32 model over the same bf16-rounded weights, up to the activations' rounding (measured
+    7.3e-3 of the logits, with this CPU's vectors and under SSE4_2: held at about 3x)."""
     mixed = quantized_engine(SMALL.replace(param_dtype="bfloat16"))
     params = mixed.load_params(float_arrays)
     assert trees.leaf_paths(params)["layers/0/mlp/up"].dtype == jnp.bfloat16
     rounded = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16).astype(np.float32), float_arrays)
-    assert_close(mixed.forward(params, TOKENS), reference.forward(reference.load_params(rounded), TOKENS), rtol=0.05)
+    assert_close(mixed.forward(params, TOKENS), reference.forward(reference.load_params(rounded), TOKENS), rtol=0.02)
