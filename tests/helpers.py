@@ -82,8 +82,10 @@ def assert_greedy_continuation(engine, params, prompt, generated):
 
 
 def assert_close(actual, expected, rtol=1e-5):
-    """Max abs difference within ``rtol`` of the largest expected magnitude."""
+    """Same shape, and max abs difference within ``rtol`` of the largest expected magnitude
+    (shapes first: broadcasting [4] against [1, 4], or [1] against anything, would hide a mismatch)."""
     actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, f"shape {actual.shape} != expected {expected.shape}"
     scale = np.abs(expected).max()
     assert np.abs(actual - expected).max() <= rtol * scale, np.abs(actual - expected).max() / scale
 

@@ -271,3 +271,24 @@ def test_a_sample_count_below_one_is_the_schedulers_one_line_error(capsys, check
     code, out, err = generate(capsys, "--checkpoint", str(checkpoint), *ENGINE, "--prompt", "x", "--num-samples", count)
     assert code == 2 and out == ""
     assert err == f"error: request 0: num_samples must be a positive int, got {count}\n"
+
+
+def test_pack_prefill_packs_short_prompts_and_changes_no_token(monkeypatch, capsys, checkpoint, json_run, oracle):
+    """--pack-prefill: the first two prompts (9 and 5 tokens) share one prefill row of 16 (the
+    20-token one is chunked alone); the tokens equal the unpacked run's, and every logits row the
+    forward oracle's within 1e-5."""
+    packed, prefill_concat = [], workbench.Engine.prefill_concat
+
+    def counting(self, **inputs):
+        packed.append([list(p) for p in inputs["prompts"]])
+        return prefill_concat(self, **inputs)
+
+    monkeypatch.setattr(workbench.Engine, "prefill_concat", counting)
+    flags = [*ENGINE, *REQUESTS, "--max-new-tokens", "6", "--ignore-eos", "--json", "--return-logits"]
+    code, out, err = generate(capsys, "--checkpoint", str(checkpoint), *flags, "--pack-prefill")
+    assert code == 0 and err == "" and packed == [PROMPT_IDS[:2]]
+    report = json.loads(out)["requests"]
+    assert [r["tokens"] for r in report] == [r["tokens"] for r in json_run[1]["requests"]]
+    for request in report:
+        expected = oracle[2](request["prompt_ids"], request["tokens"])
+        np.testing.assert_allclose(request["logits"], expected, rtol=0, atol=1e-5 * np.abs(expected).max())

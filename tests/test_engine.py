@@ -8,6 +8,7 @@ from flax import nnx
 import workbench
 from helpers import assert_close, prefill, prompt
 from workbench import Sampling
+from workbench.engine import autotune
 
 SLOTS, PREFILL, TARGET = 4, 32, 64  # the shape of conftest's shared `engine` (data=2 x tensor=4)
 
@@ -37,9 +38,20 @@ def run(engine, params, requests, steps):
     return out, state
 
 
-def test_cached_paths_equal_the_uncached_forward(engine, params):
+@pytest.mark.parametrize("library", list(autotune.LIBRARIES))
+def test_cached_paths_equal_the_uncached_forward(engine, params, library, monkeypatch):
+    """Under each library the autotune probe can pick for decode's float32 products (a user's
+    engine runs the probe's pick; the suite's fixed choice is Eigen): the shared engine was built
+    with the fixed choice, another is built with YNNPACK forced (read when it builds its jits).
+    The oracle is the shared engine's forward either way (the forward's program has no library)."""
+    decoder, decoder_params = engine, params
+    if library != autotune.library(engine.config, SLOTS):
+        monkeypatch.setenv(autotune.ENV, library)
+        decoder = make_engine({"data": 2, "tensor": 4})
+        decoder_params = decoder.load_params(nnx.to_pure_dict(params))
+    assert decoder._compiler_options("generate") == autotune.LIBRARIES[library]
     requests = [(0, prompt(3, 0)), (3, prompt(17, 1)), (1, prompt(11, 2)), (2, prompt(29, 3))]
-    out, _ = run(engine, params, requests, steps=8)
+    out, _ = run(decoder, decoder_params, requests, steps=8)
     for slot, tokens in requests:
         generated, rows = out[slot]
         full = np.asarray(engine.forward(params, np.array([tokens + generated[:-1]])))[0]

@@ -17,11 +17,12 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import workbench
-from helpers import hf_tensors, pure_numpy
+from helpers import assert_greedy_continuation, hf_tensors, pure_numpy
 from workbench.checkpoints import merge_adapter
 from workbench.cli import main
+from workbench.engine.scheduler import Scheduler
 from workbench.model import quant
-from workbench.trees import leaf_paths, nest
+from workbench.trees import leaf_paths
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' own deprecations
 VOCAB, NEW = 128, 5
@@ -143,6 +144,23 @@ def test_merge_adapter_equals_the_unmerged_path(reference, served, plain):
     assert np.abs(actual - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
+def test_packed_prefill_leaves_adapter_requests_alone(served):
+    """With pack_prefill, base prompts waiting together share one prefill row, but a request on an
+    adapter is prefilled alone (a packed row runs the base model): its tokens are the adapter's,
+    those of the batch above (slots 1 and 2)."""
+    engine, params, (out, _) = served
+    requests = [(None, SLOTS[0][1]), (None, SLOTS[3][1]), SLOTS[1], SLOTS[2]]
+    scheduler = Scheduler(engine, params, pack_prefill=True)
+    for adapter, prompt in requests:
+        scheduler.submit(prompt, max_new_tokens=NEW, ignore_eos=True, adapter=adapter)
+    completions = scheduler.run()
+    details = [e.detail for e in scheduler.events if e.kind == "prefill"]
+    assert details == ["packed", "packed", "1 chunk(s)", "1 chunk(s)"]
+    assert [c.tokens for c in completions[::2]] == [out[0][0], out[1][0]]
+    assert completions[3].tokens == out[2][0]
+    assert_greedy_continuation(engine, params, SLOTS[3][1], completions[1].tokens)
+
+
 def broken(tmp_path, source, **changes):
     path = tmp_path / "broken"
     shutil.copytree(source, path)
@@ -217,14 +235,10 @@ def test_inspect_state_shows_adapters_and_slots(served):
 
 def dequantized_peft(reference, engine, params):
     """transformers + peft with both adapters on the base weights our quantized engine holds,
-    dequantized (``quant.dequantize``): the float model a quantized base with float adapters computes."""
+    dequantized (``quant.dequantize_params``): the float model a quantized base with float adapters computes."""
     base, adapters, _ = reference
-    flat = leaf_paths(pure_numpy(params))
-    for owner in [path.removesuffix("/values") for path in flat if path.endswith("/values")]:
-        contract = quant.rule(owner, engine.config.quantize)[0]
-        flat[owner] = quant.dequantize(flat.pop(f"{owner}/values"), flat.pop(f"{owner}/scale"), contract)
     model = LlamaForCausalLM.from_pretrained(base).eval()
-    tensors = hf_tensors(engine.config.replace(quantize=None), nest(flat))
+    tensors = hf_tensors(engine.config.replace(quantize=None), quant.dequantize_params(params))
     model.load_state_dict({name: torch.tensor(t) for name, t in tensors.items()})
     model = PeftModel.from_pretrained(model, adapters["chat"], adapter_name="chat")
     model.load_adapter(adapters["code"], adapter_name="code")

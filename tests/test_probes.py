@@ -47,13 +47,22 @@ def zero_head_rows(engine, params, layer, head):
     return engine.load_params(pure)
 
 
-def heads_through_o(engine, params, layer, weights, values):
-    """attn_out from captured weights [rows, N, T, S] and cached values [rows, S, K, H], by hand."""
+def heads_by_hand(engine, weights, values):
+    """Each query head's output before ``o`` [rows, T, N, H], from captured weights [rows, N, T, S]
+    and cached values [rows, S, K, H]."""
     groups = engine.config.num_heads // engine.config.num_kv_heads
     v = np.repeat(values[:, : weights.shape[-1]], groups, axis=2)  # [rows, S, N, H]
-    heads = np.einsum("bnts,bsnh->btnh", weights, v)
+    return np.einsum("bnts,bsnh->btnh", weights, v)
+
+
+def through_o(params, layer, heads):
     o = np.asarray(nnx.to_pure_dict(params)["layers"][layer]["attn"]["o"])  # [N, H, D]
     return np.einsum("btnh,nhd->btd", heads, o)
+
+
+def heads_through_o(engine, params, layer, weights, values):
+    """attn_out from captured weights [rows, N, T, S] and cached values [rows, S, K, H], by hand."""
+    return through_o(params, layer, heads_by_hand(engine, weights, values))
 
 
 def test_captured_weights_times_values_give_the_attention_output(engine, params, mid_step):
@@ -128,6 +137,27 @@ def test_mean_ablation_averages_over_the_live_slots(engine, params):
         assert np.allclose(ablated.logits[2], plain.logits[2], rtol=1e-5, atol=1e-5) != changes
 
 
+def test_mean_ablation_value_is_the_heads_mean_over_the_live_queries(engine, params):
+    """The value itself: the ablated head's output before ``o`` (captured weights x cached values,
+    by hand) replaced by its mean over the step's live queries -- generate: the live slots (0 and
+    2 of 4); prefill: the prompt's 12 tokens, not the 4 pads of its 16-bucket -- gives the
+    captured attention output of the ablated step."""
+    mean = [probes.Ablate(LAYER, [HEAD], mode="mean")]
+    one = engine.insert(prefill(engine, params, prompt(5, 23))[0], engine.init_decode_state(), 2)
+    two = engine.insert(prefill(engine, params, prompt(8, 24))[0], one, 0)
+    state, step = engine.generate(params, two, probes=CAPTURE, interventions=mean)
+    prefix, first = probe_prefill(engine, params, prompt(12, 25), probes=CAPTURE, interventions=mean)
+    for captured, values, live in [
+        (step.captured, state.layer_cache(LAYER)["v"], [0, 2]),
+        (first.captured, prefix.layer_cache(LAYER)["v"], [0]),
+    ]:
+        heads = heads_by_hand(engine, captured.attention(LAYER), np.asarray(values))[live]  # [rows, T, N, H]
+        head = heads[..., HEAD, :]  # [rows, T, H]
+        assert np.abs(head - head.mean((0, 1))).max() > 0.1 * np.abs(head).max(), "the mean would change nothing"
+        heads[..., HEAD, :] = heads[..., HEAD, :].mean((0, 1))
+        assert_close(captured.attn_out(LAYER)[live], through_o(params, LAYER, heads))
+
+
 def test_patching_all_of_run_b_gives_run_b(engine, params):
     a, b = prompt(10, 15), prompt(10, 16)
     _, run_a = probe_prefill(engine, params, a, probes=CAPTURE)
@@ -153,6 +183,45 @@ def test_steer_adds_to_the_residual(engine, params):
     assert_close(steered.captured.residual(0), plain.captured.residual(0) + 3.0 * vector)
     assert_close(steered.captured.attn_out(0), plain.captured.attn_out(0))  # before the steer
     assert not np.allclose(steered.logits, plain.logits, atol=1e-3)
+
+
+def test_patch_and_steer_in_generate_equal_the_uncached_forward_with_the_same_edit(engine, params):
+    """Through prefill, insert and cached decode: slot 3 steered after block 1 at every position
+    (its prefill too), slot 1 patched after block 2 at the position of its second generated token,
+    slot 0 untouched, in one batch (slot masks). Each slot's tokens and logits rows are the uncached
+    forward's over its whole sequence with its own edit, and each edit changes the plain ones."""
+
+    def forward(sequence, interventions):  # right-padded to one length: one compile per edit (causal)
+        padded = np.zeros((1, engine.max_target_length), np.int32)
+        padded[0, : len(sequence)] = sequence
+        return np.asarray(probes.forward(engine, params, padded, interventions=interventions)[0])[0]
+
+    rng = np.random.default_rng(3)
+    d = engine.config.embed_dim
+    steer = probes.Steer(1, rng.standard_normal(d).astype(np.float32), 2.0)
+    requests = {3: (prompt(9, 26), [steer]), 1: (prompt(12, 27), []), 0: (prompt(7, 28), [])}
+    patch = probes.Patch(2, "residual", [12 + 1], 3.0 * rng.standard_normal((1, d)))
+    edits = {3: [steer], 1: [patch], 0: [probes.Steer(0, np.zeros(d))]}  # 0: a no-op steer, one compile
+    state, fed, rows = engine.init_decode_state(), {}, {}
+    for slot, (tokens, interventions) in requests.items():
+        prefix, _ = probe_prefill(engine, params, tokens, interventions=interventions)
+        state = engine.insert(prefix, state, slot)
+        fed[slot], rows[slot] = tokens + [int(prefix.token)], [np.asarray(prefix.logits)]
+    in_batch = [dataclasses.replace(steer, slots=[3]), dataclasses.replace(patch, slots=[1])]
+    for _ in range(4):
+        state, result = engine.generate(params, state, interventions=in_batch)
+        for slot in fed:
+            fed[slot].append(int(result.data[slot, 0]))
+            rows[slot].append(np.asarray(result.logits[slot]))
+    for slot, (tokens, _) in requests.items():
+        rows_of = slice(len(tokens) - 1, len(fed[slot]) - 1)  # the rows the first token and 4 more came from
+        truth = forward(fed[slot][:-1], edits[slot])[rows_of]
+        assert fed[slot][len(tokens) :] == truth.argmax(-1).tolist(), f"slot {slot}"
+        assert_close(np.stack(rows[slot]), truth)
+        plain = forward(fed[slot][:-1], [probes.Steer(0, np.zeros(engine.config.embed_dim))])[rows_of]
+        changed = np.abs(plain - truth).max(-1) > 1e-3 * np.abs(truth).max()
+        # steered: every row; patched at position 13: its row and later ones (rows 11 to 15 compared)
+        assert changed.tolist() == {3: [True] * 5, 1: [False, False, True, True, True], 0: [False] * 5}[slot]
 
 
 def test_default_steps_keep_their_compile_counts(engine, params):

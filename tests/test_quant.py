@@ -1,5 +1,5 @@
 """Quantized weights and the int8 KV cache (``workbench.model.quant``), against independent truths:
-a float32 forward over the dequantized weights (w8), a numpy statement of the quantize-multiply-
+a float32 forward over the dequantized weights (w8, w4), a numpy statement of the quantize-multiply-
 scale arithmetic (w8a8), the uncached float forward (int8 cache), and the default model's
 held-out loss in float32 (accuracy)."""
 
@@ -38,6 +38,7 @@ def reference():
     return quantized_engine(SMALL)
 
 
+MATRICES = ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/gate", "mlp/up", "mlp/down")
 TOKENS = np.asarray([[t % SMALL.vocab_size for t in prompt(12, seed)] for seed in (0, 1)])
 
 
@@ -46,26 +47,28 @@ def quantize(pure, mode, engine):
     return engine.load_params(quant.quantize_params(copy, mode))
 
 
-def dequantized(params) -> dict:
-    """A quantized model's params as float32 weights (values * scale), the float model's tree."""
-    flat = trees.leaf_paths(params)
-    out = {}
-    for path, leaf in flat.items():
-        if path.endswith("/scale") and f"{path[:-6]}/values" in flat:
-            name = path[:-6]
-            contract = quant.rule(name, "w8")[0]
-            out[name] = quant.dequantize(flat[f"{name}/values"], leaf, contract)
-        elif not path.endswith("/values"):
-            out[path] = leaf
-    return trees.nest(out)
-
-
-def test_w8_equals_a_float_forward_over_its_dequantized_weights(float_arrays, reference):
-    engine = quantized_engine(SMALL.replace(quantize="w8"))
-    params = quantize(float_arrays, "w8", engine)
+@pytest.mark.parametrize("mode", ["w8", "w4"])
+def test_weight_only_modes_equal_a_float_forward_over_their_dequantized_weights(float_arrays, reference, mode):
+    """w8 and w4 convert their integer weights before a float product: the float32 model over the
+    dequantized weights (``quant.dequantize_params``) computes the same logits, up to the order of
+    the scale's multiply. w4 on a model whose contracting sizes the group (32) divides; its
+    vocabulary projection stays int8 (``quant.RULES``)."""
+    if mode == "w4":
+        config = SMALL.replace(mlp_dim=64)
+        reference = quantized_engine(config)
+        float_arrays = lively_arrays(engine_for(config, {"data": 1}))
+    else:
+        config = SMALL
+    engine = quantized_engine(config.replace(quantize=mode))
+    params = quantize(float_arrays, mode, engine)
     leaves = trees.leaf_paths(params)
-    assert leaves["layers/0/attn/q/values"].dtype == jnp.int8 and leaves["embed/embedding/scale"].dtype == jnp.float32
-    expected = reference.forward(reference.load_params(dequantized(params)), TOKENS)
+    storage = {"w8": jnp.int8, "w4": jnp.int4}[mode]
+    assert {leaves[f"layers/{i}/{m}/values"].dtype for i in range(2) for m in MATRICES} == {np.dtype(storage)}
+    assert leaves["embed/embedding/values"].dtype == jnp.int8 and leaves["embed/embedding/scale"].dtype == jnp.float32
+    assert not any(p.endswith(m) for p in leaves for m in MATRICES), "a weight left in float"
+    if mode == "w4":  # one scale per group of 32 input rows: mlp/down contracts 64 rows, so 2 groups
+        assert leaves["layers/0/mlp/down/scale"].shape == (2, 32)
+    expected = reference.forward(reference.load_params(quant.dequantize_params(params)), TOKENS)
     assert_close(engine.forward(params, TOKENS), expected, rtol=1e-5)
 
 
@@ -135,6 +138,7 @@ def test_int8_kv_cache_follows_the_uncached_forward(float_arrays):
     state, result = engine.generate(params, state)
     oracle = engine.forward(params, np.asarray([tokens + [int(first.data[0, 0])]]))[0]
     # int8 keys and values (one scale per position and kv head) move the logits by a few percent
+    # (measured 1.6% and 2.0% here, with this CPU's vectors and under SSE4_2)
     assert_close(prefix.logits, oracle[len(tokens) - 1], rtol=0.05)
     assert_close(result.logits[1], oracle[len(tokens)], rtol=0.05)
     # packed prompts (prefill_concat) write int8 rows too: layer 0's equal the prompt's prefilled
@@ -174,9 +178,18 @@ def float_loss(held_out):
     return nats_per_byte(engine.forward(params, held_out[:, :-1]), held_out)
 
 
-@pytest.mark.parametrize("mode, kv, tolerance", [("w8", None, 0.01), ("w8a8", None, 0.03), (None, "int8", 0.01)])
+# Relative change of the held-out loss, about 3x the larger of two measurements (this CPU's
+# vectors, and XLA_FLAGS=--xla_cpu_max_isa=SSE4_2): w8 8.5e-4 / 8.5e-4, w8a8 9.9e-4 / 1.13e-3,
+# int8 KV 1.6e-6 / 7.1e-6 (one scale per position and kv head: nearly lossless here).
+@pytest.mark.parametrize("mode, kv, tolerance", [("w8", None, 2.5e-3), ("w8a8", None, 3.5e-3), (None, "int8", 2e-5)])
 def test_accuracy_on_held_out_text(held_out, float_loss, mode, kv, tolerance):
     engine, params = workbench.load(quantize=mode, kv_cache_dtype=kv, **ONE_WINDOW)
+    leaves, cache = trees.leaf_paths(params), trees.leaf_paths(engine.abstract_prefill_cache)
+    layers = range(engine.config.num_layers)
+    weights = [leaves.get(f"layers/{i}/{m}/values", leaves.get(f"layers/{i}/{m}")) for i in layers for m in MATRICES]
+    assert {w.dtype for w in weights} == {np.dtype(np.int8 if mode else np.float32)}  # really quantized
+    kv_rows = {cache[f"layers/{i}/attn/cache/{name}"].dtype for i in layers for name in "kv"}
+    assert kv_rows == {np.dtype(np.int8 if kv else np.float32)}  # the cache really int8
     logits = cached_logits(engine, params, held_out) if kv else engine.forward(params, held_out[:, :-1])
     loss = nats_per_byte(logits, held_out)
     assert abs(loss - float_loss) <= tolerance * float_loss, (loss, float_loss)
@@ -225,7 +238,7 @@ def test_a_hugging_face_import_quantizes_each_weight_as_it_is_placed(tmp_path, f
     loaded, shardings = trees.leaf_paths(params), trees.leaf_paths(engine.param_shardings)
     assert loaded["layers/1/mlp/up/values"].dtype == jnp.int8
     assert all(leaf.sharding == shardings[name] for name, leaf in loaded.items())
-    for name, leaf in trees.leaf_paths(dequantized(params)).items():  # rounding: half a step
+    for name, leaf in trees.leaf_paths(quant.dequantize_params(params)).items():  # rounding: half a step
         assert_close(leaf, trees.leaf_paths(float_arrays)[name], rtol=1 / 254)
 
 
@@ -253,9 +266,10 @@ def test_inspectors_show_quantized_leaves_and_read_an_int8_cache(float_arrays):
 
 def test_bfloat16_weights_with_float32_compute(float_arrays, reference):
     """The fast bfloat16 mix: bf16 weights, f32 activations, products with a f32 result; equal to
-    the float32 model over the same bf16-rounded weights, up to the activations' rounding."""
+    the float32 model over the same bf16-rounded weights, up to the activations' rounding (measured
+    7.3e-3 of the logits, with this CPU's vectors and under SSE4_2: held at about 3x)."""
     mixed = quantized_engine(SMALL.replace(param_dtype="bfloat16"))
     params = mixed.load_params(float_arrays)
     assert trees.leaf_paths(params)["layers/0/mlp/up"].dtype == jnp.bfloat16
     rounded = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16).astype(np.float32), float_arrays)
-    assert_close(mixed.forward(params, TOKENS), reference.forward(reference.load_params(rounded), TOKENS), rtol=0.05)
+    assert_close(mixed.forward(params, TOKENS), reference.forward(reference.load_params(rounded), TOKENS), rtol=0.02)

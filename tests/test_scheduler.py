@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import workbench
-from helpers import lively_params, prompt
+from helpers import assert_greedy_continuation, lively_params, prompt
 from workbench.engine.scheduler import Scheduler, run_requests
 
 SLOTS, PREFILL, TARGET = 2, 16, 64
@@ -181,3 +181,19 @@ def test_decode_state_positions_follow_each_slots_request(engine, params):
             assert positions[slot] == len(request.prompt) + len(streamed[request.id]) - 1
             checked += 1
     assert checked >= 6
+
+
+def test_packed_prefill_leaves_multisample_requests_alone(engine, params):
+    """With pack_prefill, waiting single-sample prompts share one prefill row (as many as free
+    slots); a request of several samples is prefilled alone (a packed row draws one token per
+    prompt), once its slots are free. Every sample still follows the uncached forward pass."""
+    prompts = [prompt(3, 5), prompt(5, 6), prompt(4, 7), prompt(6, 8), prompt(2, 9)]
+    scheduler = Scheduler(engine, params, pack_prefill=True)
+    for i, p in enumerate(prompts):
+        scheduler.submit(p, max_new_tokens=3, ignore_eos=True, num_samples=2 if i == 2 else 1)
+    completions = scheduler.run()
+    details = {e.request: e.detail for e in scheduler.events if e.kind == "prefill"}
+    assert details == {0: "packed", 1: "packed", 2: "1 chunk(s)", 3: "packed", 4: "packed"}
+    assert [(c.request.id, c.sample) for c in completions] == [(0, 0), (1, 0), (2, 0), (2, 1), (3, 0), (4, 0)]
+    for completion in completions:
+        assert_greedy_continuation(engine, params, completion.request.prompt, completion.tokens)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -29,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 from workbench.cli.common import CliError
+from workbench.devices import xla_flags_with_device_count
 
 GRACE_S = 5.0  # after SIGTERM, how long a process has to exit before SIGKILL
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # the launcher exits 128 + the signal's number
@@ -161,8 +161,7 @@ def process_env(process_id: int, processes: int, port: int, host_devices: int | 
     if host_devices is not None:
         if host_devices < 1:
             raise CliError(f"--host-devices must be positive, got {host_devices}")
-        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
-        env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={host_devices}".strip()
+        env["XLA_FLAGS"] = xla_flags_with_device_count(env.get("XLA_FLAGS", ""), host_devices)
     return env
 
 

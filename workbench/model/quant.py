@@ -219,6 +219,23 @@ def quantize_params(pure: dict, quantize: str | None, shardings: dict | None = N
     return trees.nest(out)
 
 
+def dequantize_params(params) -> dict:
+    """A quantized model's params (pure dict or State) -> the float model's pure dict: every
+    ``{path/values, path/scale}`` pair becomes the float32 weight ``values * scale`` at ``path``
+    (:func:`dequantize`), every other leaf is kept. The inverse of :func:`quantize_params` up to
+    rounding: the float forward over it is the oracle of a quantized weight-only forward."""
+    flat = trees.leaf_paths(params)
+    out = {}
+    for path, leaf in flat.items():
+        owner = path.removesuffix("/values")
+        if owner != path and f"{owner}/scale" in flat:
+            # the contracting axes depend on the weight, not on the mode: any mode's rule names them
+            out[owner] = dequantize(leaf, flat[f"{owner}/scale"], rule(owner, MODES[0])[0])
+        elif not (path.endswith("/scale") and f"{path.removesuffix('/scale')}/values" in flat):
+            out[path] = leaf
+    return trees.nest(out)
+
+
 def quantize_leaf(path: str, leaf: jax.Array, quantize: str | None, shardings: dict | None = None) -> dict:
     """One float leaf of the params -> its entries in the quantized model's flat params:
     ``{path: leaf}`` where the rules keep it float, else ``{path/values, path/scale}``, placed in
