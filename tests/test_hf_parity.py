@@ -120,6 +120,7 @@ def test_generate_matches_transformers(family, monkeypatch):
     monkeypatch.setenv(autotune.ENV, "ynnpack")
     path, model = family
     engine, params = workbench.load(path, **ENGINE)
+    assert engine.tune() == "ynnpack"
     completions = run_requests(engine, params, PROMPTS, max_new_tokens=NEW_TOKENS, ignore_eos=True, return_logits=True)
     varied = 0
     for prompt, completion in zip(PROMPTS, completions):
