@@ -65,7 +65,7 @@ def _timed(call: Callable[[], Any]) -> float:
 
 
 def process_age_s() -> float:
-    """Seconds since this process started (Linux's /proc, 10 ms ticks; elsewhere, since this
+    """Seconds since this process started (Linux's /proc, to a clock tick; elsewhere, since this
     module was imported)."""
     try:
         with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
@@ -189,14 +189,6 @@ def measure(
         first_token_s=first_token_s,
         decode_library=decode_library,
     )
-
-
-def numpy_read_gb_per_s(gib: float = 1.0, repeats: int = 5) -> float:
-    """The machine's read bandwidth as numpy sees it: the median time to sum ``gib`` GiB of float32."""
-    data = np.ones(int(gib * 2**30) // 4, np.float32)
-    data.sum()  # touch every page before timing
-    seconds = statistics.median(_timed(data.sum) for _ in range(repeats))
-    return data.nbytes / seconds / 1e9
 
 
 def read_gb_per_s(gib: float = 0.5, repeats: int = 3) -> float:

@@ -128,13 +128,6 @@ def reserved_port() -> Iterator[int]:
         holder.close()
 
 
-def free_port() -> int:
-    """A TCP port that nothing is bound to now, on any address (prefer :func:`reserved_port`:
-    this one may be taken again before it is used)."""
-    with _bound_everywhere() as probe:
-        return probe.getsockname()[1]
-
-
 def _bound_everywhere() -> socket.socket:
     """A socket bound to a port the kernel picks, on every IPv6 and IPv4 address (or every
     IPv4 one, where IPv6 is off)."""
