@@ -73,9 +73,17 @@ def kv_cache(config: ModelConfig, batch: int, length: int) -> KVCache | quant.In
 
 class Attention(nnx.Module):
     # cache: (batch, length) or None; attention_kernels: a kernel set of model.kernels;
-    # lora_spec: a model.lora.LoraSpec, or None for no adapters
+    # lora_spec: a model.lora.LoraSpec, or None for no adapters; layer: this layer's index (its
+    # window: config.window(layer))
     def __init__(
-        self, config: ModelConfig, *, rngs: nnx.Rngs, cache=None, attention_kernels: str = "reference", lora_spec=None
+        self,
+        config: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        cache=None,
+        attention_kernels: str = "reference",
+        lora_spec=None,
+        layer: int = 0,
     ):
         d, n, k, h, w = config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim, config.weight_dtype
         self.q = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), w)
@@ -88,7 +96,7 @@ class Attention(nnx.Module):
             self.v_bias = param(rngs, (k, h), ("kv_heads", "head_dim"), w, init="zeros")
         self.cache = None if cache is None else kv_cache(config, *cache)
         self.qkv_bias = config.qkv_bias
-        self.window = config.sliding_window
+        self.window = config.window(layer)
         self.groups = n // k
         self.dtype = config.compute_dtype
         self.attention_kernels = attention_kernels

@@ -15,6 +15,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # ids 0..255 are the bytes themselves, the specials come after.
 BYTES = 256
 BYTE_BOS, BYTE_EOS, BYTE_PAD = 256, 257, 258
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -44,6 +45,9 @@ class ModelConfig:
       norm_eps: RMSNorm epsilon.
       qkv_bias: bias on the q/k/v projections (Qwen2).
       sliding_window: attend only to the last ``sliding_window`` positions (Mistral), or None.
+      layer_types: each layer's attention, ``"full_attention"`` or ``"sliding_attention"`` (HF's
+        ``layer_types``; Gemma alternates them), or None: every layer sliding when
+        ``sliding_window`` is set, else full. See :meth:`window`.
       tie_embeddings: the output projection reuses the token embedding.
       dtype: compute dtype (activations and KV cache), "float32" or "bfloat16".
       param_dtype: parameter storage dtype.
@@ -64,6 +68,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     qkv_bias: bool = False
     sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
     tie_embeddings: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -86,6 +91,25 @@ class ModelConfig:
         quant.check_kv_cache_dtype(self.kv_cache_dtype)
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be positive or None, got {self.sliding_window}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+            for kind in self.layer_types:
+                if kind not in LAYER_TYPES:
+                    raise ValueError(f"unknown layer_types entry {kind!r}; known: {', '.join(LAYER_TYPES)}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError("layer_types names sliding_attention layers but sliding_window is None")
+
+    def window(self, layer: int) -> int | None:
+        """The attention window of layer ``layer``: ``sliding_window`` for a sliding layer, else None."""
+        if self.layer_types is None or self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
+
+    @property
+    def uniform_layers(self) -> bool:
+        """Whether every layer attends alike (what scanned layers, one stacked block, require)."""
+        return len({self.window(i) for i in range(self.num_layers)}) == 1
 
     @property
     def compute_dtype(self) -> Any:
@@ -107,6 +131,8 @@ class ModelConfig:
         if data.get("rope_scaling") is not None:
             data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
         data["eos_ids"] = tuple(data.get("eos_ids", ()))
+        if data.get("layer_types") is not None:
+            data["layer_types"] = tuple(data["layer_types"])
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -23,9 +23,12 @@ class Block(nnx.Module):
         cache: tuple[int, int] | None,
         attention_kernels: str,
         lora_spec: LoraSpec | None = None,
+        layer: int = 0,
     ):
         self.attn_norm = RMSNorm(config, rngs=rngs)
-        self.attn = Attention(config, rngs=rngs, cache=cache, attention_kernels=attention_kernels, lora_spec=lora_spec)
+        self.attn = Attention(
+            config, rngs=rngs, cache=cache, attention_kernels=attention_kernels, lora_spec=lora_spec, layer=layer
+        )
         self.mlp_norm = RMSNorm(config, rngs=rngs)
         self.mlp = MLP(config, rngs=rngs, lora_spec=lora_spec)
 
@@ -68,10 +71,12 @@ class Transformer(nnx.Module):
         self.rope = Rotary(config)
         self.layers = nnx.List(
             [
-                Block(config, rngs=rngs, cache=cache, attention_kernels=attention_kernels, lora_spec=lora_spec)
-                for _ in range(config.num_layers)
+                Block(config, rngs=rngs, cache=cache, attention_kernels=attention_kernels, lora_spec=lora_spec, layer=i)
+                for i in range(config.num_layers)
             ]
         )
+        if scan_layers and not config.uniform_layers:
+            raise ValueError("scan_layers needs every layer alike; these layer_types mix sliding and full attention")
         if scan_layers:  # one Block holding every layer's params and cache, [L, ...] each
             self.layers = stack_blocks(self.layers)
         self.final_norm = RMSNorm(config, rngs=rngs)
