@@ -8,7 +8,8 @@ for Gemma 3 a linearly scaled global rope beside a local rope of another base. S
 share fewer decode slots than requests on a data=2,tensor=2 mesh, the long ones prefilled in
 chunks: greedy tokens must equal transformers' ``generate`` and every logits row (the prefill's
 and each decode step's) must be within 1e-4 of an uncached transformers forward pass, relative
-to the row's largest logit.
+to the row's largest logit. Exported back (``export_hf``), the tensors are the checkpoint's bit
+for bit and transformers reads the config as the same model (logits within 1e-5).
 """
 
 import jax
@@ -16,7 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import load_file
 from transformers import (
+    AutoModelForCausalLM,
     Gemma2Config,
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
@@ -26,7 +29,7 @@ from transformers import (
 )
 
 import workbench
-from workbench.checkpoints import config_from_hf
+from workbench.checkpoints import config_from_hf, export_hf
 from workbench.engine.scheduler import run_requests
 from workbench.model import kernels
 
@@ -113,9 +116,22 @@ def reference(model, prompt):
     return tokens, rows
 
 
-def test_generate_matches_transformers(family):
+def test_generate_matches_transformers_and_exports_back(family, tmp_path):
     path, model = family
     engine, params = workbench.load(path, **ENGINE)
+    # written back: the same tensors, bit for bit, and a config transformers reads as the same model
+    export_hf(engine, params, tmp_path)
+    original, exported = load_file(path / "model.safetensors"), load_file(tmp_path / "model.safetensors")
+    assert exported.keys() == original.keys()
+    for name, tensor in original.items():
+        np.testing.assert_array_equal(exported[name], tensor, err_msg=name)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert type(back) is type(model)
+    with torch.no_grad():
+        tokens = torch.tensor(PROMPTS[-1:])
+        want, got = model(tokens).logits.numpy(), back(tokens).logits.numpy()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
     completions = run_requests(engine, params, PROMPTS, max_new_tokens=NEW_TOKENS, ignore_eos=True, return_logits=True)
     varied = 0
     for prompt, completion in zip(PROMPTS, completions):
