@@ -56,8 +56,8 @@ FAMILIES = {
         Gemma2Config,
         Gemma2ForCausalLM,
         dict(
-            num_hidden_layers=3,
-            layer_types=[SLIDING, FULL, SLIDING],
+            num_hidden_layers=2,
+            layer_types=[SLIDING, FULL],
             sliding_window=WINDOW,
             tie_word_embeddings=False,  # tied, sqrt(D)-scaled embeddings make a tiny random model echo its input
             query_pre_attn_scalar=10,
@@ -69,8 +69,8 @@ FAMILIES = {
         Gemma3TextConfig,
         Gemma3ForCausalLM,
         dict(
-            num_hidden_layers=3,
-            layer_types=[SLIDING, SLIDING, FULL],
+            num_hidden_layers=2,
+            layer_types=[FULL, SLIDING],
             sliding_window=WINDOW,
             tie_word_embeddings=False,
             query_pre_attn_scalar=24,
@@ -155,24 +155,24 @@ def test_configs_map_each_feature():
     gemma2 = config_from_hf(hf("gemma2"))
     assert (gemma2.norm_offset, gemma2.post_norms, gemma2.embed_scale, gemma2.qk_norm) == (1.0, True, True, False)
     assert (gemma2.attn_logit_softcap, gemma2.final_logit_softcap, gemma2.query_pre_attn_scalar) == (2.0, 4.0, 10)
-    assert gemma2.layer_types == (SLIDING, FULL, SLIDING) and gemma2.window(1) is None and gemma2.window(2) == WINDOW
+    assert gemma2.layer_types == (SLIDING, FULL) and gemma2.window(0) == WINDOW and gemma2.window(1) is None
     assert gemma2.mlp_activation == "gelu_tanh" and not gemma2.tie_embeddings and gemma2.head_dim == 16
     gemma3 = config_from_hf(hf("gemma3"))
     assert gemma3.qk_norm and gemma3.attn_logit_softcap is None and gemma3.local_rope_theta == 100.0
     assert gemma3.rope_scaling.rope_type == "linear" and gemma3.rope_scaling.factor == 4.0
-    assert [gemma3.layer_rope(i) for i in range(3)] == ["local", "local", "global"]
+    assert [gemma3.layer_rope(i) for i in range(2)] == ["global", "local"]
     # the older spelling: rope_theta + rope_scaling (global), rope_local_base_freq, sliding_window_pattern
     older = {k: v for k, v in hf("gemma3").items() if k not in ("rope_parameters", "layer_types")}
     older |= dict(rope_theta=5e5, rope_local_base_freq=1e4, rope_scaling={"rope_type": "linear", "factor": 8.0})
-    older = config_from_hf(older | {"sliding_window_pattern": 2})
+    older = config_from_hf(older | {"num_hidden_layers": 6, "sliding_window_pattern": 3})
     assert (older.rope_theta, older.local_rope_theta, older.rope_scaling.factor) == (5e5, 1e4, 8.0)
-    assert older.layer_types == (SLIDING, FULL, SLIDING)
+    assert older.layer_types == (SLIDING, SLIDING, FULL) * 2
     qwen3 = config_from_hf(hf("qwen3"))
     assert qwen3.qk_norm and qwen3.norm_offset == 0.0 and not qwen3.post_norms and qwen3.mlp_activation == "silu"
     assert qwen3.sliding_window is None and qwen3.rope_theta == 1000.0 and qwen3.tie_embeddings
 
     bad = {
-        "layer_types entry 'chunked_attention'": hf("gemma2") | {"layer_types": [SLIDING, "chunked_attention", FULL]},
+        "layer_types entry 'chunked_attention'": hf("gemma2") | {"layer_types": [SLIDING, "chunked_attention"]},
         "use_bidirectional_attention": hf("gemma3") | {"use_bidirectional_attention": True},
         "rope_parameters['full_attention'] rope_type 'yarn'": hf("gemma3")
         | {"rope_parameters": {FULL: {"rope_type": "yarn", "factor": 2.0}, SLIDING: {"rope_theta": 1e4}}},
