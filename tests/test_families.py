@@ -8,15 +8,19 @@ for Gemma 3 a linearly scaled global rope beside a local rope of another base. S
 share fewer decode slots than requests on a data=2,tensor=2 mesh, the long ones prefilled in
 chunks: greedy tokens must equal transformers' ``generate`` and every logits row (the prefill's
 and each decode step's) must be within 1e-4 of an uncached transformers forward pass, relative
-to the row's largest logit. Exported back (``export_hf``), the tensors are the checkpoint's bit
+to the row's largest logit. One more request runs a PEFT LoRA adapter (all seven projections)
+beside them and is held to peft the same way. Exported back (``export_hf``), the tensors are the checkpoint's bit
 for bit and transformers reads the config as the same model (logits within 1e-5).
 """
+
+import copy
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from safetensors.numpy import load_file
 from transformers import (
     AutoModelForCausalLM,
@@ -30,7 +34,7 @@ from transformers import (
 
 import workbench
 from workbench.checkpoints import config_from_hf, export_hf
-from workbench.engine.scheduler import run_requests
+from workbench.engine.scheduler import Scheduler
 from workbench.model import kernels
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' own deprecations
@@ -86,13 +90,14 @@ FAMILIES = {
         dict(num_hidden_layers=2, tie_word_embeddings=True, rope_parameters={"rope_theta": 1000.0}),
     ),
 }
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPTS = [np.random.default_rng(seed).integers(3, VOCAB, size=n).tolist() for seed, n in enumerate((3, 11, 19, 26))]
 ENGINE = dict(mesh={"data": 2, "tensor": 2}, decode_batch_size=2, max_prefill_length=8, max_target_length=64)
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tmp_path_factory):
-    """(HF directory, the torch model)."""
+    """(HF directory, the torch model, a PEFT adapter's directory, the peft model holding it)."""
     config_class, model_class, changes = FAMILIES[request.param]
     torch.manual_seed(0)
     model = model_class(config_class(**COMMON, **changes)).eval()
@@ -103,25 +108,51 @@ def family(request, tmp_path_factory):
                 weight.normal_(0.0 if offset else 1.0, 0.5)
     model.generation_config.eos_token_id = None  # compare NEW_TOKENS tokens, EOS or not
     path = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(path)
-    return path, model
+    model.save_pretrained(path / "base")
+    adapted = get_peft_model(
+        copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+    )
+    with torch.no_grad():  # peft's random B is small; make the adapter change the tokens
+        for name, weight in adapted.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0.0, 0.3)
+    adapted.save_pretrained(path / "adapter")
+    return path, model, path / "adapter", adapted.eval()
 
 
 def reference(model, prompt):
-    """transformers' greedy tokens, and the uncached forward's logits rows they were chosen from."""
+    """transformers' (or peft's) greedy tokens, and the uncached forward's logits rows they were chosen from."""
     with torch.no_grad():
-        generated = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False)
+        generated = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False)
         tokens = generated[0, len(prompt) :].tolist()
-        rows = model(torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1 :].numpy()
+        rows = model(input_ids=torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1 :].numpy()
     return tokens, rows
 
 
 def test_generate_matches_transformers_and_exports_back(family, tmp_path):
-    path, model = family
-    engine, params = workbench.load(path, **ENGINE)
+    """Every prompt on the base model beside one more on the adapter, in one scheduler run."""
+    path, model, adapter, adapted = family
+    engine, params = workbench.load(path / "base", adapters={"lora": str(adapter)}, **ENGINE)
+    scheduler = Scheduler(engine, params, return_logits=True)
+    requests = [(prompt, None) for prompt in PROMPTS] + [(PROMPTS[2], "lora")]
+    for prompt, name in requests:
+        scheduler.submit(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True, adapter=name)
+    varied = 0
+    for (prompt, name), completion in zip(requests, scheduler.run()):
+        tokens, rows = reference(model if name is None else adapted, prompt)
+        assert completion.tokens == tokens, f"prompt of {len(prompt)} tokens, adapter {name}"
+        ours = np.asarray(completion.logits)
+        assert ours.shape == rows.shape
+        for step, (mine, theirs) in enumerate(zip(ours, rows)):
+            error = np.abs(mine - theirs).max() / np.abs(theirs).max()
+            assert error <= 1e-4, f"prompt of {len(prompt)} tokens, adapter {name}, step {step}: {error:.2e}"
+        varied += len(set(tokens)) > 2
+    assert varied >= 3, "greedy tokens barely vary: the comparison would prove little"
+    assert reference(model, PROMPTS[2])[0] != reference(adapted, PROMPTS[2])[0], "the adapter should change tokens"
+
     # written back: the same tensors, bit for bit, and a config transformers reads as the same model
     export_hf(engine, params, tmp_path)
-    original, exported = load_file(path / "model.safetensors"), load_file(tmp_path / "model.safetensors")
+    original, exported = load_file(path / "base" / "model.safetensors"), load_file(tmp_path / "model.safetensors")
     assert exported.keys() == original.keys()
     for name, tensor in original.items():
         np.testing.assert_array_equal(exported[name], tensor, err_msg=name)
@@ -131,19 +162,6 @@ def test_generate_matches_transformers_and_exports_back(family, tmp_path):
         tokens = torch.tensor(PROMPTS[-1:])
         want, got = model(tokens).logits.numpy(), back(tokens).logits.numpy()
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
-
-    completions = run_requests(engine, params, PROMPTS, max_new_tokens=NEW_TOKENS, ignore_eos=True, return_logits=True)
-    varied = 0
-    for prompt, completion in zip(PROMPTS, completions):
-        tokens, rows = reference(model, prompt)
-        assert completion.tokens == tokens, f"prompt of {len(prompt)} tokens"
-        ours = np.asarray(completion.logits)
-        assert ours.shape == rows.shape
-        for step, (mine, theirs) in enumerate(zip(ours, rows)):
-            error = np.abs(mine - theirs).max() / np.abs(theirs).max()
-            assert error <= 1e-4, f"prompt of {len(prompt)} tokens, step {step}: {error:.2e}"
-        varied += len(set(tokens)) > 2
-    assert varied >= 3, "greedy tokens barely vary: the comparison would prove little"
 
 
 def test_configs_map_each_feature():
