@@ -91,7 +91,7 @@ FAMILIES = {
     ),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-PROMPTS = [np.random.default_rng(seed).integers(3, VOCAB, size=n).tolist() for seed, n in enumerate((3, 11, 19, 26))]
+PROMPTS = [np.random.default_rng(seed).integers(3, VOCAB, size=n).tolist() for seed, n in enumerate((3, 13, 22))]
 ENGINE = dict(mesh={"data": 2, "tensor": 2}, decode_batch_size=2, max_prefill_length=8, max_target_length=64)
 
 
@@ -134,21 +134,20 @@ def test_generate_matches_transformers_and_exports_back(family, tmp_path):
     path, model, adapter, adapted = family
     engine, params = workbench.load(path / "base", adapters={"lora": str(adapter)}, **ENGINE)
     scheduler = Scheduler(engine, params, return_logits=True)
-    requests = [(prompt, None) for prompt in PROMPTS] + [(PROMPTS[2], "lora")]
+    requests = [(prompt, None) for prompt in PROMPTS] + [(PROMPTS[1], "lora")]
     for prompt, name in requests:
         scheduler.submit(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True, adapter=name)
-    varied = 0
+    truths = {}
     for (prompt, name), completion in zip(requests, scheduler.run()):
-        tokens, rows = reference(model if name is None else adapted, prompt)
+        tokens, rows = truths[len(prompt), name] = reference(model if name is None else adapted, prompt)
         assert completion.tokens == tokens, f"prompt of {len(prompt)} tokens, adapter {name}"
         ours = np.asarray(completion.logits)
         assert ours.shape == rows.shape
         for step, (mine, theirs) in enumerate(zip(ours, rows)):
             error = np.abs(mine - theirs).max() / np.abs(theirs).max()
             assert error <= 1e-4, f"prompt of {len(prompt)} tokens, adapter {name}, step {step}: {error:.2e}"
-        varied += len(set(tokens)) > 2
-    assert varied >= 3, "greedy tokens barely vary: the comparison would prove little"
-    assert reference(model, PROMPTS[2])[0] != reference(adapted, PROMPTS[2])[0], "the adapter should change tokens"
+    assert sum(len(set(tokens)) > 2 for tokens, _ in truths.values()) >= 3, "greedy tokens barely vary"
+    assert truths[len(PROMPTS[1]), None][0] != truths[len(PROMPTS[1]), "lora"][0], "the adapter should change tokens"
 
     # written back: the same tensors, bit for bit, and a config transformers reads as the same model
     export_hf(engine, params, tmp_path)
