@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from peft import LoraConfig, get_peft_model
 from safetensors.numpy import load_file
 from transformers import (
@@ -210,6 +211,10 @@ def test_presets_are_shaped_like_the_models():
     assert round(workbench.preset("qwen3-0.6b").num_params() / 1e9, 2) == 0.60
     gemma3 = workbench.preset("gemma3-1b")
     assert gemma3.layer_types.count(FULL) == 4 and gemma3.layer_types[5] == FULL
+    small = gemma3.replace(vocab_size=64, embed_dim=32, num_layers=6, layer_types=gemma3.layer_types[:6], mlp_dim=48)
+    with nnx.use_eager_sharding(False):  # num_params counts what the model holds (sandwich and q/k norms too)
+        abstract = nnx.split(nnx.eval_shape(lambda: workbench.Transformer(small, rngs=nnx.Rngs(0))), nnx.Param, ...)[1]
+    assert sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(abstract)) == small.num_params()
     with pytest.raises(ValueError, match="^unknown mlp_activation 'relu'"):
         workbench.preset("qwen3-0.6b", mlp_activation="relu")
     with pytest.raises(ValueError, match="^norm_offset must be 0"):
