@@ -65,9 +65,11 @@ def export_hf(engine: Any, params: Any, path: str | os.PathLike, *, adapter: str
             raise ValueError(f"params do not match the engine's model: {ours} is missing")
         inverse = np.argsort(layout.perm)  # our axis j is axis perm[j] of HF's split dims
         tensors[layout.name] = np.ascontiguousarray(flat[ours].transpose(inverse).reshape(layout.hf_shape), dtype)
+    path = Path(path)
+    if jax.process_index() != 0:  # over several processes every one gathered the params; one writes
+        return path
     from safetensors.numpy import save_file
 
-    path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, path / WEIGHTS_FILE, metadata={"format": "pt"})
     (path / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
