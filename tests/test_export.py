@@ -1,15 +1,18 @@
 """``export_hf`` and ``python -m workbench export`` on a small random Llama built by transformers:
 the written checkpoint loads in transformers to our logits (1e-5 relative); an adapter merged by
 the CLI gives peft's logits; quantized params are written dequantized and say so; a config no
-architecture computes is refused. (Gemma 2, Gemma 3 and Qwen3 round trips: tests/test_families.py.)"""
+architecture computes is refused; Mistral and Qwen2 params export as those architectures. (Gemma 2,
+Gemma 3 and Qwen3 round trips: tests/test_families.py.)"""
 
 import copy
 import json
+import types
 
 import jax
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from peft import LoraConfig, get_peft_model
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -111,3 +114,34 @@ def test_configs_no_architecture_computes_are_refused():
         hf_config_dict(SMALL.replace(norm_offset=1.0))
     with pytest.raises(ValueError, match=r"^no transformers .* as Qwen3ForCausalLM its qkv_bias would be False"):
         hf_config_dict(SMALL.replace(qk_norm=True, qkv_bias=True))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        SMALL.replace(sliding_window=4),  # Mistral: every layer sliding
+        # Qwen2: q/k/v biases, tied embeddings, a window on the second layer only
+        SMALL.replace(
+            qkv_bias=True, tie_embeddings=True, sliding_window=4, layer_types=("full_attention", "sliding_attention")
+        ),
+    ],
+    ids=["mistral", "qwen2"],
+)
+def test_other_families_export_as_themselves(config, tmp_path):
+    """Weights drawn on the host (no engine step): transformers reads each tensor where the helpers'
+    own layout puts it, and the config as the same architecture and window."""
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.split(nnx.eval_shape(lambda: workbench.Transformer(config, rngs=nnx.Rngs(0))), nnx.Param, ...)[1]
+    rng = np.random.default_rng(0)
+    pure = jax.tree.map(lambda leaf: rng.standard_normal(leaf.shape).astype(np.float32), nnx.to_pure_dict(abstract))
+    engine = types.SimpleNamespace(config=config, adapters=(), tokenizer=None, max_target_length=32)
+    export_hf(engine, pure, tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(model).__name__ == ("Qwen2ForCausalLM" if config.qkv_bias else "MistralForCausalLM")
+    assert model.config.sliding_window == 4
+    if config.layer_types is not None:
+        assert model.config.layer_types == list(config.layer_types) and model.config.use_sliding_window
+    state = {name: tensor.numpy() for name, tensor in model.state_dict().items()}
+    want = hf_tensors(config, pure)
+    for name, tensor in want.items():
+        np.testing.assert_array_equal(state[name], tensor, err_msg=name)

@@ -38,14 +38,15 @@ RUNTIME_FIELDS = ("dtype", "param_dtype", "quantize", "kv_cache_dtype")
 
 
 def export_hf(engine: Any, params: Any, path: str | os.PathLike, *, adapter: str | None = None) -> Path:
-    """Write ``params`` (of ``engine``) to directory ``path`` as a Hugging Face checkpoint; returns it.
+    """Write ``params`` (of ``engine``: its params State, or a pure dict) to directory ``path`` as
+    a Hugging Face checkpoint; returns it.
 
     ``adapter``: the name of one of ``engine.adapters`` to merge into the weights (``W + A @ B``);
     None writes the base model. The tokenizer.json the engine was loaded with is copied beside.
     """
     config: ModelConfig = engine.config
     hf = hf_config_dict(config, max_positions=engine.max_target_length)
-    pure = nnx.to_pure_dict(params)
+    pure = params if isinstance(params, dict) else nnx.to_pure_dict(params)
     if config.quantize is not None:
         pure = quant.dequantize_params(pure)
         print(f"export: the {config.quantize} weights are written dequantized, as float32", file=sys.stderr)
