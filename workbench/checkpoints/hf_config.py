@@ -178,8 +178,8 @@ def _gemma3_rope(hf: dict[str, Any], refuse: Callable[[str], None]) -> tuple[flo
         unknown = sorted(set(rope) - set(LAYER_TYPES))
         if unknown:
             refuse(f"rope_parameters entry {unknown[0]!r} (known: {', '.join(LAYER_TYPES)})")
-        full = rope.get("full_attention") or {"rope_theta": hf["rope_theta"]}
-        local = rope.get("sliding_attention") or {"rope_theta": hf["rope_local_base_freq"]}
+        full = {"rope_theta": hf["rope_theta"], **(rope.get("full_attention") or {})}
+        local = {"rope_theta": hf["rope_local_base_freq"], **(rope.get("sliding_attention") or {})}
     else:  # the older spelling: rope_scaling applies to the global layers
         full = {"rope_theta": hf["rope_theta"], **(rope or hf.get("rope_scaling") or {})}
         local = {"rope_theta": hf["rope_local_base_freq"]}
