@@ -191,6 +191,8 @@ def test_hf_config_features():
     assert config_from_hf(qwen).sliding_window is None  # use_sliding_window is off
     assert config_from_hf(qwen | {"use_sliding_window": True}).sliding_window == 8
     assert config_from_hf(qwen | {"use_sliding_window": True, "max_window_layers": 2}).sliding_window is None
+    mixed = config_from_hf(qwen | {"use_sliding_window": True, "max_window_layers": 1})  # windows from layer 1 on
+    assert mixed.layer_types == ("full_attention", "sliding_attention") and mixed.window(1) == 8
     generation = config_from_hf(hf_config(SMALL, eos_token_id=7, pad_token_id=None))
     assert generation.eos_ids == (7,) and generation.pad_id == 0
 
@@ -212,9 +214,9 @@ def test_hf_config_features():
                 "architectures": ["Qwen2ForCausalLM"],
                 "use_sliding_window": True,
                 "sliding_window": 8,
-                "max_window_layers": 1,
+                "layer_types": ["full_attention", "chunked_attention"],
             },
-            "some layers only",
+            "layer_types entry 'chunked_attention'",
         ),
         ({"torch_dtype": "int8"}, "dtype 'int8'"),
     ],

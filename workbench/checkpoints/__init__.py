@@ -1,6 +1,7 @@
 """Checkpoints: workbench (orbax) directories, Hugging Face safetensors import, tokenizers."""
 
 from workbench.checkpoints.adapters import Adapter, load_adapters, merge_adapter, read_adapter, stack_adapters
+from workbench.checkpoints.export import export_hf
 from workbench.checkpoints.hf import load_hf_params
 from workbench.checkpoints.hf_config import config_from_hf, is_hf_checkpoint, read_hf_config
 from workbench.checkpoints.orbax import (
@@ -30,6 +31,7 @@ __all__ = [
     "abstract_target",
     "config_from_hf",
     "default_tokenizer",
+    "export_hf",
     "is_hf_checkpoint",
     "is_workbench_checkpoint",
     "load_adapters",

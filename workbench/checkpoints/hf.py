@@ -73,9 +73,24 @@ def _layouts(config: ModelConfig) -> dict[str, Layout]:
         hf, ours = f"model.layers.{i}", f"layers/{i}"
         # Projections: HF [out, in] -> ours [in, out], heads split out (q: [N*H, D] -> [D, N, H];
         # o: [D, N*H] -> [N, H, D]; gate/up: [F, D] -> [D, F]; down: [D, F] -> [F, D]).
+        # Norms: Llama's post_attention_layernorm is the MLP's input norm; Gemma's sandwich calls
+        # that one pre_feedforward_layernorm and normalizes both sublayers' outputs.
+        norms = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+        if config.post_norms:
+            norms = {
+                "attn_norm": "input_layernorm",
+                "post_attn_norm": "post_attention_layernorm",
+                "mlp_norm": "pre_feedforward_layernorm",
+                "post_mlp_norm": "post_feedforward_layernorm",
+            }
         layouts |= {
-            f"{ours}/attn_norm/scale": Layout(f"{hf}.input_layernorm.weight", ((d,),), (0,)),
-            f"{ours}/mlp_norm/scale": Layout(f"{hf}.post_attention_layernorm.weight", ((d,),), (0,)),
+            f"{ours}/{mine}/scale": Layout(f"{hf}.{theirs}.weight", ((d,),), (0,)) for mine, theirs in norms.items()
+        }
+        if config.qk_norm:  # one [H] scale per projection, shared by its heads
+            layouts |= {
+                f"{ours}/attn/{x}_norm/scale": Layout(f"{hf}.self_attn.{x}_norm.weight", ((h,),), (0,)) for x in "qk"
+            }
+        layouts |= {
             f"{ours}/attn/q": Layout(f"{hf}.self_attn.q_proj.weight", ((n, h), (d,)), (2, 0, 1)),
             f"{ours}/attn/k": Layout(f"{hf}.self_attn.k_proj.weight", ((k, h), (d,)), (2, 0, 1)),
             f"{ours}/attn/v": Layout(f"{hf}.self_attn.v_proj.weight", ((k, h), (d,)), (2, 0, 1)),

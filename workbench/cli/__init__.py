@@ -1,4 +1,4 @@
-"""``python -m workbench <command>``: generate | bench | tour | launch.
+"""``python -m workbench <command>``: generate | bench | tour | launch | export.
 
 Every command takes the engine flags of :mod:`workbench.cli.common`. Bad input exits with code
 2 and one line ``error: ...`` on stderr, never a traceback.
@@ -19,6 +19,7 @@ COMMANDS = {
     "bench": ("workbench.cli.bench", "measure prefill, insert and decode speed"),
     "tour": ("workbench.cli.tour", "a short tour: the split state, prefill -> insert -> generate"),
     "launch": ("workbench.cli.launch", "run a command as N local processes over one mesh"),
+    "export": ("workbench.cli.export", "write a checkpoint back as a Hugging Face one (config.json + safetensors)"),
 }
 
 

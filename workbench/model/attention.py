@@ -24,7 +24,7 @@ from flax import nnx
 
 from workbench.model import kernels, lora, quant
 from workbench.model.config import ModelConfig
-from workbench.model.layers import apply_rope, param, project
+from workbench.model.layers import RMSNorm, apply_rope, param, project
 
 CACHE_AXES = ("cache_batch", "cache_seq", "cache_kv_heads", "cache_head_dim")  # of every KV cache [B, S, K, H]
 MIN_KEY_BUCKET = 128
@@ -94,8 +94,14 @@ class Attention(nnx.Module):
             self.q_bias = param(rngs, (n, h), ("heads", "head_dim"), w, init="zeros")
             self.k_bias = param(rngs, (k, h), ("kv_heads", "head_dim"), w, init="zeros")
             self.v_bias = param(rngs, (k, h), ("kv_heads", "head_dim"), w, init="zeros")
+        if config.qk_norm:  # one RMSNorm over each head's H, shared by the heads (Qwen3, Gemma 3)
+            self.q_norm = RMSNorm(config, rngs=rngs, dim=h)
+            self.k_norm = RMSNorm(config, rngs=rngs, dim=h)
         self.cache = None if cache is None else kv_cache(config, *cache)
         self.qkv_bias = config.qkv_bias
+        self.qk_norm = config.qk_norm
+        self.query_scale = (config.query_pre_attn_scalar or h) ** -0.5
+        self.softcap = config.attn_logit_softcap
         self.window = config.window(layer)
         self.groups = n // k
         self.dtype = config.compute_dtype
@@ -120,11 +126,14 @@ class Attention(nnx.Module):
         # x [B, T, D], positions [B, T], rope: (sin, cos) for those positions; hooks: model.hooks;
         # segments [B, T]: packed prompts (engine/packing.py), each one's tokens written to its own
         # cache row; adapters [B]: each row's LoRA adapter (-1: none; model/lora.py)
-        q = apply_rope(self._project(x, "q", adapters), rope)  # [B, T, N, H]
-        k = apply_rope(self._project(x, "k", adapters), rope)  # [B, T, K, H]
+        q = self._project(x, "q", adapters)  # [B, T, N, H]
+        k = self._project(x, "k", adapters)  # [B, T, K, H]
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         v = self._project(x, "v", adapters)
         b, t, n, h = q.shape
-        q = q.reshape(b, t, n // self.groups, self.groups, h) * (h**-0.5)  # [B, T, K, G, H]
+        q = q.reshape(b, t, n // self.groups, self.groups, h) * self.query_scale  # [B, T, K, G, H]
         if self.cache is None:
             out = self._attend(q, k, v, positions, positions, hooks=hooks, keys=t)
         elif segments is not None:  # fresh packed prompts: each sees its own keys, none cached before
@@ -179,5 +188,6 @@ class Attention(nnx.Module):
         if self.window is not None:
             visible &= key_positions[:, None, :] > query_positions[:, :, None] - self.window
         if hooks is not None and hooks.weights:  # probes: the weights too, padded to ``keys`` keys
-            return hooks.attend(q, k, v, visible, self.dtype, keys)
-        return kernels.attention(q, k, v, visible, self.dtype, kernels=self.attention_kernels, sliced=sliced)
+            return hooks.attend(q, k, v, visible, self.dtype, keys, softcap=self.softcap)
+        kernel_set, softcap = self.attention_kernels, self.softcap
+        return kernels.attention(q, k, v, visible, self.dtype, kernels=kernel_set, sliced=sliced, softcap=softcap)

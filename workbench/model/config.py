@@ -1,4 +1,6 @@
-"""Model configuration: one frozen dataclass for the Llama family, with named presets."""
+"""Model configuration: one frozen dataclass for the Llama family and its relatives (Mistral,
+Qwen2/3, Gemma 2/3), with named presets. Every field past the shapes defaults to Llama's behaviour;
+each family's difference is one field (``checkpoints/hf_config.py`` maps HF configs onto them)."""
 
 from __future__ import annotations
 
@@ -16,21 +18,35 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 BYTES = 256
 BYTE_BOS, BYTE_EOS, BYTE_PAD = 256, 257, 258
 LAYER_TYPES = ("full_attention", "sliding_attention")
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")  # SwiGLU (Llama), GeGLU with tanh-approximated gelu (Gemma)
+ROPE_SCALINGS = ("llama3", "linear")
+
+
+def sliding_pattern(num_layers: int, every: int) -> tuple[str, ...]:
+    """HF Gemma's default ``layer_types``: every ``every``-th layer full, the others sliding."""
+    return tuple("full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(num_layers))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class RopeScaling:
-    """Llama-3-style frequency-dependent rope scaling (``rope_type: llama3`` in HF configs)."""
+    """Rope scaling: Llama-3's frequency-dependent one (``rope_type: llama3`` in HF configs), or
+    ``linear`` (every frequency divided by ``factor``; Gemma 3's global layers), which reads only
+    ``factor``."""
 
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    rope_type: str = "llama3"
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ROPE_SCALINGS:
+            raise ValueError(f"unknown rope scaling {self.rope_type!r}; known: {', '.join(ROPE_SCALINGS)}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ModelConfig:
-    """A decoder-only Llama-family Transformer.
+    """A decoder-only Transformer of the Llama family or a relative.
 
     Attributes:
       vocab_size: number of token ids.
@@ -41,7 +57,10 @@ class ModelConfig:
       head_dim: width H of one head (Llama: embed_dim // num_heads).
       mlp_dim: SwiGLU hidden width F.
       rope_theta: base of the rotary frequencies.
-      rope_scaling: Llama-3 rope scaling, or None.
+      rope_scaling: rope scaling (Llama-3's or linear), or None; with ``local_rope_theta``, of
+        the full-attention layers only.
+      local_rope_theta: the rope base of sliding layers, which then take no scaling (Gemma 3's
+        local layers), or None: every layer's rope alike.
       norm_eps: RMSNorm epsilon.
       qkv_bias: bias on the q/k/v projections (Qwen2).
       sliding_window: attend only to the last ``sliding_window`` positions (Mistral), or None.
@@ -49,6 +68,16 @@ class ModelConfig:
         ``layer_types``; Gemma alternates them), or None: every layer sliding when
         ``sliding_window`` is set, else full. See :meth:`window`.
       tie_embeddings: the output projection reuses the token embedding.
+      norm_offset: 0 (every RMSNorm computes ``x * w``) or 1 (``x * (1 + w)`` in float32, Gemma;
+        the weights then start at zero).
+      post_norms: Gemma's sandwich norms, an RMSNorm on the attention and the MLP outputs too.
+      qk_norm: an RMSNorm over each query and key head before rope (Qwen3, Gemma 3).
+      embed_scale: token embeddings times sqrt(embed_dim), rounded to the weight dtype (Gemma).
+      mlp_activation: the gate's activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma).
+      query_pre_attn_scalar: queries scaled by ``query_pre_attn_scalar ** -0.5`` (Gemma); None:
+        ``head_dim ** -0.5``.
+      attn_logit_softcap / final_logit_softcap: ``cap * tanh(x / cap)`` on the attention scores /
+        on the output logits (Gemma 2), or None.
       dtype: compute dtype (activations and KV cache), "float32" or "bfloat16".
       param_dtype: parameter storage dtype.
       bos_id / eos_ids / pad_id: special token ids (metadata for tokenizers and the CLI).
@@ -70,6 +99,15 @@ class ModelConfig:
     sliding_window: int | None = None
     layer_types: tuple[str, ...] | None = None
     tie_embeddings: bool = False
+    local_rope_theta: float | None = None
+    norm_offset: float = 0.0
+    post_norms: bool = False
+    qk_norm: bool = False
+    embed_scale: bool = False
+    mlp_activation: str = "silu"
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
     dtype: str = "float32"
     param_dtype: str = "float32"
     bos_id: int | None = None
@@ -99,12 +137,25 @@ class ModelConfig:
                     raise ValueError(f"unknown layer_types entry {kind!r}; known: {', '.join(LAYER_TYPES)}")
             if "sliding_attention" in self.layer_types and self.sliding_window is None:
                 raise ValueError("layer_types names sliding_attention layers but sliding_window is None")
+        if self.norm_offset not in (0.0, 1.0):
+            raise ValueError(f"norm_offset must be 0 (x * w) or 1 (x * (1 + w)), got {self.norm_offset}")
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise ValueError(f"unknown mlp_activation {self.mlp_activation!r}; known: {', '.join(MLP_ACTIVATIONS)}")
+        for name in ("local_rope_theta", "query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"ModelConfig.{name} must be positive or None, got {value}")
 
     def window(self, layer: int) -> int | None:
         """The attention window of layer ``layer``: ``sliding_window`` for a sliding layer, else None."""
         if self.layer_types is None or self.layer_types[layer] == "sliding_attention":
             return self.sliding_window
         return None
+
+    def layer_rope(self, layer: int) -> str:
+        """Which rope layer ``layer`` takes: "local" (``local_rope_theta``) for a sliding layer
+        when that is set, else "global"."""
+        return "local" if self.local_rope_theta is not None and self.window(layer) is not None else "global"
 
     @property
     def uniform_layers(self) -> bool:
@@ -159,7 +210,8 @@ class ModelConfig:
         attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
         if self.qkv_bias:
             attn += h * (self.num_heads + 2 * self.num_kv_heads)
-        block = attn + 3 * d * self.mlp_dim + 2 * d
+        norms = (4 if self.post_norms else 2) * d + (2 * h if self.qk_norm else 0)
+        block = attn + 3 * d * self.mlp_dim + norms
         head = 0 if self.tie_embeddings else self.vocab_size * d
         return self.vocab_size * d + self.num_layers * block + d + head
 
@@ -198,12 +250,62 @@ class ModelConfig:
         # fmt: on
         return base.replace(**changes)
 
+    # The shapes of three public models (random weights here; a real checkpoint loads through
+    # ``workbench.load``), for sharding, memory and cache studies of their families.
+    @classmethod
+    def gemma2_2b(cls, **changes: Any) -> "ModelConfig":
+        """The shape of Gemma-2-2B: sliding and global layers alternating, soft-capping, sandwich norms."""
+        # fmt: off
+        base = cls(
+            vocab_size=256000, embed_dim=2304, num_layers=26, num_heads=8, num_kv_heads=4, head_dim=256, mlp_dim=9216,
+            norm_eps=1e-6, sliding_window=4096, layer_types=sliding_pattern(26, 2), tie_embeddings=True,
+            norm_offset=1.0, post_norms=True, embed_scale=True, mlp_activation="gelu_tanh", query_pre_attn_scalar=256,
+            attn_logit_softcap=50.0, final_logit_softcap=30.0, bos_id=2, eos_ids=(1, 107), pad_id=0,
+            param_dtype="bfloat16", dtype="bfloat16",
+        )
+        # fmt: on
+        return base.replace(**changes)
 
-PRESETS = {"tiny": ModelConfig.tiny, "llama-56m": ModelConfig.llama_56m, "llama3-1b": ModelConfig.llama3_1b}
+    @classmethod
+    def gemma3_1b(cls, **changes: Any) -> "ModelConfig":
+        """The shape of Gemma-3-1B: five sliding layers (window 512, rope 10k) to one global (rope 1M), q/k norms."""
+        # fmt: off
+        base = cls(
+            vocab_size=262144, embed_dim=1152, num_layers=26, num_heads=4, num_kv_heads=1, head_dim=256, mlp_dim=6912,
+            rope_theta=1_000_000.0, local_rope_theta=10_000.0, norm_eps=1e-6, sliding_window=512,
+            layer_types=sliding_pattern(26, 6), tie_embeddings=True, norm_offset=1.0, post_norms=True, qk_norm=True,
+            embed_scale=True, mlp_activation="gelu_tanh", query_pre_attn_scalar=256, bos_id=2, eos_ids=(1, 106),
+            pad_id=0, param_dtype="bfloat16", dtype="bfloat16",
+        )
+        # fmt: on
+        return base.replace(**changes)
+
+    @classmethod
+    def qwen3_0_6b(cls, **changes: Any) -> "ModelConfig":
+        """The shape of Qwen3-0.6B: q/k norms, head_dim 128 apart from the width (16 x 128 != 1024)."""
+        # fmt: off
+        base = cls(
+            vocab_size=151936, embed_dim=1024, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128, mlp_dim=3072,
+            rope_theta=1_000_000.0, norm_eps=1e-6, tie_embeddings=True, qk_norm=True, bos_id=151643,
+            eos_ids=(151645, 151643), pad_id=151643, param_dtype="bfloat16", dtype="bfloat16",
+        )
+        # fmt: on
+        return base.replace(**changes)
+
+
+PRESETS = {
+    "tiny": ModelConfig.tiny,
+    "llama-56m": ModelConfig.llama_56m,
+    "llama3-1b": ModelConfig.llama3_1b,
+    "gemma2-2b": ModelConfig.gemma2_2b,
+    "gemma3-1b": ModelConfig.gemma3_1b,
+    "qwen3-0.6b": ModelConfig.qwen3_0_6b,
+}
 
 
 def preset(name: str, **changes: Any) -> ModelConfig:
-    """A named preset (``tiny``, ``llama-56m``, ``llama3-1b``) with optional field changes."""
+    """A named preset (``tiny``, ``llama-56m``, ``llama3-1b``, ``gemma2-2b``, ``gemma3-1b``,
+    ``qwen3-0.6b``) with optional field changes."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets are {', '.join(PRESETS)}")
     return PRESETS[name](**changes)

@@ -75,10 +75,10 @@ class LayerHooks:
             self.record(module, site, x)
         return x
 
-    def attend(self, q, k, v, visible, dtype, keys: int) -> tuple[jax.Array, jax.Array]:
+    def attend(self, q, k, v, visible, dtype, keys: int, softcap=None) -> tuple[jax.Array, jax.Array]:
         """Attention that also returns its weights: q [B, T, K, G, H] (scaled), k, v [B, S, K, H],
         visible [B, T, S] -> (out [B, T, K, G, H], weights [B, N, T, keys], zero past S)."""
-        weights = kernels.attention_weights(q, k, visible)  # [B, T, K, G, S]
+        weights = kernels.attention_weights(q, k, visible, softcap)  # [B, T, K, G, S]
         out = jnp.einsum("BTKGS,BSKH->BTKGH", weights.astype(dtype), v)
         b, t, kv, g, s = weights.shape
         weights = jnp.transpose(weights.reshape(b, t, kv * g, s), (0, 2, 1, 3))

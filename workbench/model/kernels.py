@@ -2,7 +2,8 @@
 
 Every kernel takes q ``[B, T, K, G, H]`` (scaled; the G query heads of each kv head), k and v
 ``[B, S, K, H]``, visible ``[B, T, S]`` (bool) and returns ``[B, T, K, G, H]`` in ``dtype``.
-Scores and softmax are float32.
+Scores and softmax are float32; ``softcap`` (Gemma 2) puts the scores through
+``softcap * tanh(scores / softcap)`` before the mask.
 
 The model calls one function, :func:`attention`, and a kernel set picks what runs:
 
@@ -30,22 +31,29 @@ KERNELS = ("reference", "xla_cpu")
 MASKED = -1e30  # finite, so a row with nothing visible (a padding query) gives no NaN
 
 
-def attention_weights(q: jax.Array, k: jax.Array, visible: jax.Array) -> jax.Array:
+def capped(scores: jax.Array, softcap: float | None) -> jax.Array:
+    """Float32 scores soft-capped to (-softcap, softcap); unchanged (the same program) without one."""
+    return scores if softcap is None else softcap * jnp.tanh(scores / softcap)
+
+
+def attention_weights(q: jax.Array, k: jax.Array, visible: jax.Array, softcap: float | None = None) -> jax.Array:
     """The float32 attention weights [B, T, K, G, S] of ``reference`` (probes record them)."""
-    scores = jnp.einsum("BTKGH,BSKH->BTKGS", q, k).astype(jnp.float32)
+    scores = capped(jnp.einsum("BTKGH,BSKH->BTKGS", q, k).astype(jnp.float32), softcap)
     scores = jnp.where(visible[:, :, None, None], scores, MASKED)
     return jax.nn.softmax(scores, axis=-1)
 
 
-def reference(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, dtype) -> jax.Array:
+def reference(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, dtype, softcap=None) -> jax.Array:
     """Softmax attention as written on paper: the reference every variant must equal."""
-    return jnp.einsum("BTKGS,BSKH->BTKGH", attention_weights(q, k, visible).astype(dtype), v)
+    return jnp.einsum("BTKGS,BSKH->BTKGH", attention_weights(q, k, visible, softcap).astype(dtype), v)
 
 
-def attention(q, k, v, visible, dtype, *, kernels: str = "reference", sliced: bool = False) -> jax.Array:
+def attention(
+    q, k, v, visible, dtype, *, kernels: str = "reference", sliced: bool = False, softcap: float | None = None
+) -> jax.Array:
     """Softmax attention by the kernel set ``kernels``; ``sliced``: k and v are a prefix sliced
     from a longer cache (the XLA:CPU set reads those differently)."""
-    return choose(kernels, q.shape[1], sliced)(q, k, v, visible, dtype)
+    return choose(kernels, q.shape[1], sliced)(q, k, v, visible, dtype, softcap)
 
 
 def choose(kernels: str, queries: int, sliced: bool) -> Callable[..., jax.Array]:
@@ -64,21 +72,21 @@ def choose(kernels: str, queries: int, sliced: bool) -> Callable[..., jax.Array]
 
 
 # ---- XLA:CPU tuning: the same attention in layouts XLA:CPU runs faster ---------------------------
-def stacked(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, dtype) -> jax.Array:
+def stacked(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, dtype, softcap=None) -> jax.Array:
     """Batched over (B, K) with the G query heads of a kv head stacked on T: one tall product per
     kv head. Left to ``reference``'s einsums, XLA:CPU picks slower layouts for long prompts."""
     b, t, kv, g, h = q.shape
     s = k.shape[1]
     q = jnp.transpose(q, (0, 2, 3, 1, 4)).reshape(b, kv, g * t, h)
     k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, K, S, H]
-    scores = jnp.einsum("BKMH,BKSH->BKMS", q, k).reshape(b, kv, g, t, s).astype(jnp.float32)
+    scores = capped(jnp.einsum("BKMH,BKSH->BKMS", q, k).reshape(b, kv, g, t, s).astype(jnp.float32), softcap)
     scores = jnp.where(visible[:, None, None], scores, MASKED)
     weights = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(b, kv, g * t, s)
     out = jnp.einsum("BKMS,BKSH->BKMH", weights, v).reshape(b, kv, g, t, h)
     return jnp.transpose(out, (0, 3, 1, 2, 4))  # [B, T, K, G, H]
 
 
-def block_diagonal(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, dtype) -> jax.Array:
+def block_diagonal(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, dtype, softcap=None) -> jax.Array:
     """Decode (T == 1) over a whole cache.
 
     As einsums batched over (B, K), XLA would copy the cache into a [B, K, S, H] transpose on
@@ -95,13 +103,14 @@ def block_diagonal(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array,
     q_blocks = jnp.swapaxes(q, 2, 3)[:, :, :, None, :] * eye[:, None, :, None]  # [B, K, H, J, G]
     q_blocks = q_blocks.reshape(b, kv * h, kv * g)
     scores = jnp.einsum("BSX,BXY->BSY", k.reshape(b, s, kv * h), q_blocks).astype(jnp.float32)  # [B, S, K*G]
+    scores = capped(scores, softcap)
     scores = jnp.where(visible[:, :, None], scores, MASKED)
     weights = jax.nn.softmax(scores, axis=1).astype(dtype)
     out = jnp.einsum("BSY,BSX->BYX", weights, v.reshape(b, s, kv * h)).reshape(b, kv, g, kv, h)
     return jnp.sum(out * eye[:, None, :, None], axis=3)[:, None]  # the blocks whose kv heads match
 
 
-def sliced_products(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, dtype) -> jax.Array:
+def sliced_products(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, dtype, softcap=None) -> jax.Array:
     """Decode (T == 1) over keys sliced from a longer cache, as products and sums, no dot.
 
     A dot needs its operands in buffers of their own, so feeding it a cache prefix costs a copy
@@ -110,6 +119,7 @@ def sliced_products(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array
     """
     q, visible = q[:, 0], visible[:, 0]
     scores = jnp.sum(q[:, None] * k[:, :, :, None, :], axis=-1).astype(jnp.float32)  # [B, S, K, G]
+    scores = capped(scores, softcap)
     scores = jnp.where(visible[:, :, None, None], scores, MASKED)
     weights = jax.nn.softmax(scores, axis=1).astype(dtype)
     return jnp.sum(weights[..., None] * v[:, :, :, None, :], axis=1)[:, None]  # [B, 1, K, G, H]

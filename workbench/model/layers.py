@@ -1,5 +1,5 @@
 """Building blocks: parameter helper, the weight product, embedding, RMSNorm, rotary embedding,
-SwiGLU MLP.
+gated MLP (SwiGLU, or Gemma's GeGLU).
 
 Axis letters in einsums and shape comments: B batch, T query positions, S key positions,
 D embed, N query heads, K kv heads, G query heads per kv head, H head_dim, F mlp, V vocab.
@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from workbench.model import lora, quant
@@ -47,32 +48,44 @@ class Embed(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.embedding = param(rngs, (config.vocab_size, config.embed_dim), ("vocab", "embed"), config.weight_dtype)
         self.dtype = config.compute_dtype
+        # Gemma: sqrt(D), rounded to the weight dtype as transformers rounds it (34.0, not 33.94, in bf16)
+        self.multiplier = float(np.asarray(config.embed_dim**0.5, config.weight_dtype)) if config.embed_scale else None
 
     def __call__(self, tokens: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
-        return quant.lookup(self.embedding, tokens, self.dtype)
+        x = quant.lookup(self.embedding, tokens, self.dtype)
+        return x if self.multiplier is None else x * jnp.asarray(self.multiplier, x.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V]
         return quant.einsum("BTD,VD->BTV", x, self.embedding, self.dtype)
 
 
 class RMSNorm(nnx.Module):
-    """x / rms(x) * scale, computed in float32 like the reference implementations."""
+    """x / rms(x) * scale over the last axis (``dim`` wide, default D), normalized in float32 like
+    the reference implementations; with ``config.norm_offset`` (Gemma) times ``1 + scale``, in
+    float32 too, and the scale starts at zero."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        self.scale = param(rngs, (config.embed_dim,), ("norm",), config.weight_dtype, init="ones")
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dim: int | None = None):
+        init = "zeros" if config.norm_offset else "ones"
+        self.scale = param(rngs, (dim or config.embed_dim,), ("norm",), config.weight_dtype, init=init)
         self.eps = config.norm_eps
+        self.offset = config.norm_offset
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (normed * (self.offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
         return (self.scale[...].astype(x.dtype) * normed.astype(x.dtype)).astype(x.dtype)
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> jax.Array:
-    """Inverse frequencies [H/2], with Llama-3's smooth low/high-frequency rescaling if given."""
+    """Inverse frequencies [H/2], with Llama-3's smooth low/high-frequency rescaling, or a linear
+    one, if given."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     if scaling is None:
         return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
     low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
     high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -92,8 +105,10 @@ class Rotary(nnx.Module):
     split puts them in ``rest`` -- the counterpart of HF's ``inv_freq`` buffer.
     """
 
-    def __init__(self, config: ModelConfig):
-        self.inv_freq = nnx.Variable(rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling))
+    def __init__(self, config: ModelConfig, local: bool = False):
+        # local: the sliding layers' own rope (config.local_rope_theta, unscaled; Gemma 3)
+        theta, scaling = (config.local_rope_theta, None) if local else (config.rope_theta, config.rope_scaling)
+        self.inv_freq = nnx.Variable(rope_frequencies(config.head_dim, theta, scaling))
 
     def __call__(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:  # [B, T]
         """(sin, cos) [B, T, 1, H/2] for ``positions``, computed once per forward pass."""
@@ -107,8 +122,11 @@ def apply_rope(x: jax.Array, sin_cos: tuple[jax.Array, jax.Array]) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+
+
 class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); GeGLU with ``mlp_activation="gelu_tanh"`` (Gemma)."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, lora_spec: lora.LoraSpec | None = None):
         d, f, w = config.embed_dim, config.mlp_dim, config.weight_dtype
@@ -116,9 +134,10 @@ class MLP(nnx.Module):
         self.up = param(rngs, (d, f), ("embed", "mlp"), w)
         self.down = param(rngs, (f, d), ("mlp", "embed"), w)
         self.dtype = config.compute_dtype
+        self.activation = config.mlp_activation
         self.lora = lora.projections(config, lora_spec, ("gate", "up", "down"))  # None: no adapters
 
     def __call__(self, x: jax.Array, adapters: jax.Array | None = None) -> jax.Array:  # [B, T, D]
         gate = project("BTD,DF->BTF", x, self, "gate", self.dtype, adapters)
         up = project("BTD,DF->BTF", x, self, "up", self.dtype, adapters)
-        return project("BTF,FD->BTD", jax.nn.silu(gate) * up, self, "down", self.dtype, adapters)
+        return project("BTF,FD->BTD", ACTIVATIONS[self.activation](gate) * up, self, "down", self.dtype, adapters)

@@ -1,4 +1,5 @@
-"""The decoder-only Transformer: embed -> N x (attention + SwiGLU, pre-RMSNorm) -> norm -> logits."""
+"""The decoder-only Transformer: embed -> N x (attention + gated MLP, pre-RMSNorm; Gemma adds a
+norm after each too) -> norm -> logits (soft-capped for Gemma 2)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from workbench.model import quant
+from workbench.model import kernels, quant
 from workbench.model.attention import Attention
 from workbench.model.config import ModelConfig
 from workbench.model.layers import MLP, Embed, RMSNorm, Rotary, param
@@ -31,21 +32,33 @@ class Block(nnx.Module):
         )
         self.mlp_norm = RMSNorm(config, rngs=rngs)
         self.mlp = MLP(config, rngs=rngs, lora_spec=lora_spec)
+        if config.post_norms:  # Gemma's sandwich: each sublayer's output normed before the residual add
+            self.post_attn_norm = RMSNorm(config, rngs=rngs)
+            self.post_mlp_norm = RMSNorm(config, rngs=rngs)
+        self.post_norms = config.post_norms
+
+    def _attn(self, x, positions, rope, hooks=None, **rows) -> jax.Array:
+        out = self.attn(self.attn_norm(x), positions, rope, hooks, **rows)
+        return self.post_attn_norm(out) if self.post_norms else out
+
+    def _mlp(self, x, adapters) -> jax.Array:
+        out = self.mlp(self.mlp_norm(x), adapters)
+        return self.post_mlp_norm(out) if self.post_norms else out
 
     def __call__(
         self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, jax.Array], hooks=None, **rows
     ) -> jax.Array:
         # rows: the optional per-row inputs (segments, adapters) Attention documents
         if hooks is not None:  # probes (workbench.model.hooks): patch, steer and record at each site
-            x = x + hooks.site(self, "attn_out", self.attn(self.attn_norm(x), positions, rope, hooks, **rows))
-            mlp = self.mlp(self.mlp_norm(x), rows.get("adapters"))
+            x = x + hooks.site(self, "attn_out", self._attn(x, positions, rope, hooks, **rows))
+            mlp = self._mlp(x, rows.get("adapters"))
             return hooks.site(self, "residual", x + hooks.site(self, "mlp_out", mlp))
-        x = x + self.attn(self.attn_norm(x), positions, rope, **rows)
-        return x + self.mlp(self.mlp_norm(x), rows.get("adapters"))
+        x = x + self._attn(x, positions, rope, **rows)
+        return x + self._mlp(x, rows.get("adapters"))
 
 
 class Transformer(nnx.Module):
-    """Llama / Mistral / Qwen2 decoder.
+    """Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 decoder (``ModelConfig`` says which).
 
     ``cache=(batch, length)`` gives every layer a KV cache of that size (a prefill model has
     batch 1; an autoregressive model has one row per decode slot); ``cache=None`` gives the
@@ -69,6 +82,8 @@ class Transformer(nnx.Module):
         self.config = config
         self.embed = Embed(config, rngs=rngs)
         self.rope = Rotary(config)
+        # Gemma 3: sliding layers take a rope of their own (config.layer_rope)
+        self.local_rope = Rotary(config, local=True) if config.local_rope_theta is not None else None
         self.layers = nnx.List(
             [
                 Block(config, rngs=rngs, cache=cache, attention_kernels=attention_kernels, lora_spec=lora_spec, layer=i)
@@ -77,6 +92,8 @@ class Transformer(nnx.Module):
         )
         if scan_layers and not config.uniform_layers:
             raise ValueError("scan_layers needs every layer alike; these layer_types mix sliding and full attention")
+        if scan_layers and config.layer_rope(0) == "local":
+            raise ValueError("scan_layers does not take local_rope_theta (a rope per layer type) yet")
         if scan_layers:  # one Block holding every layer's params and cache, [L, ...] each
             self.layers = stack_blocks(self.layers)
         self.final_norm = RMSNorm(config, rngs=rngs)
@@ -109,6 +126,7 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = self.embed(tokens)  # [B, T, D]
         rope = self.rope(positions)
+        ropes = {"global": rope, "local": rope if self.local_rope is None else self.local_rope(positions)}
         rows = dict(segments=segments, adapters=adapters)
         if isinstance(self.layers, Block):  # scanned layers
             if segments is not None or adapters is not None:
@@ -117,7 +135,7 @@ class Transformer(nnx.Module):
         else:
             for i, layer in enumerate(self.layers):
                 probed = () if hooks is None else (hooks.layer(i),)
-                x = layer(x, positions, rope, *probed, **rows)
+                x = layer(x, positions, ropes[self.config.layer_rope(i)], *probed, **rows)
         if logits_at is not None:
             index = logits_at[:, None, None] if logits_at.ndim == 1 else logits_at[:, :, None]
             x = jnp.take_along_axis(x, index, axis=1)  # [B, 1, D] (or [B, M, D])
@@ -126,7 +144,7 @@ class Transformer(nnx.Module):
             logits = self.embed.attend(x)
         else:
             logits = quant.einsum("BTD,DV->BTV", x, self.lm_head, x.dtype)
-        logits = logits.astype(jnp.float32)
+        logits = kernels.capped(logits.astype(jnp.float32), self.config.final_logit_softcap)
         if hooks is not None and hooks.capture is not None and hooks.capture.logits:
             hooks.record(self, "logits", logits)
         if logits_at is None or logits_at.ndim == 2:
