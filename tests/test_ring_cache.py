@@ -1,9 +1,10 @@
 """Sliding layers keep a ring of their window (model/ring.py), and nothing else changes.
 
-Truths: the same engine with full-length caches (``ring_cache=False``) -- every token identical
-and every logits row within 1e-5 of the largest -- and the uncached forward pass (greedy
-continuations). Prompts are longer than the window, chunks longer than it, several requests go
-through fewer slots, and decoding runs far past the window.
+Truths: the uncached forward pass (every token its greedy continuation, every logits row within
+1e-5 of the largest) for the engine, and full-length caches (``ring_cache=False``, the same
+layer) for attention alone, float and int8. Prompts are longer than the window, chunks longer
+than it, several requests go through fewer slots, and decoding runs far past the window. One
+engine serves every engine check: each compile costs test time.
 """
 
 import jax
@@ -14,7 +15,7 @@ import pytest
 from flax import nnx
 
 import workbench
-from helpers import SMALL, assert_close, forward_rows, lively_arrays, prefill, prefill_chunks
+from helpers import SMALL, assert_close, forward_rows, lively_params, prefill, prefill_chunks
 from workbench import inspect, probes
 from workbench.engine import compiled
 from workbench.model.attention import Attention
@@ -31,12 +32,10 @@ PROMPTS = [np.random.default_rng(n).integers(3, 96, size=n).tolist() for n in (1
 
 
 @pytest.fixture(scope="module")
-def pair():
-    """(ring engine, full-length engine), the same params on each."""
-    mesh = workbench.make_mesh({"data": 2, "tensor": 2}, jax.devices()[:4])
-    engines = [workbench.Engine(CONFIG, mesh, ring_cache=ring, **SHAPE) for ring in (True, False)]
-    arrays = lively_arrays(engines[0])
-    return [(engine, engine.load_params(arrays)) for engine in engines]
+def served_by():
+    """(engine, params): rings for the sliding layer, on a 2x2 mesh."""
+    engine = workbench.Engine(CONFIG, workbench.make_mesh({"data": 2, "tensor": 2}, jax.devices()[:4]), **SHAPE)
+    return engine, lively_params(engine)
 
 
 def serve(engine, params, snapshots=None):
@@ -70,15 +69,14 @@ def serve(engine, params, snapshots=None):
 
 
 @pytest.fixture(scope="module")
-def served(pair):
+def served(served_by):
     snapshots = []
-    ring = serve(*pair[0], snapshots)
-    return ring, serve(*pair[1]), snapshots
+    return (*serve(*served_by, snapshots), snapshots)
 
 
-def test_ring_layers_hold_their_window_and_full_layers_every_position(pair):
-    (ring, _), (full, _) = pair
-    shapes = {path: leaf.shape for path, leaf in leaf_paths(ring.abstract_decode_cache).items()}
+def test_ring_layers_hold_their_window_and_full_layers_every_position(served_by):
+    engine = served_by[0]
+    shapes = {path: leaf.shape for path, leaf in leaf_paths(engine.abstract_decode_cache).items()}
     assert shapes == {
         "layers/0/attn/cache/k": (2, WINDOW, 2, 8),
         "layers/0/attn/cache/v": (2, WINDOW, 2, 8),
@@ -86,7 +84,8 @@ def test_ring_layers_hold_their_window_and_full_layers_every_position(pair):
         "layers/1/attn/cache/k": (2, 48, 2, 8),
         "layers/1/attn/cache/v": (2, 48, 2, 8),
     }
-    assert {leaf.shape for leaf in leaf_paths(full.abstract_decode_cache).values()} == {(2, 48, 2, 8)}
+    full = nnx.eval_shape(lambda: compiled.model(CONFIG, (2, 48, False)))  # the ring off
+    assert {leaf.shape for leaf in jax.tree.leaves(nnx.state(full, nnx.Cache))} == {(2, 48, 2, 8)}
 
 
 def test_a_gemma3_pattern_keeps_about_a_sixth():
@@ -103,25 +102,23 @@ def test_a_gemma3_pattern_keeps_about_a_sixth():
     assert abs(ratio - (5 * 64 + 2048) / (6 * 2048)) < 0.01 and ratio < 0.2
 
 
-def assert_uncached(pair, prompt, tokens, rows):
+def assert_uncached(served_by, prompt, tokens, rows):
     """``tokens`` (the first included) are the uncached forward pass's greedy continuation of
     ``prompt`` and ``rows`` [len(tokens), V] its logits rows."""
-    expected = forward_rows(*pair[1], list(prompt) + list(tokens[:-1]))[len(prompt) - 1 :]
+    expected = forward_rows(*served_by, list(prompt) + list(tokens[:-1]))[len(prompt) - 1 :]
     assert list(tokens) == expected.argmax(-1).tolist()
     assert_close(rows, expected)
 
 
-def test_ring_serves_the_same_tokens_and_logits_as_full_length_caches(pair, served):
-    (ring_tokens, ring_rows), (full_tokens, full_rows), _ = served
-    assert ring_tokens == full_tokens
+def test_rings_serve_the_uncached_models_tokens_and_logits(served_by, served):
+    tokens, rows, _ = served
     for request, prompt in enumerate(PROMPTS):
-        assert len(ring_tokens[request]) > 8
-        assert_close(ring_rows[request], full_rows[request])
-        assert_uncached(pair, prompt, ring_tokens[request], ring_rows[request])
+        assert len(tokens[request]) > WINDOW
+        assert_uncached(served_by, prompt, tokens[request], rows[request])
 
 
-def test_packed_prompts_and_multisampling_fill_rings(pair):
-    engine, params = pair[0]
+def test_packed_prompts_and_multisampling_fill_rings(served_by):
+    engine, params = served_by
     prompts = PROMPTS[0][:7], PROMPTS[1][:9]  # each longer than the window, packed in one row
     packed = engine.prefill_concat(params=params, prompts=list(prompts))
     padded, n = engine.pad(PROMPTS[2])
@@ -141,97 +138,106 @@ def test_packed_prompts_and_multisampling_fill_rings(pair):
                 tokens[slot].append(int(result.data[slot, 0]))
                 rows[slot].append(np.asarray(result.logits[slot]))
         for slot, prompt in enumerate(prompts):
-            assert_uncached(pair, prompt, tokens[slot], np.stack(rows[slot]))
+            assert_uncached(served_by, prompt, tokens[slot], np.stack(rows[slot]))
 
 
-def run_model(model, chunks, steps):
-    """Logits rows of ``chunks`` prefilled one after another (batch 1), then ``steps`` greedy
-    steps: one jit, the decode steps in a scan."""
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def run(state):
-        model, rows, start = nnx.merge(graphdef, state, copy=True), [], 0
-        for chunk in chunks:
-            rows.append(model(jnp.asarray([chunk]), jnp.arange(start, start + len(chunk))[None])[0])
-            start += len(chunk)
-
-        def step(carry, position):
-            state, token = carry
-            model = nnx.merge(graphdef, state, copy=True)
-            logits = model(token.reshape(1, 1), position.reshape(1, 1))[0, 0]
-            return (nnx.state(model), jnp.argmax(logits)), logits
-
-        carry = (nnx.state(model), jnp.argmax(rows[-1][-1]))
-        _, decoded = jax.lax.scan(step, carry, jnp.arange(start, start + steps))
-        return jnp.concatenate([*rows, decoded])
-
-    return np.asarray(run(state))
+def build(config, **options):
+    """A Transformer to build inside a jit: its init becomes part of the one compiled program
+    (built eagerly, each init op would compile on its own)."""
+    with nnx.use_eager_sharding(False):
+        return workbench.Transformer(config, rngs=nnx.Rngs(0), **options)
 
 
 def test_a_scanned_model_of_rings_equals_the_uncached_forward():
-    """Mistral-style (every layer sliding) with scanned layers: chunks of 9 and 3 tokens (longer
-    and shorter than the window), then 12 greedy decode steps."""
-    config = SMALL.replace(sliding_window=5)
-    with nnx.use_eager_sharding(False):
-        ring = workbench.Transformer(config, rngs=nnx.Rngs(0), cache=(1, 32), scan_layers=True)
-        uncached = workbench.Transformer(config, rngs=nnx.Rngs(0))
-    assert nnx.state(ring, nnx.Cache)["layers"]["attn"]["cache"]["k"].shape == (2, 1, 5, 2, 8)
+    """Mistral-style (every layer sliding) with scanned layers: a chunk of 9 tokens (longer than
+    the window), then 8 greedy decode steps (a scan), against the uncached forward pass over the
+    tokens they chose -- all in one jit."""
+    config, prompt, steps = SMALL.replace(sliding_window=5), jnp.asarray([PROMPTS[1][:9]]), 8
     rng = np.random.default_rng(0)  # lively weights, as helpers.lively_arrays draws them
-    draw = lambda x: (
-        1 + 0.1 * rng.standard_normal(x.shape)
-        if x.ndim == 1
-        else 2 * rng.standard_normal(x.shape) / np.sqrt(x.shape[0])
-    ).astype(np.float32)  # noqa: E731
-    pure = jax.tree.map(draw, nnx.to_pure_dict(nnx.state(uncached, nnx.Param)))
-    for model, layout in ((uncached, pure), (ring, stack_layers(pure))):
-        state = nnx.state(model, nnx.Param)
-        nnx.replace_by_pure_dict(state, layout)
-        nnx.update(model, state)
-    chunks = [PROMPTS[1][:9], PROMPTS[1][9:12]]
-    rows = run_model(ring, chunks, 12)
-    tokens = [*chunks[0], *chunks[1], *rows.argmax(-1)[11:-1]]
-    expected = np.asarray(jax.jit(lambda m, t: m(t))(uncached, jnp.asarray([tokens]))[0])
+    abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: build(config)), nnx.Param))
+    pure = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32), abstract)
+    pure = jax.tree.map(lambda x: 1 + 0.1 * x if x.ndim == 1 else 2 * x / np.sqrt(x.shape[0]), pure)
+
+    @jax.jit
+    def run(pure):
+        ring, uncached = build(config, cache=(1, 32), scan_layers=True), build(config)
+        for model, layout in ((ring, stack_layers(pure)), (uncached, pure)):
+            state = nnx.state(model, nnx.Param)
+            nnx.replace_by_pure_dict(state, layout)
+            nnx.update(model, state)
+        graphdef, cache, rest = nnx.split(ring, nnx.Cache, ...)
+        first = ring(prompt, jnp.arange(9)[None])[0]  # [9, V]
+
+        def step(carry, position):
+            cache, token = carry
+            model = nnx.merge(graphdef, cache, rest, copy=True)
+            logits = model(token.reshape(1, 1), position.reshape(1, 1))[0, 0]
+            return (nnx.state(model, nnx.Cache), jnp.argmax(logits)), logits
+
+        carry = (nnx.state(ring, nnx.Cache), jnp.argmax(first[-1]))
+        _, decoded = jax.lax.scan(step, carry, jnp.arange(9, 9 + steps))
+        rows = jnp.concatenate([first, decoded])
+        tokens = jnp.concatenate([prompt[0], jnp.argmax(rows, -1)[8:-1]])
+        return ring.layers.attn.cache.k.shape, rows, uncached(tokens[None])[0]
+
+    shape, rows, expected = run(pure)
+    assert shape == (2, 1, 5, 2, 8)
+    rows, expected = np.asarray(rows), np.asarray(expected)
     assert rows.argmax(-1).tolist() == expected.argmax(-1).tolist()
     assert_close(rows, expected)
 
 
 def test_an_int8_ring_equals_full_length_int8_caches():
-    """One sliding attention layer with int8 keys and values: chunks of 9 and 3 positions, then 12
-    single positions, the ring against a full-length int8 cache."""
-    config = CONFIG.replace(kv_cache_dtype="int8")
-    x = jnp.asarray(10 * np.random.default_rng(1).standard_normal((1, 24, config.embed_dim)), jnp.float32)
-    spans = [(0, 9), (9, 12)] + [(p, p + 1) for p in range(12, 24)]
-    out = []
-    for ring in (True, False):
+    """One sliding attention layer with int8 keys and values: chunks of 9 and 3 positions, then a
+    single position (the ring wraps), against a full-length int8 cache (one jit for both, the
+    layers built inside it over the same weights). Float rings meet the uncached forward above."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((1, 14, CONFIG.embed_dim)), jnp.float32)
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Attention(CONFIG, rngs=nnx.Rngs(0))), nnx.Param))
+    weights = {
+        name: rng.standard_normal(a.shape).astype(np.float32) / np.sqrt(a.shape[0]) for name, a in abstract.items()
+    }
+    spans = [(0, 9), (9, 12), (12, 13)]
+
+    @jax.jit
+    def run(x, weights):
+        out = {}
         with nnx.use_eager_sharding(False):
-            attention, rotary = Attention(config, rngs=nnx.Rngs(0), cache=(1, 32, ring)), Rotary(config)
+            rotary = Rotary(CONFIG)
+            for ring in (True, False):
+                layer = Attention(CONFIG.replace(kv_cache_dtype="int8"), rngs=nnx.Rngs(0), cache=(1, 32, ring))
+                state = nnx.state(layer, nnx.Param)  # the init is dead code: no RNG compiled
+                nnx.replace_by_pure_dict(state, weights)
+                nnx.update(layer, state)
+                rows = []
+                for a, b in spans:
+                    positions = jnp.arange(a, b)[None]
+                    rows.append(layer(x[:, a:b], positions, rotary(positions))[0])
+                out[ring] = jnp.concatenate(rows)
+        return out
 
-        @jax.jit
-        def run(attention):
-            positions = [jnp.arange(a, b)[None] for a, b in spans]
-            return jnp.concatenate([attention(x[:, a:b], p, rotary(p))[0] for (a, b), p in zip(spans, positions)])
-
-        out.append(np.asarray(run(attention)))
-    assert_close(out[0], out[1])
-
-
-def test_probes_see_ring_keys_at_their_absolute_positions(pair):
-    weights = []
-    for engine, params in pair:
-        prefix = prefill_chunks(engine, params, PROMPTS[1][:16])
-        padded, n = engine.pad(PROMPTS[1][16:25])  # a second chunk: the ring as it was + its own keys
-        _, first = engine.prefill(
-            params=params, existing_prefix=prefix, padded_tokens=padded, true_length=n, probes=probes.Capture()
-        )
-        weights.append(first.captured.attention(0))
-    assert weights[0].shape == weights[1].shape == (1, 4, 9, 25)
-    assert_close(weights[0], weights[1])
-    assert not weights[0][0, :, -1, : 25 - WINDOW].any()  # nothing outside the window
+    out = run(x, weights)
+    assert_close(out[True], out[False])
 
 
-def test_kv_cache_report_reads_the_ring(pair, served):
-    engine, _ = pair[0]
+def test_probes_see_ring_keys_at_their_absolute_positions(served_by):
+    engine, params = served_by
+    capture = probes.Capture(residual=False, mlp=False, logits=False, layers=(0,))
+    prefix = prefill_chunks(engine, params, PROMPTS[1][:16])
+    padded, n = engine.pad(PROMPTS[1][16:25])  # a second chunk: the ring as it was + its own keys
+    _, first = engine.prefill(
+        params=params, existing_prefix=prefix, padded_tokens=padded, true_length=n, probes=capture
+    )
+    weights = first.captured.attention(0)
+    _, uncached = probes.forward(engine, params, np.asarray([PROMPTS[1]]), capture)
+    assert weights.shape == (1, 4, 9, 25)
+    assert_close(weights, uncached.attention(0)[:, :, 16:25, :25])
+    assert not weights[0, :, -1, : 25 - WINDOW].any()  # nothing outside the window
+
+
+def test_kv_cache_report_reads_the_ring(served_by, served):
+    engine, params = served_by
     before, after = served[2]
     report = inspect.kv_cache(after)
     nexts = np.asarray(after.positions)  # slot 0: request C, slot 1: request B
@@ -251,12 +257,12 @@ def test_kv_cache_report_reads_the_ring(pair, served):
     assert f"write head is at slot {nexts[1] % WINDOW}" in str(view)
     with pytest.raises(ValueError, match="layer 1 is not a ring"):
         report.ring(1, 0)
-    for figure in (report.plot(), report.plot(slot=1), report.plot(layer=0, slot=1), view.plot()):
+    for figure in (report.plot(), report.plot(layer=0, slot=1), view.plot()):
         assert figure.axes
     diff = inspect.kv_cache_diff(before, after)  # one generate step: each slot's next position
     assert diff.positions == {slot: (int(p) - 1,) for slot, p in enumerate(nexts)}
     assert diff.layers == (0, 1)
-    assert inspect.state(engine, pair[0][1], engine.init_decode_state()).ring_saving == {
+    assert inspect.state(engine, params, engine.init_decode_state()).ring_saving == {
         "cache_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(after.cache)),
         "full_length_bytes": 2 * 2 * (2 * 48 * 2 * 8 * 4),
     }
