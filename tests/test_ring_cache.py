@@ -254,6 +254,8 @@ def test_kv_cache_report_reads_the_ring(served_by, served):
     expected = [max(p for p in range(nexts[1]) if p % WINDOW == s) for s in range(WINDOW)]
     assert [r["position"] for r in view.rows] == expected
     assert [r["head"] for r in view.rows] == [s == nexts[1] % WINDOW for s in range(WINDOW)]
+    # the head slot holds the position the next write replaces, outside the next query's window
+    assert [r["live"] for r in view.rows] == [s != nexts[1] % WINDOW for s in range(WINDOW)]
     assert f"write head is at slot {nexts[1] % WINDOW}" in str(view)
     with pytest.raises(ValueError, match="layer 1 is not a ring"):
         report.ring(1, 0)

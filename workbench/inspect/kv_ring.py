@@ -36,7 +36,8 @@ def write_head(next_position: int | None, window: int) -> int | None:
 
 class RingReport(Report):
     """One ring row: per slot, the absolute position it holds, whether it is live (a key the next
-    query sees: held, within the window before the next position) and where the write head is."""
+    query sees: within the window that ends at the next position; the head's slot is not, its
+    key is the one the next write replaces) and where the write head is."""
 
     def __init__(self, layer: int, slot: int, held_row: np.ndarray, next_position: int | None):
         window = held_row.shape[0]
@@ -44,7 +45,7 @@ class RingReport(Report):
         rows = []
         for index, h in enumerate(held_row):
             position = int(h) - 1
-            live = position >= 0 and (next_position is None or position > next_position - 1 - window)
+            live = position >= 0 and (next_position is None or position > next_position - window)
             rows.append(
                 {
                     "slot": index,
