@@ -1,10 +1,10 @@
 """Sliding layers keep a ring of their window (model/ring.py), and nothing else changes.
 
 Truths: the uncached forward pass (every token its greedy continuation, every logits row within
-1e-5 of the largest) for the engine, and full-length caches (``ring_cache=False``, the same
-layer) for attention alone, float and int8. Prompts are longer than the window, chunks longer
-than it, several requests go through fewer slots, and decoding runs far past the window. One
-engine serves every engine check: each compile costs test time.
+1e-5 of the largest) for the engine and for scanned layers, and a full-length cache (the ring
+off) for int8 attention. Prompts are longer than the window, chunks longer than it, several
+requests go through fewer slots, and decoding runs far past the window. One engine serves every
+engine check, and each model-level check is one jit: each compile costs test time.
 """
 
 import jax
