@@ -36,14 +36,15 @@ PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
 
 def model(
     config: ModelConfig,
-    cache: tuple[int, int] | None = None,
+    cache: tuple[int, int] | tuple[int, int, bool] | None = None,
     *,
     scan_layers: bool = False,
     lora_spec: LoraSpec | None = None,
     attention_kernels: str = "reference",
 ) -> Transformer:
-    """The engine's model (``cache=None``: the uncached one), seeded 0; the engine only ever
-    builds it abstractly (``nnx.eval_shape``) or inside a jit."""
+    """The engine's model (``cache=None``: the uncached one; ``(batch, length, ring)``: cached,
+    sliding layers in rings when ``ring``), seeded 0; the engine only ever builds it abstractly
+    (``nnx.eval_shape``) or inside a jit."""
     with nnx.use_eager_sharding(False):  # shardings come from our own rules, applied by jit
         return Transformer(
             config,

@@ -3,7 +3,8 @@ NNX model split once.
 
 The engine builds two abstract models (``nnx.eval_shape``, nothing materialised): a prefill
 model (batch 1) and a decode model (``max_concurrent_decodes`` slots), both with KV caches over
-``max_target_length`` positions, and splits each once into ``(graphdef, params, cache, rest)``.
+``max_target_length`` positions (a sliding layer's: a ring of its window, ``model/ring.py``),
+and splits each once into ``(graphdef, params, cache, rest)``.
 Parameters are shared between the two. The jitted steps are built in ``engine/compiled.py``
 over the pure bodies of ``engine/steps.py``; this class checks input, holds the shapes and
 shardings, and calls them.
@@ -55,6 +56,8 @@ class Engine:
     ``engine.adapters`` lists their names.
     ``kernels``: ``"auto"`` (by platform), ``"reference"`` (the plain path) or ``"xla_cpu"``, or a
     ``tuning.Tuning``; ``engine.tuning`` is what was chosen (``engine/tuning.py``).
+    ``ring_cache``: a sliding layer keeps a ring of its window (``model/ring.py``), not
+    ``max_target_length`` positions; False gives every layer a full-length cache (to compare).
     """
 
     samples_per_slot = 1  # JetStream's properties that never change here
@@ -73,6 +76,7 @@ class Engine:
         scan_layers: bool = False,
         adapters: AdapterStack | None = None,
         kernels: str | tuning.Tuning = "auto",
+        ring_cache: bool = True,
     ):
         slots = check_int("decode_batch_size", decode_batch_size, positive=True)
         self.max_prefill_length = check_int("max_prefill_length", max_prefill_length, positive=True)
@@ -86,6 +90,7 @@ class Engine:
             raise ValueError(f"the mesh's tensor axis ({tensor}) does not divide the model's {config.num_heads} heads")
         self.config, self.mesh, self.rules, self.tokenizer = config, mesh, tuple(rules), tokenizer
         self.scan_layers = bool(scan_layers)
+        self.ring_cache = bool(ring_cache)
         if self.scan_layers and (config.quantize or config.kv_cache_dtype or adapters is not None):
             raise ValueError("scan_layers does not combine with quantize, kv_cache_dtype or adapters yet: choose one")
         self._max_concurrent_decodes = slots
@@ -110,9 +115,10 @@ class Engine:
     def _split_models(self) -> None:
         """Three abstract models, split once: prefill (batch 1), decode (one row per slot), and
         the uncached forward model. Params and rest are the same in all three."""
-        config, length, options = self.config, self.max_target_length, self.model_options
-        prefill = nnx.eval_shape(lambda: compiled.model(config, (1, length), **options))
-        decode = nnx.eval_shape(lambda: compiled.model(config, (self.max_concurrent_decodes, length), **options))
+        config, length, options, ringed = self.config, self.max_target_length, self.model_options, self.ring_cache
+        prefill = nnx.eval_shape(lambda: compiled.model(config, (1, length, ringed), **options))
+        slots = self.max_concurrent_decodes
+        decode = nnx.eval_shape(lambda: compiled.model(config, (slots, length, ringed), **options))
         self.prefill_graphdef, self.abstract_params, self.abstract_prefill_cache, self.abstract_rest = nnx.split(
             prefill, PARAMS, nnx.Cache, ...
         )

@@ -2,7 +2,8 @@
 
 Caches inside them are plain nested dicts (``nnx.to_pure_dict`` of the model's ``nnx.Cache``
 state: ``{"layers": {i: {"attn": {"cache": {"k": [B, S, K, H], "v": ...}}}}}``), so insert and
-bulk_insert are tree functions over arrays.
+bulk_insert are tree functions over arrays. A sliding layer's cache is a ring of its window
+(``model/ring.py``): ``k``, ``v`` [B, W, K, H] and ``held`` [B, W], the positions its slots hold.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 insert, bulk_insert, generate and free_resource donate the decode state: after the call the
 arrays you passed are deleted. So take ``before = snapshot(state)`` first (a host copy), then
 ``kv_cache_diff(before, state_after)``.
+
+A ring layer (a sliding layer's, ``model/ring.py``) reports the absolute positions its changed
+slots hold (after the change; a slot emptied: the one it held before), as a full layer does.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import numpy as np
 from workbench.checks import check_not_donated
 from workbench.distributed import host_value, spans_processes
 from workbench.engine import DecodeState, Prefix
+from workbench.inspect import kv_ring
 from workbench.inspect.kv_report import kv_source
 from workbench.inspect.report import Column, Report, Table, fmt_int, fmt_ranges, nbytes
 
@@ -47,20 +51,37 @@ def snapshot(tree: T) -> T:
 
 
 @jax.jit
-def _changed(before_k: tuple, before_v: tuple, after_k: tuple, after_v: tuple, atol: jax.Array) -> jax.Array:
-    """[L, B, S]: whether any key or value element at (layer, slot, position) differs by more than ``atol``."""
+def _changed(before_k: tuple, before_v: tuple, after_k: tuple, after_v: tuple, atol: jax.Array) -> tuple:
+    """Per layer [B, S]: whether any key or value element at (slot, cache index) differs by more than ``atol``."""
 
     def differs(a, b):  # NaN == NaN here: a NaN left in place is not a change
         a, b = a.astype(jnp.float32), b.astype(jnp.float32)
         same = (a == b) | (jnp.abs(a - b) <= atol) | (jnp.isnan(a) & jnp.isnan(b))
         return ~same
 
-    return jnp.stack(
-        [
-            jnp.any(differs(bk, ak) | differs(bv, av), axis=(2, 3))
-            for bk, bv, ak, av in zip(before_k, before_v, after_k, after_v)
-        ]
+    return tuple(
+        jnp.any(differs(bk, ak) | differs(bv, av), axis=(2, 3))
+        for bk, bv, ak, av in zip(before_k, before_v, after_k, after_v)
     )
+
+
+def _by_position(changed: tuple, old, new) -> np.ndarray:
+    """[L, B, P]: the per-layer changes [B, S] at absolute positions (a ring's slots at the
+    positions they hold, or held before when emptied); P reaches the furthest one."""
+    slots = new.shape[0]
+    where = []
+    for layer, mask in enumerate(changed):
+        mask, size = np.asarray(mask), mask.shape[1]
+        after = kv_ring.positions(new.helds[layer], slots, size)
+        before = kv_ring.positions(old.helds[layer], slots, size)
+        where.append(np.where(after >= 0, after, before)[mask] if mask.any() else np.zeros(0, int))
+    reach = [m.shape[1] for m, h in zip(changed, new.helds) if h is None] + [int(w.max()) + 1 for w in where if w.size]
+    out = np.zeros((len(changed), slots, max(reach, default=1)), bool)
+    for layer, mask in enumerate(changed):
+        rows = np.nonzero(np.asarray(mask))[0]
+        keep = where[layer] >= 0
+        out[layer, rows[keep], where[layer][keep]] = True
+    return out
 
 
 def _arrow(before: Any, after: Any) -> str:
@@ -88,14 +109,14 @@ class KVCacheDiff(Report):
                 f"before and after must be the same kind, got {type(before).__name__} and {type(after).__name__}"
             )
         old, new = kv_source(before, role="before"), kv_source(after, role="after")
-        if old.shape != new.shape or len(old.paths) != len(new.paths):
+        shapes = [[tuple(k.shape) for k in source.keys] for source in (old, new)]
+        if shapes[0] != shapes[1] or [h is None for h in old.helds] != [h is None for h in new.helds]:
             raise ValueError(
                 f"before and after caches differ in shape: {old.shape} x {len(old.paths)} layers "
                 f"vs {new.shape} x {len(new.paths)} layers"
             )
-        self.mask = np.asarray(
-            _changed(old.keys, old.values, new.keys, new.values, jnp.float32(self.atol))
-        )  # [L, B, S]
+        changed = _changed(old.keys, old.values, new.keys, new.values, jnp.float32(self.atol))
+        self.mask = _by_position(changed, old, new)  # [L, B, P]: P positions
         slots, _, heads, dim = new.shape
         dtype = new.keys[0].dtype
         rows = []

@@ -4,6 +4,10 @@ The statistics are reductions computed where the cache lives; only the small res
 number per layer and slot, or the one heatmap a plot draws) come to the host. A position
 counts as *filled* when its key or value row holds anything but zeros: what a write left there,
 measured independently of the engine's own bookkeeping (``next position``).
+
+A sliding layer's ring (``model/ring.py``) is shown as a ring: its rows say which positions it
+holds and where its write head is, ``ring(layer, slot)`` lists slot -> position, and its plots
+place each slot at the position it holds (``inspect/kv_ring.py``).
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ import numpy as np
 from workbench.checks import check_not_donated, is_int
 from workbench.distributed import host_value, spans_processes
 from workbench.engine import DecodeState, Prefix
-from workbench.inspect import plots
-from workbench.inspect.report import Column, Report, Table, fmt_bytes, fmt_float, fmt_int, nbytes, plural
+from workbench.inspect import kv_ring, plots
+from workbench.inspect.report import Column, Report, Table, fmt_bytes, fmt_float, fmt_int, fmt_ranges, nbytes, plural
 from workbench.model import quant
 from workbench.model.scan import is_stacked, unstack_layers
 from workbench.trees import leaf_paths
@@ -36,14 +40,21 @@ class KVSource:
 
     kind: str  # "decode state", "prefix" or "cache"
     paths: tuple[str, ...]  # per layer: "layers/0/attn/cache"
-    keys: tuple[Any, ...]  # per layer: [B, S, K, H]
+    keys: tuple[Any, ...]  # per layer: [B, S, K, H] (a ring: S = its window)
     values: tuple[Any, ...]
     next_positions: np.ndarray | None  # [B]: where each slot's next K/V goes
     active: np.ndarray | None  # [B]
+    helds: tuple[Any, ...] = ()  # per layer: a ring's held [B, W] (model/ring.py), None for a full cache
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        return tuple(self.keys[0].shape)  # B, S, K, H
+        """B, S, K, H; S: the longest layer's length."""
+        b, _, k, h = self.keys[0].shape
+        return b, max(x.shape[1] for x in self.keys), k, h
+
+    @property
+    def rings(self) -> bool:
+        return any(h is not None for h in self.helds)
 
 
 def _layer_number(path: str, order: int) -> int:
@@ -69,34 +80,40 @@ def kv_source(obj: Any, *, role: str = "input") -> KVSource:
     for path, leaf in leaf_paths(cache).items():
         check_not_donated(leaf, f"the {role}'s cache")
         head, _, name = path.rpartition("/")
-        if name in ("k", "v", "k_scale", "v_scale"):  # the scales of an int8 cache
+        if name in ("k", "v", "k_scale", "v_scale", "held"):  # int8 scales; a ring's held positions
             pairs.setdefault(head, {})[name] = leaf
     if not pairs or any(not {"k", "v"} <= set(kv) for kv in pairs.values()):
         raise ValueError(f"the {role} holds no per-layer KV cache (expected '.../k' and '.../v' arrays per layer)")
+    helds = {head: kv.get("held") for head, kv in pairs.items()}
     pairs = {head: quant.dequantized_cache(kv) for head, kv in pairs.items()}  # int8: shown dequantized
     order = sorted(pairs, key=lambda p: _layer_number(p, list(pairs).index(p)))
     keys, values = tuple(pairs[p]["k"] for p in order), tuple(pairs[p]["v"] for p in order)
-    shapes = {tuple(np.shape(x)) for x in keys + values}
-    if len(shapes) != 1 or len(next(iter(shapes))) != 4:
+    shapes = [tuple(np.shape(x)) for x in keys + values]
+    if any(len(s) != 4 for s in shapes) or len({(s[0], *s[2:]) for s in shapes}) != 1:
         raise ValueError(
-            f"the {role}'s k/v caches must all be [slots, positions, kv_heads, head_dim], got {sorted(shapes)}"
+            f"the {role}'s k/v caches must all be [slots, positions, kv_heads, head_dim], got {sorted(set(shapes))}"
         )
+    for p in order:  # a ring's held [B, W] matches its k
+        if helds[p] is not None and tuple(np.shape(helds[p])) != tuple(np.shape(pairs[p]["k"]))[:2]:
+            raise ValueError(
+                f"the {role}'s ring at {p} holds {np.shape(helds[p])} positions for k {np.shape(pairs[p]['k'])}"
+            )
     next_positions = active = None
     if kind == "decode state":
         next_positions, active = host_value(obj.positions).astype(int), host_value(obj.active).astype(bool)
     elif kind == "prefix":
         next_positions = host_value(obj.length).astype(int).reshape(1)
-    return KVSource(kind, tuple(order), keys, values, next_positions, active)
+    return KVSource(kind, tuple(order), keys, values, next_positions, active, tuple(helds[p] for p in order))
 
 
 @jax.jit
-def _stats(keys: tuple, values: tuple) -> dict[str, jax.Array]:
-    """Per layer and slot ([L, B] each): filled positions, end of the last write, NaN and inf
-    counts, largest finite |k| and |v|."""
+def _stats(keys: tuple, values: tuple, helds: tuple) -> dict[str, jax.Array]:
+    """Per layer and slot ([L, B] each): filled positions, end of the last write (an absolute
+    position, a ring's too), NaN and inf counts, largest finite |k| and |v|."""
 
-    def one(k, v):  # [B, S, K, H]
+    def one(k, v, held):  # [B, S, K, H], a ring's [B, S] or None
         written = jnp.any((k != 0) | (v != 0), axis=(2, 3))  # [B, S]
-        ends = jnp.where(written, jnp.arange(k.shape[1]) + 1, 0)
+        ends = jnp.where(written, jnp.arange(k.shape[1]) + 1 if held is None else held, 0)
         finite_max = lambda x: jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0), axis=(1, 2, 3)).astype(jnp.float32)
         count = lambda f: (f(k).sum((1, 2, 3)) + f(v).sum((1, 2, 3))).astype(jnp.int32)
         return {
@@ -108,7 +125,7 @@ def _stats(keys: tuple, values: tuple) -> dict[str, jax.Array]:
             "max_abs_v": finite_max(v),
         }
 
-    per_layer = [one(k, v) for k, v in zip(keys, values)]
+    per_layer = [one(k, v, h) for k, v, h in zip(keys, values, helds)]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
 
 
@@ -119,9 +136,19 @@ def _bucket(n: int, length: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("n",))
-def _occupancy(keys: tuple, values: tuple, n: int) -> jax.Array:
-    """[B, n]: how many layers hold a K/V at each slot and position."""
-    return sum(jnp.any((k[:, :n] != 0) | (v[:, :n] != 0), axis=(2, 3)).astype(jnp.int32) for k, v in zip(keys, values))
+def _occupancy(keys: tuple, values: tuple, helds: tuple, n: int) -> jax.Array:
+    """[B, n]: how many layers hold a K/V at each slot and position (a ring's at the positions
+    its slots hold)."""
+    total = jnp.zeros((keys[0].shape[0], n), jnp.int32)
+    for k, v, held in zip(keys, values, helds):
+        if held is None:
+            written = jnp.any((k[:, :n] != 0) | (v[:, :n] != 0), axis=(2, 3)).astype(jnp.int32)  # [B, min(n, S)]
+            total = total.at[:, : written.shape[1]].add(written)
+        else:
+            written = jnp.any((k != 0) | (v != 0), axis=(2, 3)) & (held > 0)  # [B, W]
+            at = jnp.where(written, held - 1, n)  # n: out of range, dropped
+            total = total.at[jnp.arange(k.shape[0])[:, None], at].add(1, mode="drop")
+    return total
 
 
 @functools.partial(jax.jit, static_argnames=("n", "head"))
@@ -158,23 +185,38 @@ class KVCacheReport(Report):
     def __init__(self, source: KVSource, tokens: Tokens | None = None):
         self.source = source
         self._labels = _token_labels(tokens)
-        stats = {name: host_value(x) for name, x in _stats(source.keys, source.values).items()}  # [L, B]
-        self.stats = stats
+        stats = {name: host_value(x) for name, x in _stats(source.keys, source.values, source.helds).items()}
+        self.stats = stats  # [L, B] each
         slots, length, heads, dim = source.shape
         dtype = source.keys[0].dtype
+        self.helds = [None if h is None else host_value(h) for h in source.helds]  # rings' [B, W]
+        nexts = source.next_positions
+        # the positions axis of the plots: the full layers' length, or as far as a ring reached
+        reach = [x.shape[1] for x, h in zip(source.keys, self.helds) if h is None]
+        reach += [int(stats["end"].max(initial=0)), 1 + (0 if nexts is None else int(nexts.max(initial=0)))]
+        self.span = max(reach) if source.rings else length
         rows = []
         for layer, path in enumerate(source.paths):
+            held, size = self.helds[layer], source.keys[layer].shape[1]
             for slot in range(slots):
+                next_position = None if nexts is None else int(nexts[slot])
+                ring = {} if held is None else {
+                    "window": size,
+                    "holds": kv_ring.holds(held[slot]),
+                    "head": kv_ring.write_head(next_position, size),
+                }  # fmt: skip
                 rows.append(
                     {
                         "layer": layer,
                         "slot": slot,
                         "path": path,
-                        "shape": (length, heads, dim),
+                        "shape": (size, heads, dim),
                         "dtype": str(dtype),
-                        "bytes": 2 * nbytes((length, heads, dim), dtype),  # k and v rows of this slot
+                        # k and v rows of this slot (and a ring's held positions)
+                        "bytes": 2 * nbytes((size, heads, dim), dtype) + (0 if held is None else 4 * size),
                         "active": None if source.active is None else bool(source.active[slot]),
-                        "next_position": None if source.next_positions is None else int(source.next_positions[slot]),
+                        "next_position": next_position,
+                        **ring,
                         "filled": int(stats["filled"][layer, slot]),
                         "nan": int(stats["nan"][layer, slot]),
                         "inf": int(stats["inf"][layer, slot]),
@@ -188,6 +230,13 @@ class KVCacheReport(Report):
             f"{plural(length, 'position')} x {plural(heads, 'kv head')} x {plural(dim, 'dim')}, "
             f"k and v in {dtype}, {fmt_bytes(total)}"
         )
+        self.ring_layers = tuple(i for i, h in enumerate(self.helds) if h is not None)
+        if self.ring_layers:
+            windows = sorted({source.keys[i].shape[1] for i in self.ring_layers})
+            self.title += (
+                f"; sliding layers {fmt_ranges(self.ring_layers)} keep rings of "
+                f"{'/'.join(map(str, windows))} slots (holds: the positions a ring holds; head: its next write)"
+            )
         dash = lambda x: "-" if x is None else str(x)
         columns = (
             Column("layer", "layer", str, "right", repeat=False),
@@ -195,6 +244,11 @@ class KVCacheReport(Report):
             Column("active", "active", dash),
             Column("next_position", "next", dash, "right"),
             Column("filled", "filled", str, "right"),
+            *(
+                (Column("holds", "holds", dash, "right"), Column("head", "head", dash, "right"))
+                if self.ring_layers
+                else ()
+            ),
             Column("nan", "nan", str, "right"),
             Column("inf", "inf", str, "right"),
             Column("max_abs_k", "max|k|", fmt_float, "right"),
@@ -205,7 +259,9 @@ class KVCacheReport(Report):
         odd = [
             r
             for r in rows
-            if r["next_position"] is not None and r["active"] is not False and r["filled"] != r["next_position"]
+            if r["next_position"] is not None
+            and r["active"] is not False
+            and r["filled"] != min(r["next_position"], r.get("window", r["next_position"]))
         ]
         self.notes = tuple(
             f"layer {r['layer']} slot {r['slot']}: {r['filled']} positions filled, next position {r['next_position']}"
@@ -215,11 +271,42 @@ class KVCacheReport(Report):
     # ---- plots ---------------------------------------------------------------------------
     def _positions_shown(self, slots: Sequence[int]) -> int:
         """Enough positions to show every write and each slot's next position (at least 1)."""
-        _, length, _, _ = self.source.shape
         ends = [int(self.stats["end"][:, s].max()) for s in slots]
         if self.source.next_positions is not None:
             ends += [int(self.source.next_positions[s]) + 1 for s in slots]
-        return max(1, min(length, max(ends)))
+        return max(1, min(self.span, max(ends)))
+
+    def ring(self, layer: int, slot: int | None = None) -> kv_ring.RingReport:
+        """A ring layer's slots (``slot`` may be left out for a prefix): the absolute position each
+        holds, which are live, where the write head is; ``.plot()`` draws the ring."""
+        if not 0 <= layer < len(self.helds) or self.helds[layer] is None:
+            raise ValueError(f"layer {layer} is not a ring: the ring layers are {fmt_ranges(self.ring_layers)}")
+        slot = self._slot(slot)
+        nexts = self.source.next_positions
+        return kv_ring.RingReport(layer, slot, self.helds[layer][slot], None if nexts is None else int(nexts[slot]))
+
+    def _slot(self, slot: int | None) -> int:
+        slots = self.source.shape[0]
+        if slot is None and slots != 1:
+            raise ValueError(f"pass slot= (0..{slots - 1}): this cache has {slots} slots")
+        slot = 0 if slot is None else slot
+        if not is_int(slot) or not 0 <= slot < slots:
+            raise ValueError(f"slot must be an int in 0..{slots - 1}, got {slot!r}")
+        return slot
+
+    def _norms(self, layer: int, name: str, slot: int, n: int, head: int | None) -> np.ndarray:
+        """[n, K] per-head norms (or [n] of ``head``'s values, as ``_read_rows``) of a layer at
+        absolute positions 0..n-1; a ring's slots placed at the positions they hold (0 elsewhere)."""
+        x = (self.source.keys if name == "k" else self.source.values)[layer]
+        held = self.helds[layer]
+        if held is None:
+            return _read_rows(x, slot, n, head)
+        rows = _read_rows(x, slot, x.shape[1], head)  # the whole ring
+        out = np.zeros((n, *rows.shape[1:]), rows.dtype)
+        at = held[slot].astype(np.int64) - 1
+        keep = (at >= 0) & (at < n)
+        out[at[keep]] = rows[keep]
+        return out
 
     def _xticklabels(self, slot: int | None, n: int) -> list[str] | None:
         labels = self._labels.get(slot, self._labels.get(None))
@@ -234,7 +321,8 @@ class KVCacheReport(Report):
           a marker at each slot's next position);
         - ``slot``: K and V norms over layers x positions (mean over kv heads, or ``head``);
         - ``layer`` and ``slot`` (``slot`` may be left out for a prefix): K and V norms over
-          kv heads x positions, or with ``head`` that head's K and V values over dims x positions.
+          kv heads x positions, or with ``head`` that head's K and V values over dims x positions;
+          a ring layer is drawn as a ring (``ring(layer, slot).plot``), its slots shaded by |K|.
         Token labels (``tokens=`` of ``kv_cache``) mark the position axis.
         """
         slots, length, heads, _ = self.source.shape
@@ -250,7 +338,8 @@ class KVCacheReport(Report):
             if head is not None:
                 raise ValueError("head= picks a head within a layer or slot view: pass layer= or slot= too")
             n = self._positions_shown(range(slots))
-            written = host_value(_occupancy(self.source.keys, self.source.values, _bucket(n, length)))[:, :n]
+            held = self.source.helds
+            written = host_value(_occupancy(self.source.keys, self.source.values, held, _bucket(n, self.span)))[:, :n]
             known = self.source.next_positions
             nexts = [None] * slots if known is None else [int(p) for p in known]
             return plots.occupancy(
@@ -264,13 +353,13 @@ class KVCacheReport(Report):
         ticks = self._xticklabels(slot, n)
         if layer is None:
 
-            def per_layer(x):  # [n] per layer: norm of one head, or mean of the heads' norms
-                norms = _read_rows(x, slot, n, None)  # [n, K]
+            def per_layer(layer, name):  # [n] per layer: norm of one head, or mean of the heads' norms
+                norms = self._norms(layer, name, slot, n, None)  # [n, K]
                 return norms[:, head] if head is not None else norms.mean(-1)
 
             panels = [
-                (f"|{name}|", np.stack([per_layer(x) for x in xs]))
-                for name, xs in (("K", self.source.keys), ("V", self.source.values))
+                (f"|{name.upper()}|", np.stack([per_layer(layer, name) for layer in range(n_layers)]))
+                for name in ("k", "v")
             ]
             which = "mean over kv heads" if head is None else f"kv head {head}"
             return plots.heatmaps(
@@ -282,10 +371,14 @@ class KVCacheReport(Report):
                 colorbar="norm",
                 yticklabels=[str(i) for i in range(n_layers)],
             )
-        k, v = self.source.keys[layer], self.source.values[layer]
+        if self.helds[layer] is not None:  # a ring, drawn as a ring: each slot shaded by its |K|
+            norms = _read_rows(self.source.keys[layer], slot, self.source.keys[layer].shape[1], None)  # [W, K]
+            which = "mean over kv heads" if head is None else f"kv head {head}"
+            view = self.ring(layer, slot)
+            return view.plot(norms.mean(-1) if head is None else norms[:, head], title=f"{view.title}\n|K|: {which}")
         panels = [
-            ("|K|" if head is None else "K", _read_rows(k, slot, n, head).T),
-            ("|V|" if head is None else "V", _read_rows(v, slot, n, head).T),
+            ("|K|" if head is None else "K", self._norms(layer, "k", slot, n, head).T),
+            ("|V|" if head is None else "V", self._norms(layer, "v", slot, n, head).T),
         ]
         if head is None:
             return plots.heatmaps(

@@ -125,3 +125,44 @@ def occupancy(
     ax.set_ylabel("slot")
     ax.set_title(title, fontsize=10)
     return fig
+
+
+def ring(
+    positions: Sequence[int | None],
+    values: np.ndarray,
+    *,
+    head: int | None,
+    title: str,
+    colorbar: str = "",
+):
+    """A ring cache drawn as a ring: one wedge per slot, clockwise from the top, labelled with the
+    slot and the absolute position it holds ("-": empty), shaded by ``values`` [W]; an arrow at
+    the write ``head`` (the slot the next token's K/V goes to)."""
+    from matplotlib import colormaps
+    from matplotlib.patches import FancyArrow, Wedge
+
+    window = len(positions)
+    fig = _figure(4.2, 4.2)
+    ax = fig.add_subplot()
+    values = np.asarray(values, dtype=float)
+    top = max(float(values.max(initial=0)), 1e-12)
+    cmap = colormaps["viridis"]
+    step = 360 / window
+    for slot, position in enumerate(positions):
+        start = 90 - (slot + 1) * step  # clockwise from 12 o'clock
+        color = cmap(values[slot] / top) if position is not None else (0.92, 0.92, 0.92)
+        ax.add_patch(Wedge((0, 0), 1.0, start, start + step, width=0.45, facecolor=color, edgecolor="white"))
+        angle = np.deg2rad(start + step / 2)
+        text = f"{slot}\n{'-' if position is None else position}"
+        ax.text(0.775 * np.cos(angle), 0.775 * np.sin(angle), text, ha="center", va="center", fontsize=7)
+    if head is not None:
+        angle = np.deg2rad(90 - (head + 0.5) * step)
+        tip = np.array([np.cos(angle), np.sin(angle)]) * 0.55
+        ax.add_patch(FancyArrow(0, 0, *(tip * 0.8), width=0.02, head_width=0.08, color="tab:red"))
+        ax.text(0, -0.12, "write head", ha="center", fontsize=7, color="tab:red")
+    ax.set_xlim(-1.1, 1.1)
+    ax.set_ylim(-1.1, 1.1)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    ax.set_title(title + (f"\n(shade: {colorbar}; labels: ring slot / position held)" if colorbar else ""), fontsize=8)
+    return fig

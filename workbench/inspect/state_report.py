@@ -88,7 +88,8 @@ def _slot_rows(engine: Engine, decode_state: DecodeState) -> list[dict[str, Any]
 class StateReport(Report):
     """Rows per leaf of params, cache and rest (and the decode state's slot arrays), with totals."""
 
-    def __init__(self, rows: list[dict[str, Any]], cache_source: str, mesh: Any):
+    def __init__(self, rows: list[dict[str, Any]], cache_source: str, mesh: Any, cache_length: int | None = None):
+        # cache_length: max_target_length, what a ring's cache would hold at full length
         self.totals: dict[str, dict[str, int]] = {}
         for row in rows:
             total = self.totals.setdefault(row["collection"], {"arrays": 0, "bytes": 0, "device_bytes": 0})
@@ -148,10 +149,36 @@ class StateReport(Report):
                 "* not the rules table's spec (declared_spec): a mesh axis of size 1, or one that does not "
                 "divide the dimension, leaves that dimension unsplit"
             )
+        self.ring_saving = None if cache_length is None else _ring_saving(rows, cache_length)
+        if self.ring_saving is not None:
+            held, full = self.ring_saving["cache_bytes"], self.ring_saving["full_length_bytes"]
+            notes.append(
+                f"sliding layers keep rings of their window (the leaves with a held array): the cache takes "
+                f"{fmt_bytes(held)} where full-length caches would take {fmt_bytes(full)} ({full / held:.1f}x)"
+            )
         self.notes = tuple(notes)
 
     def to_rows(self) -> list[dict[str, Any]]:
         return [dict(row) for row in self._rows]
+
+
+def _ring_saving(rows: list[dict[str, Any]], cache_length: int) -> dict[str, int] | None:
+    """The cache's bytes, and what they would be with every ring (a layer whose cache dict holds
+    ``held``: ``model/ring.py``) stretched to ``cache_length`` positions; None without rings."""
+    cache = [r for r in rows if r["collection"] == "cache"]
+    rings = {r["path"].rpartition("/")[0] for r in cache if r["path"].endswith("/held")}
+    if not rings:
+        return None
+    total = full = 0
+    for r in cache:
+        total += r["bytes"]
+        parent, _, name = r["path"].rpartition("/")
+        if parent not in rings:
+            full += r["bytes"]
+        elif name != "held":  # k, v (and int8 scales): their cache_seq axis stretched
+            window = r["shape"][r["axes"].index("cache_seq")]
+            full += r["bytes"] // window * cache_length
+    return {"cache_bytes": total, "full_length_bytes": full}
 
 
 def state(engine: Engine, params: nnx.State | dict, decode_state: DecodeState | None = None) -> StateReport:
@@ -162,7 +189,9 @@ def state(engine: Engine, params: nnx.State | dict, decode_state: DecodeState | 
     ``decode`` collection. Row keys: collection, path, type, shape, dtype, bytes, axes,
     declared_spec (the rules table), spec (the rules on this mesh, after the divisibility
     fallback), actual_spec, mismatch (None for abstract leaves), devices, replication,
-    bytes_per_device. ``.totals`` sums each collection; ``.mismatches`` names the flagged leaves.
+    bytes_per_device. ``.totals`` sums each collection; ``.mismatches`` names the flagged leaves;
+    ``.ring_saving`` (None without sliding layers' rings): the cache's bytes beside what
+    full-length caches would take (``model/ring.py``), also in the notes.
     """
     if not isinstance(engine, Engine):
         raise TypeError(f"engine must be a workbench Engine, got {type(engine).__name__}")
@@ -185,4 +214,4 @@ def state(engine: Engine, params: nnx.State | dict, decode_state: DecodeState | 
     if decode_state is not None:
         rows += _slot_rows(engine, decode_state)
     source = "prefill cache (abstract)" if decode_state is None else "decode state"
-    return StateReport(rows, source, engine.mesh)
+    return StateReport(rows, source, engine.mesh, engine.max_target_length)

@@ -6,6 +6,12 @@ first written at their positions, then the query attends over the cache; cache i
 absolute position, so every decode slot advances on its own. A position at or past the cache
 length marks a padding token: its write is dropped, and nothing else ever lands there.
 
+A sliding layer whose window is shorter than the cache keeps a ring of ``window`` slots instead
+(:mod:`workbench.model.ring`): a decode step writes, then reads the ring with the key positions
+it records; a prompt chunk's queries read the ring as it was before the chunk together with the
+chunk's own keys (a chunk may be longer than the ring), then the chunk's last ``window``
+positions are written.
+
 Speed (decode is bound by the bytes it reads): with a cache, attention reads only a prefix of
 it -- the shortest of a few static key lengths (:func:`key_buckets`) that covers the furthest
 live position, picked on device by ``lax.switch``, so one compiled step serves every length
@@ -22,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from workbench.model import kernels, lora, quant
+from workbench.model import kernels, lora, quant, ring
 from workbench.model.config import ModelConfig
 from workbench.model.layers import RMSNorm, apply_rope, param, project
 
@@ -43,12 +49,17 @@ def key_buckets(cache_length: int) -> tuple[int, ...]:
 
 
 class KVCache(nnx.Module):
-    """Keys and values of one layer: two ``[B, S, K, H]`` caches, indexed by absolute position."""
+    """Keys and values of one layer: two ``[B, S, K, H]`` caches, indexed by absolute position; or,
+    with a ``window`` shorter than ``length``, a ring of ``window`` slots with ``held`` [B, W]
+    (:mod:`workbench.model.ring`). ``limit``: positions at or past it are never written."""
 
-    def __init__(self, config: ModelConfig, batch: int, length: int):
-        shape = (batch, length, config.num_kv_heads, config.head_dim)
+    def __init__(self, config: ModelConfig, batch: int, length: int, window: int | None = None):
+        self.window, self.limit = window, length
+        shape = (batch, length if window is None else window, config.num_kv_heads, config.head_dim)
         self.k = nnx.Cache(jnp.zeros(shape, config.compute_dtype), out_sharding=CACHE_AXES)
         self.v = nnx.Cache(jnp.zeros(shape, config.compute_dtype), out_sharding=CACHE_AXES)
+        if window is not None:
+            self.held = ring.held(batch, window)
 
     def update(
         self, k: jax.Array, v: jax.Array, positions: jax.Array, rows: jax.Array | None = None
@@ -58,23 +69,35 @@ class KVCache(nnx.Module):
         ``rows`` [B, T]: the cache row of each token (packed prompts); default: the token's own row.
         """
         rows = jnp.arange(k.shape[0])[:, None] if rows is None else rows
+        index = ring.write_index(self, positions, rows)
         # Out-of-range positions (padding, or a slot that is full) are dropped, never clamped.
-        self.k[...] = self.k[...].at[rows, positions].set(k.astype(self.k.dtype), mode="drop")
-        self.v[...] = self.v[...].at[rows, positions].set(v.astype(self.v.dtype), mode="drop")
+        self.k[...] = self.k[...].at[rows, index].set(k.astype(self.k.dtype), mode="drop")
+        self.v[...] = self.v[...].at[rows, index].set(v.astype(self.v.dtype), mode="drop")
         return self.k[...], self.v[...]
 
+    def contents(self) -> tuple[jax.Array, jax.Array]:
+        """The whole cache as :meth:`update` returns it, without writing."""
+        return self.k[...], self.v[...]
 
-def kv_cache(config: ModelConfig, batch: int, length: int) -> KVCache | quant.Int8KVCache:
-    """One layer's KV cache in ``config.kv_cache_dtype``: float (:class:`KVCache`) or int8."""
+    def stored(self, x: jax.Array) -> jax.Array:
+        """``x`` [B, T, K, H] as this cache would hand it back after storing it."""
+        return x.astype(self.k.dtype)
+
+
+def kv_cache(config: ModelConfig, batch: int, length: int, window: int | None = None) -> KVCache | quant.Int8KVCache:
+    """One layer's KV cache in ``config.kv_cache_dtype``: float (:class:`KVCache`) or int8; a ring
+    of ``window`` slots when that is shorter than ``length`` (a sliding layer's)."""
+    window = window if window is not None and window < length else None
     if config.kv_cache_dtype == "int8":
-        return quant.Int8KVCache(config, batch, length, CACHE_AXES)
-    return KVCache(config, batch, length)
+        return quant.Int8KVCache(config, batch, length, CACHE_AXES, window)
+    return KVCache(config, batch, length, window)
 
 
 class Attention(nnx.Module):
-    # cache: (batch, length) or None; attention_kernels: a kernel set of model.kernels;
-    # lora_spec: a model.lora.LoraSpec, or None for no adapters; layer: this layer's index (its
-    # window: config.window(layer))
+    # cache: (batch, length), (batch, length, ring) or None -- ring (default True): a sliding
+    # layer keeps a ring of its window rather than a full-length cache; attention_kernels: a
+    # kernel set of model.kernels; lora_spec: a model.lora.LoraSpec, or None for no adapters;
+    # layer: this layer's index (its window: config.window(layer))
     def __init__(
         self,
         config: ModelConfig,
@@ -97,12 +120,13 @@ class Attention(nnx.Module):
         if config.qk_norm:  # one RMSNorm over each head's H, shared by the heads (Qwen3, Gemma 3)
             self.q_norm = RMSNorm(config, rngs=rngs, dim=h)
             self.k_norm = RMSNorm(config, rngs=rngs, dim=h)
-        self.cache = None if cache is None else kv_cache(config, *cache)
-        self.qkv_bias = config.qkv_bias
         self.qk_norm = config.qk_norm
         self.query_scale = (config.query_pre_attn_scalar or h) ** -0.5
         self.softcap = config.attn_logit_softcap
         self.window = config.window(layer)
+        ringed = cache is not None and (len(cache) < 3 or cache[2])
+        self.cache = None if cache is None else kv_cache(config, *cache[:2], self.window if ringed else None)
+        self.qkv_bias = config.qkv_bias
         self.groups = n // k
         self.dtype = config.compute_dtype
         self.attention_kernels = attention_kernels
@@ -139,6 +163,8 @@ class Attention(nnx.Module):
         elif segments is not None:  # fresh packed prompts: each sees its own keys, none cached before
             self.cache.update(k, v, positions, rows=segments)
             out = self._attend(q, k, v, positions, positions, segments=segments, hooks=hooks, keys=t)
+        elif self.cache.window is not None:
+            out = self._attend_ring(q, k, v, positions, hooks)
         else:
             k, v = self.cache.update(k, v, positions)  # [B, S, K, H] (int8: quant.Int8Rows)
             out = self._attend_cache(q, k, v, positions, hooks)
@@ -174,6 +200,26 @@ class Attention(nnx.Module):
         branches = [functools.partial(attend_prefix, length) for length in buckets]
         return jax.lax.switch(branch, branches, q, k, v, positions)
 
+    def _attend_ring(self, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, hooks=None):
+        """Attention of a sliding layer over its ring (:mod:`workbench.model.ring`), keys placed by
+        the positions the ring records; probes' weights come back over absolute positions."""
+        cache = self.cache
+        read = lambda x: quant.cache_prefix(x, x.shape[1], self.dtype)  # noqa: E731 (int8: dequantized)
+        if q.shape[1] == 1:  # one token per row (decode): write it, then read the ring
+            keys, values = cache.update(k, v, positions)
+            keys, values, key_positions = read(keys), read(values), ring.key_positions(cache.held[...])
+        else:  # a chunk, maybe longer than the ring: the ring as it was, then the chunk's own keys
+            old_k, old_v = cache.contents()
+            keys = jnp.concatenate([read(old_k), read(cache.stored(k))], axis=1)  # [B, W + T, K, H]
+            values = jnp.concatenate([read(old_v), read(cache.stored(v))], axis=1)
+            key_positions = jnp.concatenate([ring.key_positions(cache.held[...]), positions], axis=1)
+            cache.update(k, v, positions)
+        out = self._attend(q, keys, values, positions, key_positions, hooks=hooks, keys=keys.shape[1])
+        if hooks is not None and hooks.weights:
+            out, weights = out
+            out = out, ring.by_position(weights, key_positions, cache.limit)
+        return out
+
     def _attend(
         self, q, k, v, query_positions, key_positions, sliced: bool = False, hooks=None, keys=0, segments=None
     ) -> jax.Array:
@@ -182,7 +228,8 @@ class Attention(nnx.Module):
         ``sliced``: k and v are a prefix sliced from a longer cache (see :mod:`kernels`).
         ``segments`` [B, T] (queries and keys alike): a query sees only keys of its own segment.
         """
-        visible = key_positions[:, None, :] <= query_positions[:, :, None]  # [B, T, S]
+        # [B, T, S]; a key position < 0 is an empty ring slot
+        visible = (key_positions[:, None, :] >= 0) & (key_positions[:, None, :] <= query_positions[:, :, None])
         if segments is not None:
             visible &= segments[:, None, :] == segments[:, :, None]
         if self.window is not None:

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from workbench import trees
+from workbench.model import ring
 
 MODES = ("w8", "w8a8", "w4")
 KV_CACHE_DTYPES = ("int8",)
@@ -296,15 +297,19 @@ def cache_prefix(cache: jax.Array | Int8Rows, length: int, dtype) -> jax.Array:
 class Int8KVCache(nnx.Module):
     """``attention.KVCache`` stored as int8 with a float32 scale per (position, kv head): keys and
     values are quantized on write and handed to attention as :class:`Int8Rows`, which it
-    dequantizes after slicing the prefix it reads (:func:`cache_prefix`)."""
+    dequantizes after slicing the prefix it reads (:func:`cache_prefix`). With a ``window``, a
+    ring of that many slots, as ``attention.KVCache``'s (``model/ring.py``)."""
 
-    def __init__(self, config, batch: int, length: int, axes: tuple[str, ...]):
+    def __init__(self, config, batch: int, length: int, axes: tuple[str, ...], window: int | None = None):
         # axes: the logical axes of a [B, S, K, H] cache (attention.CACHE_AXES); the scales drop H
-        shape = (batch, length, config.num_kv_heads, config.head_dim)
+        self.window, self.limit = window, length
+        shape = (batch, length if window is None else window, config.num_kv_heads, config.head_dim)
         self.k = nnx.Cache(jnp.zeros(shape, jnp.int8), out_sharding=axes)
         self.v = nnx.Cache(jnp.zeros(shape, jnp.int8), out_sharding=axes)
         self.k_scale = nnx.Cache(jnp.zeros(shape[:3], jnp.float32), out_sharding=axes[:3])
         self.v_scale = nnx.Cache(jnp.zeros(shape[:3], jnp.float32), out_sharding=axes[:3])
+        if window is not None:
+            self.held = ring.held(batch, window)
 
     def update(
         self, k: jax.Array, v: jax.Array, positions: jax.Array, rows: jax.Array | None = None
@@ -312,11 +317,18 @@ class Int8KVCache(nnx.Module):
         """Write ``k, v`` [B, T, K, H] at ``positions`` [B, T] (of cache ``rows`` [B, T], packed
         prompts; default: the token's own row); return the whole cache, int8."""
         rows = jnp.arange(k.shape[0])[:, None] if rows is None else rows
-        out = []
+        index = ring.write_index(self, positions, rows)
         for name, new in (("k", k), ("v", v)):
             values, scale = quantize_rows(new)
             cache, scales = getattr(self, name), getattr(self, f"{name}_scale")
-            cache[...] = cache[...].at[rows, positions].set(values, mode="drop")
-            scales[...] = scales[...].at[rows, positions].set(scale, mode="drop")
-            out.append(Int8Rows(cache[...], scales[...]))
-        return out[0], out[1]
+            cache[...] = cache[...].at[rows, index].set(values, mode="drop")
+            scales[...] = scales[...].at[rows, index].set(scale, mode="drop")
+        return self.contents()
+
+    def contents(self) -> tuple[Int8Rows, Int8Rows]:
+        """The whole cache as :meth:`update` returns it, without writing."""
+        return Int8Rows(self.k[...], self.k_scale[...]), Int8Rows(self.v[...], self.v_scale[...])
+
+    def stored(self, x: jax.Array) -> Int8Rows:
+        """``x`` [B, T, K, H] as this cache would hand it back after storing it (rounded to int8)."""
+        return Int8Rows(*quantize_rows(x))
