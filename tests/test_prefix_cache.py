@@ -1,0 +1,174 @@
+"""The prefix cache against the uncached path: with it, every request's tokens and logits are those
+of the same requests without it -- on a plain model, and on a sliding-window model with an int8
+cache serving LoRA adapters -- for fixed and random request sequences that share, extend, repeat
+and diverge inside a block, with more requests than slots and budgets that evict. (The uncached
+scheduler itself is held to the forward pass by test_scheduler.py.) Two engines, one compile of
+each step: the whole file is a few seconds on a quiet machine."""
+
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import workbench
+from helpers import SMALL, assert_close, lively_arrays
+from workbench.engine.prefix_cache import MB, PrefixCache
+from workbench.engine.scheduler import Scheduler
+from workbench.model.lora import AdapterStack, LoraSpec
+
+BLOCK, TARGET, SLOTS = 8, 40, 2  # blocks of 8 tokens: prompts up to 4 blocks deep in 40 positions
+
+
+def prompt(length, seed):
+    """``length`` random ids of the small model's vocabulary, reproducible by ``seed``."""
+    return np.random.default_rng(seed).integers(3, SMALL.vocab_size, size=length).tolist()
+
+
+def build(config, adapters=None):
+    engine = workbench.Engine(
+        config,
+        workbench.make_mesh({"data": 1}),
+        decode_batch_size=SLOTS,
+        max_prefill_length=BLOCK,
+        max_target_length=TARGET,
+        adapters=adapters,
+    )
+    return engine, engine.load_params(lively_arrays(engine))
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return build(SMALL)
+
+
+@pytest.fixture(scope="module")
+def sliding():
+    """A sliding window of 5 (shorter than a block), an int8 KV cache, and two LoRA adapters."""
+    spec = LoraSpec(num_adapters=2, rank=2, targets=("q", "v"))
+    rng = np.random.default_rng(1)
+    shapes = SMALL.projections()
+    weights = {
+        "layers": {
+            i: {
+                "attn": {
+                    "lora": {
+                        name: {
+                            "a": rng.standard_normal((2, shapes[name][0][0], 2)).astype(np.float32) * 0.3,
+                            "b": rng.standard_normal((2, 2, shapes[name][0][1])).astype(np.float32) * 0.3,
+                        }
+                        for name in spec.targets
+                    }
+                }
+            }
+            for i in range(SMALL.num_layers)
+        }
+    }
+    return build(SMALL.replace(sliding_window=5, kv_cache_dtype="int8"), AdapterStack(("x", "y"), spec, weights))
+
+
+def run(engine, params, requests, cache=None, **options):
+    """Completions of ``requests`` [(prompt, adapter, num_samples)] through one scheduler."""
+    scheduler = Scheduler(engine, params, return_logits=True, prefix_cache=cache, **options)
+    for tokens, adapter, samples in requests:
+        scheduler.submit(tokens, max_new_tokens=3, ignore_eos=True, adapter=adapter, num_samples=samples)
+    return scheduler.run()
+
+
+def assert_same(engine, params, requests, cache, **options):
+    """With ``cache`` the completions equal those without it; returns the cache's stats."""
+    expected = run(engine, params, requests, **options)
+    actual = run(engine, params, requests, cache, **options)
+    assert [c.tokens for c in actual] == [c.tokens for c in expected]
+    for a, e in zip(actual, expected):
+        assert_close(a.logits, e.logits, rtol=1e-5)
+    return cache.stats()
+
+
+HEADER = prompt(2 * BLOCK, 7)  # two shared blocks
+
+
+def header_requests(adapter=None, samples=1):
+    return [(HEADER + prompt(n, seed), adapter, samples) for n, seed in ((3, 1), (BLOCK + 2, 2), (5, 3))]
+
+
+def test_shared_header_reuses_blocks_and_matches(plain):
+    engine, params = plain
+    cache = PrefixCache(engine, 1.0)
+    requests = header_requests()
+    stats = assert_same(engine, params, requests, cache)
+    # the first request stores both header blocks; the other two reuse them (the second its own third block too)
+    assert stats["hits"] == 2 and stats["tokens_reused"] == 4 * BLOCK and stats["evictions"] == 0
+    assert stats["bytes"] == 3 * cache.snapshot_bytes  # two header blocks and the second prompt's third
+
+
+def test_multisampling_and_packed_prompts(plain):
+    engine, params = plain
+    assert assert_same(engine, params, header_requests(samples=2), PrefixCache(engine, 1.0))["hits"] == 2
+    short = [(prompt(n, n), None, 1) for n in (3, 4, 1)] + header_requests()
+    assert assert_same(engine, params, short, PrefixCache(engine, 1.0), pack_prefill=True)["hits"] == 2
+
+
+def test_sliding_window_int8_cache_and_adapters(sliding):
+    engine, params = sliding
+    cache = PrefixCache(engine, 1.0)
+    requests = header_requests("x")[:2] + header_requests("y")[:2] + header_requests()[:2]
+    stats = assert_same(engine, params, requests, cache)
+    assert stats["hits"] == 3  # one per adapter (and base): nothing crosses adapters
+    assert sorted(cache.labels.values()) == ["base", "x", "y"]
+
+
+LENGTHS = (3 * BLOCK + 5, 2 * BLOCK + 1, 3 * BLOCK, BLOCK + 1, 2 * BLOCK, BLOCK, 3, 1)  # around block edges
+
+
+# Prompts built from a few stems: shared, extended, repeated, or changed at one token (inside a block).
+@st.composite
+def workloads(draw, adapters):
+    stems = [prompt(3 * BLOCK, seed) for seed in range(3)]
+    requests = []
+    for _ in range(draw(st.integers(3, 6))):
+        stem = stems[draw(st.integers(0, 2))]
+        length = draw(st.sampled_from(LENGTHS))
+        tokens = (stem + prompt(TARGET, len(requests)))[:length]
+        if draw(st.booleans()):  # diverge at one position
+            at = draw(st.integers(0, length - 1))
+            tokens = tokens[:at] + [3 + tokens[at] % (SMALL.vocab_size - 3)] + tokens[at + 1 :]
+        requests.append((tokens, draw(st.sampled_from(adapters)), 1))
+    return requests, draw(st.sampled_from([100, 1, 2]))  # budget in snapshots: 1 and 2 evict
+
+
+@pytest.mark.parametrize("which", ["plain", "sliding"])
+def test_random_workloads(which, request):
+    engine, params = request.getfixturevalue(which)
+    adapters = [None, *engine.adapters]
+    seen = {"hits": 0, "evictions": 0, "deep": 0}
+
+    @settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(workloads(adapters))
+    def check(case):
+        requests, snapshots = case
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cache = PrefixCache(engine, (snapshots * PrefixCache(engine, 1.0).snapshot_bytes + 0.5) / MB)
+        stats = assert_same(engine, params, requests, cache)
+        assert stats["bytes"] <= snapshots * cache.snapshot_bytes
+        seen["hits"] += stats["hits"]
+        seen["evictions"] += stats["evictions"]
+        seen["deep"] += stats["tokens_reused"] > stats["hits"] * BLOCK  # some hit reused two blocks or more
+
+    check()
+    assert all(seen.values()), f"the workloads never hit, hit past one block, or evicted: {seen}"
+
+
+def test_bad_input(plain, sliding):
+    engine, params = plain
+    for bad in (-1, "10", float("nan")):
+        with pytest.raises(ValueError, match="budget_mb must be a non-negative number"):
+            PrefixCache(engine, bad)
+    with pytest.warns(UserWarning, match="smaller than one block"):
+        tiny = PrefixCache(engine, 1e-6)
+    run(engine, params, header_requests()[:1], tiny)
+    assert tiny.stats() == {"hits": 0, "tokens_reused": 0, "bytes": 0, "evictions": 0}
+    with pytest.raises(ValueError, match="built for another engine"):
+        Scheduler(*sliding, prefix_cache=PrefixCache(engine, 1.0))
