@@ -5,6 +5,7 @@ and diverge inside a block, with more requests than slots and budgets that evict
 scheduler itself is held to the forward pass by test_scheduler.py.) Two engines, one compile of
 each step: the whole file is a few seconds on a quiet machine."""
 
+import json
 import warnings
 
 import numpy as np
@@ -14,6 +15,8 @@ from hypothesis import strategies as st
 
 import workbench
 from helpers import SMALL, assert_close, lively_arrays
+from workbench.cli import generate as cli_generate
+from workbench.cli import main
 from workbench.engine.prefix_cache import MB, PrefixCache
 from workbench.engine.scheduler import Scheduler
 from workbench.model.lora import AdapterStack, LoraSpec
@@ -172,3 +175,29 @@ def test_bad_input(plain, sliding):
     assert tiny.stats() == {"hits": 0, "tokens_reused": 0, "bytes": 0, "evictions": 0}
     with pytest.raises(ValueError, match="built for another engine"):
         Scheduler(*sliding, prefix_cache=PrefixCache(engine, 1.0))
+
+
+def test_cli_reports_the_cache_and_a_hit_changes_nothing(capsys, monkeypatch, plain):
+    """Two equal prompts one after the other (the engine's flags are not read: the module's
+    engine serves, compiled): the second reuses the first's blocks, and its tokens and logits are
+    the first's, made without the cache."""
+    monkeypatch.setattr(cli_generate, "load_engine", lambda args, **_: plain)
+    ids = ",".join(str(i) for i in prompt(2 * BLOCK + 4, 5))
+    flags = ["--prompt-ids", ids, "--prompt-ids", ids, "--max-new-tokens", "3", "--json", "--return-logits"]
+    assert main(["generate", *flags, "--prefix-cache-mb", "0.5"]) == 0
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    first, second = report["requests"]
+    assert second["tokens"] == first["tokens"]
+    assert_close(second["logits"], first["logits"], rtol=1e-5)
+    assert report["prefix_cache"] == {
+        "hits": 1,
+        "tokens_reused": 2 * BLOCK,
+        "bytes": 2 * PrefixCache(plain[0], 1.0).snapshot_bytes,
+        "evictions": 0,
+    }
+    for bad, message in (("-1", "non-negative"), ("many", "malformed size")):
+        assert main(["generate", *flags, "--prefix-cache-mb", bad]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["generate", *flags, "--prefix-cache-mb", "0.000001"]) == 0
+    assert "warning: --prefix-cache-mb 1e-06: prefix cache budget" in capsys.readouterr().err
