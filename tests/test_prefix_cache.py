@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import workbench
 from helpers import SMALL, assert_close, lively_arrays
+from workbench.bench import measure_shared_prefix
 from workbench.cli import generate as cli_generate
 from workbench.cli import main
 from workbench.engine.prefix_cache import MB, PrefixCache
@@ -201,3 +202,11 @@ def test_cli_reports_the_cache_and_a_hit_changes_nothing(capsys, monkeypatch, pl
         assert message in capsys.readouterr().err
     assert main(["generate", *flags, "--prefix-cache-mb", "0.000001"]) == 0
     assert "warning: --prefix-cache-mb 1e-06: prefix cache budget" in capsys.readouterr().err
+
+
+def test_bench_times_first_tokens_with_and_without(plain):
+    result = measure_shared_prefix(*plain, prompt_length=3 * BLOCK, shared_prefix_length=2 * BLOCK + 3, repeats=1)
+    assert result.tokens_reused == 2 * BLOCK and result.block == BLOCK
+    assert min(result.uncached_ms, result.miss_ms, result.hit_ms) > 0
+    with pytest.raises(ValueError, match="shared prefix length 30 is outside 0..prompt length"):
+        measure_shared_prefix(*plain, prompt_length=20, shared_prefix_length=30)

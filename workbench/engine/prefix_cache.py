@@ -88,7 +88,7 @@ class PrefixCache:
         self.labels: dict[tuple, str] = {}  # namespace -> its adapter's name, for the inspector
         self.clock = self.hits = self.tokens_reused = self.evictions = 0
         self._params: dict[int, Any] = {}  # id -> a weak (or strong) reference that keeps the id unique
-        self.snapshot_bytes = _snapshot_bytes(engine)
+        self.snapshot_bytes = snapshot_nbytes(engine)
         if self.snapshot_bytes > self.budget:
             warnings.warn(
                 f"prefix cache budget {budget_mb} MB is smaller than one block's KV "
@@ -274,7 +274,7 @@ def identity(engine: Engine) -> tuple:
             engine.adapters, kernels, mesh)  # fmt: skip
 
 
-def _snapshot_bytes(engine: Engine) -> int:
+def snapshot_nbytes(engine: Engine) -> int:
     """Bytes of one stored prefix: its whole batch-1 cache, every layer."""
     return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(engine.abstract_prefill_cache))
 
