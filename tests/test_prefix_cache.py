@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import workbench
 from helpers import SMALL, assert_close, lively_arrays
+from workbench import inspect
 from workbench.bench import measure_shared_prefix
 from workbench.cli import generate as cli_generate
 from workbench.cli import main
@@ -210,3 +211,19 @@ def test_bench_times_first_tokens_with_and_without(plain):
     assert min(result.uncached_ms, result.miss_ms, result.hit_ms) > 0
     with pytest.raises(ValueError, match="shared prefix length 30 is outside 0..prompt length"):
         measure_shared_prefix(*plain, prompt_length=20, shared_prefix_length=30)
+
+
+def test_inspect_shows_the_tree(plain):
+    engine, params = plain
+    cache = PrefixCache(engine, 1.0)
+    run(engine, params, header_requests(), cache)
+    report = inspect.prefix_cache(cache)
+    rows = report.to_rows()
+    assert [(r["depth"], r["parent"], r["tokens"], r["hits"]) for r in rows] == [
+        (1, None, f"0-{BLOCK - 1}", 0),
+        (2, 0, f"0-{2 * BLOCK - 1}", 2),  # both later prompts reused the header's two blocks
+        (3, 1, f"0-{3 * BLOCK - 1}", 0),
+    ]
+    text = str(report)
+    assert "3 nodes of 8-token blocks, 3 held" in text and "hits 2, tokens reused 32, evictions 0" in text
+    assert len(report.plot().axes[0].patches) == 3

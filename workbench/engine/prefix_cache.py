@@ -58,6 +58,12 @@ class Node:
     hits: int = 0
     last_use: int = 0  # the cache's clock (one tick per lookup or store) when last read or written
 
+    def walk(self) -> Iterator[Node]:
+        """This node and every node below it, depth first."""
+        yield self
+        for child in self.children.values():
+            yield from child.walk()
+
 
 @dataclasses.dataclass(frozen=True)
 class Hit:
@@ -109,7 +115,8 @@ class PrefixCache:
         key = (id(params), adapter, self.engine.config.kv_cache_dtype)
         if create and id(params) not in self._params:
             try:  # a dead params object's id may be reused: drop its snapshots when it goes
-                self._params[id(params)] = weakref.ref(params, lambda _, i=id(params): self._forget(i))
+                forget = weakref.WeakMethod(self._forget)  # the params must not keep the cache alive
+                self._params[id(params)] = weakref.ref(params, lambda _, i=id(params): (f := forget()) and f(i))
             except TypeError:  # not weakly referable (a plain dict): hold it, so its id stays its own
                 self._params[id(params)] = params
         return key
@@ -117,7 +124,7 @@ class PrefixCache:
     def _forget(self, params_id: int) -> None:
         self._params.pop(params_id, None)
         for key in [k for k in self.roots if k[0] == params_id]:
-            for node in list(_walk(self.roots[key])):
+            for node in list(self.roots[key].walk()):
                 self._drop(node)
             del self.roots[key], self.labels[key]
 
@@ -177,7 +184,7 @@ class PrefixCache:
     def nodes(self) -> Iterator[tuple[str, Node]]:
         """Every node but the roots, depth first, with its namespace's label (adapter or "base")."""
         for key, root in self.roots.items():
-            for node in _walk(root):
+            for node in root.walk():
                 if node is not root:
                     yield self.labels[key], node
 
@@ -283,9 +290,3 @@ def _budget(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a non-negative number of megabytes, got {value!r}")
     return int(value * MB)
-
-
-def _walk(node: Node) -> Iterator[Node]:
-    yield node
-    for child in node.children.values():
-        yield from _walk(child)
