@@ -108,6 +108,15 @@ def test_shared_header_reuses_blocks_and_matches(plain):
     assert stats["bytes"] == 3 * cache.snapshot_bytes  # two header blocks and the second prompt's third
 
 
+def test_host_tier_takes_what_the_device_budget_evicts(plain):
+    engine, params = plain
+    one = PrefixCache(engine, 1.0).snapshot_bytes
+    cache = PrefixCache(engine, (one + 0.5) / MB, host_mb=1.0)
+    stats = assert_same(engine, params, header_requests(), cache)
+    assert stats["hits"] == 2 and stats["evictions"] >= 2  # to the host, then back on a hit
+    assert cache.held("device") == one and cache.held("host") == 2 * one
+
+
 def test_multisampling_and_packed_prompts(plain):
     engine, params = plain
     assert assert_same(engine, params, header_requests(samples=2), PrefixCache(engine, 1.0))["hits"] == 2
