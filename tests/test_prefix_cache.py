@@ -119,7 +119,11 @@ def test_host_tier_takes_what_the_device_budget_evicts(plain):
 
 def test_multisampling_and_packed_prompts(plain):
     engine, params = plain
-    assert assert_same(engine, params, header_requests(samples=2), PrefixCache(engine, 1.0))["hits"] == 2
+    # the fourth prompt's last chunk is a whole block: its multisampled prefix is stored, and extended by the fifth
+    whole = HEADER + prompt(BLOCK, 4)
+    sampled = header_requests(samples=2) + [(whole, None, 2), (whole + [5, 6], None, 1)]
+    stats = assert_same(engine, params, sampled, PrefixCache(engine, 1.0))
+    assert stats["hits"] == 4 and stats["tokens_reused"] == (2 + 2 + 2 + 3) * BLOCK
     short = [(prompt(n, n), None, 1) for n in (3, 4, 1)] + header_requests()
     assert assert_same(engine, params, short, PrefixCache(engine, 1.0), pack_prefill=True)["hits"] == 2
 

@@ -220,10 +220,11 @@ class PrefixCache:
 
     def _promote(self, node: Node) -> Prefix:
         """``node``'s host snapshot back on the device (which may evict others, or it again)."""
-        shardings = self.engine.get_prefix_destination_sharding()
-        cache = jax.device_put(node.prefix.cache, shardings.cache)
-        adapter = None if node.prefix.adapter is None else jnp.asarray(node.prefix.adapter)
-        node.prefix = Prefix(cache, jnp.asarray(node.prefix.length), jnp.zeros((), jnp.int32), jnp.zeros((0,)), adapter)
+        host = node.prefix
+        shardings = self.engine.get_prefix_destination_sharding().cache
+        node.prefix = jax.tree.map(jnp.asarray, host.replace(cache={})).replace(
+            cache=jax.device_put(host.cache, shardings)
+        )
         node.tier, prefix = "device", node.prefix
         self._fit()
         return prefix
