@@ -104,7 +104,8 @@ class PrefixCache:
 
     # ---- the key ---------------------------------------------------------------------------------
     def check_engine(self, engine: Engine) -> None:
-        if identity(engine) != self.identity:
+        """ValueError unless ``engine``'s KV is interchangeable with the one this cache was made for."""
+        if engine is not self.engine and identity(engine) != self.identity:
             raise ValueError(
                 "this PrefixCache was built for another engine (model, shape or mesh differ): make one per engine"
             )
