@@ -162,7 +162,7 @@ def test_random_workloads(which, request):
     adapters = [None, *engine.adapters]
     seen = {"hits": 0, "evictions": 0, "deep": 0}
 
-    @settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=8, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
     @given(workloads(adapters))
     def check(case):
         requests, snapshots = case

@@ -154,9 +154,10 @@ class PrefixCache:
 
     def store(self, tokens: Sequence[int], prefix: Prefix, *, params: Params, adapter: str | None = None) -> None:
         """Keep ``prefix``, the KV of exactly ``tokens`` (a whole number of blocks), evicting the
-        least recently used snapshots to stay within the budget."""
+        least recently used snapshots to stay within the budget. (``prefix.length`` is not read
+        back to check: that would wait for the prefill between chunks.)"""
         depth, rest = divmod(len(tokens), self.block)
-        if rest or depth == 0 or int(prefix.length) != len(tokens):
+        if rest or depth == 0:
             raise ValueError(
                 f"a stored prefix must hold a whole number of {self.block}-token blocks, got {len(tokens)}"
             )

@@ -4,7 +4,9 @@ Each ``step``: every free slot takes the next queued request (prefill -- in chun
 ``existing_prefix`` when the prompt is longer than ``max_prefill_length`` -- then insert), and
 one ``generate`` advances every occupied slot by a token. A request ends on EOS (unless
 ``ignore_eos``), at ``max_new_tokens``, or when prompt plus output reach ``max_target_length``;
-its slot is freed at once and the next request takes it on the following step.
+its slot is freed at once and the next request takes it on the following step. With a
+``prefix_cache`` (``engine/prefix_cache.py``), a prompt prefills only the blocks the cache does not
+hold, and leaves its own there.
 
 The scheduler keeps an event log -- ``Event(step, slot, request, kind)`` for prefill, insert,
 finish and free -- so a notebook can draw requests entering and leaving slots. Everything here
