@@ -95,6 +95,10 @@ class PrefixCache:
         self.clock = self.hits = self.tokens_reused = self.evictions = 0
         self._params: dict[int, Any] = {}  # id -> a weak (or strong) reference that keeps the id unique
         self.snapshot_bytes = snapshot_nbytes(engine)
+        self._bytes = {"device": 0, "host": 0}  # held per tier, kept as snapshots move
+        # token and logits are not part of the KV: stored prefixes share these (a scalar token
+        # keeps a multisampled prefix extendable)
+        self._no_token, self._no_logits = jnp.zeros((), jnp.int32), jnp.zeros((0,), jnp.float32)
         if self.snapshot_bytes > self.budget:
             warnings.warn(
                 f"prefix cache budget {budget_mb} MB is smaller than one block's KV "
@@ -174,9 +178,7 @@ class PrefixCache:
             node.last_use = self.clock
         if node.tier == "device":
             return
-        # token and logits are not part of the KV: a plain scalar keeps a multisampled prefix extendable
-        node.prefix = prefix.replace(token=jnp.zeros((), jnp.int32), logits=jnp.zeros((0,), jnp.float32))
-        node.nbytes, node.tier = self.snapshot_bytes, "device"
+        self._place(node, prefix.replace(token=self._no_token, logits=self._no_logits), "device")
         self._fit()
 
     def _block(self, tokens: Sequence[int], depth: int) -> tuple[int, ...]:
@@ -191,7 +193,8 @@ class PrefixCache:
                     yield self.labels[key], node
 
     def held(self, tier: str) -> int:
-        return sum(node.nbytes for _, node in self.nodes() if node.tier == tier)
+        """Bytes of the snapshots in ``tier`` (``"device"`` or ``"host"``)."""
+        return self._bytes[tier]
 
     def stats(self) -> dict[str, int]:
         """The CLI's ``"prefix_cache"`` object."""
@@ -206,17 +209,17 @@ class PrefixCache:
     def _fit(self) -> None:
         """Evict least recently used snapshots until each tier is within its budget."""
         for tier, budget in (("device", self.budget), ("host", self.host_budget)):
+            if self._bytes[tier] <= budget:
+                continue
             held = [node for _, node in self.nodes() if node.tier == tier]
-            total = sum(node.nbytes for node in held)
             # deepest first among equals: a parent is as recent as its child, and more shareable
             for node in sorted(held, key=lambda n: (n.last_use, -n.depth)):
-                if total <= budget:
+                if self._bytes[tier] <= budget:
                     break
-                total -= node.nbytes
                 if tier == "device":
                     self.evictions += 1
                 if tier == "device" and node.nbytes <= self.host_budget:
-                    node.prefix, node.tier = jax.device_get(node.prefix), "host"
+                    self._place(node, jax.device_get(node.prefix), "host")
                 else:
                     self._drop(node)
 
@@ -224,16 +227,22 @@ class PrefixCache:
         """``node``'s host snapshot back on the device (which may evict others, or it again)."""
         host = node.prefix
         shardings = self.engine.get_prefix_destination_sharding().cache
-        node.prefix = jax.tree.map(jnp.asarray, host.replace(cache={})).replace(
-            cache=jax.device_put(host.cache, shardings)
-        )
-        node.tier, prefix = "device", node.prefix
+        prefix = jax.tree.map(jnp.asarray, host.replace(cache={})).replace(cache=jax.device_put(host.cache, shardings))
+        self._place(node, prefix, "device")
         self._fit()
         return prefix
 
+    def _place(self, node: Node, prefix: Prefix | None, tier: str) -> None:
+        """``node`` now holds ``prefix`` in ``tier`` (None, "-": nothing); the bytes per tier follow."""
+        if node.tier in self._bytes:
+            self._bytes[node.tier] -= node.nbytes
+        node.prefix, node.tier, node.nbytes = prefix, tier, 0 if prefix is None else self.snapshot_bytes
+        if tier in self._bytes:
+            self._bytes[tier] += node.nbytes
+
     def _drop(self, node: Node) -> None:
         """Forget ``node``'s snapshot; prune nodes left with no snapshot and no children."""
-        node.prefix, node.nbytes, node.tier = None, 0, "-"
+        self._place(node, None, "-")
         while node.parent is not None and node.prefix is None and not node.children:
             del node.parent.children[node.block]
             node = node.parent
