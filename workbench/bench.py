@@ -254,7 +254,7 @@ def measure_shared_prefix(
 
     def first_token(tokens: list[int], use: prefix_cache.PrefixCache | None) -> tuple[float, int]:
         start = time.perf_counter()
-        prefix, _, reused = prefix_cache.prefill(engine, params, tokens, cache=use)
+        prefix, _, reused = prefix_cache.prefill_prompt(engine, params, tokens, cache=use)
         np.asarray(prefix.token)  # on the host, where a user would see it
         return time.perf_counter() - start, reused
 

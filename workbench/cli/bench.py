@@ -95,7 +95,7 @@ def run_shared_prefix(args: argparse.Namespace) -> int:
     from workbench.bench import measure_shared_prefix
 
     length, shared = args.prompt_length, args.shared_prefix_length
-    if not 0 <= shared <= length:
+    if not 0 <= shared <= length:  # before the model load, as check_shape
         raise ValueError(f"--shared-prefix-length {shared} is outside 0..--prompt-length ({length})")
     engine, params = load_engine(args)
     result = measure_shared_prefix(engine, params, prompt_length=length, shared_prefix_length=shared)

@@ -248,7 +248,7 @@ class PrefixCache:
             node = node.parent
 
 
-def prefill(
+def prefill_prompt(
     engine: Engine,
     params: Params,
     tokens: Sequence[int],

@@ -30,9 +30,8 @@ import jax
 import numpy as np
 
 from workbench.checks import check_int, check_token_ids
-from workbench.engine import prefix_cache as prefix_caching
 from workbench.engine.engine import Engine, Params
-from workbench.engine.prefix_cache import PrefixCache
+from workbench.engine.prefix_cache import PrefixCache, prefill_prompt
 from workbench.engine.sampling import GREEDY, Sampling
 from workbench.engine.types import DecodeState, Prefix
 
@@ -260,7 +259,7 @@ class Scheduler:
     def _prefill(self, request: Request) -> tuple[Prefix, str]:
         """The prompt's prefix, prefilled in chunks of at most max_prefill_length tokens after what
         the prefix cache holds of it; the last chunk draws the first token of every sample."""
-        prefix, chunks, reused = prefix_caching.prefill(
+        prefix, chunks, reused = prefill_prompt(
             self.engine,
             self.params,
             request.prompt,
