@@ -15,10 +15,14 @@ prompt's last token is always prefilled: the first token's logits come from it.
 A snapshot is opaque: a pytree of arrays plus its length, whatever shape each layer's cache has
 (full, ring, int8 values with scales, stacked layers). What changes the KV is in the key: the
 engine (model config with its KV-cache dtype, shapes, kernels: one cache per engine), the params
-object, and the LoRA adapter. Each snapshot costs its whole batch-1 cache; a byte budget on
-device memory evicts the least recently used, to a host tier (``host_mb``) or out.
+object, and the LoRA adapter. Each snapshot costs its whole batch-1 cache (its global bytes, over
+every device of the mesh); a byte budget on device memory evicts the least recently used, to a
+host tier (``host_mb``) or out. A stored block is the prefill's own output, never copied.
 
-Where sharing is skipped, and why: packed rows (``pack_prefill``) hold prompts of at most
+Multisampling shares like any prompt: its blocks before the last chunk are plain prefills, and a
+multisampled prefix that ends on a block edge is stored with one placeholder token (token and
+logits are not part of the KV), so a longer prompt can extend it. Where sharing is skipped, and
+why: packed rows (``pack_prefill``) hold prompts of at most
 ``max_prefill_length`` tokens together, so no segment has a full block before its last token; a
 lookup would always miss, and a packed row holds no snapshot at a block boundary.
 """
