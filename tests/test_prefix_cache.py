@@ -17,6 +17,7 @@ import workbench
 from helpers import SMALL, assert_close, lively_arrays
 from workbench import inspect
 from workbench.bench import measure_shared_prefix
+from workbench.cli import bench as cli_bench
 from workbench.cli import generate as cli_generate
 from workbench.cli import main
 from workbench.engine.prefix_cache import MB, PrefixCache
@@ -218,12 +219,18 @@ def test_cli_reports_the_cache_and_a_hit_changes_nothing(capsys, monkeypatch, pl
     assert "warning: --prefix-cache-mb 1e-06: prefix cache budget" in capsys.readouterr().err
 
 
-def test_bench_times_first_tokens_with_and_without(plain):
+def test_bench_times_first_tokens_with_and_without(plain, monkeypatch, capsys):
     result = measure_shared_prefix(*plain, prompt_length=3 * BLOCK, shared_prefix_length=2 * BLOCK + 3, repeats=1)
     assert result.tokens_reused == 2 * BLOCK and result.block == BLOCK
     assert min(result.uncached_ms, result.miss_ms, result.hit_ms) > 0
     with pytest.raises(ValueError, match="shared prefix length 30 is outside 0..prompt length"):
         measure_shared_prefix(*plain, prompt_length=20, shared_prefix_length=30)
+    monkeypatch.setattr(cli_bench, "load_engine", lambda args: plain)  # the module's engine, compiled
+    assert main(["bench", "--prompt-length", str(3 * BLOCK), "--shared-prefix-length", str(2 * BLOCK), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["tokens_reused"] == 2 * BLOCK and "first token hit" in err
+    assert main(["bench", "--prompt-length", "8", "--shared-prefix-length", "9"]) == 2
+    assert "--shared-prefix-length 9 is outside 0..--prompt-length (8)" in capsys.readouterr().err
 
 
 def test_inspect_shows_the_tree(plain):
