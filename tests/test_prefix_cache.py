@@ -104,6 +104,9 @@ def test_shared_header_reuses_blocks_and_matches(plain):
     cache = PrefixCache(engine, 1.0)
     requests = header_requests()
     stats = assert_same(engine, params, requests, cache)
+    # blocks are the chunks: the cached path runs the uncached one's computations on the same inputs, bit for bit
+    for a, e in zip(run(engine, params, requests, PrefixCache(engine, 1.0)), run(engine, params, requests)):
+        np.testing.assert_array_equal(a.logits, e.logits)
     # the first request stores both header blocks; the other two reuse them (the second its own third block too)
     assert stats["hits"] == 2 and stats["tokens_reused"] == 4 * BLOCK and stats["evictions"] == 0
     assert stats["bytes"] == 3 * cache.snapshot_bytes  # two header blocks and the second prompt's third
