@@ -9,6 +9,7 @@ or let the continuous-batching driver step it (prefill, insert, generate and fre
 
     completions = workbench.run_requests(engine, params, prompts, max_new_tokens=32)
     # or: scheduler = workbench.Scheduler(engine, params); scheduler.submit(...); scheduler.run()
+    # prompts sharing a header prefill it once: Scheduler(..., prefix_cache=workbench.PrefixCache(engine, 64))
 
 The engine's contract with JetStream's API, difference by difference: ``docs/engine-api.md``.
 """
@@ -20,6 +21,7 @@ from workbench.engine import (
     DecodeState,
     Engine,
     Prefix,
+    PrefixCache,
     ResultTokens,
     Sampling,
     Scheduler,
@@ -38,6 +40,7 @@ __all__ = [
     "Engine",
     "ModelConfig",
     "Prefix",
+    "PrefixCache",
     "ResultTokens",
     "Sampling",
     "Scheduler",

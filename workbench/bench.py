@@ -203,3 +203,72 @@ def read_gb_per_s(gib: float = 0.5, repeats: int = 3) -> float:
     jax.block_until_ready(total(data))  # compile and touch every page before timing
     seconds = statistics.median(_timed(lambda: total(data)) for _ in range(repeats))
     return data.nbytes / seconds / 1e9
+
+
+# ---- the prefix cache (``bench --shared-prefix-length``) -------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SharedPrefixResult:
+    """Time to first token (prompt in, first token on the host; medians, milliseconds) of prompts
+    of ``prompt_length`` tokens sharing their first ``shared_prefix_length``: ``uncached`` without
+    a prefix cache, ``miss`` with one that holds nothing of the prompt (lookup and store included),
+    ``hit`` with one that holds the shared blocks (``tokens_reused`` tokens of them)."""
+
+    prompt_length: int
+    shared_prefix_length: int
+    block: int  # the cache's block: the engine's max_prefill_length
+    tokens_reused: int
+    uncached_ms: float
+    miss_ms: float
+    hit_ms: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {
+            "hit_ratio": self.hit_ms / self.uncached_ms,
+            "miss_ratio": self.miss_ms / self.uncached_ms,
+        }
+
+
+def measure_shared_prefix(
+    engine: Engine, params: Params, *, prompt_length: int, shared_prefix_length: int, repeats: int = 5
+) -> SharedPrefixResult:
+    """Time to first token with and without a :class:`~workbench.PrefixCache`, measured A B C A B C
+    in one run: each round prefills a fresh prompt uncached, one with a header the cache has never
+    seen (a miss), and one with the shared header it holds (a hit); every prompt's tail is new."""
+    from workbench.engine import prefix_cache
+
+    check_int("prompt length", prompt_length, positive=True)
+    check_int("shared prefix length", shared_prefix_length)
+    check_int("repeats", repeats, positive=True)
+    if not 0 <= shared_prefix_length <= prompt_length:
+        raise ValueError(f"shared prefix length {shared_prefix_length} is outside 0..prompt length ({prompt_length})")
+    if prompt_length >= engine.max_target_length:
+        raise ValueError(
+            f"prompt length {prompt_length} leaves no room within max_target_length ({engine.max_target_length})"
+        )
+    rng = np.random.default_rng(0)
+    draw = lambda n: rng.integers(0, engine.config.vocab_size, size=n).tolist()  # noqa: E731
+    header = draw(shared_prefix_length)
+    blocks = prompt_length // engine.max_prefill_length + 1
+    # room for the shared header's blocks and one miss's; the oldest misses are evicted
+    cache = prefix_cache.PrefixCache(engine, 3 * blocks * prefix_cache.snapshot_nbytes(engine) / prefix_cache.MB)
+
+    def first_token(tokens: list[int], use: prefix_cache.PrefixCache | None) -> tuple[float, int]:
+        start = time.perf_counter()
+        prefix, _, reused = prefix_cache.prefill_prompt(engine, params, tokens, cache=use)
+        np.asarray(prefix.token)  # on the host, where a user would see it
+        return time.perf_counter() - start, reused
+
+    tail = prompt_length - shared_prefix_length
+    for use in (None, cache, cache):  # warm-up: compiles, and the header stored
+        first_token(header + draw(tail), use)
+    times: dict[str, list[float]] = {"uncached": [], "miss": [], "hit": []}
+    reused = 0
+    for _ in range(repeats):
+        times["uncached"].append(first_token(header + draw(tail), None)[0])
+        times["miss"].append(first_token(draw(prompt_length), cache)[0])
+        seconds, reused = first_token(header + draw(tail), cache)
+        times["hit"].append(seconds)
+    ms = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    return SharedPrefixResult(
+        prompt_length, shared_prefix_length, engine.max_prefill_length, reused, ms["uncached"], ms["miss"], ms["hit"]
+    )

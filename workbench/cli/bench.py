@@ -32,12 +32,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prompt-length", type=int, default=64, metavar="L", help="tokens per prompt (default 64)")
     group.add_argument("--steps", type=int, default=32, metavar="N", help="timed decode steps (default 32)")
     group.add_argument("--json", action="store_true", help="print the figures as one JSON object on stdout")
+    group.add_argument(
+        "--shared-prefix-length",
+        type=int,
+        default=None,
+        metavar="L",
+        help="instead: time to first token of --prompt-length prompts sharing their first L tokens, "
+        "with and without the prefix cache (workbench.PrefixCache)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from workbench import compile_cache
     from workbench.bench import check_shape, measure, read_gb_per_s
 
+    if args.shared_prefix_length is not None:
+        return run_shared_prefix(args)
     # Before loading anything: a shape that cannot work should not cost a model load to find out.
     check_shape(args.prompt_length, args.steps, args.max_prefill_length, args.max_target_length)
     cache_before, start = collections.Counter(compile_cache.counts), time.perf_counter()
@@ -77,4 +87,29 @@ def run(args: argparse.Namespace) -> int:
             "roofline_fraction": result.achieved_gb_per_s / bandwidth,
         }
         print(json.dumps(figures))
+    return 0
+
+
+def run_shared_prefix(args: argparse.Namespace) -> int:
+    """``--shared-prefix-length``: time to first token with and without the prefix cache."""
+    from workbench.bench import measure_shared_prefix
+
+    length, shared = args.prompt_length, args.shared_prefix_length
+    if not 0 <= shared <= length:  # before the model load, as check_shape
+        raise ValueError(f"--shared-prefix-length {shared} is outside 0..--prompt-length ({length})")
+    engine, params = load_engine(args)
+    result = measure_shared_prefix(engine, params, prompt_length=length, shared_prefix_length=shared)
+    print(
+        f"bench: {engine.config.num_params() / 1e6:.1f}M params, {length}-token prompts sharing {shared}, "
+        f"blocks of {result.block} (--max-prefill-length), {result.tokens_reused} tokens reused on a hit",
+        file=sys.stderr,
+    )
+    for name, ms, note in [
+        ("uncached", result.uncached_ms, "no prefix cache"),
+        ("miss", result.miss_ms, f"cache on, nothing shared ({result.miss_ms / result.uncached_ms:.2f}x)"),
+        ("hit", result.hit_ms, f"cache on, shared header held ({result.hit_ms / result.uncached_ms:.2f}x)"),
+    ]:
+        print(f"  first token {name:9s} {ms:10.2f} ms   {note}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result.to_dict()))
     return 0

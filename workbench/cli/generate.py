@@ -6,7 +6,9 @@
 Every prompt is one request; all of them go through one Scheduler (continuous batching), more
 requests than ``--decode-batch`` slots waiting their turn. No sampling flag means greedy.
 ``--json`` prints one object on stdout; otherwise each request's text streams to stdout line by
-line, in input order, under a progress bar on stderr.
+line, in input order, under a progress bar on stderr. ``--prefix-cache-mb MB`` keeps prefilled
+prompt blocks for the prompts that share them (``workbench.PrefixCache``); with ``--json`` the
+object then holds ``"prefix_cache": {"hits", "tokens_reused", "bytes", "evictions"}``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from typing import Any
 
 from workbench.cli.common import CliError, add_engine_arguments, load_engine
@@ -43,6 +46,19 @@ def parse_ids(text: str) -> list[int]:
         ) from None
 
 
+def parse_megabytes(text: str) -> float:
+    """``--prefix-cache-mb``: a non-negative number of megabytes (fractions allowed)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"malformed size {text!r}: expected a number of megabytes like 64 or 0.5"
+        ) from None
+    if not value >= 0 or value == float("inf"):  # NaN fails the comparison
+        raise argparse.ArgumentTypeError(f"the size must be a non-negative number of megabytes, got {text!r}")
+    return value
+
+
 def parse_adapter(text: str) -> tuple[str, str]:
     """``chat=path/to/adapter`` -> ``("chat", "path/to/adapter")``."""
     name, sep, path = text.partition("=")
@@ -65,6 +81,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-samples", type=int, default=1, metavar="N", help="N continuations per prompt from one prefill"
     )
     requests.add_argument("--pack-prefill", action="store_true", help="prefill waiting short prompts packed in one row")
+    requests.add_argument(
+        "--prefix-cache-mb",
+        type=parse_megabytes,
+        default=0.0,
+        metavar="MB",
+        help="keep prefilled prompt blocks in MB megabytes of device memory, reused by prompts that share them "
+        "(0: off); --json reports its hits",
+    )
     adapters = parser.add_argument_group("LoRA adapters (PEFT format)")
     adapters.add_argument(
         "--adapter", action="append", type=parse_adapter, default=[], metavar="NAME=PATH", help="repeatable"
@@ -105,16 +129,35 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         return_logits=args.return_logits,
         pack_prefill=args.pack_prefill,
+        prefix_cache=prefix_cache_of(args, engine),
     )
     budget = submit(scheduler, prompts, args, adapters)
     if args.json:
         completions = scheduler.run()
-        print(json.dumps(json_report(args, engine, sampling, completions)))
+        report = json_report(args, engine, sampling, completions)
+        if scheduler.prefix_cache is not None:
+            report["prefix_cache"] = scheduler.prefix_cache.stats()
+        print(json.dumps(report))
     else:
         with TextStream(engine.tokenizer, prompts, num_samples=args.num_samples, total=budget) as stream:
             scheduler.on_token, scheduler.on_finish = stream.token, stream.finish
             scheduler.run()
     return 0
+
+
+def prefix_cache_of(args: argparse.Namespace, engine):
+    """The ``--prefix-cache-mb`` cache of ``engine`` (None when 0); its warning (a budget below one
+    block's KV) as one ``warning:`` line on stderr."""
+    if not args.prefix_cache_mb:
+        return None
+    from workbench.engine.prefix_cache import PrefixCache
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cache = PrefixCache(engine, args.prefix_cache_mb)
+    for warning in caught:
+        print(f"warning: --prefix-cache-mb {args.prefix_cache_mb:g}: {warning.message}", file=sys.stderr)
+    return cache
 
 
 def check_flags(args: argparse.Namespace) -> None:

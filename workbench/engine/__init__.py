@@ -1,7 +1,8 @@
 """The engine layer: Engine (JetStream-shaped, see docs/engine-api.md), its typed pytrees,
-sampling, and the continuous-batching Scheduler that drives it."""
+sampling, the continuous-batching Scheduler that drives it, and the PrefixCache it can reuse."""
 
 from workbench.engine.engine import Engine, Params
+from workbench.engine.prefix_cache import PrefixCache
 from workbench.engine.sampling import GREEDY, Sampling, sample
 from workbench.engine.scheduler import Completion, Scheduler, run_requests
 from workbench.engine.types import DecodeState, Prefix, ResultTokens, SlotData, layer_cache
@@ -13,6 +14,7 @@ __all__ = [
     "Engine",
     "Params",
     "Prefix",
+    "PrefixCache",
     "ResultTokens",
     "Sampling",
     "Scheduler",

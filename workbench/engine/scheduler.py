@@ -4,7 +4,9 @@ Each ``step``: every free slot takes the next queued request (prefill -- in chun
 ``existing_prefix`` when the prompt is longer than ``max_prefill_length`` -- then insert), and
 one ``generate`` advances every occupied slot by a token. A request ends on EOS (unless
 ``ignore_eos``), at ``max_new_tokens``, or when prompt plus output reach ``max_target_length``;
-its slot is freed at once and the next request takes it on the following step.
+its slot is freed at once and the next request takes it on the following step. With a
+``prefix_cache`` (``engine/prefix_cache.py``), a prompt prefills only the blocks the cache does not
+hold, and leaves its own there.
 
 The scheduler keeps an event log -- ``Event(step, slot, request, kind)`` for prefill, insert,
 finish and free -- so a notebook can draw requests entering and leaving slots. Everything here
@@ -29,6 +31,7 @@ import numpy as np
 
 from workbench.checks import check_int, check_token_ids
 from workbench.engine.engine import Engine, Params
+from workbench.engine.prefix_cache import PrefixCache, prefill_prompt
 from workbench.engine.sampling import GREEDY, Sampling
 from workbench.engine.types import DecodeState, Prefix
 
@@ -88,6 +91,8 @@ class Scheduler:
       on_finish: ``on_finish(completion)`` as each request ends.
       pack_prefill: prefill waiting short prompts packed together (``engine.prefill_concat``), as
         many as free slots and one row of ``max_prefill_length`` allow; off: one prefill each.
+      prefix_cache: a :class:`PrefixCache` of this engine: each prompt prefills only what it does
+        not hold, and leaves its full blocks there (``engine/prefix_cache.py``).
     """
 
     def __init__(
@@ -102,8 +107,12 @@ class Scheduler:
         on_token: TokenCallback | None = None,
         on_finish: FinishCallback | None = None,
         pack_prefill: bool = False,
+        prefix_cache: PrefixCache | None = None,
     ):
+        if prefix_cache is not None:
+            prefix_cache.check_engine(engine)
         self.engine, self.params = engine, params
+        self.prefix_cache = prefix_cache
         self.sampling = sampling or GREEDY
         self.eos_ids = frozenset(engine.config.eos_ids if eos_ids is None else (int(i) for i in eos_ids))
         self.return_logits = return_logits
@@ -248,24 +257,19 @@ class Scheduler:
             self.events.append(Event(self.step_count, slots[i], request.id, "insert"))
 
     def _prefill(self, request: Request) -> tuple[Prefix, str]:
-        """The prompt's prefix, prefilled in chunks of at most max_prefill_length tokens; the last
-        chunk draws the first token of every sample."""
-        chunk = self.engine.max_prefill_length
-        key = jax.random.fold_in(self._key, request.id)
-        prefix, chunks = None, 0
-        for start in range(0, len(request.prompt), chunk):
-            padded, length = self.engine.pad(request.prompt[start : start + chunk])
-            inputs = dict(params=self.params, existing_prefix=prefix, padded_tokens=padded, true_length=length)
-            if request.adapter is not None:
-                inputs["adapter"] = request.adapter
-            if request.num_samples > 1 and start + chunk >= len(request.prompt):
-                prefix, _ = self.engine.prefill_multisampling(
-                    **inputs, num_samples=request.num_samples, sampling=self.sampling, rng=key
-                )
-            else:
-                prefix, _ = self.engine.prefill(**inputs, sampling=self.sampling, rng=key)
-            chunks += 1
-        return prefix, f"{chunks} chunk(s)"
+        """The prompt's prefix, prefilled in chunks of at most max_prefill_length tokens after what
+        the prefix cache holds of it; the last chunk draws the first token of every sample."""
+        prefix, chunks, reused = prefill_prompt(
+            self.engine,
+            self.params,
+            request.prompt,
+            cache=self.prefix_cache,
+            adapter=request.adapter,
+            sampling=self.sampling,
+            rng=jax.random.fold_in(self._key, request.id),
+            num_samples=request.num_samples,
+        )
+        return prefix, f"{chunks} chunk(s)" + (f", {reused} tokens cached" if reused else "")
 
     def _emit(self, request: Request, slot: int, token: int, row: np.ndarray | None, inserted: bool = True) -> bool:
         """Record one token; finish the request if it ended. Returns whether it ended."""

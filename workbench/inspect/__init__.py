@@ -8,6 +8,7 @@
     inspect.sharding(params).plot()                # bytes per device
     inspect.attention(result.captured, tokens=text)  # heads, from probes.Capture() (workbench.probes)
     inspect.logit_lens(result.captured, engine, params)
+    inspect.prefix_cache(cache).plot()             # a PrefixCache's tree: blocks, bytes, hits
 
 Every report prints as aligned, deterministic text, renders as an HTML table in notebooks, and
 returns its rows with ``.to_rows()``.
@@ -17,6 +18,7 @@ from workbench.inspect.attention import AttentionReport, attention
 from workbench.inspect.kv_diff import KVCacheDiff, kv_cache_diff, snapshot
 from workbench.inspect.kv_report import KVCacheReport, kv_cache
 from workbench.inspect.logit_lens import LogitLensReport, logit_lens
+from workbench.inspect.prefix_cache import PrefixCacheReport, prefix_cache
 from workbench.inspect.report import Report
 from workbench.inspect.sharding_report import ShardingReport, sharding
 from workbench.inspect.state_report import StateReport, state
@@ -26,6 +28,7 @@ __all__ = [
     "KVCacheDiff",
     "KVCacheReport",
     "LogitLensReport",
+    "PrefixCacheReport",
     "Report",
     "attention",
     "ShardingReport",
@@ -33,6 +36,7 @@ __all__ = [
     "kv_cache",
     "kv_cache_diff",
     "logit_lens",
+    "prefix_cache",
     "sharding",
     "snapshot",
     "state",
