@@ -1,0 +1,177 @@
+"""Every option together: scanned layers with w8a8 weights, the int8 KV cache, LoRA adapters per
+slot, probes and interventions, packed prompts and multisampling, against the same options on
+unrolled layers (the truth: the same numbers in another layout). The walk also checks the
+interventions by what the capture shows (a patch lands where it was put, a steer adds what it
+was given, on the slot it names), the checkpoints of a quantized model load in either layout,
+and the inspectors read the scanned, quantized state."""
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import workbench
+from helpers import SHAPE, SMALL, assert_close, lively_arrays
+from workbench import inspect, probes
+from workbench.checkpoints import save_checkpoint
+from workbench.engine import compiled
+from workbench.model import quant
+from workbench.model.lora import TARGETS, AdapterStack, LoraSpec
+from workbench.model.scan import stack_layers
+from workbench.trees import leaf_paths
+
+BASE = SMALL.replace(mlp_dim=64)  # w4's group (32) divides every contracting size
+CONFIG = BASE.replace(quantize="w8a8", kv_cache_dtype="int8")
+MESH = {"data": 1}
+SPEC = LoraSpec(num_adapters=2, rank=4, targets=TARGETS)
+PROMPTS = ([5, 17, 33, 9, 64, 3], [7, 8, 9], [40, 41, 42, 43, 11])
+# Scanned and unrolled run the same per-layer arithmetic (measured: at most 4e-7 of the largest
+# logit apart); w8a8 rounds each activation to int8, so an ulp of difference upstream may move a
+# rounding by one step: the tolerance leaves room for that, the tokens must still be identical.
+RTOL = 1e-4
+
+
+def abstract(config, **options):
+    with nnx.use_eager_sharding(False):
+        return nnx.eval_shape(lambda: compiled.model(config, **options))
+
+
+@pytest.fixture(scope="module")
+def float_arrays():
+    """Lively float weights of BASE (a pure dict, unrolled) and two random adapters on every projection."""
+    params = nnx.split(abstract(BASE), compiled.PARAMS, ...)[1]
+    arrays = lively_arrays(types.SimpleNamespace(abstract_params=params))
+    rng = np.random.default_rng(1)
+    lora = nnx.to_pure_dict(nnx.state(abstract(BASE, lora_spec=SPEC), nnx.LoRAParam))
+    weights = jax.tree.map(lambda a: (0.3 * rng.standard_normal(a.shape)).astype(np.float32), lora)
+    return arrays, AdapterStack(("chat", "code"), SPEC, weights)
+
+
+def walk(engine, params):
+    """Every call with every option: packed prompts (the base model), multisampling with an
+    adapter, bulk-inserted, then generate under probes and interventions: a patch on slot 1, a
+    steer on slot 0, an ablation. Returns (outputs, each step's capture, the final state)."""
+    packed = engine.prefill_concat(params=params, prompts=PROMPTS[:2])
+    padded, n = engine.pad(PROMPTS[2])
+    sampled, first = engine.prefill_multisampling(
+        params=params, padded_tokens=padded, true_length=n, num_samples=2, adapter="chat"
+    )
+    out = [np.asarray(result.logits) for _, result in packed] + [np.asarray(result.data) for _, result in packed]
+    out += [np.asarray(first.logits), np.asarray(first.data)]
+    state = engine.bulk_insert(sampled, engine.init_decode_state(), [0, 1])
+    state = engine.insert(packed[0][0], state, 0)  # slot 0: the base model; slot 1: adapter "chat"
+    captures = []
+    for _ in range(3):
+        state, result = engine.generate(params, state, probes=probes.Capture(), interventions=INTERVENTIONS)
+        out += [np.asarray(result.logits), np.asarray(result.data)]
+        captures.append(result.captured)
+    return out, captures, state
+
+
+PATCH = np.linspace(-1, 1, BASE.embed_dim, dtype=np.float32)
+STEER = np.linspace(1, -1, BASE.embed_dim, dtype=np.float32)
+INTERVENTIONS = [  # slot 1 is at position len(PROMPTS[2]) on the first step
+    probes.Patch(0, "mlp_out", [len(PROMPTS[2])], PATCH[None], slots=[1]),
+    probes.Steer(1, STEER, 3.0, slots=[0]),
+    probes.Ablate(1, [0, 3], mode="mean"),
+]
+
+
+@pytest.fixture(scope="module")
+def walks(devices, float_arrays):
+    """The walk on unrolled and on scanned layers, same options, same weights (quantized once)."""
+    arrays, adapters = float_arrays
+    pure = quant.quantize_params(jax.tree.map(np.array, arrays), CONFIG.quantize)
+    runs = {}
+    for scan in (False, True):
+        engine = workbench.Engine(CONFIG, workbench.make_mesh(MESH), scan_layers=scan, adapters=adapters, **SHAPE)
+        params = engine.load_params(pure)  # the unrolled dict: stacked on load for the scanned engine
+        runs[scan] = (engine, params, *walk(engine, params))
+    return runs
+
+
+def test_scanned_layers_with_every_option_give_the_unrolled_numbers(walks):
+    _, _, expected, expected_captures, expected_state = walks[False]
+    engine, params, actual, captures, state = walks[True]
+    leaves = leaf_paths(params)  # the scanned engine is what it says: stacked, int8, adapters stacked too
+    assert leaves["layers/attn/q/values"].dtype == jnp.int8 and leaves["layers/attn/q/values"].shape == (2, 32, 4, 8)
+    assert leaves["layers/mlp/down/scale"].shape == (2, 1, 32)
+    assert leaf_paths(engine.rest)["layers/attn/lora/q/a"].shape == (2, 2, 32, 4)
+    cache = leaf_paths(state.cache)
+    assert cache["layers/attn/cache/k"].dtype == jnp.int8 and cache["layers/attn/cache/k_scale"].shape == (2, 2, 32, 2)
+    assert len(actual) == len(expected) == 12
+    tokens = np.concatenate([data[:, 0] for data in expected if data.dtype.kind == "i"])
+    assert len(set(tokens.tolist())) > 3, f"the tokens should vary: {tokens}"
+    for want, got in zip(expected, actual):
+        if want.dtype.kind == "f":
+            assert_close(got, want, RTOL)
+        else:  # tokens, valid, lengths: identical
+            np.testing.assert_array_equal(got, want)
+    for want, got in zip(expected_captures, captures):
+        assert got.layers == want.layers and got.sites.keys() == want.sites.keys()
+        for name, per_layer in want.sites.items():
+            for layer, value in per_layer.items():
+                assert_close(got.sites[name][layer], value, RTOL)
+        if want.logits is not None:
+            assert_close(got.logits, want.logits, RTOL)
+    for layer in range(BASE.num_layers):  # the int8 caches, dequantized
+        want = quant.dequantized_cache(expected_state.layer_cache(layer))
+        got = quant.dequantized_cache(state.layer_cache(layer))
+        for name in ("k", "v"):
+            assert_close(got[name], want[name], RTOL)
+
+
+def test_interventions_on_scanned_layers_act_on_their_layer_and_slots(walks):
+    """A traced layer index selects the right layer's intervention: what the capture shows."""
+    _, _, _, captures, _ = walks[True]
+    first = captures[0]
+    np.testing.assert_allclose(first.mlp(0)[1, 0], PATCH, atol=1e-6)  # the patched slot holds the patch
+    assert np.abs(first.mlp(0)[0, 0] - PATCH).max() > 0.1 and np.abs(first.mlp(1)[1, 0] - PATCH).max() > 0.1
+    # the residual after block 1 = the one after block 0 + what attention and the MLP add + the
+    # steer, which goes to slot 0 only
+    for step in captures:
+        assert step.layers == [0, 1]
+        added = step.residual(1) - step.residual(0) - step.attn_out(1) - step.mlp(1)  # [slots, 1, D]
+        scale = np.abs(step.residual(1)).max()
+        np.testing.assert_allclose(added[0, 0], 3.0 * STEER, atol=1e-5 * scale)
+        np.testing.assert_allclose(added[1, 0], 0, atol=1e-5 * scale)
+
+
+def test_inspectors_read_a_scanned_quantized_state(walks):
+    """The state report sees every leaf placed where the rules say (stacked scales included);
+    the KV-cache report shows the stacked int8 cache per layer, as the unrolled engine's."""
+    engine, params, _, _, state = walks[True]
+    rows = inspect.state(engine, params, state).to_rows()
+    by_path = {(row["collection"], row["path"]): row for row in rows}
+    assert not any(row["mismatch"] for row in rows)
+    scale = next(row for (_, path), row in by_path.items() if path == "layers/attn/q/scale")
+    assert scale["axes"][0] == "layers" and scale["shape"] == (2, 1, 4, 8)
+    expected = inspect.kv_cache(walks[False][4]).to_rows()
+    actual = inspect.kv_cache(state).to_rows()
+    assert len(actual) == len(expected) > 0
+    for want, got in zip(expected, actual):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert got[key] == (pytest.approx(value, rel=1e-3) if isinstance(value, float) else value), key
+
+
+def test_quantized_checkpoints_load_in_either_layout(walks, float_arrays, tmp_path):
+    """A scanned engine's quantized params saved stacked load into unrolled layers as the same
+    integers and scales; a float checkpoint loads into scanned layers quantized layer by layer
+    (w4: a scale per group of rows), as the unrolled layers are quantized."""
+    _, unrolled_params, *_ = walks[False]
+    _, scanned_params, *_ = walks[True]
+    stacked = jax.tree.map(np.asarray, nnx.to_pure_dict(scanned_params))
+    save_checkpoint(tmp_path / "quantized", CONFIG, stacked, tokenizer=None)
+    _, params = workbench.load(tmp_path / "quantized", mesh=MESH, **SHAPE)
+    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(params), nnx.to_pure_dict(unrolled_params))
+    save_checkpoint(tmp_path / "float", BASE, float_arrays[0], tokenizer=None)
+    _, params = workbench.load(tmp_path / "float", mesh=MESH, quantize="w4", scan_layers=True, **SHAPE)
+    expected = stack_layers(quant.quantize_params(jax.tree.map(np.array, float_arrays[0]), "w4"))
+    got = nnx.to_pure_dict(params)
+    assert leaf_paths(got).keys() == leaf_paths(expected).keys()
+    jax.tree.map(np.testing.assert_array_equal, got, expected)
+    assert got["layers"]["mlp"]["down"]["scale"].shape == (2, 2, 32)  # two groups of 32 rows per layer
