@@ -21,7 +21,7 @@ from workbench.engine import compiled
 from workbench.model import quant
 from workbench.model.lora import TARGETS, AdapterStack, LoraSpec
 from workbench.model.scan import stack_layers
-from workbench.trees import leaf_paths
+from workbench.trees import leaf_paths, variables
 
 BASE = SMALL.replace(mlp_dim=64)  # w4's group (32) divides every contracting size
 CONFIG = BASE.replace(quantize="w8a8", kv_cache_dtype="int8")
@@ -90,12 +90,12 @@ def walks(devices, float_arrays):
         engine = workbench.Engine(CONFIG, workbench.make_mesh(MESH), scan_layers=scan, adapters=adapters, **SHAPE)
         params = engine.load_params(pure)  # the unrolled dict: stacked on load for the scanned engine
         runs[scan] = (engine, params, *walk(engine, params))
-    return runs
+    return runs, pure
 
 
 def test_scanned_layers_with_every_option_give_the_unrolled_numbers(walks):
-    _, _, expected, expected_captures, expected_state = walks[False]
-    engine, params, actual, captures, state = walks[True]
+    _, _, expected, expected_captures, expected_state = walks[0][False]
+    engine, params, actual, captures, state = walks[0][True]
     leaves = leaf_paths(params)  # the scanned engine is what it says: stacked, int8, adapters stacked too
     assert leaves["layers/attn/q/values"].dtype == jnp.int8 and leaves["layers/attn/q/values"].shape == (2, 32, 4, 8)
     assert leaves["layers/mlp/down/scale"].shape == (2, 1, 32)
@@ -126,7 +126,7 @@ def test_scanned_layers_with_every_option_give_the_unrolled_numbers(walks):
 
 def test_interventions_on_scanned_layers_act_on_their_layer_and_slots(walks):
     """A traced layer index selects the right layer's intervention: what the capture shows."""
-    _, _, _, captures, _ = walks[True]
+    _, _, _, captures, _ = walks[0][True]
     first = captures[0]
     np.testing.assert_allclose(first.mlp(0)[1, 0], PATCH, atol=1e-6)  # the patched slot holds the patch
     assert np.abs(first.mlp(0)[0, 0] - PATCH).max() > 0.1 and np.abs(first.mlp(1)[1, 0] - PATCH).max() > 0.1
@@ -143,13 +143,13 @@ def test_interventions_on_scanned_layers_act_on_their_layer_and_slots(walks):
 def test_inspectors_read_a_scanned_quantized_state(walks):
     """The state report sees every leaf placed where the rules say (stacked scales included);
     the KV-cache report shows the stacked int8 cache per layer, as the unrolled engine's."""
-    engine, params, _, _, state = walks[True]
+    engine, params, _, _, state = walks[0][True]
     rows = inspect.state(engine, params, state).to_rows()
     by_path = {(row["collection"], row["path"]): row for row in rows}
     assert not any(row["mismatch"] for row in rows)
     scale = next(row for (_, path), row in by_path.items() if path == "layers/attn/q/scale")
     assert scale["axes"][0] == "layers" and scale["shape"] == (2, 1, 4, 8)
-    expected = inspect.kv_cache(walks[False][4]).to_rows()
+    expected = inspect.kv_cache(walks[0][False][4]).to_rows()
     actual = inspect.kv_cache(state).to_rows()
     assert len(actual) == len(expected) > 0
     for want, got in zip(expected, actual):
@@ -160,18 +160,53 @@ def test_inspectors_read_a_scanned_quantized_state(walks):
 
 def test_quantized_checkpoints_load_in_either_layout(walks, float_arrays, tmp_path):
     """A scanned engine's quantized params saved stacked load into unrolled layers as the same
-    integers and scales; a float checkpoint loads into scanned layers quantized layer by layer
-    (w4: a scale per group of rows), as the unrolled layers are quantized."""
-    _, unrolled_params, *_ = walks[False]
-    _, scanned_params, *_ = walks[True]
-    stacked = jax.tree.map(np.asarray, nnx.to_pure_dict(scanned_params))
+    integers and scales; a float checkpoint loads into scanned layers quantized layer by layer,
+    as the unrolled layers are, each leaf placed by the rules (the stacked scales too)."""
+    runs, quantized = walks
+    stacked = jax.tree.map(np.asarray, nnx.to_pure_dict(runs[True][1]))
     save_checkpoint(tmp_path / "quantized", CONFIG, stacked, tokenizer=None)
     _, params = workbench.load(tmp_path / "quantized", mesh=MESH, **SHAPE)
-    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(params), nnx.to_pure_dict(unrolled_params))
+    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(params), quantized)
     save_checkpoint(tmp_path / "float", BASE, float_arrays[0], tokenizer=None)
-    _, params = workbench.load(tmp_path / "float", mesh=MESH, quantize="w4", scan_layers=True, **SHAPE)
-    expected = stack_layers(quant.quantize_params(jax.tree.map(np.array, float_arrays[0]), "w4"))
-    got = nnx.to_pure_dict(params)
-    assert leaf_paths(got).keys() == leaf_paths(expected).keys()
-    jax.tree.map(np.testing.assert_array_equal, got, expected)
-    assert got["layers"]["mlp"]["down"]["scale"].shape == (2, 2, 32)  # two groups of 32 rows per layer
+    mesh = {"data": 2, "tensor": 2}
+    engine, params = workbench.load(tmp_path / "float", mesh=mesh, quantize="w8a8", scan_layers=True, **SHAPE)
+    got, expected = leaf_paths(params), leaf_paths(stack_layers(quantized))
+    assert got.keys() == expected.keys()
+    for path, sharding in leaf_paths(engine.param_shardings).items():
+        np.testing.assert_array_equal(got[path], expected[path], err_msg=path)
+        assert got[path].sharding == sharding, path
+
+
+def test_w4_on_scanned_layers(float_arrays):
+    """A scanned model's weight [L, ...] quantizes as its layers do one by one (w4: a scale per
+    group of 32 rows, its axes led by ``layers``), and the scanned w4 model computes the unrolled
+    one's logits. (w8a8 runs every step of the walk above; w8 shares its quantization and runs
+    the product w4 runs after dequantizing.)"""
+    config = BASE.replace(quantize="w4")
+    unrolled = variables(nnx.state(abstract(config), nnx.Param))
+    stacked = variables(nnx.state(abstract(config, scan_layers=True), nnx.Param))
+    for name in ("attn/q", "attn/o", "mlp/down"):
+        for part in ("values", "scale"):
+            one, both = unrolled[f"layers/0/{name}/{part}"], stacked[f"layers/{name}/{part}"]
+            assert both.shape == (BASE.num_layers, *one.shape) and both.dtype == one.dtype, (name, part)
+            assert both.get_metadata()["out_sharding"] == ("layers", *one.get_metadata()["out_sharding"])
+
+    def forward(pure, tokens, scan):
+        model = compiled.model(config, scan_layers=scan)  # its random init is pruned: every param is replaced
+        state = nnx.state(model, compiled.PARAMS)
+        nnx.replace_by_pure_dict(state, pure)
+        nnx.update(model, state)
+        return model(tokens)
+
+    @jax.jit  # one compile for both layouts
+    def both_layouts(arrays, tokens):
+        unrolled = quant.quantize_params(jax.tree.map(lambda x: x, arrays), "w4")  # (it empties its input)
+        stacked = quant.quantize_params(stack_layers(arrays), "w4")
+        return stack_layers(unrolled), stacked, forward(stacked, tokens, True), forward(unrolled, tokens, False)
+
+    tokens = jnp.asarray([PROMPTS[0] + PROMPTS[2]])
+    per_layer, stacked, scanned, expected = both_layouts(float_arrays[0], tokens)
+    assert stacked["layers"]["mlp"]["down"]["scale"].shape == (2, 2, 32)
+    jax.tree.map(np.testing.assert_array_equal, stacked, per_layer)
+    assert_close(scanned, expected, 1e-5)
+    np.testing.assert_array_equal(np.argmax(scanned, -1), np.argmax(expected, -1))
