@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 import workbench
-from helpers import SHAPE, SMALL, assert_close, lively_arrays
+from helpers import SHAPE, SMALL, assert_close, lively_arrays, write_hf
 from workbench import inspect, probes
 from workbench.checkpoints import save_checkpoint
 from workbench.engine import compiled
@@ -160,14 +160,14 @@ def test_inspectors_read_a_scanned_quantized_state(walks):
 
 def test_quantized_checkpoints_load_in_either_layout(walks, float_arrays, tmp_path):
     """A scanned engine's quantized params saved stacked load into unrolled layers as the same
-    integers and scales; a float checkpoint loads into scanned layers quantized layer by layer,
-    as the unrolled layers are, each leaf placed by the rules (the stacked scales too)."""
+    integers and scales; a float Hugging Face checkpoint loads into scanned layers quantized as
+    the unrolled layers are, each leaf placed by the rules (the stacked scales too)."""
     runs, quantized = walks
     stacked = jax.tree.map(np.asarray, nnx.to_pure_dict(runs[True][1]))
     save_checkpoint(tmp_path / "quantized", CONFIG, stacked, tokenizer=None)
     _, params = workbench.load(tmp_path / "quantized", mesh=MESH, **SHAPE)
     jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(params), quantized)
-    save_checkpoint(tmp_path / "float", BASE, float_arrays[0], tokenizer=None)
+    write_hf(tmp_path / "float", BASE, float_arrays[0])  # read layer by layer, quantized, then stacked
     mesh = {"data": 2, "tensor": 2}
     engine, params = workbench.load(tmp_path / "float", mesh=mesh, quantize="w8a8", scan_layers=True, **SHAPE)
     got, expected = leaf_paths(params), leaf_paths(stack_layers(quantized))
