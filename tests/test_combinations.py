@@ -16,7 +16,8 @@ from flax import nnx
 import workbench
 from helpers import SHAPE, SMALL, assert_close, lively_arrays, write_hf
 from workbench import inspect, probes
-from workbench.checkpoints import save_checkpoint
+from workbench.checkpoints import merge_adapter, save_checkpoint
+from workbench.checkpoints.adapters import MODULE, Adapter
 from workbench.engine import compiled
 from workbench.model import quant
 from workbench.model.lora import TARGETS, AdapterStack, LoraSpec
@@ -210,3 +211,25 @@ def test_w4_on_scanned_layers(float_arrays):
     jax.tree.map(np.testing.assert_array_equal, stacked, per_layer)
     assert_close(scanned, expected, 1e-5)
     np.testing.assert_array_equal(np.argmax(scanned, -1), np.argmax(expected, -1))
+
+
+def test_merge_adapter_takes_either_layout(float_arrays, walks):
+    """Folding an adapter into stacked params gives the unrolled fold, stacked; into quantized
+    weights it is a one-line error (their sum would be rounded again)."""
+    arrays, stack = float_arrays
+    weights = leaf_paths(stack.weights)
+    adapter = Adapter(
+        rank=SPEC.rank,
+        weights={
+            (layer, target): (weights[f"layers/{layer}/{module}/lora/{target}/a"][0].reshape(-1, SPEC.rank),
+                              weights[f"layers/{layer}/{module}/lora/{target}/b"][0].reshape(SPEC.rank, -1))
+            for layer in range(BASE.num_layers) for target, module in MODULE.items()
+        },
+    )  # fmt: skip
+    merged = merge_adapter(arrays, adapter, BASE)
+    assert np.abs(merged["layers"][1]["mlp"]["up"] - arrays["layers"][1]["mlp"]["up"]).max() > 0.1
+    jax.tree.map(
+        np.testing.assert_array_equal, merge_adapter(stack_layers(arrays), adapter, BASE), stack_layers(merged)
+    )
+    with pytest.raises(ValueError, match="merge_adapter needs float weights; layers/0/attn/q is quantized"):
+        merge_adapter(walks[1], adapter, BASE)
