@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from workbench import trees
+from workbench.model.scan import is_stacked_path
 
 MODES = ("w8", "w8a8", "w4")
 KV_CACHE_DTYPES = ("int8",)
@@ -78,13 +79,6 @@ def rule(path: str, quantize: str | None) -> tuple[tuple[int, ...], str] | None:
         if re.fullmatch(pattern, path) and modes.get(quantize):
             return contract, modes[quantize]
     return None
-
-
-def is_stacked(path: str) -> bool:
-    """Whether a layer leaf's ``path`` is stacked (``layers/attn/q`` [L, ...], scanned layers)
-    rather than one layer's (``layers/0/attn/q``)."""
-    parts = path.split("/")
-    return parts[0] == "layers" and len(parts) > 1 and not parts[1].isdigit()
 
 
 # ---- quantizing a weight -----------------------------------------------------------------------
@@ -230,7 +224,7 @@ def quantize_model(model: nnx.Module, quantize: str | None) -> None:
             parent = model
             for key in parents:
                 parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-            setattr(parent, name, QuantizedWeight(param, *applied, stacked=is_stacked(path)))
+            setattr(parent, name, QuantizedWeight(param, *applied, stacked=is_stacked_path(path)))
 
 
 def quantize_params(pure: dict, quantize: str | None, shardings: dict | None = None) -> dict:
@@ -259,7 +253,7 @@ def dequantize_params(params) -> dict:
         if owner != path and f"{owner}/scale" in flat:
             # the contracting axes depend on the weight, not on the mode: any mode's rule names them
             contract = rule(owner, MODES[0])[0]
-            out[owner] = dequantize_layers(leaf, flat[f"{owner}/scale"], contract, is_stacked(owner))
+            out[owner] = dequantize_layers(leaf, flat[f"{owner}/scale"], contract, is_stacked_path(owner))
         elif not (path.endswith("/scale") and f"{path.removesuffix('/scale')}/values" in flat):
             out[path] = leaf
     return trees.nest(out)
@@ -274,7 +268,7 @@ def quantize_leaf(path: str, leaf: jax.Array, quantize: str | None, shardings: d
     if applied is None:
         return {path: leaf}
     placed = (shardings.get(f"{path}/values"), shardings.get(f"{path}/scale")) if shardings else None
-    values, scale = _jitted_quantize(placed)(leaf, *applied, is_stacked(path))
+    values, scale = _jitted_quantize(placed)(leaf, *applied, is_stacked_path(path))
     return {f"{path}/values": values, f"{path}/scale": scale}
 
 

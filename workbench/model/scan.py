@@ -86,6 +86,13 @@ def is_stacked(tree: dict) -> bool:
     return bool(layers) and not all(isinstance(k, int) or str(k).isdigit() for k in layers)
 
 
+def is_stacked_path(path: str) -> bool:
+    """Whether a leaf path is a stacked layer leaf (``layers/attn/q`` [L, ...]) rather than one
+    layer's (``layers/0/attn/q``) or no layer's (``embed/embedding``)."""
+    parts = path.split("/")
+    return parts[0] == "layers" and len(parts) > 1 and not parts[1].isdigit()
+
+
 def stack_layers(tree: dict) -> dict:
     """``{"layers": {0: t0, 1: t1, ...}, ...}`` -> ``{"layers": stack(t0, t1, ...), ...}`` (numpy
     or jax arrays); a stacked tree is returned as it is."""
