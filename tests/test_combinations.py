@@ -22,6 +22,7 @@ from workbench.engine import compiled
 from workbench.model import quant
 from workbench.model.lora import TARGETS, AdapterStack, LoraSpec
 from workbench.model.scan import stack_layers
+from workbench.probes.plan import asked_layers
 from workbench.trees import leaf_paths, variables
 
 BASE = SMALL.replace(mlp_dim=64)  # w4's group (32) divides every contracting size
@@ -233,3 +234,17 @@ def test_merge_adapter_takes_either_layout(float_arrays, walks):
     )
     with pytest.raises(ValueError, match="merge_adapter needs float weights; layers/0/attn/q is quantized"):
         merge_adapter(walks[1], adapter, BASE)
+
+
+def test_a_scanned_capture_keeps_the_layers_asked_for():
+    """Scanned layers record every layer, stacked; only the layers ``Capture.layers`` names leave
+    the step (``probes.run``), and each comes back under its own index."""
+    stacked = np.arange(3 * 1 * 2 * 4, dtype=np.float32).reshape(3, 1, 2, 4)  # [L, rows, T, D]
+    capture = probes.Capture(attention=False, mlp=False, logits=False, layers=(2, 0, 2))
+    sown = asked_layers({"layers": {"residual": (jnp.asarray(stacked),)}}, capture)
+    assert sown["layers"]["residual"][0].shape == (2, 1, 2, 4)  # layers 0 and 2 of 3
+    raw = {"sown": sown, "tokens": np.zeros((1, 2)), "positions": np.arange(2)[None], "live": np.ones((1, 2), bool)}
+    captured = probes.captured_from(raw, capture)
+    assert captured.layers == [0, 2]
+    np.testing.assert_array_equal(captured.residual(0), stacked[0])
+    np.testing.assert_array_equal(captured.residual(2), stacked[2])

@@ -42,7 +42,7 @@ class LayerHooks:
         self.hooks, self.index = hooks, layer
         capture = hooks.capture
         # A traced index (one scanned block for every layer) records every layer, stacked [L, ...]:
-        # which layers to record is static, the index is not. ``captured_from`` keeps those asked.
+        # which layers to record is static, the index is not. ``probes.run`` keeps those asked.
         traced = isinstance(layer, jax.Array)
         self.records = capture is not None and (traced or capture.records(layer))
         self.weights = self.records and capture.attention

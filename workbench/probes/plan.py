@@ -147,7 +147,19 @@ def run(
     logits, sown = call(tokens, positions, logits_at=at, adapters=adapters, hooks=hooks)
     if every and logits_at is not None:
         logits = jnp.take_along_axis(logits, logits_at[:, None, None], axis=1)[:, 0]
-    return logits, {"sown": nnx.to_pure_dict(sown), "tokens": tokens, "positions": positions, "live": live}
+    sown = asked_layers(nnx.to_pure_dict(sown), plan.capture)
+    return logits, {"sown": sown, "tokens": tokens, "positions": positions, "live": live}
+
+
+def asked_layers(sown: dict, capture: Capture | None) -> dict:
+    """Scanned layers record every layer, stacked ``[L, ...]`` under ``layers/<site>`` (the layer
+    index is traced): keep the rows of the layers ``capture`` asks for, in ascending order, so
+    only those leave the device. An unrolled model's records (``layers/<i>/...``) are kept as they are."""
+    layers = sown.get("layers")
+    if capture is None or capture.layers is None or not layers or any(isinstance(k, int) for k in layers):
+        return sown
+    rows = jnp.asarray(sorted(set(capture.layers)), jnp.int32)
+    return {**sown, "layers": jax.tree.map(lambda stacked: stacked[rows], layers)}
 
 
 def attach(result: Any, raw: dict, plan: Plan) -> Any:

@@ -77,8 +77,9 @@ def captured_from(raw: dict, capture: Capture) -> Captured:
         value = np.asarray(value)
         if parts[1].isdigit():  # layers/<i>/...: one layer's
             per_layer = {int(parts[1]): value}
-        else:  # scanned layers: every layer's, stacked [L, ...]; keep the layers asked for
-            per_layer = {i: value[i] for i in range(value.shape[0]) if capture.records(i)}
+        else:  # scanned layers, stacked: every layer's, or the asked ones in ascending order (plan.run)
+            layers = range(value.shape[0]) if capture.layers is None else sorted(set(capture.layers))
+            per_layer = dict(zip(layers, value))
         for layer, recorded in per_layer.items():
             trimmed = recorded[:, :, :queries, :keys] if name == "attention" else recorded[:, :queries]
             sites.setdefault(name, {})[layer] = trimmed
