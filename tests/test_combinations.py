@@ -203,13 +203,16 @@ def test_w4_on_scanned_layers(float_arrays):
     @jax.jit  # one compile for both layouts
     def both_layouts(arrays, tokens):
         unrolled = quant.quantize_params(jax.tree.map(lambda x: x, arrays), "w4")  # (it empties its input)
-        stacked = quant.quantize_params(stack_layers(arrays), "w4")
-        return stack_layers(unrolled), stacked, forward(stacked, tokens, True), forward(unrolled, tokens, False)
+        down = jnp.stack([layer["mlp"]["down"] for layer in arrays["layers"].values()])  # [L, F, D]
+        per_layer = quant.quantize_layers(down, (0,), "w4", stacked=True)
+        stacked = stack_layers(unrolled)
+        return stacked, per_layer, forward(stacked, tokens, True), forward(unrolled, tokens, False)
 
     tokens = jnp.asarray([PROMPTS[0] + PROMPTS[2]])
-    per_layer, stacked, scanned, expected = both_layouts(float_arrays[0], tokens)
-    assert stacked["layers"]["mlp"]["down"]["scale"].shape == (2, 2, 32)
-    jax.tree.map(np.testing.assert_array_equal, stacked, per_layer)
+    stacked, per_layer, scanned, expected = both_layouts(float_arrays[0], tokens)
+    assert per_layer[1].shape == (2, 2, 32)  # [L, G, D]: two groups of 32 rows per layer
+    np.testing.assert_array_equal(per_layer[0], stacked["layers"]["mlp"]["down"]["values"])
+    np.testing.assert_array_equal(per_layer[1], stacked["layers"]["mlp"]["down"]["scale"])
     assert_close(scanned, expected, 1e-5)
     np.testing.assert_array_equal(np.argmax(scanned, -1), np.argmax(expected, -1))
 
