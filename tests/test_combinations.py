@@ -55,7 +55,8 @@ def float_arrays():
 def walk(engine, params):
     """Every call with every option: packed prompts (the base model), multisampling with an
     adapter, bulk-inserted, then generate under probes and interventions: a patch on slot 1, a
-    steer on slot 0, an ablation. Returns (outputs, each step's capture, the final state)."""
+    steer on slot 0, an ablation. Returns (outputs, each step's capture, the final state, and the
+    last step's logits with slot 1 on the base model)."""
     packed = engine.prefill_concat(params=params, prompts=PROMPTS[:2])
     padded, n = engine.pad(PROMPTS[2])
     sampled, first = engine.prefill_multisampling(
@@ -66,11 +67,15 @@ def walk(engine, params):
     state = engine.bulk_insert(sampled, engine.init_decode_state(), [0, 1])
     state = engine.insert(packed[0][0], state, 0)  # slot 0: the base model; slot 1: adapter "chat"
     captures = []
-    for _ in range(3):
+    for step in range(3):
+        if step == 2:  # the same step with slot 1 on the base model (data, not a recompile)
+            twin = jax.tree.map(jnp.copy, state)  # generate donates its state
+            twin = twin.replace(adapters=twin.adapters.at[1].set(-1))
+            _, base = engine.generate(params, twin, probes=probes.Capture(), interventions=INTERVENTIONS)
         state, result = engine.generate(params, state, probes=probes.Capture(), interventions=INTERVENTIONS)
         out += [np.asarray(result.logits), np.asarray(result.data)]
         captures.append(result.captured)
-    return out, captures, state
+    return out, captures, state, np.asarray(base.logits)
 
 
 PATCH = np.linspace(-1, 1, BASE.embed_dim, dtype=np.float32)
@@ -78,7 +83,7 @@ STEER = np.linspace(1, -1, BASE.embed_dim, dtype=np.float32)
 INTERVENTIONS = [  # slot 1 is at position len(PROMPTS[2]) on the first step
     probes.Patch(0, "mlp_out", [len(PROMPTS[2])], PATCH[None], slots=[1]),
     probes.Steer(1, STEER, 3.0, slots=[0]),
-    probes.Ablate(1, [0, 3], mode="mean"),
+    probes.Ablate(1, [0, 3], mode="mean", slots=[1]),  # the mean over both slots, on slot 1: slot 0 is its own
 ]
 
 
@@ -96,8 +101,8 @@ def walks(devices, float_arrays):
 
 
 def test_scanned_layers_with_every_option_give_the_unrolled_numbers(walks):
-    _, _, expected, expected_captures, expected_state = walks[0][False]
-    engine, params, actual, captures, state = walks[0][True]
+    _, _, expected, expected_captures, expected_state, expected_base = walks[0][False]
+    engine, params, actual, captures, state, base = walks[0][True]
     leaves = leaf_paths(params)  # the scanned engine is what it says: stacked, int8, adapters stacked too
     assert leaves["layers/attn/q/values"].dtype == jnp.int8 and leaves["layers/attn/q/values"].shape == (2, 32, 4, 8)
     assert leaves["layers/mlp/down/scale"].shape == (2, 1, 32)
@@ -119,6 +124,10 @@ def test_scanned_layers_with_every_option_give_the_unrolled_numbers(walks):
                 assert_close(got.sites[name][layer], value, RTOL)
         if want.logits is not None:
             assert_close(got.logits, want.logits, RTOL)
+    assert_close(base, expected_base, RTOL)
+    # under probes each slot still gets its own adapter: slot 1 on the base model changes slot 1 only
+    np.testing.assert_array_equal(base[0], actual[-2][0])
+    assert np.abs(base[1] - actual[-2][1]).max() > 0.1 * np.abs(base[1]).max()
     for layer in range(BASE.num_layers):  # the int8 caches, dequantized
         want = quant.dequantized_cache(expected_state.layer_cache(layer))
         got = quant.dequantized_cache(state.layer_cache(layer))
@@ -128,7 +137,7 @@ def test_scanned_layers_with_every_option_give_the_unrolled_numbers(walks):
 
 def test_interventions_on_scanned_layers_act_on_their_layer_and_slots(walks):
     """A traced layer index selects the right layer's intervention: what the capture shows."""
-    _, _, _, captures, _ = walks[0][True]
+    captures = walks[0][True][3]
     first = captures[0]
     np.testing.assert_allclose(first.mlp(0)[1, 0], PATCH, atol=1e-6)  # the patched slot holds the patch
     assert np.abs(first.mlp(0)[0, 0] - PATCH).max() > 0.1 and np.abs(first.mlp(1)[1, 0] - PATCH).max() > 0.1
@@ -145,7 +154,7 @@ def test_interventions_on_scanned_layers_act_on_their_layer_and_slots(walks):
 def test_inspectors_read_a_scanned_quantized_state(walks):
     """The state report sees every leaf placed where the rules say (stacked scales included);
     the KV-cache report shows the stacked int8 cache per layer, as the unrolled engine's."""
-    engine, params, _, _, state = walks[0][True]
+    engine, params, _, _, state, _ = walks[0][True]
     rows = inspect.state(engine, params, state).to_rows()
     by_path = {(row["collection"], row["path"]): row for row in rows}
     assert not any(row["mismatch"] for row in rows)
