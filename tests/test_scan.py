@@ -1,6 +1,7 @@
 """Scanned layers (``scan_layers=True``) against the unrolled model on the same weights: the same
 greedy tokens and logits through prefill, insert / bulk_insert, generate and free, on 8 devices
-and on 1; checkpoints of either layout load into either; the stacked cache reads per layer."""
+(on 1, with every other option too: test_combinations); checkpoints of either layout load into
+either; the stacked cache reads per layer."""
 
 import json
 
@@ -21,7 +22,7 @@ def ids(length: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).integers(3, SMALL.vocab_size, length).tolist()
 
 
-def run(engine, params, steps=5, inspectors=True):
+def run(engine, params, steps=5):
     """Every engine call, on a stacked or an unrolled engine: the logits and tokens along the
     way, the final state's cache per layer (numpy), and what the inspectors make of the state:
     the KV-cache report's rows, and the diff of the last generate step."""
@@ -38,7 +39,7 @@ def run(engine, params, steps=5, inspectors=True):
         state, result = engine.generate(params, state)
         out += [np.asarray(result.logits), np.asarray(result.data)]
     layers = [jax.tree.map(np.asarray, state.layer_cache(i)) for i in range(engine.config.num_layers)]
-    reports = (inspect.kv_cache(state).to_rows(), inspect.kv_cache_diff(before, state).to_rows()) if inspectors else ()
+    reports = (inspect.kv_cache(state).to_rows(), inspect.kv_cache_diff(before, state).to_rows())
     return out, layers, reports
 
 
@@ -51,19 +52,15 @@ def unrolled(devices):
     return run(engine, engine.load_params(arrays)), arrays
 
 
-# On the truth's own mesh the scan must not move a number past 1e-6 (it moves none here); on one
-# device the products split differently from data=2 x tensor=4, so the mesh tolerance of
-# test_engine's 1-vs-8-devices check applies, tokens still identical.
-@pytest.mark.parametrize(
-    "mesh, rtol, inspectors",  # the inspectors' rows compared on the truth's mesh, where they compiled
-    [({"data": 2, "tensor": 4}, 1e-6, True), ({"data": 1}, 1e-5, False)],
-)
-def test_scanned_layers_give_the_unrolled_numbers(unrolled, mesh, rtol, inspectors):
+def test_scanned_layers_give_the_unrolled_numbers(unrolled):
+    """On the truth's own mesh the scan must not move a number past 1e-6 (it moves none here).
+    Scanned layers on one device, with every option together, are test_combinations'."""
+    rtol = 1e-6
     (expected, expected_layers, expected_reports), arrays = unrolled
-    scanned = workbench.Engine(SMALL, workbench.make_mesh(mesh), scan_layers=True, **SHAPE)
+    scanned = workbench.Engine(SMALL, workbench.make_mesh({"data": 2, "tensor": 4}), scan_layers=True, **SHAPE)
     stacked = scanned.load_params(stack_layers(arrays))
     assert stacked["layers"]["attn"]["q"][...].shape[0] == SMALL.num_layers
-    actual, actual_layers, actual_reports = run(scanned, stacked, inspectors=inspectors)
+    actual, actual_layers, actual_reports = run(scanned, stacked)
     assert expected[-1][1, 1] == 0 and len(actual) == len(expected)  # slot 1 was freed; every step ran
     for want, got in zip(expected, actual):
         if want.dtype.kind == "f":

@@ -149,8 +149,8 @@ def load(
             progress=progress,
             transform=_quantize_each_leaf(engine),
         )
-        if engine.scan_layers:  # (never quantized: the engine refuses scan_layers with quantize)
-            pure = layout.relayout(pure, target[1], stacked=True)
+        if engine.scan_layers:  # read (and quantized) layer by layer, then stacked
+            pure = layout.relayout(pure, engine.param_shardings, stacked=True)
     else:
         raise ValueError(
             f"{os.fspath(path)!r} is neither a workbench checkpoint (workbench.json) "
@@ -182,7 +182,7 @@ def _float_target(engine: Engine) -> tuple[Params, Params]:
         return engine.abstract_params, engine.param_shardings
     float_config = engine.config.replace(quantize=None)
     with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(lambda: Transformer(float_config, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda: Transformer(float_config, rngs=nnx.Rngs(0), scan_layers=engine.scan_layers))
     params = nnx.split(abstract, nnx.Param, ...)[1]
     return params, shardings_for(params, engine.mesh, engine.rules)
 

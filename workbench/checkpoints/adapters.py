@@ -22,6 +22,7 @@ import numpy as np
 from workbench.checkpoints.hf_config import read_json
 from workbench.model import ModelConfig
 from workbench.model.lora import TARGETS, AdapterStack, LoraSpec, scale
+from workbench.model.scan import is_stacked, stack_layers, unstack_layers
 from workbench.trees import leaf_paths, nest
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -161,11 +162,15 @@ def load_adapters(adapters: Mapping[str, str | os.PathLike], config: ModelConfig
 
 def merge_adapter(params: dict, adapter: str | os.PathLike | Adapter, config: ModelConfig) -> dict:
     """``params`` (a pure dict, as ``nnx.to_pure_dict`` gives) with one adapter folded into the
-    base weights, ``W + scale * A @ B``: serving one adapter at the base model's speed."""
+    base weights, ``W + scale * A @ B``: serving one adapter at the base model's speed. Either
+    layer layout (scanned layers' come back stacked); float weights only."""
     adapter = adapter if isinstance(adapter, Adapter) else read_adapter(adapter, config)
-    flat = dict(leaf_paths(params))
+    stacked = is_stacked(params)
+    flat = dict(leaf_paths(unstack_layers(params)))
     for (layer, target), (a, b) in adapter.weights.items():
         where = f"layers/{layer}/{MODULE[target]}/{target}"
+        if f"{where}/values" in flat:  # quantized: the sum would be rounded again, error on error
+            raise ValueError(f"merge_adapter needs float weights; {where} is quantized: merge, then quantize")
         weight = np.asarray(flat[where])
         flat[where] = (weight.astype(np.float32) + (a @ b).reshape(weight.shape)).astype(weight.dtype)
-    return nest(flat)
+    return stack_layers(nest(flat)) if stacked else nest(flat)

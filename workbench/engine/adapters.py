@@ -16,6 +16,7 @@ from flax import nnx
 
 from workbench import trees
 from workbench.engine.types import Prefix
+from workbench.model.scan import is_stacked, stack_layers
 
 
 def index(names: tuple[str, ...], adapter: str | None) -> jax.Array | None:
@@ -47,7 +48,10 @@ def chunk_index(names: tuple[str, ...], existing_prefix: Prefix | None, adapter:
 
 def place(rest: nnx.State, weights: dict, abstract_rest: nnx.State, shardings: nnx.State) -> nnx.State:
     """``rest`` with the stacked adapters' LoRA ``weights`` (a pure dict of host arrays shaped like
-    the model's LoRA state), checked against the model and placed by the rules table."""
+    the model's LoRA state), checked against the model and placed by the rules table. A model of
+    scanned layers gets them stacked on its ``layers`` axis (``model.scan``)."""
+    if is_stacked(nnx.to_pure_dict(abstract_rest)):
+        weights = stack_layers(weights)
     current = trees.leaf_paths(nnx.to_pure_dict(rest))
     lora = trees.leaf_paths(weights)
     unknown = sorted(set(lora) - set(current))

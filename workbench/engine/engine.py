@@ -91,8 +91,6 @@ class Engine:
         self.config, self.mesh, self.rules, self.tokenizer = config, mesh, tuple(rules), tokenizer
         self.scan_layers = bool(scan_layers)
         self.ring_cache = bool(ring_cache)
-        if self.scan_layers and (config.quantize or config.kv_cache_dtype or adapters is not None):
-            raise ValueError("scan_layers does not combine with quantize, kv_cache_dtype or adapters yet: choose one")
         self._max_concurrent_decodes = slots
         self.adapters: tuple[str, ...] = adapters.names if adapters is not None else ()
         self.lora_spec = adapters.spec if adapters is not None else None
@@ -327,7 +325,5 @@ class Engine:
         """``step(*args, probe_data, ...)`` with its probe plan (``workbench.probes``; None when
         there is nothing to capture or change): its two outputs, the capture attached to the result."""
         plan, data = probes.prepare(capture, interventions, self.config, rows)
-        if plan is not None and (self.scan_layers or self.adapters):
-            raise ValueError("probes and interventions need unscanned layers and no adapters (not combined yet)")
         out, result, raw = step(*args, data, sampling=sampling or GREEDY, plan=plan, **extra)
         return out, result if plan is None else probes.attach(result, raw, plan)

@@ -26,6 +26,7 @@ from workbench.engine import steps
 from workbench.engine.inputs import bucket
 from workbench.engine.sampling import Sampling, sample
 from workbench.engine.types import Prefix, ResultTokens
+from workbench.model.scan import is_stacked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,15 +91,18 @@ def prefill_concat(
     ``adapter``: -1 on engines with LoRA adapters (packed prompts run on the base model)."""
     counts["prefill_concat"] += 1
     n = lengths.shape[0]
-    empty = jax.tree.map(lambda a: jnp.zeros((n, *a.shape[1:]), a.dtype), nnx.to_pure_dict(model.abstract_cache))
+    abstract = nnx.to_pure_dict(model.abstract_cache)
+    axis = 1 if is_stacked(abstract) else 0  # the cache rows' axis: 1 under scanned layers, [L, B, ...]
+    row = lambda i: (slice(None),) * axis + (slice(i, i + 1),)  # noqa: E731 (prompt i's cache row)
+    empty = jax.tree.map(lambda a: jnp.zeros((*a.shape[:axis], n, *a.shape[axis + 1 :]), a.dtype), abstract)
     merged = model.merge(params, empty, rest)
     logits = merged(tokens[None], positions[None], logits_at=last[None], segments=segments[None])[0]  # [n, V]
     first = sample(logits, key, sampling)  # [n]
-    cache = nnx.to_pure_dict(nnx.state(merged, nnx.Cache))  # rows [n, S, K, H]: one per prompt
+    cache = nnx.to_pure_dict(nnx.state(merged, nnx.Cache))  # rows [n, S, K, H] ([L, n, ...]): one per prompt
     return [
         (
             Prefix(
-                cache=jax.tree.map(lambda rows: rows[i : i + 1], cache),
+                cache=jax.tree.map(lambda c, i=i: c[row(i)], cache),
                 length=lengths[i],
                 token=first[i],
                 logits=logits[i],

@@ -95,12 +95,12 @@ def prefill(
     # Padding goes to position S (past the cache): its K/V writes are dropped.
     positions = jnp.where(steps < true_length, start + steps, model.length)
     raw = {}
+    adapters = None if adapter is None else adapter[None]
     if plan is None:
-        adapters = None if adapter is None else adapter[None]
         last = merged(tokens[None], positions[None], logits_at=(true_length - 1)[None], adapters=adapters)[0]  # [V]
     else:
-        live = (steps < true_length)[None]
-        last, raw = probes.run(merged, plan, probe_data, tokens[None], positions[None], live, (true_length - 1)[None])
+        live, at = (steps < true_length)[None], (true_length - 1)[None]
+        last, raw = probes.run(merged, plan, probe_data, tokens[None], positions[None], live, at, adapters)
         last = last[0]
     token = sample(last[None], key, sampling)[0]
     cache = nnx.to_pure_dict(nnx.state(merged, nnx.Cache))
@@ -150,7 +150,8 @@ def generate(
     if plan is None:
         logits = merged(state.tokens[:, None], positions[:, None], adapters=state.adapters)[:, 0]  # [B, V]
     else:
-        logits, raw = probes.run(merged, plan, probe_data, state.tokens[:, None], positions[:, None], live[:, None])
+        inputs = (state.tokens[:, None], positions[:, None], live[:, None])
+        logits, raw = probes.run(merged, plan, probe_data, *inputs, adapters=state.adapters)
         logits = logits[:, 0]
     rng, key = jax.random.split(state.rng)
     tokens = jnp.where(live, sample(logits, key, sampling), state.tokens)

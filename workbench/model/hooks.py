@@ -28,7 +28,9 @@ class Hooks:
         self.plan, self.data, self.positions, self.live = plan, data, positions, live
         self.capture = plan.capture
 
-    def layer(self, i: int) -> LayerHooks:
+    def layer(self, i: int | jax.Array) -> LayerHooks:
+        """Block ``i``'s hooks: a Python int (unrolled layers) or the traced index of a scan step
+        (scanned layers, ``model.scan``); the interventions' arrays are indexed by it either way."""
         return LayerHooks(self, i)
 
     def record(self, module: nnx.Module, name: str, value: jax.Array) -> None:
@@ -36,10 +38,13 @@ class Hooks:
 
 
 class LayerHooks:
-    def __init__(self, hooks: Hooks, layer: int):
+    def __init__(self, hooks: Hooks, layer: int | jax.Array):
         self.hooks, self.index = hooks, layer
         capture = hooks.capture
-        self.records = capture is not None and capture.records(layer)
+        # A traced index (one scanned block for every layer) records every layer, stacked [L, ...]:
+        # which layers to record is static, the index is not. ``probes.run`` keeps those asked.
+        traced = isinstance(layer, jax.Array)
+        self.records = capture is not None and (traced or capture.records(layer))
         self.weights = self.records and capture.attention
 
     def wants(self, site: str) -> bool:

@@ -39,6 +39,7 @@ from flax import nnx
 
 from workbench import trees
 from workbench.model import ring
+from workbench.model.scan import is_stacked_path
 
 MODES = ("w8", "w8a8", "w4")
 KV_CACHE_DTYPES = ("int8",)
@@ -48,11 +49,13 @@ STORAGE = {"w8": jnp.int8, "w8a8": jnp.int8, "w4": jnp.int4}
 
 # The table of quantized weights, written once: leaf path pattern -> (contracting axes of the
 # weight, the mode each requested mode applies to it). The contracting axes are the ones the
-# product sums over; the scale has one entry per position of the other (output) axes.
+# product sums over; the scale has one entry per position of the other (output) axes. A layer's
+# path is ``layers/<i>/...`` unrolled or ``layers/...`` stacked (scanned layers, ``model.scan``):
+# a stacked weight is quantized layer by layer, its axes counted without the leading ``layers``.
 QUANTIZED_WEIGHTS: tuple[tuple[str, tuple[int, ...], dict[str, str]], ...] = (
-    (r"layers/\d+/attn/[qkv]", (0,), {"w8": "w8", "w8a8": "w8a8", "w4": "w4"}),  # [D, N|K, H]
-    (r"layers/\d+/attn/o", (0, 1), {"w8": "w8", "w8a8": "w8a8", "w4": "w4"}),  # [N, H, D]
-    (r"layers/\d+/mlp/(gate|up|down)", (0,), {"w8": "w8", "w8a8": "w8a8", "w4": "w4"}),  # [D, F] / [F, D]
+    (r"layers/(\d+/)?attn/[qkv]", (0,), {"w8": "w8", "w8a8": "w8a8", "w4": "w4"}),  # [D, N|K, H]
+    (r"layers/(\d+/)?attn/o", (0, 1), {"w8": "w8", "w8a8": "w8a8", "w4": "w4"}),  # [N, H, D]
+    (r"layers/(\d+/)?mlp/(gate|up|down)", (0,), {"w8": "w8", "w8a8": "w8a8", "w4": "w4"}),  # [D, F] / [F, D]
     # The vocabulary projection (tied embedding [V, D] or lm_head [D, V]) stays int8 under w4.
     (r"embed/embedding", (1,), {"w8": "w8", "w8a8": "w8a8", "w4": "w8"}),
     (r"lm_head", (0,), {"w8": "w8", "w8a8": "w8a8", "w4": "w8"}),
@@ -113,20 +116,39 @@ def dequantize(values: jax.Array, scale: jax.Array, contract: tuple[int, ...]) -
     return jnp.transpose(blocks.reshape(moved.shape), _inverse((*contract, *kept)))
 
 
+def quantize_layers(w: jax.Array, contract: tuple[int, ...], mode: str, stacked: bool) -> tuple[jax.Array, jax.Array]:
+    """:func:`quantize_array`, layer by layer over a ``stacked`` weight [L, ...]: values [L, ...],
+    scale [L, G, *kept], each layer's the numbers its unrolled weight would get."""
+    if not stacked:
+        return quantize_array(w, contract, mode)
+    return jax.vmap(lambda layer: quantize_array(layer, contract, mode))(w)
+
+
+def dequantize_layers(values: jax.Array, scale: jax.Array, contract: tuple[int, ...], stacked: bool) -> jax.Array:
+    """:func:`dequantize`, layer by layer over ``stacked`` values [L, ...] and scales [L, G, ...]."""
+    if not stacked:
+        return dequantize(values, scale, contract)
+    return jax.vmap(lambda v, s: dequantize(v, s, contract))(values, scale)
+
+
 def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(sorted(range(len(perm)), key=lambda i: perm[i]))
 
 
 class QuantizedWeight(nnx.Module):
     """A quantized weight: ``values`` (int8 / int4, the float weight's shape and logical axes) and
-    ``scale`` (float32 [G, *output axes]); see :func:`quantize_array`."""
+    ``scale`` (float32 [G, *output axes]); see :func:`quantize_array`. ``stacked``: a scanned
+    model's weight [L, ...], quantized per layer (scale [L, G, ...]); ``contract`` counts the axes
+    of one layer, which is what the scan hands each step."""
 
-    def __init__(self, weight: nnx.Param, contract: tuple[int, ...], mode: str):
-        values, scale = quantize_array(weight[...], contract, mode)
+    def __init__(self, weight: nnx.Param, contract: tuple[int, ...], mode: str, stacked: bool = False):
+        values, scale = quantize_layers(weight[...], contract, mode, stacked)
         axes = weight.get_metadata().get("out_sharding") or (None,) * values.ndim
+        lead, layer_axes = (axes[:1], axes[1:]) if stacked else ((), axes)
         # The group axis of the scale shards like the first contracting axis (w4's groups are
         # contiguous blocks of it); a size-1 axis is replicated by the rules.
-        scale_axes = (axes[contract[0]], *(axes[a] for a in range(values.ndim) if a not in contract))
+        kept = (layer_axes[a] for a in range(len(layer_axes)) if a not in contract)
+        scale_axes = (*lead, layer_axes[contract[0]], *kept)
         self.values = nnx.Param(values, out_sharding=axes)
         self.scale = nnx.Param(scale, out_sharding=scale_axes)
         self.contract = contract
@@ -203,7 +225,7 @@ def quantize_model(model: nnx.Module, quantize: str | None) -> None:
             parent = model
             for key in parents:
                 parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-            setattr(parent, name, QuantizedWeight(param, *applied))
+            setattr(parent, name, QuantizedWeight(param, *applied, stacked=is_stacked_path(path)))
 
 
 def quantize_params(pure: dict, quantize: str | None, shardings: dict | None = None) -> dict:
@@ -231,7 +253,8 @@ def dequantize_params(params) -> dict:
         owner = path.removesuffix("/values")
         if owner != path and f"{owner}/scale" in flat:
             # the contracting axes depend on the weight, not on the mode: any mode's rule names them
-            out[owner] = dequantize(leaf, flat[f"{owner}/scale"], rule(owner, MODES[0])[0])
+            contract = rule(owner, MODES[0])[0]
+            out[owner] = dequantize_layers(leaf, flat[f"{owner}/scale"], contract, is_stacked_path(owner))
         elif not (path.endswith("/scale") and f"{path.removesuffix('/scale')}/values" in flat):
             out[path] = leaf
     return trees.nest(out)
@@ -246,13 +269,13 @@ def quantize_leaf(path: str, leaf: jax.Array, quantize: str | None, shardings: d
     if applied is None:
         return {path: leaf}
     placed = (shardings.get(f"{path}/values"), shardings.get(f"{path}/scale")) if shardings else None
-    values, scale = _jitted_quantize(placed)(leaf, *applied)
+    values, scale = _jitted_quantize(placed)(leaf, *applied, is_stacked_path(path))
     return {f"{path}/values": values, f"{path}/scale": scale}
 
 
 @functools.lru_cache
 def _jitted_quantize(placed: tuple | None):  # one jit per output sharding: layers share compiles
-    return jax.jit(quantize_array, static_argnums=(1, 2), out_shardings=placed)
+    return jax.jit(quantize_layers, static_argnums=(1, 2, 3), out_shardings=placed)
 
 
 # ---- the int8 KV cache -------------------------------------------------------------------------

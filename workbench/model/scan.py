@@ -36,33 +36,61 @@ def stack_blocks(blocks: Any) -> nnx.Module:
     return nnx.merge(graphdef, stacked)
 
 
-def run_blocks(layers: nnx.Module, x: jax.Array, *args: Any) -> jax.Array:
-    """``x`` through every layer of the stacked block ``layers`` in turn, ``block(x, *args)``
-    each; the stacked caches come back updated.
+def run_blocks(
+    layers: nnx.Module, x: jax.Array, positions: jax.Array, rope: Any, hooks: Any = None, **rows: Any
+) -> jax.Array:
+    """``x`` through every layer of the stacked block ``layers`` in turn, ``block(x, positions,
+    rope, **rows)`` each (rows: the per-row inputs, segments and adapters); the stacked caches
+    come back updated.
 
-    The params are scanned over; the caches ride in the carry, layer ``i``'s read out and
-    written back in place, so the step touches each layer's cache once rather than copying the
-    stack into the scan's outputs.
+    The params (quantized ones and LoRA adapters included: every Variable but the caches) are
+    scanned over; the caches ride in the carry, layer ``i``'s read out and written back in place,
+    so the step touches each layer's cache once rather than copying the stack into the scan's
+    outputs. With ``hooks`` (probes, ``model.hooks``) each step gets ``hooks.layer(i)`` for its
+    traced index ``i``; what the block records comes out of the scan stacked, ``[L, ...]``, and
+    is recorded on ``layers`` (``nnx.capture`` around the model collects it there).
     """
     graphdef, cache, other = nnx.split(layers, nnx.Cache, ...)
 
     def step(carry, layer):
         x, cache, i = carry
         block = nnx.merge(graphdef, jax.tree.map(lambda c: c[i], cache), layer)
-        x = block(x, *args)
+        if hooks is None:
+            x, sown = block(x, positions, rope, **rows), {}
+        else:  # what the hooks sow into this step's block, as the step's output
+            x, sown = nnx.capture(block, nnx.Intermediate)(x, positions, rope, hooks.layer(i), **rows)
+            sown = nnx.to_pure_dict(sown)
         written = nnx.state(block, nnx.Cache)
         cache = jax.tree.map(lambda c, new: jax.lax.dynamic_update_index_in_dim(c, new, i, 0), cache, written)
-        return (x, cache, i + 1), None
+        return (x, cache, i + 1), sown
 
-    (x, cache, _), _ = jax.lax.scan(step, (x, cache, jnp.int32(0)), other)
+    (x, cache, _), sown = jax.lax.scan(step, (x, cache, jnp.int32(0)), other)
     nnx.update(layers, cache)
+    _record(layers, sown)
     return x
+
+
+def _record(module: nnx.Module, sown: dict) -> None:
+    """Sow on ``module`` (and its submodules) what the scan's blocks sowed, stacked ``[L, ...]``."""
+    for name, value in sown.items():
+        if isinstance(value, tuple):  # one site's sown values (``Module.sow`` appends to a tuple)
+            for stacked in value:
+                module.sow(nnx.Intermediate, name, stacked)
+        else:
+            _record(module[name] if isinstance(name, int) else getattr(module, name), value)
 
 
 def is_stacked(tree: dict) -> bool:
     """Whether a pure dict (params or cache) holds stacked layers (``layers/<name>``)."""
     layers = tree.get("layers", {})
     return bool(layers) and not all(isinstance(k, int) or str(k).isdigit() for k in layers)
+
+
+def is_stacked_path(path: str) -> bool:
+    """Whether a leaf path is a stacked layer leaf (``layers/attn/q`` [L, ...]) rather than one
+    layer's (``layers/0/attn/q``) or no layer's (``embed/embedding``)."""
+    parts = path.split("/")
+    return parts[0] == "layers" and len(parts) > 1 and not parts[1].isdigit()
 
 
 def stack_layers(tree: dict) -> dict:

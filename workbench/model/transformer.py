@@ -128,10 +128,8 @@ class Transformer(nnx.Module):
         rope = self.rope(positions)
         ropes = {"global": rope, "local": rope if self.local_rope is None else self.local_rope(positions)}
         rows = dict(segments=segments, adapters=adapters)
-        if isinstance(self.layers, Block):  # scanned layers
-            if segments is not None or adapters is not None:
-                raise ValueError("scanned layers do not take packed prompts or adapters yet: load without scan_layers")
-            x = run_blocks(self.layers, x, positions, rope)
+        if isinstance(self.layers, Block):  # scanned layers: the hooks see a traced layer index
+            x = run_blocks(self.layers, x, positions, rope, hooks=hooks, **rows)
         else:
             for i, layer in enumerate(self.layers):
                 probed = () if hooks is None else (hooks.layer(i),)

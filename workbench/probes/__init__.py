@@ -20,6 +20,10 @@ a power of two) are static.
 So changing a layer, a head, a value or a slot does not recompile. ``slots`` on an intervention
 is the slot mask: which decode rows it applies to (None: all; prefill has one row, 0).
 
+Scanned layers (``scan_layers=True``): one block runs every layer, so its hooks see a traced layer
+index; interventions pick their layer's row of the arrays above by it, and the capture comes out
+of the scan stacked ``[L, ...]`` (every layer; the host keeps those ``Capture.layers`` asks for).
+
 Zero cost when off: with no probes and no interventions the engine calls its steps exactly as
 before (the hooks are ``None`` and every hook site is a Python ``if``), so the compiled programs
 are today's. Each probe setting compiles once, counted as ``"prefill+probes"`` / ``"generate+probes"``.

@@ -132,18 +132,34 @@ def prepare(
     return plan, data
 
 
-def run(model: Any, plan: Plan, data: dict | None, tokens, positions, live, logits_at=None) -> tuple[jax.Array, dict]:
+def run(
+    model: Any, plan: Plan, data: dict | None, tokens, positions, live, logits_at=None, adapters=None
+) -> tuple[jax.Array, dict]:
     """Call a merged model under ``plan`` inside a jitted step: (logits, the raw capture).
 
     With ``Capture(logits=True)`` every position's logits are computed (and recorded); the
-    step still gets the rows at ``logits_at`` [B] when given."""
+    step still gets the rows at ``logits_at`` [B] when given. ``adapters`` [B]: each row's LoRA
+    adapter (-1: the base model), on a model with adapters; None: none."""
     hooks = Hooks(plan, data or {}, positions, live)
     every = plan.capture is not None and plan.capture.logits
     call = nnx.capture(model, nnx.Intermediate)  # what the hooks ``sow`` comes back as a State
-    logits, sown = call(tokens, positions, logits_at=None if every else logits_at, hooks=hooks)
+    at = None if every else logits_at
+    logits, sown = call(tokens, positions, logits_at=at, adapters=adapters, hooks=hooks)
     if every and logits_at is not None:
         logits = jnp.take_along_axis(logits, logits_at[:, None, None], axis=1)[:, 0]
-    return logits, {"sown": nnx.to_pure_dict(sown), "tokens": tokens, "positions": positions, "live": live}
+    sown = asked_layers(nnx.to_pure_dict(sown), plan.capture)
+    return logits, {"sown": sown, "tokens": tokens, "positions": positions, "live": live}
+
+
+def asked_layers(sown: dict, capture: Capture | None) -> dict:
+    """Scanned layers record every layer, stacked ``[L, ...]`` under ``layers/<site>`` (the layer
+    index is traced): keep the rows of the layers ``capture`` asks for, in ascending order, so
+    only those leave the device. An unrolled model's records (``layers/<i>/...``) are kept as they are."""
+    layers = sown.get("layers")
+    if capture is None or capture.layers is None or not layers or any(isinstance(k, int) for k in layers):
+        return sown
+    rows = jnp.asarray(sorted(set(capture.layers)), jnp.int32)
+    return {**sown, "layers": jax.tree.map(lambda stacked: stacked[rows], layers)}
 
 
 def attach(result: Any, raw: dict, plan: Plan) -> Any:

@@ -75,8 +75,14 @@ def captured_from(raw: dict, capture: Capture) -> Captured:
             continue
         name = SOWN[[p for p in parts if p in SOWN][-1]]
         value = np.asarray(value)
-        value = value[:, :, :queries, :keys] if name == "attention" else value[:, :queries]
-        sites.setdefault(name, {})[int(parts[1])] = value
+        if parts[1].isdigit():  # layers/<i>/...: one layer's
+            per_layer = {int(parts[1]): value}
+        else:  # scanned layers, stacked: every layer's, or the asked ones in ascending order (plan.run)
+            layers = range(value.shape[0]) if capture.layers is None else sorted(set(capture.layers))
+            per_layer = dict(zip(layers, value))
+        for layer, recorded in per_layer.items():
+            trimmed = recorded[:, :, :queries, :keys] if name == "attention" else recorded[:, :queries]
+            sites.setdefault(name, {})[layer] = trimmed
     cut = (slice(None), slice(0, queries))
     return Captured(capture, raw["tokens"][cut], raw["positions"][cut], live[cut], sites, logits)
 

@@ -19,24 +19,34 @@ from workbench.probes.recorded import Captured, captured_from
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _forward(graphdef, plan, params, rest, tokens, data):
+def _forward(graphdef, plan, params, rest, tokens, data, adapters):
     model = nnx.merge(graphdef, params, rest, copy=True)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    return run(model, plan, data, tokens, positions, jnp.ones(tokens.shape, bool))
+    return run(model, plan, data, tokens, positions, jnp.ones(tokens.shape, bool), adapters=adapters)
 
 
 def forward(
-    engine: Any, params: Any, tokens: Any, capture: Capture | None = None, interventions: Sequence[Any] | None = None
+    engine: Any,
+    params: Any,
+    tokens: Any,
+    capture: Capture | None = None,
+    interventions: Sequence[Any] | None = None,
+    *,
+    adapter: str | None = None,
 ) -> tuple[jax.Array, Captured | None]:
-    """The uncached forward pass (``engine.forward``'s oracle) under probes: (logits [B, T, V], Captured)."""
+    """The uncached forward pass (``engine.forward``'s oracle) under probes: (logits [B, T, V],
+    Captured). ``adapter``: a loaded LoRA adapter applied to every row (None: the base model)."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be 2-D [batch, length], got shape {tokens.shape}")
     plan, data = prepare(capture, interventions, engine.config, tokens.shape[0])
     if plan is None:
-        return engine.forward(params, tokens), None
+        return engine.forward(params, tokens, adapter=adapter), None
     check_token_ids(tokens, engine.config.vocab_size)
-    logits, raw = _forward(engine.forward_graphdef, plan, params, engine.rest, jnp.asarray(tokens, jnp.int32), data)
+    index = engine.adapter_index(adapter)  # checks the name; None on an engine without adapters
+    rows = None if adapter is None else jnp.full((tokens.shape[0],), index, jnp.int32)
+    arrays = (params, engine.rest, jnp.asarray(tokens, jnp.int32), data, rows)
+    logits, raw = _forward(engine.forward_graphdef, plan, *arrays)
     return logits, None if capture is None else captured_from(raw, capture)
 
 
