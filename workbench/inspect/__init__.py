@@ -8,6 +8,7 @@
     inspect.sharding(params).plot()                # bytes per device
     inspect.attention(result.captured, tokens=text)  # heads, from probes.Capture() (workbench.probes)
     inspect.logit_lens(result.captured, engine, params)
+    inspect.logit_attribution(result, engine, params, (token, other))  # Capture(heads=True)
     inspect.prefix_cache(cache).plot()             # a PrefixCache's tree: blocks, bytes, hits
 
 Every report prints as aligned, deterministic text, renders as an HTML table in notebooks, and
@@ -17,6 +18,7 @@ returns its rows with ``.to_rows()``.
 from workbench.inspect.attention import AttentionReport, attention
 from workbench.inspect.kv_diff import KVCacheDiff, kv_cache_diff, snapshot
 from workbench.inspect.kv_report import KVCacheReport, kv_cache
+from workbench.inspect.logit_attribution import LogitAttributionReport, logit_attribution
 from workbench.inspect.logit_lens import LogitLensReport, logit_lens
 from workbench.inspect.prefix_cache import PrefixCacheReport, prefix_cache
 from workbench.inspect.report import Report
@@ -27,6 +29,7 @@ __all__ = [
     "AttentionReport",
     "KVCacheDiff",
     "KVCacheReport",
+    "LogitAttributionReport",
     "LogitLensReport",
     "PrefixCacheReport",
     "Report",
@@ -35,6 +38,7 @@ __all__ = [
     "StateReport",
     "kv_cache",
     "kv_cache_diff",
+    "logit_attribution",
     "logit_lens",
     "prefix_cache",
     "sharding",

@@ -172,7 +172,7 @@ class Attention(nnx.Module):
             if hooks.weights:
                 out, weights = out
                 hooks.record(self, "weights", weights)
-            out = hooks.heads(out.reshape(b, t, n, h))
+            out = hooks.heads(out.reshape(b, t, n, h), self)
         # One contracting dim (N*H): given "BTNH,NHD", XLA orders the two as (H, N) and transposes
         # the o weights into that order on every call.
         out = out.reshape(b, t, n * h)

@@ -56,10 +56,16 @@ class LayerHooks:
     def record(self, module: nnx.Module, name: str, value: jax.Array) -> None:
         self.hooks.record(module, name, value)
 
-    def heads(self, out: jax.Array) -> jax.Array:
-        """Ablation of query heads: ``out`` [B, T, N, H], the heads' outputs before ``o``."""
-        if not self.hooks.plan.ablate:
-            return out
+    def heads(self, out: jax.Array, module: nnx.Module | None = None) -> jax.Array:
+        """Ablation of query heads: ``out`` [B, T, N, H], the heads' outputs before ``o``; with
+        ``Capture(heads=True)`` what flows on is recorded as ``heads`` (per-head logit attribution)."""
+        if self.hooks.plan.ablate:
+            out = self._ablate(out)
+        if module is not None and self.records and self.hooks.capture.heads:
+            self.record(module, "heads", out)
+        return out
+
+    def _ablate(self, out: jax.Array) -> jax.Array:
         keep = self.hooks.data["keep"][self.index][:, None, :, None]  # [B, 1, N, 1]
         mean = self.hooks.data["mean"][self.index][:, None, :, None]
         live = self.hooks.live[:, :, None, None].astype(out.dtype)

@@ -22,13 +22,16 @@ def check_layer(name: str, layer: Any, num_layers: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Capture:
-    """Which activations a step records. ``layers``: the layers to record (None: every layer)."""
+    """Which activations a step records. ``layers``: the layers to record (None: every layer).
+    ``heads``: each query head's output before the ``o`` projection, [rows, T, N, H] (what
+    ``inspect.logit_attribution`` splits per head)."""
 
     attention: bool = True
     residual: bool = True
     mlp: bool = True
     logits: bool = True
     layers: tuple[int, ...] | None = None
+    heads: bool = False
 
     def __post_init__(self) -> None:
         if self.layers is not None:

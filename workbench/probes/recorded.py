@@ -52,12 +52,16 @@ class Captured:
         """What the MLP adds to the residual stream, [rows, T, D]."""
         return self.site("mlp_out", layer)
 
+    def heads(self, layer: int) -> np.ndarray:
+        """Each query head's output before the ``o`` projection, [rows, T, N, H]."""
+        return self.site("heads", layer)
+
     @property
     def layers(self) -> list[int]:
         return sorted({layer for per_layer in self.sites.values() for layer in per_layer})
 
 
-SOWN = {"weights": "attention", "attn_out": "attn_out", "residual": "residual", "mlp_out": "mlp_out"}
+SOWN = {"weights": "attention", "attn_out": "attn_out", "residual": "residual", "mlp_out": "mlp_out", "heads": "heads"}
 
 
 def captured_from(raw: dict, capture: Capture) -> Captured:
