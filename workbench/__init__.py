@@ -14,6 +14,7 @@ or let the continuous-batching driver step it (prefill, insert, generate and fre
 The engine's contract with JetStream's API, difference by difference: ``docs/engine-api.md``.
 """
 
+from workbench import sae  # the module: workbench.sae.load
 from workbench.devices import simulate_cpu_devices
 from workbench.engine import (
     GREEDY,
@@ -51,6 +52,7 @@ __all__ = [
     "notebook_setup",
     "preset",
     "run_requests",
+    "sae",
     "simulate_cpu_devices",
 ]
 

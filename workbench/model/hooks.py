@@ -82,9 +82,20 @@ class LayerHooks:
             x = jnp.where(jnp.any(hit, axis=-1, keepdims=True), patched, x)
         if site == "residual" and hooks.plan.steer:
             x = x + hooks.data["steer"][self.index][:, None, :].astype(x.dtype)
+        if site == "residual" and hooks.plan.clamp:
+            x = self._clamp(x)
         if self.wants(site):
             self.record(module, site, x)
         return x
+
+    def _clamp(self, x: jax.Array) -> jax.Array:
+        """``probes.SteerFeature(mode="clamp")``: one SAE feature per row set to its value, what
+        the SAE does not explain kept: ``x + (value - f(x)) * decoder row``, f JumpReLU (ReLU: 0 threshold)."""
+        c = {name: a[self.index] for name, a in self.hooks.data["clamp"].items()}  # [B, D] or [B]
+        pre = jnp.einsum("BTD,BD->BT", x.astype(jnp.float32), c["enc"]) + c["bias"][:, None]
+        active = jnp.where(pre > c["threshold"][:, None], jnp.maximum(pre, 0.0), 0.0)
+        delta = jnp.where(c["on"][:, None], c["value"][:, None] - active, 0.0)  # [B, T]
+        return (x.astype(jnp.float32) + delta[..., None] * c["dec"][:, None, :]).astype(x.dtype)
 
     def attend(self, q, k, v, visible, dtype, keys: int, softcap=None) -> tuple[jax.Array, jax.Array]:
         """Attention that also returns its weights: q [B, T, K, G, H] (scaled), k, v [B, S, K, H],

@@ -13,6 +13,11 @@ T the step's queries; S the keys it read), the attention block's output ``attn_o
 output ``mlp`` (``[rows, T, D]``, what each adds to the residual stream), the residual stream after
 the block ``residual``; and the final logits ``[rows, T, V]``.
 
+With ``Capture(heads=True)`` each query head's output before ``o`` is recorded too
+(``inspect.logit_attribution`` splits attention per head with it); with ``Capture(sae={layer: sae})``
+the host reads each such layer's captured residual through a sparse autoencoder
+(:mod:`workbench.sae`): ``Captured.features(layer)``. ``SteerFeature`` adds or clamps one SAE feature.
+
 **Interventions** are data. :func:`prepare` turns a list of them into dense arrays over layers
 (``[L, rows, N]`` head gains, ``[L, rows, D]`` steering vectors, ``[L, P, ...]`` patches) passed
 into the jitted step; only the *kinds* present (and a patch's count of positions, rounded up to
@@ -33,10 +38,12 @@ from workbench.probes.interventions import (
     ABLATE_MODES,
     INTERVENTIONS,
     SITES,
+    STEER_MODES,
     Ablate,
     Capture,
     Patch,
     Steer,
+    SteerFeature,
     check_layer,
 )
 from workbench.probes.plan import Plan, attach, prepare, run
@@ -49,12 +56,14 @@ __all__ = [
     "NO_CAPTURE",
     "SITES",
     "SOWN",
+    "STEER_MODES",
     "Ablate",
     "Capture",
     "Captured",
     "Patch",
     "Plan",
     "Steer",
+    "SteerFeature",
     "attach",
     "captured",
     "captured_from",

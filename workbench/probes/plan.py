@@ -15,8 +15,19 @@ from flax import nnx
 
 from workbench.checks import check_int, is_int
 from workbench.model.hooks import Hooks
-from workbench.probes.interventions import ABLATE_MODES, INTERVENTIONS, SITES, Ablate, Capture, Steer, check_layer
+from workbench.probes.interventions import (
+    ABLATE_MODES,
+    INTERVENTIONS,
+    SITES,
+    STEER_MODES,
+    Ablate,
+    Capture,
+    Steer,
+    SteerFeature,
+    check_layer,
+)
 from workbench.probes.recorded import captured_from
+from workbench.sae import SAE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +38,7 @@ class Plan:
     capture: Capture | None = None
     ablate: bool = False
     steer: bool = False
+    clamp: bool = False
     patches: tuple[tuple[str, int], ...] = ()
 
 
@@ -63,6 +75,42 @@ def _check_overlaps(site: str, entries: list, rows: int) -> None:
         before |= mask
 
 
+def _check_width(what: str, sae: Any, width: int) -> None:
+    if not isinstance(sae, SAE):
+        raise TypeError(f"{what}: sae must be a workbench.sae.SAE (workbench.sae.load), got {type(sae).__name__}")
+    if sae.d_in != width:
+        raise ValueError(f"{what}: the SAE reads width {sae.d_in}, but the residual stream is {width} wide")
+
+
+def _clamp_arrays(L: int, rows: int, D: int) -> dict[str, np.ndarray]:  # noqa: N803 (axis letters)
+    """Per layer and row, one clamped feature: its encoder column, bias, threshold, decoder row,
+    the value it is clamped to, and whether a clamp applies there at all."""
+    return {
+        "enc": np.zeros((L, rows, D), np.float32), "bias": np.zeros((L, rows), np.float32),
+        "threshold": np.zeros((L, rows), np.float32), "dec": np.zeros((L, rows, D), np.float32),
+        "value": np.zeros((L, rows), np.float32), "on": np.zeros((L, rows), bool),
+    }  # fmt: skip
+
+
+def _steer_feature(item: SteerFeature, layer: int, mask: np.ndarray, D: int, steer, clamp) -> None:  # noqa: N803
+    _check_width("SteerFeature", item.sae, D)
+    if item.mode not in STEER_MODES:
+        raise ValueError(f"SteerFeature: mode must be one of {STEER_MODES}, got {item.mode!r}")
+    sae, i = item.sae, item.sae.feature(item.feature)
+    if item.mode == "add":
+        steer[layer, mask] += float(item.value) * sae.W_dec[i]
+        return
+    if sae.architecture == "topk":
+        raise ValueError("SteerFeature: a topk SAE's feature depends on the others; clamp needs a JumpReLU or ReLU SAE")
+    if (clamp["on"][layer] & mask).any():
+        raise ValueError(f"SteerFeature: layer {layer} already clamps a feature in one of these slots")
+    bias = sae.b_enc[i] - (sae.b_dec @ sae.W_enc[:, i] if sae.apply_b_dec_to_input else 0.0)
+    threshold = sae.threshold[i] if sae.architecture == "jumprelu" else 0.0
+    values = (sae.W_enc[:, i], bias, threshold, sae.W_dec[i], float(item.value), True)
+    for name, value in zip(("enc", "bias", "threshold", "dec", "value", "on"), values):
+        clamp[name][layer, mask] = value
+
+
 def prepare(
     capture: Capture | None, interventions: Sequence[Any] | None, config: Any, rows: int
 ) -> tuple[Plan | None, dict[str, Any] | None]:
@@ -76,12 +124,18 @@ def prepare(
     if capture is not None:
         for layer in capture.layers or ():
             check_layer("Capture", layer, L)
+        for layer, sae in capture.sae or ():
+            check_layer("Capture(sae=...)", layer, L)
+            _check_width(f"Capture(sae=...) layer {layer}", sae, D)
     keep, mean = np.ones((L, rows, N), np.float32), np.zeros((L, rows, N), np.float32)
     steer = np.zeros((L, rows, D), np.float32)
+    clamp = _clamp_arrays(L, rows, D)
     patches: dict[str, list[tuple[int, int, np.ndarray, np.ndarray]]] = {}
     for item in interventions:
         if not isinstance(item, INTERVENTIONS):
-            raise TypeError(f"interventions must be probes.Ablate / Patch / Steer, got {type(item).__name__}")
+            raise TypeError(
+                f"interventions must be probes.Ablate / Patch / Steer / SteerFeature, got {type(item).__name__}"
+            )
         what = type(item).__name__
         layer = check_layer(what, item.layer, L)
         mask = _slot_mask(what, item.slots, rows)
@@ -97,6 +151,8 @@ def prepare(
                 mean[layer, mask, head] = 1.0 if item.mode == "mean" else 0.0
         elif isinstance(item, Steer):
             steer[layer, mask] += float(item.scale) * _vectors("Steer", item.vector, (D,))
+        elif isinstance(item, SteerFeature):
+            _steer_feature(item, layer, mask, D, steer, clamp)
         else:
             if item.site not in SITES:
                 raise ValueError(f"Patch: site must be one of {SITES}, got {item.site!r}")
@@ -107,14 +163,16 @@ def prepare(
             patches.setdefault(item.site, []).extend((layer, p, mask, v) for p, v in zip(positions, values))
     # The kinds present are static (an Ablate of no heads still compiles the ablating program, so
     # a baseline run shares it); everything else is data.
-    plan = Plan(
-        capture, any(isinstance(i, Ablate) for i in interventions), any(isinstance(i, Steer) for i in interventions)
-    )
+    adds = any(isinstance(i, Steer) or isinstance(i, SteerFeature) and i.mode == "add" for i in interventions)
+    clamps = any(isinstance(i, SteerFeature) and i.mode == "clamp" for i in interventions)
+    plan = Plan(capture, any(isinstance(i, Ablate) for i in interventions), adds, clamps)
     data: dict[str, Any] = {}
     if plan.ablate:
         data["keep"], data["mean"] = keep, mean
     if plan.steer:
         data["steer"] = steer
+    if plan.clamp:
+        data["clamp"] = clamp
     sizes = []
     for site in sorted(patches):  # a static plan that does not depend on the order given
         entries = patches[site]

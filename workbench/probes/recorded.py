@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from workbench import trees
+from workbench import sae, trees
 from workbench.probes.interventions import Capture
 
 NO_CAPTURE = "was not captured: pass probes=workbench.probes.Capture(...) to prefill / generate"
@@ -27,6 +27,7 @@ class Captured:
     live: np.ndarray
     sites: dict[str, dict[int, np.ndarray]]
     logits: np.ndarray | None
+    sae_features: dict[int, sae.Features] = dataclasses.field(default_factory=dict)
 
     def site(self, name: str, layer: int) -> np.ndarray:
         if name not in self.sites:
@@ -55,6 +56,13 @@ class Captured:
     def heads(self, layer: int) -> np.ndarray:
         """Each query head's output before the ``o`` projection, [rows, T, N, H]."""
         return self.site("heads", layer)
+
+    def features(self, layer: int) -> sae.Features:
+        """The SAE reading of layer ``layer``'s residual (``Capture(sae={layer: ...})``): the
+        strongest features per token, how many are active, the reconstruction error."""
+        if layer not in self.sae_features:
+            raise ValueError(f"SAE features of layer {layer} {NO_CAPTURE} with sae={{{layer}: an SAE}}")
+        return self.sae_features[layer]
 
     @property
     def layers(self) -> list[int]:
@@ -88,7 +96,10 @@ def captured_from(raw: dict, capture: Capture) -> Captured:
             trimmed = recorded[:, :, :queries, :keys] if name == "attention" else recorded[:, :queries]
             sites.setdefault(name, {})[layer] = trimmed
     cut = (slice(None), slice(0, queries))
-    return Captured(capture, raw["tokens"][cut], raw["positions"][cut], live[cut], sites, logits)
+    # SAEs read the captured residual on the host: no SAE weights enter the compiled step
+    top = capture.sae_top
+    features = {layer: sae.features(model, sites["residual"][layer], top) for layer, model in capture.sae or ()}
+    return Captured(capture, raw["tokens"][cut], raw["positions"][cut], live[cut], sites, logits, features)
 
 
 def captured(result: Any) -> Captured:
