@@ -135,6 +135,12 @@ class LogitAttributionReport(Report):
             notes.append(
                 f"the pre-cap logit is attributed (final soft-capping at {config.final_logit_softcap} is not linear)"
             )
+        if self.heads is not None:
+            attn = np.array([self.parts[(layer, "attn")] for layer in range(L)])
+            if np.abs(self.heads.sum(1) - attn).max() > 1e-3 * max(1.0, np.abs(attn).max()):
+                notes.append(
+                    "the heads do not sum to their layer's attention (a LoRA adapter on o is not split per head)"
+                )
         if abs(self.rest) > 1e-4 * max(1.0, abs(self.logit)):
             notes.append(f"not from the captured sites (an intervention's addition): {fmt_float(self.rest)}")
         self.notes = tuple(notes)

@@ -37,7 +37,7 @@ class Capture:
     layers: tuple[int, ...] | None = None
     heads: bool = False
     sae: Any = dataclasses.field(default=None, compare=False)
-    sae_top: int = 10
+    sae_top: int = dataclasses.field(default=10, compare=False)  # host-side: no recompile
 
     def __post_init__(self) -> None:
         if self.layers is not None:
