@@ -203,3 +203,44 @@ def read_gb_per_s(gib: float = 0.5, repeats: int = 3) -> float:
     jax.block_until_ready(total(data))  # compile and touch every page before timing
     seconds = statistics.median(_timed(lambda: total(data)) for _ in range(repeats))
     return data.nbytes / seconds / 1e9
+
+
+# ---- curves: the step against context and batch, prefill against prompt length ------------------
+def decode_step_times(engine: Engine, params: Params, context: int, steps: int) -> list[float]:
+    """Seconds of ``steps`` decode steps (after one untimed) with every slot holding ``context``
+    cached tokens by the last step, each step blocked until ready.
+
+    The slots are not prefilled to ``context`` (at 1B parameters a batch of 8k-token prompts
+    would take hours on a few cores): one 16-token prefix fills every slot and the positions are
+    then moved on, so attention reads ``context`` keys (of stale cache rows) as it would for a
+    real prompt; the weights' and the cache's bytes read, and the kernels run, are the same."""
+    start = context - steps - 1
+    if start < 16 or context > engine.max_target_length:
+        raise ValueError(f"context {context} must lie in {steps + 17}..max_target_length ({engine.max_target_length})")
+    tokens = np.random.default_rng(0).integers(3, engine.config.vocab_size, size=16)
+    prefix, _ = engine.prefill(params=params, padded_tokens=engine.pad(tokens)[0], true_length=16)
+    state = engine.init_decode_state(0)
+    for slot in range(engine.max_concurrent_decodes):
+        state = engine.insert(prefix, state, slot)
+    positions = jax.device_put(np.full(state.positions.shape, start, np.int32), state.positions.sharding)
+    state = state.replace(positions=positions)
+    state, _ = jax.block_until_ready(engine.generate(params, state))  # untimed: compiles on a first call
+    times = []
+    for _ in range(steps):
+        begin = time.perf_counter()
+        state, _ = jax.block_until_ready(engine.generate(params, state))
+        times.append(time.perf_counter() - begin)
+    return times
+
+
+def prefill_times(engine: Engine, params: Params, length: int, repeats: int = 1) -> list[float]:
+    """Seconds of ``repeats`` prefills of one ``length``-token prompt, after an untimed one
+    (which compiles the prompt's bucket if no earlier call did)."""
+    tokens = np.random.default_rng(2).integers(3, engine.config.vocab_size, size=length)
+    padded, true_length = engine.pad(tokens)
+
+    def prefill():
+        return engine.prefill(params=params, padded_tokens=padded, true_length=true_length)
+
+    jax.block_until_ready(prefill())
+    return [_timed(prefill) for _ in range(repeats)]
