@@ -244,3 +244,32 @@ def prefill_times(engine: Engine, params: Params, length: int, repeats: int = 1)
 
     jax.block_until_ready(prefill())
     return [_timed(prefill) for _ in range(repeats)]
+
+
+SWEEPS = ("context", "batch", "prefill")  # the bench command's --sweep
+
+
+def sweep(
+    engine: Engine, params: Params, kind: str, points: list[int], steps: int = 3, context: int = 64
+) -> list[dict[str, Any]]:
+    """One curve of ours: ``[{"point": n, "ms": median ms, "decode_library": ...}]`` -- the decode
+    step against ``context`` (cached tokens a slot, :func:`decode_step_times`), against decode
+    ``batch`` (one engine per batch over the same params, ``context`` cached tokens a slot), or
+    ``prefill`` against prompt length. ``side_by_side.py --curves`` sets transformers beside them."""
+    if kind not in SWEEPS:
+        raise ValueError(f"sweep must be one of {', '.join(SWEEPS)}, got {kind!r}")
+    for point in points:
+        check_int(f"{kind} point", point, positive=True)
+    rows = []
+    for point in points:
+        target = engine
+        if kind == "batch":
+            shape = dict(max_prefill_length=engine.max_prefill_length, max_target_length=engine.max_target_length)
+            target = Engine(engine.config, engine.mesh, decode_batch_size=point, **shape)
+        if kind == "prefill":
+            times = prefill_times(target, params, point, steps)
+        else:
+            times = decode_step_times(target, params, context if kind == "batch" else point, steps)
+        library = target.tune()
+        rows.append({"point": point, "ms": statistics.median(times) * 1e3, "decode_library": library})
+    return rows

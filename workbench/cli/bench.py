@@ -32,12 +32,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prompt-length", type=int, default=64, metavar="L", help="tokens per prompt (default 64)")
     group.add_argument("--steps", type=int, default=32, metavar="N", help="timed decode steps (default 32)")
     group.add_argument("--json", action="store_true", help="print the figures as one JSON object on stdout")
+    group.add_argument(
+        "--sweep",
+        choices=("context", "batch", "prefill"),
+        default=None,
+        help="instead: one curve (decode step against context or batch, prefill against prompt length)",
+    )
+    group.add_argument(
+        "--points", default=None, metavar="N,N,...", help="the sweep's points (cached tokens, slots, prompt tokens)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from workbench import compile_cache
     from workbench.bench import check_shape, measure, read_gb_per_s
 
+    if args.sweep:
+        return run_sweep(args)
     # Before loading anything: a shape that cannot work should not cost a model load to find out.
     check_shape(args.prompt_length, args.steps, args.max_prefill_length, args.max_target_length)
     cache_before, start = collections.Counter(compile_cache.counts), time.perf_counter()
@@ -77,4 +88,33 @@ def run(args: argparse.Namespace) -> int:
             "roofline_fraction": result.achieved_gb_per_s / bandwidth,
         }
         print(json.dumps(figures))
+    return 0
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """``--sweep KIND --points ...``: one curve of ours (:func:`workbench.bench.sweep`); each
+    point's median ms on stderr, and with ``--json`` ``{"sweep": KIND, "points": [{"point": n,
+    "ms": m, "decode_library": ...}, ...]}`` on stdout. ``--steps``: the timed calls a point;
+    ``--prompt-length``: the cached tokens a slot of the batch sweep.
+    Transformers beside it: ``scripts/side_by_side.py OUT --curves``."""
+    from workbench.bench import sweep
+
+    if not args.points:
+        raise ValueError("--sweep needs --points, e.g. --points 256,1024,4096")
+    try:
+        points = [int(part) for part in args.points.split(",")]
+    except ValueError:
+        raise ValueError(f"--points must be integers separated by commas, got {args.points!r}") from None
+    limit = {"context": args.max_target_length, "prefill": args.max_prefill_length}.get(args.sweep)
+    if limit is not None and max(points) > limit:  # before loading: a point that cannot run costs no load
+        bound = "max_target_length" if args.sweep == "context" else "max_prefill_length"
+        raise ValueError(f"{args.sweep} point {max(points)} exceeds {bound} ({limit})")
+    engine, params = load_engine(args)
+    rows = sweep(engine, params, args.sweep, points, steps=args.steps, context=args.prompt_length)
+    unit = {"context": "cached tokens", "batch": "decode slots", "prefill": "prompt tokens"}[args.sweep]
+    print(f"bench sweep {args.sweep} ({unit}), {engine.config.num_params() / 1e6:.1f}M params", file=sys.stderr)
+    for row in rows:
+        print(f"  {row['point']:>7d}   {row['ms']:10.2f} ms", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"sweep": args.sweep, "points": rows}))
     return 0
