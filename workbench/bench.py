@@ -210,20 +210,17 @@ def decode_step_times(engine: Engine, params: Params, context: int, steps: int) 
     """Seconds of ``steps`` decode steps (after one untimed) with every slot holding ``context``
     cached tokens by the last step, each step blocked until ready.
 
-    The slots are not prefilled to ``context`` (at 1B parameters a batch of 8k-token prompts
-    would take hours on a few cores): one 16-token prefix fills every slot and the positions are
-    then moved on, so attention reads ``context`` keys (of stale cache rows) as it would for a
-    real prompt; the weights' and the cache's bytes read, and the kernels run, are the same."""
+    The slots are not prefilled (at 1B parameters a batch of 8k-token prompts would take hours on
+    a few cores): every slot of a fresh decode state is marked live at position ``context - steps
+    - 1``, so attention reads ``context`` keys (zeros) as it would for a real prompt; the weights'
+    and the cache's bytes read, and the kernels run, are the same."""
     start = context - steps - 1
-    if start < 16 or context > engine.max_target_length:
-        raise ValueError(f"context {context} must lie in {steps + 17}..max_target_length ({engine.max_target_length})")
-    tokens = np.random.default_rng(0).integers(3, engine.config.vocab_size, size=16)
-    prefix, _ = engine.prefill(params=params, padded_tokens=engine.pad(tokens)[0], true_length=16)
+    if start < 0 or context > engine.max_target_length:
+        raise ValueError(f"context {context} must lie in {steps + 1}..max_target_length ({engine.max_target_length})")
     state = engine.init_decode_state(0)
-    for slot in range(engine.max_concurrent_decodes):
-        state = engine.insert(prefix, state, slot)
-    positions = jax.device_put(np.full(state.positions.shape, start, np.int32), state.positions.sharding)
-    state = state.replace(positions=positions)
+    slots = state.positions.shape
+    positions = jax.device_put(np.full(slots, start, np.int32), state.positions.sharding)
+    state = state.replace(positions=positions, active=jax.device_put(np.ones(slots, bool), state.active.sharding))
     state, _ = jax.block_until_ready(engine.generate(params, state))  # untimed: compiles on a first call
     times = []
     for _ in range(steps):
