@@ -74,6 +74,23 @@ def hf_cached_step_times(model, batch: int, context: int, steps: int) -> list[fl
     return times
 
 
+def best_threads(measure) -> dict:
+    """Transformers' median ms with torch's own thread count and with one thread, the faster kept
+    as ``hf_ms``: on a loaded machine torch's OpenMP threads wait at every barrier for a core
+    (a 56M step 8x slower with two threads than with one at load 7), where XLA's pool does not;
+    the faster of the two is the fair figure to set ours beside."""
+    import torch
+
+    own = torch.get_num_threads()
+    by_threads = {}
+    for threads in sorted({own, 1}, reverse=True):
+        torch.set_num_threads(threads)
+        by_threads[threads] = statistics.median(measure()) * 1e3
+    torch.set_num_threads(own)
+    fastest = min(by_threads, key=by_threads.get)
+    return dict(hf_ms=by_threads[fastest], hf_threads=fastest, hf_ms_by_threads=by_threads)
+
+
 def hf_prefill_time(model, length: int) -> float:
     """Seconds of the forward pass ``generate`` makes over a ``length``-token prompt (a fresh
     cache, logits of the last position only)."""
@@ -98,40 +115,6 @@ def run(checkpoint: Path, model, out_dir: Path, *, dtype: str, batches, contexts
     per_token = kv_bytes_per_token(config)
     cells, left_out = grid(batches, contexts, per_token, budget)
     log(f"cells {cells}; left out (cache over {budget / 2**30:.1f} GiB): {left_out}")
-    points, prompts, libraries = [], [], {}
-    for batch in sorted({b for b, _ in cells}):
-        mine = sorted(c for b, c in cells if b == batch)
-        prefill = max(lengths) if batch == 1 and lengths else 16
-        # Past the largest context, so every cell reads a sliced prefix of the cache, as a request
-        # short of a full cache does.
-        engine = workbench.Engine(
-            config,
-            base.mesh,
-            decode_batch_size=batch,
-            max_prefill_length=prefill,
-            max_target_length=max(max(mine) + 16, prefill),
-        )
-        libraries[batch] = engine.tune()
-        for context in mine:
-            load = os.getloadavg()[0]
-            ours = decode_step_times(engine, params, context, steps)
-            theirs = hf_cached_step_times(model, batch, context, steps)
-            point = dict(batch=batch, context=context, load=load, kv_cache_bytes=batch * context * per_token)
-            point |= dict(ours_ms=statistics.median(ours) * 1e3, hf_ms=statistics.median(theirs) * 1e3)
-            points.append(point)
-            log(
-                f"batch {batch:3d} context {context:5d}: ours {point['ours_ms']:8.1f} ms/step | "
-                f"transformers {point['hf_ms']:8.1f} ms/step | load {load:.1f}"
-            )
-        if batch == 1:
-            hf_prefill_time(model, min(lengths))  # warm-up: torch's first forward allocates
-            for length in lengths:
-                load = os.getloadavg()[0]
-                ours = prefill_times(engine, params, length)[0]
-                theirs = hf_prefill_time(model, length)
-                prompts.append(dict(length=length, load=load, ours_ms=ours * 1e3, hf_ms=theirs * 1e3))
-                log(f"prompt {length:5d}: ours {ours * 1e3:9.1f} ms | transformers {theirs * 1e3:9.1f} ms")
-        del engine
     results = dict(
         checkpoint=str(checkpoint),
         dtype=dtype,
@@ -141,11 +124,42 @@ def run(checkpoint: Path, model, out_dir: Path, *, dtype: str, batches, contexts
         kv_budget_bytes=budget,
         kv_bytes_per_token=per_token,
         weight_bytes=sum(leaf.nbytes for leaf in leaf_paths(params).values()),
-        decode_library=libraries,
+        decode_library={},
         left_out=left_out,
-        decode=points,
-        prefill=prompts,
+        decode=[],
+        prefill=[],
     )
+    for batch in sorted({b for b, _ in cells}):
+        mine = sorted(c for b, c in cells if b == batch)
+        # Past the largest context, so every cell reads a sliced prefix of the cache, as a request
+        # short of a full cache does.
+        engine = workbench.Engine(
+            config, base.mesh, decode_batch_size=batch, max_prefill_length=16, max_target_length=max(mine) + 16
+        )
+        results["decode_library"][batch] = engine.tune()
+        for context in mine:
+            load = os.getloadavg()[0]
+            ours = decode_step_times(engine, params, context, steps)
+            theirs = best_threads(lambda: hf_cached_step_times(model, batch, context, steps))
+            point = dict(batch=batch, context=context, load=load, kv_cache_bytes=batch * context * per_token)
+            point |= dict(ours_ms=statistics.median(ours) * 1e3, ours_times_ms=[t * 1e3 for t in ours], **theirs)
+            results["decode"].append(point)
+            write(out_dir, results, plots=False)  # a run cut short keeps its points
+            log(
+                f"batch {batch:3d} context {context:5d}: ours {point['ours_ms']:8.1f} ms/step | "
+                f"transformers {point['hf_ms']:8.1f} ms/step | load {load:.1f}"
+            )
+        del engine
+    if lengths:
+        engine = workbench.Engine(config, base.mesh, decode_batch_size=1, max_prefill_length=max(lengths))
+        hf_prefill_time(model, min(lengths))  # warm-up: torch's first forward allocates
+        for length in lengths:
+            load = os.getloadavg()[0]
+            ours = prefill_times(engine, params, length)[0]
+            theirs = best_threads(lambda: [hf_prefill_time(model, length)])
+            results["prefill"].append(dict(length=length, load=load, ours_ms=ours * 1e3, **theirs))
+            write(out_dir, results, plots=False)
+            log(f"prompt {length:5d}: ours {ours * 1e3:9.1f} ms | transformers {theirs['hf_ms']:9.1f} ms")
     write(out_dir, results)
     return 0
 
@@ -163,6 +177,7 @@ DECODE_COLUMNS = [
     ("KV cache MB", lambda p: p["kv_cache_bytes"] / 1e6, "{:.0f}"),
     ("workbench ms/step", lambda p: p["ours_ms"], "{:.1f}"),
     ("transformers ms/step", lambda p: p["hf_ms"], "{:.1f}"),
+    ("torch threads", lambda p: p["hf_threads"], "{}"),
     ("speedup", lambda p: p["hf_ms"] / p["ours_ms"], "{:.2f}x"),
     ("load", lambda p: p["load"], "{:.1f}"),
 ]
@@ -170,13 +185,14 @@ PREFILL_COLUMNS = [
     ("prompt", lambda p: p["length"], "{}"),
     ("workbench ms", lambda p: p["ours_ms"], "{:.0f}"),
     ("transformers ms", lambda p: p["hf_ms"], "{:.0f}"),
+    ("torch threads", lambda p: p["hf_threads"], "{}"),
     ("speedup", lambda p: p["hf_ms"] / p["ours_ms"], "{:.2f}x"),
     ("load", lambda p: p["load"], "{:.1f}"),
 ]
 
 
-def write(out_dir: Path, results: dict) -> str:
-    """``curves.json``, ``curves.csv`` (one row per point), ``curves.md`` and the plots."""
+def write(out_dir: Path, results: dict, plots: bool = True) -> str:
+    """``curves_DTYPE.json``, ``.csv`` (one row per point), ``.md`` and, with ``plots``, the plots."""
     tag = results["dtype"]
     (out_dir / f"curves_{tag}.json").write_text(json.dumps(results, indent=1))
     decode, prefill = results["decode"], results["prefill"]
@@ -190,7 +206,7 @@ def write(out_dir: Path, results: dict) -> str:
         for p in prefill:
             rows.writerow(["prefill", 1, p["length"], f"{p['ours_ms']:.2f}", f"{p['hf_ms']:.2f}", p["load"]])
     by_batch = {}
-    for p in decode:
+    for p in decode if plots else []:
         by_batch.setdefault(p["batch"], []).append(p)
     for batch, rows in by_batch.items():
         if len(rows) > 1:
@@ -202,17 +218,18 @@ def write(out_dir: Path, results: dict) -> str:
                 "ms per decode step",
                 f"decode step, batch {batch}, {tag}",
             )
-    first = min(p["context"] for p in decode)
+    first = min((p["context"] for p in decode), default=0)
     at_first = [p for p in decode if p["context"] == first]
-    plot(
-        out_dir / f"curves_{tag}_step_vs_batch.png",
-        [p["batch"] for p in at_first],
-        {"workbench": [p["ours_ms"] for p in at_first], "transformers": [p["hf_ms"] for p in at_first]},
-        "decode batch",
-        "ms per decode step",
-        f"decode step, context {first}, {tag}",
-    )
-    if prefill:
+    if plots and len(at_first) > 1:
+        plot(
+            out_dir / f"curves_{tag}_step_vs_batch.png",
+            [p["batch"] for p in at_first],
+            {"workbench": [p["ours_ms"] for p in at_first], "transformers": [p["hf_ms"] for p in at_first]},
+            "decode batch",
+            "ms per decode step",
+            f"decode step, context {first}, {tag}",
+        )
+    if plots and prefill:
         plot(
             out_dir / f"curves_{tag}_prefill_vs_length.png",
             [p["length"] for p in prefill],
@@ -226,7 +243,8 @@ def write(out_dir: Path, results: dict) -> str:
         "",
         f"Checkpoint {results['checkpoint']} ({results['weight_bytes'] / 1e9:.2f} GB of weights served), "
         f"{results['lscpu_model_name']} ({results['cpu']}); decode library {results['decode_library']} "
-        f"(by decode batch); {results['steps']} timed steps a cell, medians. Cells left out (KV cache over "
+        f"(by decode batch); {results['steps']} timed steps a cell, medians; transformers: the faster of torch's "
+        f"own thread count and one thread (`hf_ms_by_threads` in the JSON). Cells left out (KV cache over "
         f"{results['kv_budget_bytes'] / 2**30:.1f} GiB, {results['kv_bytes_per_token'] // 1024} KiB a token): "
         f"{', '.join(f'batch {b} x {c}' for b, c in results['left_out']) or 'none'}.",
         "",
