@@ -12,6 +12,10 @@ The cold start is measured too: ``compile_s`` (each call's first run less its me
 ``first_token_s`` (process start to the first generated token, prefill's), and, filled in by
 the bench command, ``load_s`` (``workbench.load``) and ``compile_cache`` (``"hit"`` when every
 program came from the persistent cache, ``"miss"``, or ``"off"``).
+
+Curves (``bench --sweep``, and ``scripts/side_by_side.py --curves`` beside transformers): the
+decode step against context and decode batch (:func:`decode_step_times`), prefill against prompt
+length (:func:`prefill_times`), one point each (:func:`sweep`).
 """
 
 from __future__ import annotations

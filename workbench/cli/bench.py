@@ -10,6 +10,8 @@ three), ``load_s``, ``first_token_s`` (process start to the first token) and ``c
 (``"hit"``, ``"miss"`` or ``"off"``); ``decode_library`` (``"ynnpack"`` or ``"eigen"``: what runs
 the decode step's weight products on the CPU, :mod:`workbench.engine.autotune`). See
 :mod:`workbench.bench` for what is measured and how.
+
+``--sweep context|batch|prefill --points N,N,...``: one curve instead (:func:`run_sweep`).
 """
 
 from __future__ import annotations
