@@ -17,7 +17,10 @@ part's median is scaled up to the whole model (layers by ``num_layers / layers p
 projection by ``vocab_size / rows probed``) and the library with the smaller sum is kept, said
 on stderr, and written to ``$XDG_CACHE_HOME/workbench/autotune.json``
 (``~/.cache/workbench/autotune.json``), keyed by (probe version, CPU, XLA flags, jax version,
-model shape, decode batch). Later engines and processes read it back.
+model shape, decode batch). Later engines and processes read it back. Left out, on purpose:
+attention, whose decode kernel over a cache slice has no dot (``model/kernels.py``) and whose
+share depends on the context, unknown when the pick is made; and w8 / w4's convert of int8
+weights before their float32 dot (the probe's weights are float32 already).
 
 When it runs: :mod:`workbench.engine.tuning` asks :func:`library` for an engine on the CPU, at
 ``engine.tune()`` or the engine's first ``generate`` -- never while an engine is built.
