@@ -134,6 +134,7 @@ def table(columns: Sequence[Column], rows: Iterable[Any]) -> list[str]:
 def plot(path: Path, xs, series: dict[str, list[float]], xlabel: str, ylabel: str, title: str) -> None:
     """A log-log line plot of each named series against ``xs``, saved to ``path``."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -143,6 +144,7 @@ def plot(path: Path, xs, series: dict[str, list[float]], xlabel: str, ylabel: st
         ax.plot(xs, ys, marker="o", label=name)
     ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
     ax.set_xticks(xs, [str(x) for x in xs])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # the log axis' own labels would overlap
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()

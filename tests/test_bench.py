@@ -142,3 +142,19 @@ def test_decode_state_is_updated_in_place(mesh):
     assert buffers(state) == before
     state = engine.free_resource(1, state)
     assert buffers(state) == before
+
+
+def test_sweep_context_times_one_point_per_context(capsys):
+    """``bench.sweep``: a median per point on the library the engine picks; through the command,
+    a context past the cache is one line of error before anything loads."""
+    from helpers import SMALL, engine_for
+    from workbench.bench import sweep
+
+    engine = engine_for(SMALL, {"data": 1})  # decode batch 2, a 32-position cache
+    rows = sweep(engine, engine.load_params(), "context", [24, 32], steps=1)
+    assert [row["point"] for row in rows] == [24, 32]
+    assert all(row["ms"] > 0 and row["decode_library"] == "eigen" for row in rows)
+    shape = ["--max-prefill-length", "16", "--max-target-length", "96"]
+    assert main(["bench", "--sweep", "context", "--points", "32,200", *shape]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "200 exceeds max_target_length (96)" in err and "\n" not in err

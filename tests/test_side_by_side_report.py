@@ -99,3 +99,15 @@ def test_precision_table_medians_per_round_ratios_against_float32():
     lines = precision.report(rows).splitlines()
     assert "| w8a8 | int8 dynamic | 5.00 | 30.00 | 6.00x | 0.50 | 1.00 | 2.0 | 25% | eigen |" in lines
     assert "| float32 | float32 | 10.00 | 30.00 | 3.00x | 1.00 | 1.00 | 2.0 | 25% | eigen |" in lines
+
+
+def test_curves_grid_leaves_out_the_cells_whose_cache_does_not_fit():
+    import side_by_side_curves as curves
+
+    from workbench import ModelConfig
+
+    per_token = curves.kv_bytes_per_token(ModelConfig.llama3_1b(dtype="float32"))
+    assert per_token == 2 * 16 * 8 * 64 * 4  # keys and values, 16 layers, 8 kv heads of 64, float32
+    kept, left_out = curves.grid([1, 8, 64], [256, 8192], per_token, 2 * 2**30)
+    assert kept == [(1, 256), (1, 8192), (8, 256), (64, 256)]  # 64 x 256 tokens: 1 GiB
+    assert left_out == [(8, 8192), (64, 8192)]  # 4 GiB and 32 GiB

@@ -12,6 +12,10 @@ The cold start is measured too: ``compile_s`` (each call's first run less its me
 ``first_token_s`` (process start to the first generated token, prefill's), and, filled in by
 the bench command, ``load_s`` (``workbench.load``) and ``compile_cache`` (``"hit"`` when every
 program came from the persistent cache, ``"miss"``, or ``"off"``).
+
+Curves (``bench --sweep``, and ``scripts/side_by_side.py --curves`` beside transformers): the
+decode step against context and decode batch (:func:`decode_step_times`), prefill against prompt
+length (:func:`prefill_times`), one point each (:func:`sweep`).
 """
 
 from __future__ import annotations
@@ -272,3 +276,70 @@ def measure_shared_prefix(
     return SharedPrefixResult(
         prompt_length, shared_prefix_length, engine.max_prefill_length, reused, ms["uncached"], ms["miss"], ms["hit"]
     )
+
+
+# ---- curves: the step against context and batch, prefill against prompt length ------------------
+def decode_step_times(engine: Engine, params: Params, context: int, steps: int) -> list[float]:
+    """Seconds of ``steps`` decode steps (after one untimed) with every slot holding ``context``
+    cached tokens by the last step, each step blocked until ready.
+
+    The slots are not prefilled (at 1B parameters a batch of 8k-token prompts would take hours on
+    a few cores): every slot of a fresh decode state is marked live at position ``context - steps
+    - 1``, so attention reads ``context`` keys (zeros) as it would for a real prompt; the weights'
+    and the cache's bytes read, and the kernels run, are the same."""
+    start = context - steps - 1
+    if start < 0 or context > engine.max_target_length:
+        raise ValueError(f"context {context} must lie in {steps + 1}..max_target_length ({engine.max_target_length})")
+    state = engine.init_decode_state(0)
+    slots = state.positions.shape
+    positions = jax.device_put(np.full(slots, start, np.int32), state.positions.sharding)
+    state = state.replace(positions=positions, active=jax.device_put(np.ones(slots, bool), state.active.sharding))
+    state, _ = jax.block_until_ready(engine.generate(params, state))  # untimed: compiles on a first call
+    times = []
+    for _ in range(steps):
+        begin = time.perf_counter()
+        state, _ = jax.block_until_ready(engine.generate(params, state))
+        times.append(time.perf_counter() - begin)
+    return times
+
+
+def prefill_times(engine: Engine, params: Params, length: int, repeats: int = 1) -> list[float]:
+    """Seconds of ``repeats`` prefills of one ``length``-token prompt, after an untimed one
+    (which compiles the prompt's bucket if no earlier call did)."""
+    tokens = np.random.default_rng(2).integers(3, engine.config.vocab_size, size=length)
+    padded, true_length = engine.pad(tokens)
+
+    def prefill():
+        return engine.prefill(params=params, padded_tokens=padded, true_length=true_length)
+
+    jax.block_until_ready(prefill())
+    return [_timed(prefill) for _ in range(repeats)]
+
+
+SWEEPS = ("context", "batch", "prefill")  # the bench command's --sweep
+
+
+def sweep(
+    engine: Engine, params: Params, kind: str, points: list[int], steps: int = 3, context: int = 64
+) -> list[dict[str, Any]]:
+    """One curve of ours: ``[{"point": n, "ms": median ms, "decode_library": ...}]`` -- the decode
+    step against ``context`` (cached tokens a slot, :func:`decode_step_times`), against decode
+    ``batch`` (one engine per batch over the same params, ``context`` cached tokens a slot), or
+    ``prefill`` against prompt length. ``side_by_side.py --curves`` sets transformers beside them."""
+    if kind not in SWEEPS:
+        raise ValueError(f"sweep must be one of {', '.join(SWEEPS)}, got {kind!r}")
+    for point in points:
+        check_int(f"{kind} point", point, positive=True)
+    rows = []
+    for point in points:
+        target = engine
+        if kind == "batch":
+            shape = dict(max_prefill_length=engine.max_prefill_length, max_target_length=engine.max_target_length)
+            target = Engine(engine.config, engine.mesh, decode_batch_size=point, **shape)
+        if kind == "prefill":
+            times = prefill_times(target, params, point, steps)
+        else:
+            times = decode_step_times(target, params, context if kind == "batch" else point, steps)
+        library = target.tune()
+        rows.append({"point": point, "ms": statistics.median(times) * 1e3, "decode_library": library})
+    return rows

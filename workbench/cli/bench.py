@@ -10,6 +10,8 @@ three), ``load_s``, ``first_token_s`` (process start to the first token) and ``c
 (``"hit"``, ``"miss"`` or ``"off"``); ``decode_library`` (``"ynnpack"`` or ``"eigen"``: what runs
 the decode step's weight products on the CPU, :mod:`workbench.engine.autotune`). See
 :mod:`workbench.bench` for what is measured and how.
+
+``--sweep context|batch|prefill --points N,N,...``: one curve instead (:func:`run_sweep`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="instead: time to first token of --prompt-length prompts sharing their first L tokens, "
         "with and without the prefix cache (workbench.PrefixCache)",
     )
+    group.add_argument(
+        "--sweep",
+        choices=("context", "batch", "prefill"),
+        default=None,
+        help="instead: one curve (decode step against context or batch, prefill against prompt length)",
+    )
+    group.add_argument(
+        "--points", default=None, metavar="N,N,...", help="the sweep's points (cached tokens, slots, prompt tokens)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.shared_prefix_length is not None:
         return run_shared_prefix(args)
+    if args.sweep:
+        return run_sweep(args)
     # Before loading anything: a shape that cannot work should not cost a model load to find out.
     check_shape(args.prompt_length, args.steps, args.max_prefill_length, args.max_target_length)
     cache_before, start = collections.Counter(compile_cache.counts), time.perf_counter()
@@ -112,4 +125,32 @@ def run_shared_prefix(args: argparse.Namespace) -> int:
         print(f"  first token {name:9s} {ms:10.2f} ms   {note}", file=sys.stderr)
     if args.json:
         print(json.dumps(result.to_dict()))
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """``--sweep KIND --points ...``: one curve of ours (:func:`workbench.bench.sweep`); each
+    point's median ms on stderr, and with ``--json`` ``{"sweep": KIND, "points": [{"point": n,
+    "ms": m, "decode_library": ...}, ...]}`` on stdout. ``--steps``: the timed calls a point;
+    ``--prompt-length``: the cached tokens a slot of the batch sweep.
+    Transformers beside it: ``scripts/side_by_side.py OUT --curves``."""
+    from workbench.bench import sweep
+
+    if not args.points:
+        raise ValueError("--sweep needs --points, e.g. --points 256,1024,4096")
+    try:
+        points = [int(part) for part in args.points.split(",")]
+    except ValueError:
+        raise ValueError(f"--points must be integers separated by commas, got {args.points!r}") from None
+    limit = {"context": args.max_target_length, "prefill": args.max_prefill_length}.get(args.sweep)
+    if limit is not None and max(points) > limit:  # before loading: a point that cannot run costs no load
+        bound = "max_target_length" if args.sweep == "context" else "max_prefill_length"
+        raise ValueError(f"{args.sweep} point {max(points)} exceeds {bound} ({limit})")
+    engine, params = load_engine(args)
+    rows = sweep(engine, params, args.sweep, points, steps=args.steps, context=args.prompt_length)
+    unit = {"context": "cached tokens", "batch": "decode slots", "prefill": "prompt tokens"}[args.sweep]
+    print(f"bench sweep {args.sweep} ({unit}), {engine.config.num_params() / 1e6:.1f}M params", file=sys.stderr)
+    for row in rows:
+        print(f"  {row['point']:>7d}   {row['ms']:10.2f} ms", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"sweep": args.sweep, "points": rows}))
     return 0

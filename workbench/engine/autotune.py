@@ -3,13 +3,24 @@ measured once and cached.
 
 XLA:CPU hands a dot to YNNPACK or to Eigen (``compiler_options`` of the jit). Decode multiplies
 a few rows (one per slot) by every weight, and which library streams those weights faster
-depends on the CPU *and* the weights' dtype (``docs/speed.md`` has the figures: each library
-won on one of two 2-core machines). bfloat16 and int8 products have no fast Eigen kernel, so
-they always take YNNPACK and only float32 products are measured: the probe -- the model's
-float32 layer products at the decode batch, chained, under each library in interleaved rounds
--- keeps the faster, says so on stderr, and writes the choice to
-``$XDG_CACHE_HOME/workbench/autotune.json`` (``~/.cache/workbench/autotune.json``), keyed by
-(CPU, XLA flags, jax version, model shape, decode batch). Later engines and processes read it back.
+depends on the CPU, the weights' dtype *and* their layout (``docs/speed.md`` has the figures:
+each library won on one of two 2-core machines, and Eigen runs the tied vocabulary projection,
+``[B, D] x [V, D]^T``, several times slower than YNNPACK where it wins the layers). bfloat16 and
+int8 products have no fast Eigen kernel, so they always take YNNPACK and only float32 products
+are measured.
+
+The probe stands for everything the step multiplies, in proportion: the model's layer products
+(as many whole layers as fit :data:`PROBE_BYTES`, chained) and a slice of its vocabulary
+projection in the engine's layout (``[V, D]`` tied, ``[D, V]`` else; as many rows as fit
+:data:`PROBE_BYTES`), float32, at the decode batch, each library in interleaved rounds. Each
+part's median is scaled up to the whole model (layers by ``num_layers / layers probed``, the
+projection by ``vocab_size / rows probed``) and the library with the smaller sum is kept, said
+on stderr, and written to ``$XDG_CACHE_HOME/workbench/autotune.json``
+(``~/.cache/workbench/autotune.json``), keyed by (probe version, CPU, XLA flags, jax version,
+model shape, decode batch). Later engines and processes read it back. Left out, on purpose:
+attention, whose decode kernel over a cache slice has no dot (``model/kernels.py``) and whose
+share depends on the context, unknown when the pick is made; and w8 / w4's convert of int8
+weights before their float32 dot (the probe's weights are float32 already).
 
 When it runs: :mod:`workbench.engine.tuning` asks :func:`library` for an engine on the CPU, at
 ``engine.tune()`` or the engine's first ``generate`` -- never while an engine is built.
@@ -42,8 +53,9 @@ ENV = "WORKBENCH_AUTOTUNE"
 OPTION = "xla_cpu_experimental_ynn_fusion_type"
 LIBRARIES = {"ynnpack": {OPTION: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}, "eigen": {OPTION: ""}}
 FIXED = "eigen"  # float32 with WORKBENCH_AUTOTUNE=off
-PROBE_BYTES = 128 * 2**20  # enough layers to pass the last-level cache, as the real step does
-ROUNDS, CALLS = 5, 8
+PROBE_BYTES = 64 * 2**20  # per part: past the last-level cache, so weights stream as in the step
+ROUNDS, CALLS = 3, 3
+VERSION = "probe2"  # in the cache key: picks of an earlier probe (layers only) are not read back
 
 _chosen: dict[str, str] = {}  # this process's choices, by key
 
@@ -66,40 +78,80 @@ def library(config, batch: int) -> str:
         else:
             times = measure(config, batch)
             _chosen[key] = min(times, key=times.get)
-            shown = ", ".join(f"{name} {ms:.2f} ms" for name, ms in times.items())
-            print(f"autotune: float32 decode products on this CPU: {shown} -> {_chosen[key]}", file=sys.stderr)
+            shown = ", ".join(f"{name} {ms:.1f} ms" for name, ms in times.items())
+            print(
+                f"autotune: float32 decode products on this CPU (whole model, estimated): {shown} -> {_chosen[key]}",
+                file=sys.stderr,
+            )
             _write(path, {**cached, key: {"library": _chosen[key], "ms": times}})
     return _chosen[key]
 
 
 def measure(config, batch: int) -> dict[str, float]:
-    """Median ms of the probe (the model's float32 layer products at ``batch`` rows, chained)
-    under each library, timed in interleaved rounds."""
-    shapes = [size for size, _ in config.projections().values()]  # q, k, v, o, gate, up, down
-    per_layer = 4 * sum(a * b for a, b in shapes)
-    layers = max(1, min(config.num_layers, PROBE_BYTES // per_layer))
-    weights = [[jnp.full(shape, 0.01, jnp.float32) for shape in shapes] for _ in range(layers)]
+    """Per library, the estimated ms of the decode step's weight products: the sum of
+    :func:`measure_parts`."""
+    parts = measure_parts(config, batch)
+    return {name: round(sum(ms.values()), 3) for name, ms in parts.items()}
+
+
+def measure_parts(config, batch: int) -> dict[str, dict[str, float]]:
+    """Per library, ``{"layers": ms, "vocab": ms}``: each probed part's median, in interleaved
+    rounds, scaled up to the whole model (:func:`plan`)."""
+    parts = plan(config)
     x = jnp.ones((batch, config.embed_dim), jnp.float32)
-    runs = {name: jax.jit(_probe, compiler_options=options) for name, options in LIBRARIES.items()}
-    for run in runs.values():
+    runs = {
+        (name, part): (jax.jit(fn, compiler_options=options), weights)
+        for name, options in LIBRARIES.items()
+        for part, (fn, weights, _) in parts.items()
+    }
+    for run, weights in runs.values():  # compile, and touch every page, before timing
         run(x, weights).block_until_ready()
-    times: dict[str, list[float]] = {name: [] for name in runs}
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
     for _ in range(ROUNDS):
-        for name, run in runs.items():
+        for key, (run, weights) in runs.items():
             for _ in range(CALLS):
                 start = time.perf_counter()
                 run(x, weights).block_until_ready()
-                times[name].append(time.perf_counter() - start)
-    return {name: round(statistics.median(t) * 1e3, 3) for name, t in times.items()}
+                times[key].append(time.perf_counter() - start)
+    return {
+        name: {part: round(statistics.median(times[name, part]) * 1e3 * parts[part][2], 3) for part in parts}
+        for name in LIBRARIES
+    }
 
 
-def _probe(x: jax.Array, weights: list[list[jax.Array]]) -> jax.Array:
+def plan(config) -> dict[str, tuple]:
+    """The probe's parts: ``{part: (function of (x, weights), weights, scale)}``, float32 weights
+    in the engine's layout, ``scale`` the model's size over the part's."""
+    shapes = [size for size, _ in config.projections().values()]  # q, k, v, o, gate, up, down: [in, out]
+    per_layer = 4 * sum(a * b for a, b in shapes)
+    layers = max(1, min(config.num_layers, PROBE_BYTES // per_layer))
+    rows = max(1, min(config.vocab_size, PROBE_BYTES // (4 * config.embed_dim)))
+    head = (rows, config.embed_dim) if config.tie_embeddings else (config.embed_dim, rows)
+    return {
+        "layers": (_layers, [[_weight(shape) for shape in shapes] for _ in range(layers)], config.num_layers / layers),
+        "vocab": (_tied if config.tie_embeddings else _untied, _weight(head), config.vocab_size / rows),
+    }
+
+
+def _weight(shape) -> jax.Array:
+    return jnp.full(shape, 0.01, jnp.float32)
+
+
+def _layers(x: jax.Array, weights: list[list[jax.Array]]) -> jax.Array:
     for wq, wk, wv, wo, gate, up, down in weights:
         attn = x @ wq + jnp.concatenate([x @ wk, x @ wv], axis=-1).sum(-1, keepdims=True)
         x = x + jnp.tanh(attn) @ wo
         x = x + (jax.nn.silu(x @ gate) * (x @ up)) @ down
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
     return x
+
+
+def _tied(x: jax.Array, embedding: jax.Array) -> jax.Array:  # Embed.attend: the embedding [V, D]
+    return jnp.einsum("BD,VD->BV", x, embedding)
+
+
+def _untied(x: jax.Array, head: jax.Array) -> jax.Array:  # the lm_head [D, V]
+    return jnp.einsum("BD,DV->BV", x, head)
 
 
 def _products_dtype(config) -> str:
@@ -114,8 +166,10 @@ def _products_dtype(config) -> str:
 
 def _key(config, batch: int) -> str:
     shape = (config.embed_dim, config.mlp_dim, config.num_heads, config.num_kv_heads, config.head_dim)
+    shape += (config.num_layers, config.vocab_size, "tied" if config.tie_embeddings else "untied")
     flags = os.environ.get("XLA_FLAGS", "")
-    return "|".join((jax.__version__, cpu_name(), flags, "float32", "x".join(map(str, shape)), f"b{batch}"))
+    fields = (VERSION, jax.__version__, cpu_name(), flags, "float32", "x".join(map(str, shape)), f"b{batch}")
+    return "|".join(fields)
 
 
 def cpu_name() -> str:
