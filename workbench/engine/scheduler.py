@@ -323,6 +323,8 @@ class Scheduler:
             scored if self.logprobs else None,
             self._prompt_logprobs.get(request.id) if self.prompt_logprobs else None,
         )
+        if not any(other == request.id for other, _ in self._tokens):  # its last sample: forget the prompt's
+            self._prompt_logprobs.pop(request.id, None)
         self.events.append(Event(self.step_count, slot, request.id, "finish", reason))
         del self.slots[slot], self._sample[slot]
         if inserted:
