@@ -7,6 +7,9 @@ its sliding window. Greedy tokens must equal transformers' ``generate``; every l
 within 1e-3 (relative to the row's largest logit) of an uncached transformers forward pass. The
 two tests run decode's products on the two libraries the autotune probe can pick (YNNPACK through
 the API, Eigen through the CLI), so each is held to transformers without running either twice.
+Mistral's CLI run also asks for log-probabilities (``--logprobs 3 --prompt-logprobs``; one family:
+each prompt length is one more compile of the scoring forward pass): every one within 1e-4 of
+transformers' log-softmax of the uncached forward, the top 3 its best ids.
 """
 
 import contextlib
@@ -131,7 +134,7 @@ def test_generate_matches_transformers(family, monkeypatch):
     assert varied >= 3, "greedy tokens barely vary: the comparison would prove little"
 
 
-def test_cli_matches_transformers(family, monkeypatch):
+def test_cli_matches_transformers(family, monkeypatch, request):
     monkeypatch.setenv(autotune.ENV, "eigen")  # the other library the probe can pick (the suite's fixed one)
     path, model = family
     texts = ["w5 w17 w99 w3", " ".join(f"w{i}" for i in range(40, 60))]  # the second one: 21 tokens
@@ -160,6 +163,8 @@ def test_cli_matches_transformers(family, monkeypatch):
         "--json",
         "--return-logits",
     ]
+    scored = request.node.callspec.params["family"] == "mistral"  # prompts past its sliding window
+    args += ["--logprobs", "3", "--prompt-logprobs"] if scored else []
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert main(args) == 0
@@ -170,3 +175,25 @@ def test_cli_matches_transformers(family, monkeypatch):
         assert result["tokens"] == tokens
         assert_rows_close(result["logits"], rows)
         assert result["text"] == hf_tokenizer.decode(tokens, skip_special_tokens=True)
+        if scored:
+            assert_logprobs_match(model, prompt, result)
+        else:
+            assert "logprobs" not in result and "prompt_logprobs" not in result
+
+
+def assert_logprobs_match(model, prompt, result):
+    """``--logprobs 3`` and ``--prompt-logprobs`` against transformers' log-softmax of one uncached
+    forward over prompt and output: log p(each token | all before it), and the 3 best of each row."""
+    ids = prompt + result["tokens"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids[:-1]])).logits[0].double(), -1).numpy()
+    expected = logp[np.arange(len(ids) - 1), ids[1:]]
+    assert result["prompt_logprobs"][0] is None and len(result["prompt_logprobs"]) == len(prompt)
+    np.testing.assert_allclose(result["prompt_logprobs"][1:], expected[: len(prompt) - 1], atol=1e-4, rtol=0)
+    generated = result["logprobs"]
+    assert [entry["token"] for entry in generated] == result["tokens"]
+    np.testing.assert_allclose([e["logprob"] for e in generated], expected[len(prompt) - 1 :], atol=1e-4, rtol=0)
+    for entry, row in zip(generated, logp[len(prompt) - 1 :]):
+        best = np.argsort(-row)[:3]
+        assert [pair[0] for pair in entry["top"]] == best.tolist()
+        np.testing.assert_allclose([pair[1] for pair in entry["top"]], row[best], atol=1e-4, rtol=0)

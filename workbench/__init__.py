@@ -11,6 +11,8 @@ or let the continuous-batching driver step it (prefill, insert, generate and fre
     # or: scheduler = workbench.Scheduler(engine, params); scheduler.submit(...); scheduler.run()
     # prompts sharing a header prefill it once: Scheduler(..., prefix_cache=workbench.PrefixCache(engine, 64))
 
+and score texts (perplexity, multiple choice): ``workbench.score(engine, params, texts)``.
+
 The engine's contract with JetStream's API, difference by difference: ``docs/engine-api.md``.
 """
 
@@ -31,6 +33,7 @@ from workbench.engine import (
 )
 from workbench.load import load
 from workbench.model import ModelConfig, Transformer, preset
+from workbench.scoring import Score, score
 from workbench.sharding import RULES, make_mesh
 
 __all__ = [
@@ -45,6 +48,7 @@ __all__ = [
     "ResultTokens",
     "Sampling",
     "Scheduler",
+    "Score",
     "SlotData",
     "Transformer",
     "load",
@@ -53,6 +57,7 @@ __all__ = [
     "preset",
     "run_requests",
     "sae",
+    "score",
     "simulate_cpu_devices",
 ]
 

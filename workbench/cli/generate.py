@@ -1,7 +1,8 @@
 """``python -m workbench generate``: prompts in, tokens out, through the engine's decode slots.
 
     python -m workbench generate --prompt "def main(" --prompt-ids 1,2,3 --max-new-tokens 32 \\
-        --host-devices 8 --mesh data=2,tensor=4 --decode-batch 2 [--json [--return-logits]]
+        --host-devices 8 --mesh data=2,tensor=4 --decode-batch 2 [--json [--return-logits]
+        [--logprobs K] [--prompt-logprobs]]
 
 Every prompt is one request; all of them go through one Scheduler (continuous batching), more
 requests than ``--decode-batch`` slots waiting their turn. No sampling flag means greedy.
@@ -9,6 +10,10 @@ requests than ``--decode-batch`` slots waiting their turn. No sampling flag mean
 line, in input order, under a progress bar on stderr. ``--prefix-cache-mb MB`` keeps prefilled
 prompt blocks for the prompts that share them (``workbench.PrefixCache``); with ``--json`` the
 object then holds ``"prefix_cache": {"hits", "tokens_reused", "bytes", "evictions"}``.
+``--logprobs K`` gives each request ``"logprobs"``: per generated token ``{"token", "logprob",
+"top": [[id, logprob], ...]}`` (the K best, best first); ``--prompt-logprobs`` gives
+``"prompt_logprobs"``: per prompt token log p(token | tokens before it), null for the first. Both
+are the model's own distribution, before any sampling flag (``engine/logprobs.py``).
 """
 
 from __future__ import annotations
@@ -110,6 +115,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     output.add_argument(
         "--return-logits", action="store_true", help="with --json: each generated token's float32 logits row"
     )
+    output.add_argument(
+        "--logprobs", type=int, default=None, metavar="K", help="with --json: each token's log-probability, K best"
+    )
+    output.add_argument(
+        "--prompt-logprobs", action="store_true", help="with --json: each prompt token's log-probability"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -122,12 +133,16 @@ def run(args: argparse.Namespace) -> int:
 
     engine, params = load_engine(args, **({"adapters": dict(args.adapter)} if args.adapter else {}))
     prompts = encode(args.requests, engine.tokenizer)
+    if args.logprobs is not None and args.logprobs > engine.config.vocab_size:
+        raise CliError(f"--logprobs {args.logprobs} exceeds the model's vocabulary of {engine.config.vocab_size}")
     scheduler = Scheduler(
         engine,
         params,
         sampling=sampling,
         seed=args.seed,
         return_logits=args.return_logits,
+        logprobs=args.logprobs,
+        prompt_logprobs=args.prompt_logprobs,
         pack_prefill=args.pack_prefill,
         prefix_cache=prefix_cache_of(args, engine),
     )
@@ -171,8 +186,12 @@ def check_flags(args: argparse.Namespace) -> None:
             raise CliError(f"request {index}: empty prompt")
     if args.max_new_tokens < 1:
         raise CliError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    if args.return_logits and not args.json:
-        raise CliError("--return-logits needs --json")
+    given = {"--return-logits": args.return_logits, "--logprobs": args.logprobs is not None}
+    for flag in (f for f, on in (given | {"--prompt-logprobs": args.prompt_logprobs}).items() if on):
+        if not args.json:
+            raise CliError(f"{flag} needs --json")
+    if args.logprobs is not None and args.logprobs < 1:
+        raise CliError(f"--logprobs must be at least 1 (how many top tokens to report), got {args.logprobs}")
     # The scheduler refuses this too, but only after the load and without naming the two flags.
     if args.num_samples > max(args.decode_batch, 1):  # a bad --decode-batch is the engine's to name
         raise CliError(f"--num-samples {args.num_samples} exceeds the {args.decode_batch} slots of --decode-batch")
@@ -253,6 +272,8 @@ def json_report(args: argparse.Namespace, engine, sampling, completions) -> dict
         entry = completion_json(samples[0], engine.tokenizer, args.return_logits)
         if args.num_samples > 1:
             entry["samples"] = [completion_json(c, engine.tokenizer, args.return_logits) for c in samples]
+        if samples[0].prompt_logprobs is not None:  # one prompt for every sample
+            entry["prompt_logprobs"] = samples[0].prompt_logprobs
         requests.append(entry)
     return {
         "checkpoint": args.checkpoint,
@@ -278,4 +299,6 @@ def completion_json(completion, tokenizer, return_logits: bool) -> dict[str, Any
         entry["adapter"] = completion.request.adapter
     if return_logits:
         entry["logits"] = completion.logits.tolist()  # float32 -> exact as JSON doubles
+    if completion.logprobs is not None:
+        entry["logprobs"] = [scored.to_json() for scored in completion.logprobs]
     return entry

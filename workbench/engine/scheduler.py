@@ -31,6 +31,7 @@ import numpy as np
 
 from workbench.checks import check_int, check_token_ids
 from workbench.engine.engine import Engine, Params
+from workbench.engine.logprobs import TokenLogprobs, check_k, prompt_logprobs, top_logprobs
 from workbench.engine.prefix_cache import PrefixCache, prefill_prompt
 from workbench.engine.sampling import GREEDY, Sampling
 from workbench.engine.types import DecodeState, Prefix
@@ -54,13 +55,18 @@ class Request:
 @dataclasses.dataclass
 class Completion:
     """One finished request: its generated ``tokens`` (an ending EOS included) and, when asked
-    for, the float32 logits row [V] each token was chosen from (``logits`` [len(tokens), V])."""
+    for, the float32 logits row [V] each token was chosen from (``logits`` [len(tokens), V]),
+    each token's log-probability with the K best (``logprobs``), and each prompt token's
+    log p(token | tokens before it) (``prompt_logprobs``, None for the first); both under the
+    model's own distribution, before temperature or top-k/top-p (``engine/logprobs.py``)."""
 
     request: Request
     tokens: list[int]
     finish_reason: FinishReason
     logits: np.ndarray | None = None
     sample: int = 0  # which of the request's ``num_samples`` continuations
+    logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[float | None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +92,10 @@ class Scheduler:
       seed: seeds the decode state's key and each request's prefill key (so runs repeat).
       eos_ids: the ids that end a request; default ``engine.config.eos_ids``.
       return_logits: keep each token's logits row (copied to the host every step).
+      logprobs: K: keep each token's log-probability and the K most likely tokens' (reduced on
+        device: K + 1 numbers per slot cross to the host, not the row).
+      prompt_logprobs: keep each prompt token's log-probability (one uncached forward pass over
+        the prompt per request, ``engine/logprobs.py``).
       on_token: ``on_token(request, token)`` as each token arrives, for streaming (for a request
         of several samples ``on_token(request, token, sample)``).
       on_finish: ``on_finish(completion)`` as each request ends.
@@ -104,6 +114,8 @@ class Scheduler:
         seed: int = 0,
         eos_ids: Sequence[int] | None = None,
         return_logits: bool = False,
+        logprobs: int | None = None,
+        prompt_logprobs: bool = False,
         on_token: TokenCallback | None = None,
         on_finish: FinishCallback | None = None,
         pack_prefill: bool = False,
@@ -116,6 +128,8 @@ class Scheduler:
         self.sampling = sampling or GREEDY
         self.eos_ids = frozenset(engine.config.eos_ids if eos_ids is None else (int(i) for i in eos_ids))
         self.return_logits = return_logits
+        self.logprobs = None if logprobs is None else check_k(logprobs, engine.config.vocab_size)
+        self.prompt_logprobs = bool(prompt_logprobs)
         self.on_token, self.on_finish = on_token, on_finish
         self.pack_prefill = pack_prefill
         self.step_count = 0
@@ -126,9 +140,11 @@ class Scheduler:
         self._key = jax.random.key(seed)
         self._state = engine.init_decode_state(seed)
         self._requests: list[Request] = []
-        # per (request id, sample): the tokens so far, their logits rows, the completion
+        # per (request id, sample): the tokens so far, their logits rows and log-probs, the completion
         self._tokens: dict[tuple[int, int], list[int]] = {}
         self._rows: dict[tuple[int, int], list[np.ndarray]] = {}
+        self._logprobs: dict[tuple[int, int], list[TokenLogprobs]] = {}
+        self._prompt_logprobs: dict[int, list[float | None]] = {}  # per request id
         self._done: dict[tuple[int, int], Completion] = {}
 
     # ---- requests ------------------------------------------------------------------------------
@@ -219,10 +235,12 @@ class Scheduler:
         self.step_count += 1
         data = np.asarray(result.data)  # [slots, 3]: token, valid, length -- one copy per step
         logits = np.asarray(result.logits) if self.return_logits else None
+        scored = result.logprobs(self.logprobs) if self.logprobs else None
         for slot, request in list(self.slots.items()):
             if not data[slot, 1]:
                 raise RuntimeError(f"slot {slot} produced no token for request {request.id}")  # a scheduler bug
-            self._emit(request, slot, int(data[slot, 0]), None if logits is None else logits[slot])
+            row = None if logits is None else logits[slot]
+            self._emit(request, slot, int(data[slot, 0]), row, None if scored is None else scored[slot])
 
     def _packable(self, free: int) -> list[Request]:
         """The queue's head requests that fit one packed row: single samples, at most ``free``."""
@@ -241,11 +259,19 @@ class Scheduler:
         for sample, slot in enumerate(slots):
             self.slots[slot], self._sample[slot] = request, sample
             self._tokens[request.id, sample], self._rows[request.id, sample] = [], []
+            self._logprobs[request.id, sample] = []
+        if self.prompt_logprobs:
+            scores = prompt_logprobs(self.engine, self.params, request.prompt, adapter=request.adapter)
+            self._prompt_logprobs[request.id] = [None, *map(float, scores)]
         prefix, detail = self._prefill(request) if prefilled is None else prefilled
         self.events.append(Event(self.step_count, slots[0], request.id, "prefill", detail))
         first_logits = np.asarray(prefix.logits) if self.return_logits else None
         first = np.asarray(prefix.token).reshape(-1)  # one first token per sample
-        kept = [i for i, slot in enumerate(slots) if not self._emit(request, slot, int(first[i]), first_logits, False)]
+        scored = top_logprobs(prefix.logits, prefix.token, self.logprobs) if self.logprobs else [None] * len(first)
+        ended = [
+            self._emit(request, slot, int(first[i]), first_logits, scored[i], False) for i, slot in enumerate(slots)
+        ]
+        kept = [i for i, done in enumerate(ended) if not done]
         if not kept:
             return  # done after its first token: the slot never held it
         if request.num_samples == 1:
@@ -271,21 +297,34 @@ class Scheduler:
         )
         return prefix, f"{chunks} chunk(s)" + (f", {reused} tokens cached" if reused else "")
 
-    def _emit(self, request: Request, slot: int, token: int, row: np.ndarray | None, inserted: bool = True) -> bool:
-        """Record one token; finish the request if it ended. Returns whether it ended."""
+    def _emit(self, request, slot, token, row, scored: TokenLogprobs | None, inserted: bool = True) -> bool:
+        """Record one token (its logits ``row`` and log-probs when kept); finish the request if it
+        ended. Returns whether it ended."""
         stream = request.id, self._sample[slot]
         tokens = self._tokens[stream]
         tokens.append(token)
         if row is not None:
             self._rows[stream].append(row)
+        if scored is not None:
+            self._logprobs[stream].append(scored)
         if self.on_token is not None:
             self.on_token(request, token, *stream[1:] if request.num_samples > 1 else ())
         reason = self._finish_reason(request, tokens)
         if reason is None:
             return False
-        rows = self._rows.pop(stream)
+        rows, scored = self._rows.pop(stream), self._logprobs.pop(stream)
         logits = np.stack(rows) if self.return_logits else None
-        completion = self._done[stream] = Completion(request, self._tokens.pop(stream), reason, logits, stream[1])
+        completion = self._done[stream] = Completion(
+            request,
+            self._tokens.pop(stream),
+            reason,
+            logits,
+            stream[1],
+            scored if self.logprobs else None,
+            self._prompt_logprobs.get(request.id) if self.prompt_logprobs else None,
+        )
+        if not any(other == request.id for other, _ in self._tokens):  # its last sample: forget the prompt's
+            self._prompt_logprobs.pop(request.id, None)
         self.events.append(Event(self.step_count, slot, request.id, "finish", reason))
         del self.slots[slot], self._sample[slot]
         if inserted:

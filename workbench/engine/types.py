@@ -82,7 +82,8 @@ class ResultTokens:
     """JetStream's result layout: ``data`` int32 [slots, 3] = (token, valid, length) per slot.
 
     Packed into one array so a step's results reach the host in one copy. ``logits`` (float32
-    [slots, V]) are the rows each token was chosen from; they stay on device unless read.
+    [slots, V]) are the rows each token was chosen from; they stay on device unless read, and
+    ``logprobs(k)`` reduces them there to log-probabilities.
     """
 
     data: jax.Array  # int32 [slots, 3]
@@ -100,6 +101,16 @@ class ResultTokens:
             valid=self.data[slot, self.valid_idx[0] : self.valid_idx[1]],
             lengths=self.data[slot, self.length_idx[0] : self.length_idx[1]][0],
         )
+
+    def logprobs(self, k: int) -> list:
+        """Each slot's token as a ``TokenLogprobs`` (``engine/logprobs.py``): its log-probability
+        under the model's own distribution (the log-softmax of its ``logits`` row, before any
+        temperature or top-k/top-p) and the ``k`` most likely (id, log-probability), best first.
+        Reduced on device; an invalid slot's entry is meaningless (check ``valid``)."""
+        from workbench.engine.logprobs import check_k, top_logprobs  # it imports this module
+
+        k = check_k(k, self.logits.shape[-1])
+        return top_logprobs(self.logits, self.data[:, self.tokens_idx[0]], k)
 
     def convert_to_numpy(self) -> "ResultTokens":
         """The same result on the host (one transfer of ``data``; logits stay where they are)."""
