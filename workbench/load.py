@@ -15,7 +15,7 @@ from pathlib import Path
 from flax import nnx
 from jax.sharding import Mesh
 
-from workbench import trees
+from workbench import memory, trees
 from workbench.engine import Engine, Params, tuning
 from workbench.model import ModelConfig, Transformer, quant
 from workbench.model.init import random_params
@@ -90,6 +90,7 @@ def load(
 
         config = _with_dtype(config or ModelConfig.tiny(), dtype, platform).replace(**modes)
         engine = Engine(config, mesh, tokenizer=default_tokenizer(config), **shape, **_adapters(adapters, config))
+        _check_memory(engine, "the model")
         if config.quantize is None:
             return engine, engine.load_params(None, seed=seed)
         # random float weights drawn on the host, then quantized leaf by leaf like a float checkpoint's
@@ -131,6 +132,7 @@ def load(
             )
         # float weights are quantized as they load if asked; quantized ones restore as they are
         target = _float_target(engine) if saved.quantize is None else (engine.abstract_params, engine.param_shardings)
+        _check_memory(engine, f"checkpoint {os.fspath(path)!r}", target)
         pure = ckpt.restore_params(path, *layout.targets(*target, stacked=stacked))
         if stacked != engine.scan_layers:
             pure = layout.relayout(pure, target[1], stacked=engine.scan_layers)
@@ -141,6 +143,7 @@ def load(
         tokenizer = ckpt.tokenizer_for_hf_dir(path, config)
         engine = Engine(config, mesh, tokenizer=tokenizer, **shape, **_adapters(adapters, config))
         target = _float_target(engine)
+        _check_memory(engine, f"checkpoint {os.fspath(path)!r}", target)
         # each float leaf is quantized as soon as it is placed: never a float copy of the model
         pure = ckpt.load_hf_params(
             path,
@@ -157,6 +160,18 @@ def load(
             "nor a Hugging Face checkpoint (config.json)"
         )
     return engine, _as_params(engine, pure)
+
+
+def _check_memory(engine: Engine, what: str, target: tuple[Params, Params] | None = None) -> None:
+    """ValueError before any weight is read when the engine's weights, its KV cache and the one
+    float tensor a load holds in flight (the largest of ``target``) exceed this host's free memory."""
+    needed = {
+        "weights": memory.host_bytes(engine.abstract_params, engine.param_shardings),
+        "KV cache": memory.kv_cache_bytes(engine),
+    }
+    if target is not None:  # a loader holds one tensor of the float target beside what it has placed
+        needed["the tensor in flight"] = max(memory.bytes_by_leaf(*target).values())
+    memory.check_fits(needed, what, "serve it smaller (--dtype bfloat16, --quantize w8a8) or on more hosts")
 
 
 def _adapters(adapters: Mapping[str, str | os.PathLike] | None, config: ModelConfig) -> dict:

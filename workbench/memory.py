@@ -45,14 +45,25 @@ def available_bytes() -> int | None:
 def host_bytes(abstract: Any, shardings: Any) -> int:
     """Bytes the arrays of ``abstract`` (shapes and dtypes), placed in ``shardings``, take in this
     host's memory: the shards on this process's CPU devices (0 for arrays on accelerators)."""
+    return sum(bytes_by_leaf(abstract, shardings).values())
+
+
+def bytes_by_leaf(abstract: Any, shardings: Any) -> dict[str, int]:
+    """:func:`host_bytes` of each leaf, by its path."""
     shardings = leaf_paths(shardings)
-    total = 0
+    sizes = {}
     for path, leaf in leaf_paths(abstract).items():
         sharding = shardings[path]
         devices = [d for d in sharding.addressable_devices if d.platform == "cpu"]
         shard = math.prod(sharding.shard_shape(tuple(leaf.shape)))
-        total += shard * np.dtype(leaf.dtype).itemsize * len(devices)
-    return total
+        sizes[path] = shard * np.dtype(leaf.dtype).itemsize * len(devices)
+    return sizes
+
+
+def kv_cache_bytes(engine: Any) -> int:
+    """Host bytes of an engine's KV caches: the decode state's and one prefill prefix's."""
+    decode = host_bytes(engine.abstract_decode_cache, engine.decode_state_shardings.cache)
+    return decode + host_bytes(engine.abstract_prefill_cache, engine.prefix_shardings.cache)
 
 
 def check_fits(needed: Mapping[str, int], what: str, hint: str = "") -> None:
@@ -62,12 +73,15 @@ def check_fits(needed: Mapping[str, int], what: str, hint: str = "") -> None:
     free = available_bytes()
     if free is None or total <= free:
         return
-    parts = " + ".join(f"{gb(size)} {name}" for name, size in needed.items() if size)
+    parts = [f"{readable(size)} {name}" for name, size in needed.items() if size]
+    split = f" ({' + '.join(parts)})" if len(parts) > 1 else ""
     raise ValueError(
-        f"{what} needs {gb(total)} of memory on this host ({parts}) but only {gb(free)} is available"
+        f"{what} needs {readable(total)} of memory on this host{split} but only {readable(free)} is available"
         + (f": {hint}" if hint else "")
     )
 
 
-def gb(size: int) -> str:
-    return f"{size / 1e9:.2f} GB"
+def readable(size: int) -> str:
+    if size >= 10**8:
+        return f"{size / 1e9:.2f} GB"
+    return f"{size / 1e6:.1f} MB" if size >= 10**6 else f"{size / 1e3:.1f} kB"

@@ -24,9 +24,9 @@ from workbench.model import ModelConfig
 SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16"}
 
 
-def hf_config_dict(config: ModelConfig, dtype: str) -> dict[str, Any]:
-    """``config.json`` of ``config`` with weights stored in ``dtype``: what ``read_hf_config`` reads
-    back as ``config`` (in that dtype)."""
+def hf_config_dict(config: ModelConfig, *, max_positions: int = 8192) -> dict[str, Any]:
+    """``config.json`` of ``config`` (Llama, Mistral or Qwen2; the weights' dtype is the caller's
+    to add): what ``config_from_hf`` reads back as ``config``."""
     if config.quantize is not None:
         raise ValueError(f"a Hugging Face checkpoint holds float weights, not quantize={config.quantize!r}")
     if config.layer_types is not None and len(set(config.layer_types)) > 1:
@@ -34,6 +34,16 @@ def hf_config_dict(config: ModelConfig, dtype: str) -> dict[str, Any]:
     architecture = "Qwen2ForCausalLM" if config.qkv_bias else "LlamaForCausalLM"
     if config.sliding_window is not None and not config.qkv_bias:
         architecture = "MistralForCausalLM"
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}  # transformers 5's spelling
+    if config.rope_scaling is not None:
+        scaling = config.rope_scaling
+        rope |= {
+            "rope_type": "llama3",
+            "factor": scaling.factor,
+            "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+            "original_max_position_embeddings": scaling.original_max_position_embeddings,
+        }
     hf: dict[str, Any] = {
         "architectures": [architecture],
         "model_type": ARCHITECTURES[architecture],  # what transformers' AutoConfig dispatches on
@@ -45,23 +55,14 @@ def hf_config_dict(config: ModelConfig, dtype: str) -> dict[str, Any]:
         "head_dim": config.head_dim,
         "intermediate_size": config.mlp_dim,
         "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_theta,
+        "max_position_embeddings": max(max_positions, 8192),
+        "rope_parameters": rope,
         "tie_word_embeddings": config.tie_embeddings,
         "hidden_act": "silu",
-        "torch_dtype": dtype,
         "bos_token_id": config.bos_id,
         "eos_token_id": list(config.eos_ids),
         "pad_token_id": config.pad_id,
     }
-    if config.rope_scaling is not None:
-        scaling = config.rope_scaling
-        hf["rope_scaling"] = {
-            "rope_type": "llama3",
-            "factor": scaling.factor,
-            "low_freq_factor": scaling.low_freq_factor,
-            "high_freq_factor": scaling.high_freq_factor,
-            "original_max_position_embeddings": scaling.original_max_position_embeddings,
-        }
     if config.sliding_window is not None:
         hf |= {"sliding_window": config.sliding_window, "use_sliding_window": True, "max_window_layers": 0}
     return hf
@@ -90,7 +91,7 @@ def save_hf_checkpoint(
     path = Path(path)
     if path.exists() and any(path.iterdir()):
         raise FileExistsError(f"checkpoint directory {path} exists and is not empty")
-    hf = hf_config_dict(config, dtype)
+    hf = hf_config_dict(config) | {"dtype": dtype}
     path.mkdir(parents=True, exist_ok=True)
     layouts = {layout.name: (ours, layout) for ours, layout in _layouts(config).items()}
     shapes = {name: layout.hf_shape for name, (_, layout) in layouts.items()}
