@@ -12,14 +12,15 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import jax
 from flax import nnx
 from jax.sharding import Mesh
 
 from workbench import memory, trees
 from workbench.engine import Engine, Params, tuning
-from workbench.model import ModelConfig, Transformer, quant
+from workbench.model import ModelConfig, quant
 from workbench.model.init import random_params
-from workbench.sharding import make_mesh, shardings_for
+from workbench.sharding import make_mesh
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"  # the one definition
 
@@ -192,14 +193,22 @@ def _with_dtype(config: ModelConfig, dtype: str | None, platform: str) -> ModelC
 
 def _float_target(engine: Engine) -> tuple[Params, Params]:
     """(abstract params, shardings) of the engine's model with float weights: what a float
-    checkpoint restores into before :func:`_quantized`. The engine's own when it is not quantized."""
+    checkpoint restores into before :func:`_quantized`. The engine's own when it is not quantized;
+    else read off its quantized leaves (a weight's ``values`` have the float weight's shape and
+    sharding) rather than built again: tracing a 1B model's shapes takes seconds."""
     if engine.config.quantize is None:
         return engine.abstract_params, engine.param_shardings
-    float_config = engine.config.replace(quantize=None)
-    with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(lambda: Transformer(float_config, rngs=nnx.Rngs(0)))
-    params = nnx.split(abstract, nnx.Param, ...)[1]
-    return params, shardings_for(params, engine.mesh, engine.rules)
+    abstract = trees.leaf_paths(engine.abstract_params)
+    placed = trees.leaf_paths(nnx.to_pure_dict(engine.param_shardings))
+    dtype = engine.config.weight_dtype
+    params, shardings = {}, {}
+    for path, leaf in abstract.items():
+        owner = path.removesuffix("/values")
+        if owner != path and f"{owner}/scale" in abstract:
+            params[owner], shardings[owner] = jax.ShapeDtypeStruct(leaf.shape, dtype), placed[path]
+        elif not (path.endswith("/scale") and f"{path.removesuffix('/scale')}/values" in abstract):
+            params[path], shardings[path] = leaf, placed[path]
+    return nnx.State(trees.nest(params)), nnx.State(trees.nest(shardings))
 
 
 def _quantize_each_leaf(engine: Engine):
