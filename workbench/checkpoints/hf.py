@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from workbench.checkpoints.hf_config import read_json
-from workbench.checkpoints.safetensors_files import NUMPY_DTYPES, CorruptFile, Tensor, read_header, tensors_of
+from workbench.checkpoints.safetensors_files import NUMPY_DTYPES, CorruptFile, Scratch, Tensor, read_header, tensors_of
 from workbench.model import ModelConfig
 from workbench.trees import leaf_paths, nest
 
@@ -198,7 +198,7 @@ def load_hf_params(
         tensors = _tensors(path)
         _check_tensors(tensors, layouts, config)
         total = sum(tensors[layout.name].nbytes for layout in layouts.values())
-        flat = {}
+        flat, scratch = {}, Scratch()
         with tqdm(
             total=total,
             unit="B",
@@ -209,7 +209,7 @@ def load_hf_params(
         ) as bar:
             for ours, layout in layouts.items():
                 tensor = tensors[layout.name]
-                array = _place(tensor, layout, abstract[ours], shardings[ours])
+                array = _place(tensor, layout, abstract[ours], shardings[ours], scratch)
                 flat.update({ours: array} if transform is None else transform(ours, array))
                 del array  # transformed: the placed array is let go before the next is read
                 bar.update(tensor.nbytes)
@@ -218,7 +218,9 @@ def load_hf_params(
     return nest(flat)
 
 
-def _place(tensor: Tensor, layout: Layout, abstract: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+def _place(
+    tensor: Tensor, layout: Layout, abstract: Any, sharding: jax.sharding.Sharding, scratch: Scratch | None = None
+) -> jax.Array:
     """``tensor`` as our param: each device's region read from the file (only the HF rows it
     needs) and handed to JAX as a strided view in our axis order.
 
@@ -226,22 +228,43 @@ def _place(tensor: Tensor, layout: Layout, abstract: Any, sharding: jax.sharding
     several times faster than a strided numpy copy); a region needing no transpose, read into
     an aligned buffer, becomes the device buffer as it is. The transposing copy runs at the
     narrower of the file's and the target's dtype: a narrowing cast on the host before it (in
-    memory order, a plain pass), a widening one on the device after.
+    memory order, a plain pass), a widening one on the device after. A region the transfer
+    copies is read into ``scratch``, reused tensor after tensor (no fresh pages to fault in).
     """
     shape, dtype = tuple(abstract.shape), np.dtype(abstract.dtype)
     stored = NUMPY_DTYPES[tensor.dtype]
     moved = stored if dtype.itemsize > stored.itemsize else dtype  # the dtype that goes through the transfer
+    copied = scratch is not None and moved == stored and layout.perm != tuple(range(len(layout.perm)))
+    source = _ReadInto(tensor, scratch.take) if copied else tensor
     read: dict[tuple, np.ndarray] = {}  # replicated shards share one read
+    if copied:
+        scratch.reset()
 
     def shard(index: tuple[slice, ...]) -> np.ndarray:
         key = tuple(s.indices(n) for s, n in zip(index, shape))
         if key not in read:
-            region = read_region(tensor, layout, index, shape)
-            read[key] = region if region.dtype == moved else region.astype(moved, order="K")
+            region = read_region(source, layout, index, shape)
+            if region.dtype != moved:
+                region = region.astype(moved, order="K")
+            elif copied and region.flags.c_contiguous:  # would be adopted, not copied: never the scratch
+                region = region.copy()
+            read[key] = region
         return read[key]
 
     array = jax.make_array_from_callback(shape, sharding, shard, dtype=moved)
+    if copied:
+        array.block_until_ready()  # the transfer has read the scratch before the next tensor reuses it
     return array if moved == dtype else _widen(dtype, sharding)(array)
+
+
+class _ReadInto:
+    """``tensor[index]`` read into ``allocate``'d memory (``read_region``'s sliceable)."""
+
+    def __init__(self, tensor: Tensor, allocate: Callable[[tuple[int, ...], np.dtype], np.ndarray]):
+        self.tensor, self.allocate = tensor, allocate
+
+    def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
+        return self.tensor.rows(index, self.allocate)
 
 
 @functools.lru_cache

@@ -27,6 +27,7 @@ import numpy as np
 
 NUMPY_DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16)}
 ALIGN = 64
+Allocate = Callable[[tuple[int, ...], np.dtype], np.ndarray] | None
 _CHUNK = 1 << 30  # one preadv at most this many bytes (Linux caps a read near 2 GiB)
 
 
@@ -41,6 +42,28 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     raw = np.empty(size + ALIGN, np.uint8)
     start = -raw.ctypes.data % ALIGN
     return raw[start : start + size].view(dtype).reshape(shape)
+
+
+class Scratch:
+    """A host buffer reused read after read: memory a process has touched before costs nothing
+    to fill again, fresh memory a page fault per page (on a VM, most of a read's time). Only for
+    a read whose array is copied before the next :meth:`reset` (a transfer that transposes)."""
+
+    def __init__(self) -> None:
+        self.buffer, self.used = aligned_empty((0,), np.uint8), 0
+
+    def reset(self) -> None:
+        self.used = 0
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """An uninitialised aligned array of the buffer (grown when full: arrays taken before
+        keep the old one alive)."""
+        size = math.prod(shape) * np.dtype(dtype).itemsize
+        if self.used + size > self.buffer.size:
+            self.buffer, self.used = aligned_empty((max(2 * self.buffer.size, size),), np.uint8), 0
+        array = self.buffer[self.used : self.used + size].view(dtype).reshape(shape)
+        self.used += -(-size // ALIGN) * ALIGN
+        return array
 
 
 @dataclass(frozen=True)
@@ -59,20 +82,25 @@ class Tensor:
         return math.prod(self.shape) * NUMPY_DTYPES[self.dtype].itemsize
 
     def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
+        return self.rows(index)
+
+    def rows(self, index: tuple[slice, ...], allocate: Allocate = None) -> np.ndarray:
+        """``tensor[index]``, the rows read into ``allocate(shape, dtype)`` (default: a new aligned array)."""
         first = index[0] if index else slice(None)
         start, stop, step = first.indices(self.shape[0] if self.shape else 1)
         if step != 1:
             raise ValueError(f"{self.name}: only contiguous row ranges can be read")  # a caller's bug
-        rows = self.read(start, stop)
+        rows = self.read(start, stop, allocate)
         return rows[(slice(None), *index[1:])] if len(index) > 1 else rows
 
-    def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Rows ``start:stop`` of the first axis (all of them by default) into a new aligned array."""
+    def read(self, start: int = 0, stop: int | None = None, allocate: Allocate = None) -> np.ndarray:
+        """Rows ``start:stop`` of the first axis (all of them by default) into ``allocate(shape,
+        dtype)`` (default: a new aligned array)."""
         if self.dtype not in NUMPY_DTYPES:
             raise CorruptFile(f"unsupported dtype {self.dtype} of tensor {self.name}")
         stop = (self.shape[0] if self.shape else 1) if stop is None else stop
         inner = self.shape[1:]
-        out = aligned_empty((stop - start, *inner) if self.shape else (), NUMPY_DTYPES[self.dtype])
+        out = (allocate or aligned_empty)((stop - start, *inner) if self.shape else (), NUMPY_DTYPES[self.dtype])
         row_bytes = math.prod(inner) * out.dtype.itemsize
         read_into(self.file, out, self.offset + start * row_bytes)
         return out
