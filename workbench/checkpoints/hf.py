@@ -18,7 +18,6 @@ is the "rotate half" layout, which is ours, so q/k rows need no permutation.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import sys
@@ -32,7 +31,16 @@ import numpy as np
 from tqdm import tqdm
 
 from workbench.checkpoints.hf_config import read_json
-from workbench.checkpoints.safetensors_files import NUMPY_DTYPES, CorruptFile, Scratch, Tensor, read_header, tensors_of
+from workbench.checkpoints.safetensors_files import (
+    ALIGN,
+    NUMPY_DTYPES,
+    CorruptFile,
+    Scratch,
+    Tensor,
+    aligned_empty,
+    read_header,
+    tensors_of,
+)
 from workbench.model import ModelConfig
 from workbench.trees import leaf_paths, nest
 
@@ -227,8 +235,8 @@ def _place(
     The transfer lays the view out (XLA's host-to-device copy transposes in cache-sized tiles,
     several times faster than a strided numpy copy); a region needing no transpose, read into
     an aligned buffer, becomes the device buffer as it is. The transposing copy runs at the
-    narrower of the file's and the target's dtype: a narrowing cast on the host before it (in
-    memory order, a plain pass), a widening one on the device after. A region the transfer
+    narrower of the file's and the target's dtype: a narrowing cast before it, a widening one
+    after (each on the host, in memory order: a plain pass). A region the transfer
     copies is read into ``scratch``, reused tensor after tensor (no fresh pages to fault in).
     """
     shape, dtype = tuple(abstract.shape), np.dtype(abstract.dtype)
@@ -254,7 +262,7 @@ def _place(
     array = jax.make_array_from_callback(shape, sharding, shard, dtype=moved)
     if copied:
         array.block_until_ready()  # the transfer has read the scratch before the next tensor reuses it
-    return array if moved == dtype else _widen(dtype, sharding)(array)
+    return array if moved == dtype else _widen(array, dtype)
 
 
 class _ReadInto:
@@ -267,6 +275,24 @@ class _ReadInto:
         return self.tensor.rows(index, self.allocate)
 
 
-@functools.lru_cache
-def _widen(dtype: np.dtype, sharding: jax.sharding.Sharding) -> Callable[[jax.Array], jax.Array]:
-    return jax.jit(lambda x: x.astype(dtype), out_shardings=sharding)  # one per dtype and sharding: layers share it
+def _widen(array: jax.Array, dtype: np.dtype) -> jax.Array:
+    """``array`` (placed, laid out) in the wider ``dtype``: each shard cast on the host in memory
+    order, a plain pass into a buffer the new array adopts (no compile per shape, as a jitted
+    cast would take)."""
+    widened = {}
+    for shard in array.addressable_shards:
+        key = tuple(s.indices(n) for s, n in zip(shard.index, array.shape))
+        if key not in widened:  # replicas share one cast
+            widened[key] = np.asarray(shard.data).astype(dtype)
+            widened[key] = widened[key] if widened[key].ctypes.data % ALIGN == 0 else _aligned_copy(widened[key])
+
+    def shard_of(index: tuple[slice, ...]) -> np.ndarray:
+        return widened[tuple(s.indices(n) for s, n in zip(index, array.shape))]
+
+    return jax.make_array_from_callback(array.shape, array.sharding, shard_of, dtype=dtype)
+
+
+def _aligned_copy(host: np.ndarray) -> np.ndarray:
+    out = aligned_empty(host.shape, host.dtype)
+    out[...] = host
+    return out
