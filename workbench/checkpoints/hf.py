@@ -32,7 +32,6 @@ from tqdm import tqdm
 
 from workbench.checkpoints.hf_config import read_json
 from workbench.checkpoints.safetensors_files import (
-    ALIGN,
     NUMPY_DTYPES,
     CorruptFile,
     Scratch,
@@ -236,13 +235,14 @@ def _place(
     several times faster than a strided numpy copy); a region needing no transpose, read into
     an aligned buffer, becomes the device buffer as it is. The transposing copy runs at the
     narrower of the file's and the target's dtype: a narrowing cast before it, a widening one
-    after (each on the host, in memory order: a plain pass). A region the transfer
-    copies is read into ``scratch``, reused tensor after tensor (no fresh pages to fault in).
+    after (each on the host, in memory order: a plain pass). A region that is copied on the
+    way is read into ``scratch``, reused tensor after tensor (no fresh pages to fault in).
     """
     shape, dtype = tuple(abstract.shape), np.dtype(abstract.dtype)
     stored = NUMPY_DTYPES[tensor.dtype]
     moved = stored if dtype.itemsize > stored.itemsize else dtype  # the dtype that goes through the transfer
-    copied = scratch is not None and moved == stored and layout.perm != tuple(range(len(layout.perm)))
+    # read into the scratch unless the region read is to become the device buffer itself
+    copied = scratch is not None and (moved != stored or layout.perm != tuple(range(len(layout.perm))))
     source = _ReadInto(tensor, scratch.take) if copied else tensor
     read: dict[tuple, np.ndarray] = {}  # replicated shards share one read
     if copied:
@@ -283,16 +283,10 @@ def _widen(array: jax.Array, dtype: np.dtype) -> jax.Array:
     for shard in array.addressable_shards:
         key = tuple(s.indices(n) for s, n in zip(shard.index, array.shape))
         if key not in widened:  # replicas share one cast
-            widened[key] = np.asarray(shard.data).astype(dtype)
-            widened[key] = widened[key] if widened[key].ctypes.data % ALIGN == 0 else _aligned_copy(widened[key])
+            widened[key] = aligned_empty(shard.data.shape, dtype)
+            np.copyto(widened[key], np.asarray(shard.data), casting="safe")
 
     def shard_of(index: tuple[slice, ...]) -> np.ndarray:
         return widened[tuple(s.indices(n) for s, n in zip(index, array.shape))]
 
     return jax.make_array_from_callback(array.shape, array.sharding, shard_of, dtype=dtype)
-
-
-def _aligned_copy(host: np.ndarray) -> np.ndarray:
-    out = aligned_empty(host.shape, host.dtype)
-    out[...] = host
-    return out
