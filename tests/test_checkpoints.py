@@ -13,10 +13,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
+from safetensors.numpy import load_file
 
 import workbench
-from helpers import SHAPE, SMALL, engine_for, hf_config, lively_params, pure_numpy, write_hf
-from workbench.checkpoints import ByteTokenizer, config_from_hf, hf, save_checkpoint
+from helpers import SHAPE, SMALL, engine_for, hf_config, hf_tensors, lively_params, pure_numpy, write_hf
+from workbench.checkpoints import ByteTokenizer, config_from_hf, hf, read_hf_config, save_checkpoint
+from workbench.checkpoints.hf_write import hf_config_dict, save_hf_checkpoint
+from workbench.model import quant
 from workbench.trees import leaf_paths
 
 
@@ -159,6 +162,38 @@ def test_hf_import_from_several_files_and_other_dtypes(hf_case, tmp_path):
     assert_bit_exact(nnx.to_pure_dict(params), widened)
     engine, params = workbench.load(sharded, dtype="bfloat16", **SHAPE)
     assert_bit_exact(nnx.to_pure_dict(params), jax.tree.map(lambda x: x.astype(bf16), expected))
+
+
+def test_a_bf16_checkpoint_widens_on_the_mesh_and_quantizes_tensor_by_tensor(hf_case, tmp_path):
+    """bf16 tensors served as float32 (widened after the transfer, into a sharded layout) equal the
+    checkpoint's exactly; served w8a8 they equal ``quantize_params`` of the bf16 weights (each
+    tensor quantized as it is placed, bit for bit the whole-model quantization)."""
+    config, expected, _ = hf_case
+    bf16 = jax.tree.map(lambda x: x.astype(ml_dtypes.bfloat16), expected)
+    path = write_hf(tmp_path / "bf16", config, expected, dtype=ml_dtypes.bfloat16)
+    mesh = {"fsdp": 2, "tensor": 2}
+    engine, params = workbench.load(path, mesh=mesh, dtype="float32", **SHAPE)
+    assert engine.config.param_dtype == "float32"
+    assert_bit_exact(nnx.to_pure_dict(params), jax.tree.map(lambda x: x.astype(np.float32), bf16))
+    engine, params = workbench.load(path, mesh=mesh, quantize="w8a8", **SHAPE)
+    assert_bit_exact(nnx.to_pure_dict(params), quant.quantize_params(jax.tree.map(np.asarray, bf16), "w8a8"))
+
+
+def test_hf_writer_round_trips_through_the_hand_written_layouts(hf_case, tmp_path):
+    """``save_hf_checkpoint`` (the inverse of the loader, tensor by tensor) writes exactly the
+    tensors ``helpers.hf_tensors`` states by hand, read back by safetensors' own reader, and a
+    config.json that reads back as the model's config -- the 1B preset's llama3 rope included."""
+    config, expected, _ = hf_case
+    flat = leaf_paths(expected)
+    path = save_hf_checkpoint(tmp_path / "written", config, lambda name, shape: flat[name], dtype="float32")
+    tensors, want = load_file(path / "model.safetensors"), hf_tensors(config, expected)
+    assert tensors.keys() == want.keys()
+    assert all(tensors[name].dtype == np.float32 and np.array_equal(tensors[name], want[name]) for name in want)
+    assert read_hf_config(path) == config
+    llama = workbench.ModelConfig.llama3_1b()
+    assert config_from_hf(hf_config_dict(llama) | {"dtype": "bfloat16"}) == llama
+    with pytest.raises(FileExistsError):
+        save_hf_checkpoint(path, config, lambda name, shape: flat[name])
 
 
 def test_hf_progress_bar(hf_case, capsys):

@@ -12,14 +12,15 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from workbench import trees
+from workbench import memory, trees
 from workbench.engine import Engine, Params, tuning
-from workbench.model import ModelConfig, Transformer, quant
+from workbench.model import ModelConfig, quant
 from workbench.model.init import random_params
-from workbench.sharding import make_mesh, shardings_for
+from workbench.sharding import make_mesh
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"  # the one definition
 
@@ -90,6 +91,7 @@ def load(
 
         config = _with_dtype(config or ModelConfig.tiny(), dtype, platform).replace(**modes)
         engine = Engine(config, mesh, tokenizer=default_tokenizer(config), **shape, **_adapters(adapters, config))
+        _check_memory(engine, "the model")
         if config.quantize is None:
             return engine, engine.load_params(None, seed=seed)
         # random float weights drawn on the host, then quantized leaf by leaf like a float checkpoint's
@@ -131,6 +133,7 @@ def load(
             )
         # float weights are quantized as they load if asked; quantized ones restore as they are
         target = _float_target(engine) if saved.quantize is None else (engine.abstract_params, engine.param_shardings)
+        _check_memory(engine, f"checkpoint {os.fspath(path)!r}", target)
         pure = ckpt.restore_params(path, *layout.targets(*target, stacked=stacked))
         if stacked != engine.scan_layers:
             pure = layout.relayout(pure, target[1], stacked=engine.scan_layers)
@@ -141,6 +144,7 @@ def load(
         tokenizer = ckpt.tokenizer_for_hf_dir(path, config)
         engine = Engine(config, mesh, tokenizer=tokenizer, **shape, **_adapters(adapters, config))
         target = _float_target(engine)
+        _check_memory(engine, f"checkpoint {os.fspath(path)!r}", target)
         # each float leaf is quantized as soon as it is placed: never a float copy of the model
         pure = ckpt.load_hf_params(
             path,
@@ -157,6 +161,18 @@ def load(
             "nor a Hugging Face checkpoint (config.json)"
         )
     return engine, _as_params(engine, pure)
+
+
+def _check_memory(engine: Engine, what: str, target: tuple[Params, Params] | None = None) -> None:
+    """ValueError before any weight is read when the engine's weights, its KV cache and the one
+    float tensor a load holds in flight (the largest of ``target``) exceed this host's free memory."""
+    needed = {
+        "weights": memory.host_bytes(engine.abstract_params, engine.param_shardings),
+        "KV cache": memory.kv_cache_bytes(engine),
+    }
+    if target is not None:  # a loader holds one tensor of the float target beside what it has placed
+        needed["the tensor in flight"] = max(memory.bytes_by_leaf(*target).values())
+    memory.check_fits(needed, what, "serve it smaller (--dtype bfloat16, --quantize w8a8) or on more hosts")
 
 
 def _adapters(adapters: Mapping[str, str | os.PathLike] | None, config: ModelConfig) -> dict:
@@ -177,14 +193,22 @@ def _with_dtype(config: ModelConfig, dtype: str | None, platform: str) -> ModelC
 
 def _float_target(engine: Engine) -> tuple[Params, Params]:
     """(abstract params, shardings) of the engine's model with float weights: what a float
-    checkpoint restores into before :func:`_quantized`. The engine's own when it is not quantized."""
+    checkpoint restores into before :func:`_quantized`. The engine's own when it is not quantized;
+    else read off its quantized leaves (a weight's ``values`` have the float weight's shape and
+    sharding) rather than built again: tracing a 1B model's shapes takes seconds."""
     if engine.config.quantize is None:
         return engine.abstract_params, engine.param_shardings
-    float_config = engine.config.replace(quantize=None)
-    with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(lambda: Transformer(float_config, rngs=nnx.Rngs(0), scan_layers=engine.scan_layers))
-    params = nnx.split(abstract, nnx.Param, ...)[1]
-    return params, shardings_for(params, engine.mesh, engine.rules)
+    abstract = trees.leaf_paths(engine.abstract_params)
+    placed = trees.leaf_paths(nnx.to_pure_dict(engine.param_shardings))
+    dtype = engine.config.weight_dtype
+    params, shardings = {}, {}
+    for path, leaf in abstract.items():
+        owner = path.removesuffix("/values")
+        if owner != path and f"{owner}/scale" in abstract:
+            params[owner], shardings[owner] = jax.ShapeDtypeStruct(leaf.shape, dtype), placed[path]
+        elif not (path.endswith("/scale") and f"{path.removesuffix('/scale')}/values" in abstract):
+            params[path], shardings[path] = leaf, placed[path]
+    return nnx.State(trees.nest(params)), nnx.State(trees.nest(shardings))
 
 
 def _quantize_each_leaf(engine: Engine):

@@ -6,8 +6,10 @@ say) is an error that names it.
 
 Every tensor goes straight into its target sharding, shard by shard: for each device,
 ``jax.make_array_from_callback`` asks for the region of our array that device holds, and we
-read just that region from the file (``safe_open(...).get_slice``), reshape it from HF's layout
-to ours, and hand it over. The whole model is never on one device, nor twice on the host.
+read just the HF rows of that region from the file (``safetensors_files``: no memory map, so no
+file pages linger in the process's memory) and hand it over in our axis order (see ``_place``).
+A bf16 checkpoint served in bf16 never passes through float32; a quantized load (``transform``)
+quantizes each tensor as it is placed. The whole model is never on one device, nor twice on the host.
 
 HF stores a projection as ``[out, in]`` with heads flattened into one axis; we store
 ``q [D, N, H]``, ``o [N, H, D]``, ``gate [D, F]`` and so on (see ``_layouts``). HF Llama's rope
@@ -16,11 +18,10 @@ is the "rotate half" layout, which is ours, so q/k rows need no permutation.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,15 @@ import numpy as np
 from tqdm import tqdm
 
 from workbench.checkpoints.hf_config import read_json
+from workbench.checkpoints.safetensors_files import (
+    NUMPY_DTYPES,
+    CorruptFile,
+    Scratch,
+    Tensor,
+    aligned_empty,
+    read_header,
+    tensors_of,
+)
 from workbench.model import ModelConfig
 from workbench.trees import leaf_paths, nest
 
@@ -109,7 +119,7 @@ def _layouts(config: ModelConfig) -> dict[str, Layout]:
 
 
 def read_region(tensor: Any, layout: Layout, index: tuple[slice, ...], shape: tuple[int, ...]) -> np.ndarray:
-    """``ours[index]`` read from the HF ``tensor`` (anything sliceable, e.g. a safetensors slice),
+    """``ours[index]`` read from the HF ``tensor`` (anything sliceable by HF axes, a ``Tensor``),
     touching only the HF rows and columns that region needs."""
     ranges = [s.indices(size)[:2] for s, size in zip(index, shape)]  # our axis -> (start, stop)
     split_ranges: list[tuple[int, int]] = [(0, 0)] * len(ranges)
@@ -131,59 +141,51 @@ def read_region(tensor: Any, layout: Layout, index: tuple[slice, ...], shape: tu
 
 
 # ---- tensors -----------------------------------------------------------------------------------
-def _tensor_files(path: Path) -> dict[str, Path]:
-    """HF tensor name -> the safetensors file holding it."""
+def _tensors(path: Path) -> dict[str, Tensor]:
+    """HF tensor name -> the tensor (its file, dtype, shape and offset, read from the headers)."""
     index = path / INDEX_FILE
     if index.is_file():
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"corrupt Hugging Face checkpoint: {index} has no weight_map")
-        return {name: path / file for name, file in weight_map.items()}
+        tensors: dict[str, Tensor] = {}
+        for file in dict.fromkeys(weight_map.values()):
+            if not (path / file).is_file():
+                held = next(name for name, f in weight_map.items() if f == file)
+                raise ValueError(f"corrupt Hugging Face checkpoint: {file} (holding {held}) is missing")
+            tensors |= read_header(path / file)
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise ValueError(f"corrupt Hugging Face checkpoint: {weight_map[missing[0]]} lacks {missing[0]}")
+        return tensors
     files = sorted(path.glob("*.safetensors"))
     if not files:
         other = sorted(p.name for p in path.glob("*.bin"))
         hint = f" (found {other[0]}: only safetensors checkpoints are supported)" if other else ""
         raise ValueError(f"no *.safetensors files in Hugging Face checkpoint {path}{hint}")
-    from safetensors import safe_open
-
-    names = {}
-    for file in files:
-        with safe_open(file, framework="numpy") as handle:
-            names |= {name: file for name in handle.keys()}
-    return names
+    return tensors_of(files)
 
 
-@contextlib.contextmanager
-def _open_tensors(files: dict[str, Path]) -> Iterator[Callable[[str], Any]]:
-    """``get(name)``: a lazily read safetensors slice; each file is opened once."""
-    from safetensors import safe_open
-
-    with contextlib.ExitStack() as stack:
-        handles: dict[Path, Any] = {}
-
-        def get(name: str) -> Any:
-            file = files[name]
-            if file not in handles:
-                if not file.is_file():
-                    raise ValueError(f"corrupt Hugging Face checkpoint: {file.name} (holding {name}) is missing")
-                handles[file] = stack.enter_context(safe_open(file, framework="numpy"))
-            return handles[file].get_slice(name)
-
-        yield get
-
-
-def _check_tensors(files: dict[str, Path], layouts: dict[str, Layout], config: ModelConfig) -> None:
+def _check_tensors(tensors: dict[str, Tensor], layouts: dict[str, Layout], config: ModelConfig) -> None:
     wanted = {layout.name for layout in layouts.values()}
-    missing = sorted(wanted - set(files))
+    missing = sorted(wanted - set(tensors))
     if missing:
         raise ValueError(f"Hugging Face checkpoint lacks tensor {missing[0]} ({len(missing)} missing in all)")
     ignored = {"lm_head.weight"} if config.tie_embeddings else set()  # some tied checkpoints store it anyway
-    unexpected = sorted(n for n in set(files) - wanted - ignored if not n.endswith("rotary_emb.inv_freq"))
+    unexpected = sorted(n for n in set(tensors) - wanted - ignored if not n.endswith("rotary_emb.inv_freq"))
     if unexpected:
         raise ValueError(
             f"unsupported Hugging Face checkpoint: unexpected tensor {unexpected[0]} "
             f"({len(unexpected)} in all) -- a feature this loader does not implement"
         )
+    for layout in layouts.values():
+        tensor = tensors[layout.name]
+        if tensor.shape != layout.hf_shape:
+            raise ValueError(
+                f"Hugging Face tensor {layout.name} has shape {tensor.shape} but config.json implies {layout.hf_shape}"
+            )
+        if tensor.dtype not in TENSOR_DTYPES:
+            raise ValueError(f"unsupported dtype {tensor.dtype} of tensor {layout.name}")
 
 
 def load_hf_params(
@@ -215,50 +217,91 @@ def load_hf_params(
     if set(layouts) != set(abstract):
         raise ValueError(f"no HF layout for params {sorted(set(abstract) ^ set(layouts))}")
     try:
-        files = _tensor_files(path)
-        _check_tensors(files, layouts, config)
-        sizes = {}
-        with _open_tensors(files) as get:
+        tensors = _tensors(path)
+        _check_tensors(tensors, layouts, config)
+        total = sum(tensors[layout.name].nbytes for layout in layouts.values())
+        flat, scratch = {}, Scratch()
+        with tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            desc=f"loading {path.name}",
+            file=sys.stderr,
+            disable=not (total >= PROGRESS_BYTES if progress is None else progress),
+        ) as bar:
             for ours, layout in layouts.items():
-                tensor = get(layout.name)
-                if tuple(tensor.get_shape()) != layout.hf_shape:
-                    raise ValueError(
-                        f"Hugging Face tensor {layout.name} has shape {tuple(tensor.get_shape())} but "
-                        f"config.json implies {layout.hf_shape}"
-                    )
-                if tensor.get_dtype() not in TENSOR_DTYPES:
-                    raise ValueError(f"unsupported dtype {tensor.get_dtype()} of tensor {layout.name}")
-                sizes[ours] = math.prod(layout.hf_shape) * (4 if tensor.get_dtype() == "F32" else 2)
-            show = sum(sizes.values()) >= PROGRESS_BYTES if progress is None else progress
-            flat = {}
-            with tqdm(
-                total=sum(sizes.values()),
-                unit="B",
-                unit_scale=True,
-                desc=f"loading {path.name}",
-                file=sys.stderr,
-                disable=not show,
-            ) as bar:
-                for ours, layout in layouts.items():
-                    array = _place(get(layout.name), layout, abstract[ours], shardings[ours])
-                    flat.update({ours: array} if transform is None else transform(ours, array))
-                    del array  # transformed: the placed array is let go before the next is read
-                    bar.update(sizes[ours])
-    except ValueError:
-        raise
-    except Exception as error:  # safetensors' Rust errors, truncated files, bad headers
-        raise ValueError(f"corrupt Hugging Face checkpoint {path}: {str(error).splitlines()[0]}") from None
+                tensor = tensors[layout.name]
+                array = _place(tensor, layout, abstract[ours], shardings[ours], scratch)
+                flat.update({ours: array} if transform is None else transform(ours, array))
+                del array  # transformed: the placed array is let go before the next is read
+                bar.update(tensor.nbytes)
+    except (CorruptFile, OSError) as error:  # a malformed or truncated file, one that vanished mid-way
+        raise ValueError(f"corrupt Hugging Face checkpoint {path}: {error}") from None
     return nest(flat)
 
 
-def _place(tensor: Any, layout: Layout, abstract: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+def _place(
+    tensor: Tensor, layout: Layout, abstract: Any, sharding: jax.sharding.Sharding, scratch: Scratch | None = None
+) -> jax.Array:
+    """``tensor`` as our param: each device's region read from the file (only the HF rows it
+    needs) and handed to JAX as a strided view in our axis order.
+
+    The transfer lays the view out (XLA's host-to-device copy transposes in cache-sized tiles,
+    several times faster than a strided numpy copy); a region needing no transpose, read into
+    an aligned buffer, becomes the device buffer as it is. The transposing copy runs at the
+    narrower of the file's and the target's dtype: a narrowing cast before it, a widening one
+    after (each on the host, in memory order: a plain pass). A region that is copied on the
+    way is read into ``scratch``, reused tensor after tensor (no fresh pages to fault in).
+    """
     shape, dtype = tuple(abstract.shape), np.dtype(abstract.dtype)
+    stored = NUMPY_DTYPES[tensor.dtype]
+    moved = stored if dtype.itemsize > stored.itemsize else dtype  # the dtype that goes through the transfer
+    # read into the scratch unless the region read is to become the device buffer itself
+    copied = scratch is not None and (moved != stored or layout.perm != tuple(range(len(layout.perm))))
+    source = _ReadInto(tensor, scratch.take) if copied else tensor
     read: dict[tuple, np.ndarray] = {}  # replicated shards share one read
+    if copied:
+        scratch.reset()
 
     def shard(index: tuple[slice, ...]) -> np.ndarray:
         key = tuple(s.indices(n) for s, n in zip(index, shape))
         if key not in read:
-            read[key] = read_region(tensor, layout, index, shape).astype(dtype)
+            region = read_region(source, layout, index, shape)
+            if region.dtype != moved:
+                region = region.astype(moved, order="K")
+            elif copied and region.flags.c_contiguous:  # would be adopted, not copied: never the scratch
+                region = region.copy()
+            read[key] = region
         return read[key]
 
-    return jax.make_array_from_callback(shape, sharding, shard, dtype=dtype)
+    array = jax.make_array_from_callback(shape, sharding, shard, dtype=moved)
+    if copied:
+        array.block_until_ready()  # the transfer has read the scratch before the next tensor reuses it
+    return array if moved == dtype else _widen(array, dtype)
+
+
+class _ReadInto:
+    """``tensor[index]`` read into ``allocate``'d memory (``read_region``'s sliceable)."""
+
+    def __init__(self, tensor: Tensor, allocate: Callable[[tuple[int, ...], np.dtype], np.ndarray]):
+        self.tensor, self.allocate = tensor, allocate
+
+    def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
+        return self.tensor.rows(index, self.allocate)
+
+
+def _widen(array: jax.Array, dtype: np.dtype) -> jax.Array:
+    """``array`` (placed, laid out) in the wider ``dtype``: each shard cast on the host in memory
+    order, a plain pass into a buffer the new array adopts (no compile per shape, as a jitted
+    cast would take)."""
+    widened = {}
+    for shard in array.addressable_shards:
+        key = tuple(s.indices(n) for s, n in zip(shard.index, array.shape))
+        if key not in widened:  # replicas share one cast
+            widened[key] = aligned_empty(shard.data.shape, dtype)
+            np.copyto(widened[key], np.asarray(shard.data), casting="safe")
+
+    def shard_of(index: tuple[slice, ...]) -> np.ndarray:
+        return widened[tuple(s.indices(n) for s, n in zip(index, array.shape))]
+
+    return jax.make_array_from_callback(array.shape, array.sharding, shard_of, dtype=dtype)

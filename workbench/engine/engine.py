@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from workbench import probes, trees
+from workbench import memory, probes, trees
 from workbench import sharding as shd
 from workbench.checks import check_int
 from workbench.engine import adapters, compiled, inputs, packing, tuning
@@ -107,6 +107,11 @@ class Engine:
             compiled.shardings(self)
         )
         self.result_shardings = ResultTokens(data=shd.replicated(mesh), logits=shd.replicated(mesh))
+        memory.check_fits(  # before anything is allocated: a clear error, not an out-of-memory kill
+            {"KV cache": memory.kv_cache_bytes(self)},
+            f"a KV cache of {slots} slots x {max_target_length} positions x {config.num_layers} layers",
+            "lower max_target_length (--max-target-length) or decode_batch_size (--decode-batch)",
+        )
         self.steps = compiled.build(self)
         self.rest = compiled.initial_rest(self, adapters)
 

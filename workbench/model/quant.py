@@ -90,6 +90,13 @@ def quantize_array(w: jax.Array, contract: tuple[int, ...], mode: str) -> tuple[
     contracting axes (G = 1 per output channel; for w4 the contracting axes, which lead, are cut
     into blocks of ``GROUP``). values = round(w / scale), so w ~ values * scale.
     """
+    if mode != "w4":  # one group: reduce in place, no transposes (XLA:CPU's cost several times the rest)
+        scale = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=contract, keepdims=True) / INT_MAX[mode]
+        scale = jnp.where(scale == 0, 1.0, scale)
+        # each pass converts w as it reads it: XLA would otherwise keep a float32 copy of the weight
+        w, scale = jax.lax.optimization_barrier((w, scale))
+        values = jnp.clip(jnp.round(w.astype(jnp.float32) / scale), -INT_MAX[mode], INT_MAX[mode])
+        return values.astype(STORAGE[mode]), jnp.squeeze(scale, contract)[None]
     w = w.astype(jnp.float32)
     kept = [a for a in range(w.ndim) if a not in contract]
     moved = jnp.transpose(w, (*contract, *kept))  # [C..., kept...]
