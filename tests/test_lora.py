@@ -2,7 +2,7 @@
 projections: one decode batch mixing base, adapter chat and adapter code slots on a data=2,tensor=2
 mesh gives transformers+peft's greedy tokens and logits (1e-4 relative); base slots equal an
 engine without adapters bit for bit; merge_adapter equals the unmerged path.
-The same batch on a w8 / w8a8 base matches peft on the dequantized base weights, and one adapter
+The same batch on a w8 base matches peft on the dequantized base weights, and one adapter
 on a small random Mistral and Qwen2 matches peft too."""
 
 import copy
@@ -245,14 +245,14 @@ def dequantized_peft(reference, engine, params):
     return model.eval()
 
 
-@pytest.mark.parametrize("quantize", ["w8", "w8a8"])
-def test_quantized_base_with_float_adapters(reference, quantize):
+def test_quantized_base_with_float_adapters(reference):
     """The mixed batch on a quantized base: against peft on the dequantized base weights. w8 is a
-    float product over those weights (logits to 1e-5 relative, measured 3e-6); w8a8 also rounds
-    each token's activations to int8 (measured 4e-2 of the logits), so it is held to peft's greedy
-    tokens (which the adapters change) and a 0.1 logits bound."""
+    float product over those weights (logits to 1e-5 relative, measured 3e-6). (w8a8 also rounds
+    each token's activations to int8, measured 4e-2 of the logits: a loose bound that proved
+    little here for 8 s of suite; w8a8 with adapters is held to the unscanned engine's numbers in
+    tests/test_combinations.py, and w8a8's rounding to numpy in tests/test_quant.py.)"""
     base, adapters, _ = reference
-    engine, params = workbench.load(base, quantize=quantize, adapters={k: str(v) for k, v in adapters.items()}, **SHAPE)
+    engine, params = workbench.load(base, quantize="w8", adapters={k: str(v) for k, v in adapters.items()}, **SHAPE)
     lora = [leaf for path, leaf in leaf_paths(nnx.to_pure_dict(engine.rest)).items() if "/lora/" in path]
     assert lora and {leaf.dtype for leaf in lora} == {np.dtype(np.float32)}
     assert params["layers"][0]["attn"]["q"]["values"].dtype == np.int8
@@ -262,8 +262,7 @@ def test_quantized_base_with_float_adapters(reference, quantize):
     for slot, (adapter, prompt) in SLOTS.items():
         tokens, rows = torch_run(model, adapter, prompt)
         assert out[slot][0] == tokens, f"slot {slot} ({adapter})"
-        bound = 1e-5 if quantize == "w8" else 0.1
-        assert np.abs(out[slot][1] - rows).max() <= bound * np.abs(rows).max(), f"slot {slot} ({adapter})"
+        assert np.abs(out[slot][1] - rows).max() <= 1e-5 * np.abs(rows).max(), f"slot {slot} ({adapter})"
     assert out[0][0] != out[1][0], "adapter chat should change the base model's tokens"
 
 
