@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from workbench.checks import check_token_ids
-from workbench.engine import adapters, steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,10 +75,9 @@ def top_logprobs(logits: jax.Array, tokens, k: int) -> list[TokenLogprobs]:
     ]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _prompt_rows(graphdef, params, rest, tokens: jax.Array, rows: jax.Array | None) -> jax.Array:
-    """log p(tokens[:, t] | tokens[:, :t]) for t >= 1: float32 [B, T - 1]."""
-    logits = steps.forward(graphdef, params, rest, tokens, rows)  # [B, T, V] float32
+@jax.jit
+def _prompt_rows(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """log p(tokens[:, t] | tokens[:, :t]) for t >= 1, from the forward's logits [B, T, V]: float32 [B, T - 1]."""
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
 
@@ -98,6 +96,7 @@ def prompt_logprobs(engine, params, tokens, *, adapter: str | None = None) -> np
     length = min(max(16, 1 << (ids.size - 1).bit_length()), engine.max_target_length)  # one compile per power of 2
     padded = np.full((1, max(length, ids.size)), engine.config.pad_id, np.int32)
     padded[0, : ids.size] = ids
-    rows = adapters.rows(engine.adapters, adapter, 1)
-    out = _prompt_rows(engine.forward_graphdef, params, engine.rest, jnp.asarray(padded), rows)
-    return np.asarray(out)[0, : ids.size - 1]
+    # the engine's own compiled forward (its shardings and compiler options, one program with the
+    # callers of engine.forward); the logits stay on device and only [T - 1] numbers come back
+    logits = engine.forward(params, padded, adapter=adapter)
+    return np.asarray(_prompt_rows(logits, jnp.asarray(padded)))[0, : ids.size - 1]
