@@ -102,6 +102,22 @@ def test_bytes_per_step_by_hand(tied):
     assert bytes_per_step(engine, params, cached_tokens=10.5) == weights + 4 * 10.5 * kv_per_token
 
 
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_bytes_per_step_reads_a_ring_whole(scan_layers):
+    """Sliding layers keep a ring of their window, read whole each step (k, v and the held
+    positions, int32 per slot); the same count for stacked layers."""
+    window, slots = 8, 4
+    config = workbench.ModelConfig.tiny(sliding_window=window)
+    engine = workbench.Engine(
+        config, workbench.make_mesh({"data": 1}), decode_batch_size=slots, max_prefill_length=16,
+        max_target_length=32, scan_layers=scan_layers,
+    )  # fmt: skip
+    kv_per_position = config.num_layers * 2 * config.num_kv_heads * config.head_dim * 4
+    ring = slots * window * (kv_per_position + config.num_layers * 4)
+    weights = config.num_params() * 4
+    assert bytes_per_step(engine, engine.abstract_params, cached_tokens=3.0) == weights + ring
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [

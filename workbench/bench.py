@@ -84,7 +84,7 @@ _IMPORTED = time.perf_counter()
 
 def bytes_per_step(engine: Engine, params: Params, cached_tokens: float) -> int:
     """Bytes one decode step must read: every weight, plus ``cached_tokens`` (mean per slot) of
-    keys and values in every layer for every slot.
+    keys and values in every layer for every slot (a sliding layer's ring: its whole window).
 
     The token embedding is the exception among the weights: a step gathers one row per slot
     from it -- unless the embedding is tied, when it is also the output projection, read whole.
@@ -96,9 +96,16 @@ def bytes_per_step(engine: Engine, params: Params, cached_tokens: float) -> int:
         if path.startswith("embed/embedding") and not engine.config.tie_embeddings:  # a quantized one too
             nbytes = slots * (leaf.size // engine.config.vocab_size) * leaf.dtype.itemsize
         weights += nbytes
-    cache_leaves = leaf_paths(engine.abstract_decode_cache).values()  # k and v: [B, S, K, H] per layer
-    per_token = sum(leaf.size // (leaf.shape[0] * leaf.shape[1]) * leaf.dtype.itemsize for leaf in cache_leaves)
-    return int(weights + slots * cached_tokens * per_token)
+    # Each layer's k and v: [B, S, K, H] ([L, B, S, K, H] stacked), int8 scales [B, S, K], a ring's
+    # held positions [B, W]. A full-length cache is read as far as the tokens it holds; a ring
+    # (S = window < max_target_length) is read whole every step.
+    seq_axis = 2 if engine.scan_layers else 1
+    cache = 0.0
+    for leaf in leaf_paths(engine.abstract_decode_cache).values():
+        length = leaf.shape[seq_axis]
+        read = length if length < engine.max_target_length else cached_tokens
+        cache += leaf.size // length * leaf.dtype.itemsize * read
+    return int(weights + cache)
 
 
 def check_shape(prompt_length: int, steps: int, max_prefill_length: int, max_target_length: int) -> None:
