@@ -159,7 +159,8 @@ def prepare(
             positions = [check_int("Patch position", p) for p in item.positions]
             if len(set(positions)) != len(positions) or any(p < 0 for p in positions):
                 raise ValueError(f"Patch: positions must be distinct and >= 0, got {positions}")
-            values = _vectors("Patch", item.values, (len(positions), D))
+            shape = (len(positions), N, config.head_dim) if item.site == "heads" else (len(positions), D)
+            values = _vectors("Patch", item.values, shape).reshape(len(positions), -1)
             patches.setdefault(item.site, []).extend((layer, p, mask, v) for p, v in zip(positions, values))
     # The kinds present are static (an Ablate of no heads still compiles the ablating program, so
     # a baseline run shares it); everything else is data.
@@ -182,7 +183,8 @@ def prepare(
         P = 1 << max(len(entries) - 1, 0).bit_length()  # noqa: N806
         sizes.append((site, P))
         positions = np.full((L, P), -1, np.int32)
-        masks, values = np.zeros((L, P, rows), bool), np.zeros((L, P, D), np.float32)
+        width = entries[0][3].shape[-1]  # D, or N * H for heads
+        masks, values = np.zeros((L, P, rows), bool), np.zeros((L, P, width), np.float32)
         for j, (layer, p, mask, v) in enumerate(entries):
             positions[layer, j], masks[layer, j], values[layer, j] = p, mask, v
         data[f"patch_{site}"] = (positions, masks, values)
