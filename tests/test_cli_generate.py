@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import workbench
-from helpers import lively_params
+from helpers import assert_close, lively_params, pure_numpy
 from workbench.checkpoints import ByteTokenizer, save_checkpoint
 from workbench.cli import main
 from workbench.engine.scheduler import run_requests
@@ -210,6 +210,11 @@ def bad_checkpoints(tmp: Path, checkpoint: Path) -> dict[str, Path]:
         (["--prompt", "x", "--return-logits"], "--return-logits needs --json"),
         (["--prompt", "x", "--dtype", "float16"], "invalid choice: 'float16'"),
         (["--prompt", "x", "--decode-batch", "0"], "decode_batch_size must be a positive int, got 0"),
+        (
+            ["--prompt", "x", "--capture", "attention,bogus", "--capture-out", "c.npz"],
+            "--capture: unknown kind 'bogus'",
+        ),
+        (["--prompt", "x", "--capture", "residual"], "--capture needs --capture-out FILE.npz"),
     ],
 )
 def test_bad_input_is_one_error_line(capsys, tmp_path_factory, checkpoint, args, message):
@@ -292,3 +297,39 @@ def test_pack_prefill_packs_short_prompts_and_changes_no_token(monkeypatch, caps
     for request in report:
         expected = oracle[2](request["prompt_ids"], request["tokens"])
         np.testing.assert_allclose(request["logits"], expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def test_capture_writes_each_requests_activations(capsys, tmp_path, checkpoint, oracle):
+    """--capture attention,residual: the npz holds each request's fed tokens; the last block's
+    residual through the final norm and the tied unembedding (numpy) gives the forward pass's
+    logits; each attention row is a causal distribution."""
+    engine, params, _ = oracle
+    out = tmp_path / "capture.npz"
+    args = ["--checkpoint", str(checkpoint), *ENGINE, "--prompt-ids", "72,101,108,108,111", "--prompt", "def f(x):"]
+    code, stdout, err = generate(capsys, *args, "--max-new-tokens", "3", "--ignore-eos", "--json",
+                                 "--capture", "attention,residual", "--capture-out", str(out))  # fmt: skip
+    assert code == 0 and err == ""
+    report, saved = json.loads(stdout), np.load(out)
+    config, pure = engine.config, pure_numpy(params)
+    L, N = config.num_layers, config.num_heads  # noqa: N806
+    assert sorted(saved.files) == sorted(
+        f"request{i}/{name}"
+        for i in (0, 1)
+        for name in ["tokens"] + [f"{k}/layer{j}" for k in ("attention", "residual") for j in range(L)]
+    )
+    padded = np.zeros((2, 16), np.int32)  # both requests in one forward (right padding changes no row)
+    for i, request in enumerate(report["requests"]):
+        padded[i, : len(saved[f"request{i}/tokens"])] = saved[f"request{i}/tokens"]
+    forward = np.asarray(engine.forward(params, padded))
+    for i, request in enumerate(report["requests"]):
+        tokens = saved[f"request{i}/tokens"]
+        assert tokens.tolist() == request["prompt_ids"] + request["tokens"][:-1]
+        T = len(tokens)  # noqa: N806
+        x = saved[f"request{i}/residual/layer{L - 1}"].astype(np.float64)  # [T, D]
+        normed = x / np.sqrt((x * x).mean(-1, keepdims=True) + config.norm_eps) * pure["final_norm"]["scale"]
+        expected = forward[i, :T]
+        assert_close(normed @ pure["embed"]["embedding"].T, expected, rtol=1e-4)
+        attention = saved[f"request{i}/attention/layer0"]
+        assert attention.shape == (N, T, T)
+        np.testing.assert_allclose(attention.sum(-1), 1.0, atol=1e-5)
+        assert np.abs(np.triu(attention, 1)).max() == 0.0

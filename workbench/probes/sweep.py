@@ -29,8 +29,6 @@ from workbench.probes.uncached import forward
 
 OVER = ("layer_position", "layer_head")
 
-CAPTURE_FLAGS = {"residual": "residual", "attn_out": "attention", "mlp_out": "mlp", "heads": "heads"}
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Sweep:
@@ -151,8 +149,8 @@ def check_inputs(engine, clean, corrupt, over, site, layers, positions) -> Input
 def activations(engine, params, inputs: Inputs) -> tuple[jax.Array, dict[int, np.ndarray]]:
     """Both prompts' logits [2, T, V] (clean row 0, corrupt row 1) and the patched site of each
     swept layer, {layer: [2, T, W]} (``heads``: [2, T, N, H]), from one forward pass."""
-    flags = dict(attention=False, residual=False, mlp=False, logits=False)
-    capture = Capture(**(flags | {CAPTURE_FLAGS[inputs.site]: True}), layers=inputs.layers)
+    # Every site, every layer: one program serves every sweep of these prompts' length.
+    capture = Capture(attention=True, residual=True, mlp=True, logits=False, heads=True)
     logits, captured = forward(engine, params, np.stack([inputs.clean, inputs.corrupt]), capture)
     return logits.astype(jnp.float32), {layer: captured.site(inputs.site, layer) for layer in inputs.layers}
 
