@@ -3,8 +3,8 @@
 
 Patching an activation ``a`` of the clean run to its corrupt value ``a'`` changes the metric by
 about ``(a' - a) . dmetric/da``, the gradient taken on the clean run. One ``jax.vjp`` through the
-uncached forward under probes gives that gradient at every layer and position at once: each
-swept site gets a zero ``delta_<site>`` [L, 1, T, W] added to it (:mod:`workbench.model.hooks`),
+uncached forward under probes gives that gradient at every site, layer and position at once:
+each site gets a zero ``delta_<site>`` [L, 1, T, W] added to it (:mod:`workbench.model.hooks`),
 and the metric's cotangent with respect to those zeros is the gradient. The estimate of a head
 is the sum over the patched positions of its slice. It is exact for a metric linear in the
 activation and drifts as the downstream path bends (attention's softmax, the norms, the MLP):
@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from workbench.probes.interventions import SITES
 from workbench.probes.plan import Plan
 from workbench.probes.sweep import Sweep, activations, check_inputs, scalar
 from workbench.probes.uncached import _forward
@@ -38,15 +39,17 @@ def _gradients(graphdef, plan, metric, params, rest, tokens, deltas):
     return pullback(jnp.ones_like(out))[0]
 
 
-def gradients(engine: Any, params: Any, tokens: np.ndarray, metric: Callable, site: str) -> np.ndarray:
-    """The gradient of ``metric`` with respect to ``site`` [L, T, W] at every layer and position
-    in the run of ``tokens`` [T] (``heads``: W = N * H, the heads' outputs flattened)."""
+def gradients(engine: Any, params: Any, tokens: np.ndarray, metric: Callable) -> dict[str, np.ndarray]:
+    """The gradient of ``metric`` with respect to every site, {site: [L, T, W]}, at every layer
+    and position of the run of ``tokens`` [T] (``heads``: W = N * H, the heads' outputs
+    flattened). Every site at once: one compiled program per metric serves every sweep."""
     config = engine.config
-    width = config.num_heads * config.head_dim if site == "heads" else config.embed_dim
-    deltas = {f"delta_{site}": jnp.zeros((config.num_layers, 1, len(tokens), width), jnp.float32)}
+    L, T = config.num_layers, len(tokens)  # noqa: N806
+    width = {site: config.num_heads * config.head_dim if site == "heads" else config.embed_dim for site in SITES}
+    deltas = {f"delta_{site}": jnp.zeros((L, 1, T, w), jnp.float32) for site, w in width.items()}
     rows = jnp.asarray(tokens, jnp.int32)[None]
     grads = _gradients(engine.forward_graphdef, Plan(), metric, params, engine.rest, rows, deltas)
-    return np.asarray(grads[f"delta_{site}"])[:, 0]
+    return {site: np.asarray(grads[f"delta_{site}"])[:, 0] for site in SITES}
 
 
 def attribution_patching(
@@ -67,7 +70,7 @@ def attribution_patching(
     inputs = check_inputs(engine, clean, corrupt, over, site, layers, positions)
     logits, acts = activations(engine, params, inputs)
     base, corrupted = scalar(metric, logits[0]), scalar(metric, logits[1])
-    grad = gradients(engine, params, inputs.clean, metric, inputs.site)
+    grad = gradients(engine, params, inputs.clean, metric)[inputs.site]
     T, positions = len(inputs.clean), list(inputs.positions)  # noqa: N806
     table = np.zeros((len(inputs.layers), len(inputs.columns)))
     for i, layer in enumerate(inputs.layers):
