@@ -106,6 +106,16 @@ def test_attribution_tracks_the_sweep_and_is_the_directional_derivative(model, r
     layer, head, eps = 0, 2, 1e-2
     plus, minus = (patched_metric(model, head_as_attn_out(model, runs, layer, head, s)) for s in (eps, -eps))
     np.testing.assert_allclose(estimate.effect[layer, head], (plus - minus) / (2 * eps), rtol=1e-2, atol=1e-3)
+    # one residual cell: (corrupt - clean) . gradient, the derivative along the patch's direction
+    engine, params, metric = model
+    clean, corrupt, _, _ = runs
+    by_position = probes.attribution_patching(engine, params, CLEAN, CORRUPT, metric)  # the same gradient program
+    layer, p = 0, 3
+    base = clean.residual(layer)[0, [p]]
+    change = corrupt.residual(layer)[0, [p]] - base
+    plus, minus = (patched_metric(model, probes.Patch(layer, "residual", [p], base + s * change)) for s in (eps, -eps))
+    np.testing.assert_allclose(by_position.effect[layer, p], (plus - minus) / (2 * eps), rtol=1e-2, atol=1e-3)
+    assert np.abs(by_position.effect[:, :2]).max() < 1e-6  # positions before the corrupted token do not change
 
 
 def test_bad_input_is_one_line(model):
