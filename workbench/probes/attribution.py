@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from workbench.probes.interventions import SITES
-from workbench.probes.plan import Plan
+from workbench.probes.plan import Plan, site_width
 from workbench.probes.sweep import Sweep, activations, check_inputs, scalar
 from workbench.probes.uncached import _forward
 
@@ -45,8 +45,7 @@ def gradients(engine: Any, params: Any, tokens: np.ndarray, metric: Callable) ->
     flattened). Every site at once: one compiled program per metric serves every sweep."""
     config = engine.config
     L, T = config.num_layers, len(tokens)  # noqa: N806
-    width = {site: config.num_heads * config.head_dim if site == "heads" else config.embed_dim for site in SITES}
-    deltas = {f"delta_{site}": jnp.zeros((L, 1, T, w), jnp.float32) for site, w in width.items()}
+    deltas = {f"delta_{site}": jnp.zeros((L, 1, T, site_width(site, config)), jnp.float32) for site in SITES}
     rows = jnp.asarray(tokens, jnp.int32)[None]
     grads = _gradients(engine.forward_graphdef, Plan(), metric, params, engine.rest, rows, deltas)
     return {site: np.asarray(grads[f"delta_{site}"])[:, 0] for site in SITES}

@@ -116,6 +116,10 @@ def check_inputs(engine, clean, corrupt, over, site, layers, positions) -> Input
     clean, corrupt = _ids(engine, "clean", clean), _ids(engine, "corrupt", corrupt)
     if len(clean) != len(corrupt):
         raise ValueError(f"clean and corrupt must have the same number of tokens, got {len(clean)} and {len(corrupt)}")
+    if len(clean) > engine.max_target_length:
+        raise ValueError(
+            f"the prompts have {len(clean)} tokens, more than max_target_length ({engine.max_target_length})"
+        )
     if over not in OVER:
         raise ValueError(f"over must be one of {OVER}, got {over!r}")
     if site not in SITES:
