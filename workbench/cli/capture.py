@@ -50,11 +50,6 @@ def parse_kinds(text: str | None, out: str | None) -> tuple[str, ...]:
     return kinds
 
 
-def _padded_length(length: int, limit: int) -> int:
-    """A power of two from 16 up (capped at ``limit``), so requests of similar length share a compile."""
-    return min(max(16, 1 << (length - 1).bit_length()), limit)
-
-
 def write(path: str, engine, params, completions, kinds: tuple[str, ...]) -> None:
     """Capture ``kinds`` over each request's sequence (its first sample) and save them to ``path``."""
     from workbench import probes
@@ -66,23 +61,25 @@ def write(path: str, engine, params, completions, kinds: tuple[str, ...]) -> Non
         logits="logits" in kinds,
         heads="heads" in kinds,
     )
-    arrays, index = {}, {}
-    for completion in completions:
-        if completion.sample == 0:  # in submission order: the i-th request met
-            index[completion.request.id] = len(index)
-            tokens = list(completion.request.prompt) + list(completion.tokens[:-1])
-            n = len(tokens)
-            padded = np.zeros((1, _padded_length(n, engine.max_target_length)), np.int32)
-            padded[0, :n] = tokens  # right padding: causal, so it changes no real position
-            _, captured = probes.forward(engine, params, padded, capture, adapter=completion.request.adapter)
-            prefix = f"request{index[completion.request.id]}"
-            arrays[f"{prefix}/tokens"] = np.asarray(tokens, np.int32)
-            for kind in kinds:
-                if kind == "logits":
-                    arrays[f"{prefix}/logits"] = captured.logits[0, :n].astype(np.float32)
-                    continue
-                site = "mlp_out" if kind == "mlp" else kind
-                for layer in captured.layers:
-                    value = captured.site(site, layer)[0]
-                    arrays[f"{prefix}/{kind}/layer{layer}"] = value[:, :n, :n] if kind == "attention" else value[:n]
+    firsts = [c for c in completions if c.sample == 0]  # in submission order: request i is the i-th
+    sequences = [list(c.request.prompt) + list(c.tokens[:-1]) for c in firsts]
+    # Every request right-padded to one power of two (causal: padding changes no real position),
+    # so one compiled program serves them all.
+    length = min(max(16, 1 << (max(map(len, sequences)) - 1).bit_length()), engine.max_target_length)
+    arrays = {}
+    for i, (completion, tokens) in enumerate(zip(firsts, sequences)):
+        n = len(tokens)
+        padded = np.zeros((1, length), np.int32)
+        padded[0, :n] = tokens
+        _, captured = probes.forward(engine, params, padded, capture, adapter=completion.request.adapter)
+        prefix = f"request{i}"
+        arrays[f"{prefix}/tokens"] = np.asarray(tokens, np.int32)
+        for kind in kinds:
+            if kind == "logits":
+                arrays[f"{prefix}/logits"] = captured.logits[0, :n].astype(np.float32)
+                continue
+            site = "mlp_out" if kind == "mlp" else kind
+            for layer in captured.layers:
+                value = captured.site(site, layer)[0]
+                arrays[f"{prefix}/{kind}/layer{layer}"] = value[:, :n, :n] if kind == "attention" else value[:n]
     np.savez(path, **arrays)
