@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import workbench
-from helpers import lively_params
+from helpers import assert_close, lively_params, pure_numpy
 from workbench.checkpoints import ByteTokenizer, save_checkpoint
 from workbench.cli import main
 from workbench.engine.scheduler import run_requests
@@ -57,8 +57,10 @@ def oracle(checkpoint):
 
 
 @pytest.fixture(scope="module")
-def json_run(checkpoint):
-    """One --json --return-logits run, shared (a module fixture cannot use capsys: capture by hand)."""
+def json_run(checkpoint, tmp_path_factory):
+    """One --json --return-logits --capture run, shared (a module fixture cannot use capsys:
+    capture by hand); the capture's file is ``json_run[3]``."""
+    capture = tmp_path_factory.mktemp("capture") / "capture.npz"
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(
@@ -73,13 +75,17 @@ def json_run(checkpoint):
                 "--ignore-eos",
                 "--json",
                 "--return-logits",
+                "--capture",
+                "attention,residual",
+                "--capture-out",
+                str(capture),
             ]
         )
-    return code, json.loads(out.getvalue()), err.getvalue()
+    return code, json.loads(out.getvalue()), err.getvalue(), capture
 
 
 def test_json_requests_match_the_forward_oracle(json_run, oracle):
-    code, report, err = json_run
+    code, report, err, _ = json_run
     engine, _, rows = oracle
     assert code == 0 and err == ""
     assert report["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
@@ -97,7 +103,7 @@ def test_json_requests_match_the_forward_oracle(json_run, oracle):
 
 
 def test_text_streams_in_input_order(capsys, checkpoint, json_run):
-    _, report, _ = json_run
+    _, report, _, _ = json_run
     code, out, err = generate(
         capsys, "--checkpoint", str(checkpoint), *ENGINE, *REQUESTS, "--max-new-tokens", "6", "--ignore-eos"
     )
@@ -210,6 +216,11 @@ def bad_checkpoints(tmp: Path, checkpoint: Path) -> dict[str, Path]:
         (["--prompt", "x", "--return-logits"], "--return-logits needs --json"),
         (["--prompt", "x", "--dtype", "float16"], "invalid choice: 'float16'"),
         (["--prompt", "x", "--decode-batch", "0"], "decode_batch_size must be a positive int, got 0"),
+        (
+            ["--prompt", "x", "--capture", "attention,bogus", "--capture-out", "c.npz"],
+            "--capture: unknown kind 'bogus'",
+        ),
+        (["--prompt", "x", "--capture", "residual"], "--capture needs --capture-out FILE.npz"),
     ],
 )
 def test_bad_input_is_one_error_line(capsys, tmp_path_factory, checkpoint, args, message):
@@ -238,7 +249,7 @@ def run_cli(*args):
 
 
 def test_subprocess_host_devices_and_json(checkpoint, json_run):
-    _, report, _ = json_run
+    _, report, _, _ = json_run
     done = run_cli(
         "--host-devices",
         "4",
@@ -292,3 +303,31 @@ def test_pack_prefill_packs_short_prompts_and_changes_no_token(monkeypatch, caps
     for request in report:
         expected = oracle[2](request["prompt_ids"], request["tokens"])
         np.testing.assert_allclose(request["logits"], expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def test_capture_writes_each_requests_activations(json_run, oracle):
+    """--capture attention,residual: the npz holds each request's fed tokens; the last block's
+    residual through the final norm and the tied unembedding (numpy) gives the forward pass's
+    logits; each attention row is a causal distribution."""
+    engine, params, _ = oracle
+    _, report, _, path = json_run
+    saved = np.load(path)
+    config, pure = engine.config, pure_numpy(params)
+    L, N = config.num_layers, config.num_heads  # noqa: N806
+    names = ["tokens"] + [f"{kind}/layer{j}" for kind in ("attention", "residual") for j in range(L)]
+    assert sorted(saved.files) == sorted(f"request{i}/{name}" for i in range(len(PROMPT_IDS)) for name in names)
+    padded = np.zeros((len(PROMPT_IDS), 32), np.int32)  # every request in one forward (right padding changes no row)
+    for i in range(len(PROMPT_IDS)):
+        padded[i, : len(saved[f"request{i}/tokens"])] = saved[f"request{i}/tokens"]
+    forward = np.asarray(engine.forward(params, padded))
+    for i, request in enumerate(report["requests"]):
+        tokens = saved[f"request{i}/tokens"]
+        assert tokens.tolist() == request["prompt_ids"] + request["tokens"][:-1]
+        T = len(tokens)  # noqa: N806
+        x = saved[f"request{i}/residual/layer{L - 1}"].astype(np.float64)  # [T, D]
+        normed = x / np.sqrt((x * x).mean(-1, keepdims=True) + config.norm_eps) * pure["final_norm"]["scale"]
+        assert_close(normed @ pure["embed"]["embedding"].T, forward[i, :T], rtol=1e-4)
+        attention = saved[f"request{i}/attention/layer0"]
+        assert attention.shape == (N, T, T)
+        np.testing.assert_allclose(attention.sum(-1), 1.0, atol=1e-5)
+        assert np.abs(np.triu(attention, 1)).max() == 0.0

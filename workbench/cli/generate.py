@@ -14,6 +14,8 @@ object then holds ``"prefix_cache": {"hits", "tokens_reused", "bytes", "eviction
 "top": [[id, logprob], ...]}`` (the K best, best first); ``--prompt-logprobs`` gives
 ``"prompt_logprobs"``: per prompt token log p(token | tokens before it), null for the first. Both
 are the model's own distribution, before any sampling flag (``engine/logprobs.py``).
+``--capture attention,residual --capture-out FILE.npz`` saves each request's activations
+(``cli/capture.py`` lists the kinds and the file's keys).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import sys
 import warnings
 from typing import Any
 
+from workbench.cli import capture
 from workbench.cli.common import CliError, add_engine_arguments, load_engine
 from workbench.cli.launch import add_process_arguments
 from workbench.cli.streaming import TextStream
@@ -121,11 +124,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     output.add_argument(
         "--prompt-logprobs", action="store_true", help="with --json: each prompt token's log-probability"
     )
+    output.add_argument("--capture", default=None, metavar="KINDS", help=capture.HELP)
+    output.add_argument("--capture-out", default=None, metavar="FILE.npz", help="where --capture writes (numpy .npz)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Check the flags, load the engine, queue every request, then stream text or print JSON."""
     check_flags(args)
+    kinds = capture.parse_kinds(args.capture, args.capture_out)
     sampling = sampling_of(args)
     adapters = adapter_choices(args, len(args.requests))
 
@@ -156,7 +162,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         with TextStream(engine.tokenizer, prompts, num_samples=args.num_samples, total=budget) as stream:
             scheduler.on_token, scheduler.on_finish = stream.token, stream.finish
-            scheduler.run()
+            completions = scheduler.run()
+    if kinds:
+        capture.write(args.capture_out, engine, params, completions, kinds)
     return 0
 
 

@@ -6,6 +6,11 @@ inside a jitted step) they call it at each site: attention may return its weight
 outputs of attention, the MLP and the block may be patched, steered and recorded
 (:meth:`LayerHooks.site`). Recording is ``Module.sow(nnx.Intermediate, ...)``, collected by
 ``nnx.capture``. Without hooks none of this is traced.
+
+A site's data arrays: ``patch_<site>`` (positions [L, P], row masks [L, P, B], values [L, P, W])
+replaces the activation at those positions; ``delta_<site>`` [L, B, T, W] is added to it (zeros:
+the point ``probes.attribution`` differentiates at, so the gradient reaches every site). W is the
+site's width: D, or N * H for ``heads`` (the query heads' outputs before ``o``, flattened).
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ class LayerHooks:
         ``Capture(heads=True)`` what flows on is recorded as ``heads`` (per-head logit attribution)."""
         if self.hooks.plan.ablate:
             out = self._ablate(out)
+        b, t, n, h = out.shape
+        out = self._write("heads", out.reshape(b, t, n * h)).reshape(b, t, n, h)
         if module is not None and self.records and self.hooks.capture.heads:
             self.record(module, "heads", out)
         return out
@@ -75,17 +82,25 @@ class LayerHooks:
     def site(self, module: nnx.Module, site: str, x: jax.Array) -> jax.Array:
         """Patch (and, on the residual, steer) ``x`` [B, T, D] at ``site``; record what flows on."""
         hooks = self.hooks
-        if f"patch_{site}" in hooks.data:
-            positions, masks, values = (a[self.index] for a in hooks.data[f"patch_{site}"])  # [P], [P, B], [P, D]
-            hit = (hooks.positions[:, :, None] == positions) & masks.T[:, None, :] & (positions >= 0)  # [B, T, P]
-            patched = jnp.einsum("BTP,PD->BTD", hit.astype(jnp.float32), values).astype(x.dtype)
-            x = jnp.where(jnp.any(hit, axis=-1, keepdims=True), patched, x)
+        x = self._write(site, x)
         if site == "residual" and hooks.plan.steer:
             x = x + hooks.data["steer"][self.index][:, None, :].astype(x.dtype)
         if site == "residual" and hooks.plan.clamp:
             x = self._clamp(x)
         if self.wants(site):
             self.record(module, site, x)
+        return x
+
+    def _write(self, site: str, x: jax.Array) -> jax.Array:
+        """``x`` [B, T, W] with the site's patches written in and its ``delta`` added."""
+        hooks = self.hooks
+        if f"patch_{site}" in hooks.data:
+            positions, masks, values = (a[self.index] for a in hooks.data[f"patch_{site}"])  # [P], [P, B], [P, W]
+            hit = (hooks.positions[:, :, None] == positions) & masks.T[:, None, :] & (positions >= 0)  # [B, T, P]
+            patched = jnp.einsum("BTP,PW->BTW", hit.astype(jnp.float32), values).astype(x.dtype)
+            x = jnp.where(jnp.any(hit, axis=-1, keepdims=True), patched, x)
+        if f"delta_{site}" in hooks.data:
+            x = x + hooks.data[f"delta_{site}"][self.index].astype(x.dtype)
         return x
 
     def _clamp(self, x: jax.Array) -> jax.Array:

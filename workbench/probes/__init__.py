@@ -18,6 +18,10 @@ With ``Capture(heads=True)`` each query head's output before ``o`` is recorded t
 the host reads each such layer's captured residual through a sparse autoencoder
 (:mod:`workbench.sae`): ``Captured.features(layer)``. ``SteerFeature`` adds or clamps one SAE feature.
 
+**Sweeps**: :func:`patching_sweep` patches every (layer, position) or (layer, head) from a corrupt
+prompt into a clean one, each patch one row of a batched run, and tables a metric of the logits;
+:func:`attribution_patching` estimates the same table from one backward pass (``jax.vjp``).
+
 **Interventions** are data. :func:`prepare` turns a list of them into dense arrays over layers
 (``[L, rows, N]`` head gains, ``[L, rows, D]`` steering vectors, ``[L, P, ...]`` patches) passed
 into the jitted step; only the *kinds* present (and a patch's count of positions, rounded up to
@@ -34,6 +38,7 @@ before (the hooks are ``None`` and every hook site is a Python ``if``), so the c
 are today's. Each probe setting compiles once, counted as ``"prefill+probes"`` / ``"generate+probes"``.
 """
 
+from workbench.probes.attribution import attribution_patching
 from workbench.probes.interventions import (
     ABLATE_MODES,
     INTERVENTIONS,
@@ -48,12 +53,14 @@ from workbench.probes.interventions import (
 )
 from workbench.probes.plan import Plan, attach, prepare, run
 from workbench.probes.recorded import NO_CAPTURE, SOWN, Captured, captured, captured_from
+from workbench.probes.sweep import OVER, Sweep, patching_sweep
 from workbench.probes.uncached import forward, unembed
 
 __all__ = [
     "ABLATE_MODES",
     "INTERVENTIONS",
     "NO_CAPTURE",
+    "OVER",
     "SITES",
     "SOWN",
     "STEER_MODES",
@@ -64,11 +71,14 @@ __all__ = [
     "Plan",
     "Steer",
     "SteerFeature",
+    "Sweep",
     "attach",
+    "attribution_patching",
     "captured",
     "captured_from",
     "check_layer",
     "forward",
+    "patching_sweep",
     "prepare",
     "run",
     "unembed",

@@ -10,7 +10,7 @@ from typing import Any
 from workbench.checks import check_int, is_int
 from workbench.sae import SAE
 
-SITES = ("residual", "attn_out", "mlp_out")  # where a Patch may write
+SITES = ("residual", "attn_out", "mlp_out", "heads")  # where a Patch may write
 ABLATE_MODES = ("zero", "mean")  # what an ablated head's output becomes
 
 
@@ -77,8 +77,9 @@ class Ablate:
 @dataclasses.dataclass(frozen=True)
 class Patch:
     """Replace the activation at ``site`` of ``layer`` ("residual": the stream after the block;
-    "attn_out" / "mlp_out": what attention / the MLP add) at the absolute ``positions`` by
-    ``values`` ``[len(positions), D]`` -- typically another run's capture."""
+    "attn_out" / "mlp_out": what attention / the MLP add; "heads": the query heads' outputs before
+    ``o``) at the absolute ``positions`` by ``values`` ``[len(positions), D]`` (``heads``:
+    ``[len(positions), N, H]``, every head's) -- typically another run's capture."""
 
     layer: int
     site: str

@@ -65,6 +65,11 @@ def _vectors(what: str, values: Any, shape: tuple[int, ...]) -> np.ndarray:
     return array
 
 
+def site_width(site: str, config: Any) -> int:
+    """A patched site's width: D, or N * H for the query heads' outputs (flattened)."""
+    return config.num_heads * config.head_dim if site == "heads" else config.embed_dim
+
+
 def _check_overlaps(site: str, entries: list, rows: int) -> None:
     """ValueError when two patches write the same layer, position and slot of ``site``."""
     taken: dict[tuple[int, int], np.ndarray] = {}
@@ -159,7 +164,8 @@ def prepare(
             positions = [check_int("Patch position", p) for p in item.positions]
             if len(set(positions)) != len(positions) or any(p < 0 for p in positions):
                 raise ValueError(f"Patch: positions must be distinct and >= 0, got {positions}")
-            values = _vectors("Patch", item.values, (len(positions), D))
+            shape = (len(positions), N, config.head_dim) if item.site == "heads" else (len(positions), D)
+            values = _vectors("Patch", item.values, shape).reshape(len(positions), site_width(item.site, config))
             patches.setdefault(item.site, []).extend((layer, p, mask, v) for p, v in zip(positions, values))
     # The kinds present are static (an Ablate of no heads still compiles the ablating program, so
     # a baseline run shares it); everything else is data.
@@ -182,7 +188,7 @@ def prepare(
         P = 1 << max(len(entries) - 1, 0).bit_length()  # noqa: N806
         sizes.append((site, P))
         positions = np.full((L, P), -1, np.int32)
-        masks, values = np.zeros((L, P, rows), bool), np.zeros((L, P, D), np.float32)
+        masks, values = np.zeros((L, P, rows), bool), np.zeros((L, P, site_width(site, config)), np.float32)
         for j, (layer, p, mask, v) in enumerate(entries):
             positions[layer, j], masks[layer, j], values[layer, j] = p, mask, v
         data[f"patch_{site}"] = (positions, masks, values)
