@@ -13,7 +13,9 @@ from flax import nnx
 import workbench
 from helpers import SHAPE, SMALL, assert_close, engine_for, lively_arrays, prefill, write_hf
 from workbench import inspect
-from workbench.checkpoints import save_checkpoint
+from workbench.checkpoints import export_hf, save_checkpoint
+from workbench.model import RopeScaling
+from workbench.model.config import sliding_pattern
 from workbench.model.scan import stack_layers, unstack_layers
 from workbench.trees import leaf_paths
 
@@ -76,6 +78,61 @@ def test_scanned_layers_give_the_unrolled_numbers(unrolled):
         for row_want, row_got in zip(want, got):
             for key, value in row_want.items():
                 assert row_got[key] == (pytest.approx(value, rel=10 * rtol) if isinstance(value, float) else value), key
+
+
+# Gemma 3-style: a pattern of 3 (sliding, sliding, global; Gemma 3's is 5 + 1) over 7 layers -- two
+# scan steps and one leftover layer -- with rings shorter than the prompts, a local rope beside a
+# linearly scaled global one, q/k norms and sandwich norms.
+# fmt: off
+PATTERNED = SMALL.replace(
+    num_layers=7, layer_types=sliding_pattern(7, 3), sliding_window=4, local_rope_theta=100.0,
+    rope_scaling=RopeScaling(factor=4.0, rope_type="linear"), qk_norm=True, norm_offset=1.0, post_norms=True,
+    embed_scale=True, mlp_activation="gelu_tanh",
+)
+# fmt: on
+
+
+def test_a_layer_pattern_scans_in_blocks_to_the_unrolled_numbers(tmp_path):
+    """Gemma 3-style layers scanned one pattern repeat per step (rings and full caches in stacks
+    of their own, the leftover layer a stack of one) against the unrolled engine on one device:
+    greedy tokens identical, logits and caches within 1e-5, the inspectors' reports alike;
+    checkpoints of the pattern's stacked layout load unrolled, and its HF export loads stacked."""
+    mesh = workbench.make_mesh({"data": 1}, jax.devices()[:1])
+    unrolled = workbench.Engine(PATTERNED, mesh, **SHAPE)
+    arrays = lively_arrays(unrolled, seed=3)
+    scanned = workbench.Engine(PATTERNED, mesh, scan_layers=True, **SHAPE)
+    params = scanned.load_params(arrays)  # stacked here by the pattern
+    cache = scanned.init_decode_state().cache["layers"]
+    assert [cache["blocks"][j]["attn"]["cache"]["k"].shape for j in range(3)] == [(2, 2, 4, 2, 8)] * 2 + [
+        (2, 2, 32, 2, 8)
+    ]
+    assert cache["tail"][0]["attn"]["cache"]["k"].shape == (1, 2, 4, 2, 8)  # layer 6: a ring
+    (expected, expected_layers, expected_reports) = run(unrolled, unrolled.load_params(arrays), steps=4)
+    actual, actual_layers, actual_reports = run(scanned, params, steps=4)
+    assert len({int(t) for step in expected[4::2] for t in step[:, 0]}) > 2, "greedy tokens barely vary"
+    for want, got in zip(expected, actual, strict=True):
+        if want.dtype.kind == "f":
+            assert_close(got, want, 1e-5)
+        else:
+            np.testing.assert_array_equal(got, want)
+    for want, got in zip(expected_layers, actual_layers, strict=True):
+        assert want.keys() == got.keys()
+        for name in want:
+            assert_close(got[name], want[name], 1e-5)
+    for want, got in zip(expected_reports, actual_reports):
+        assert len(got) == len(want) > 0
+        assert [{k: v for k, v in r.items() if not isinstance(v, float)} for r in got] == [
+            {k: v for k, v in r.items() if not isinstance(v, float)} for r in want
+        ]
+
+    save_checkpoint(tmp_path / "stacked", PATTERNED, jax.tree.map(np.asarray, nnx.to_pure_dict(params)), tokenizer=None)
+    _, loaded = workbench.load(tmp_path / "stacked", mesh=mesh, **SHAPE)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.to_pure_dict(loaded)), arrays)
+    export_hf(scanned, params, tmp_path / "hf")  # written unrolled, as transformers lays it out
+    _, loaded = workbench.load(tmp_path / "hf", mesh=mesh, scan_layers=True, **SHAPE)
+    stacked = stack_layers(arrays, PATTERNED.layer_period)
+    assert leaf_paths(stacked).keys() == leaf_paths(nnx.to_pure_dict(loaded)).keys()
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.to_pure_dict(loaded)), stacked)
 
 
 def test_stacked_params_and_caches_carry_the_layers_axis(devices):
