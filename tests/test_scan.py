@@ -92,24 +92,37 @@ PATTERNED = SMALL.replace(
 # fmt: on
 
 
+def walk(engine, params):
+    """A prompt longer than the window prefilled, inserted, four greedy steps: the logits and
+    tokens along the way, the final cache per layer (numpy) and the KV-cache report's rows."""
+    prefix, first = prefill(engine, params, ids(14, 1))
+    out = [np.asarray(first.logits)]
+    state = engine.insert(prefix, engine.init_decode_state(), 1)
+    for _ in range(4):
+        state, result = engine.generate(params, state)
+        out += [np.asarray(result.logits), np.asarray(result.data)]
+    layers = [jax.tree.map(np.asarray, state.layer_cache(i)) for i in range(engine.config.num_layers)]
+    return out, layers, inspect.kv_cache(state).to_rows()
+
+
 def test_a_layer_pattern_scans_in_blocks_to_the_unrolled_numbers(tmp_path):
     """Gemma 3-style layers scanned one pattern repeat per step (rings and full caches in stacks
     of their own, the leftover layer a stack of one) against the unrolled engine on one device:
-    greedy tokens identical, logits and caches within 1e-5, the inspectors' reports alike;
-    checkpoints of the pattern's stacked layout load unrolled, and its HF export loads stacked."""
+    greedy tokens identical, logits and caches within 1e-5, the KV-cache report alike; a
+    checkpoint of the pattern's stacked layout loads unrolled, and its HF export loads stacked."""
     mesh = workbench.make_mesh({"data": 1}, jax.devices()[:1])
     unrolled = workbench.Engine(PATTERNED, mesh, **SHAPE)
     arrays = lively_arrays(unrolled, seed=3)
     scanned = workbench.Engine(PATTERNED, mesh, scan_layers=True, **SHAPE)
     params = scanned.load_params(arrays)  # stacked here by the pattern
     cache = scanned.init_decode_state().cache["layers"]
-    assert [cache["blocks"][j]["attn"]["cache"]["k"].shape for j in range(3)] == [(2, 2, 4, 2, 8)] * 2 + [
-        (2, 2, 32, 2, 8)
-    ]
-    assert cache["tail"][0]["attn"]["cache"]["k"].shape == (1, 2, 4, 2, 8)  # layer 6: a ring
-    (expected, expected_layers, expected_reports) = run(unrolled, unrolled.load_params(arrays), steps=4)
-    actual, actual_layers, actual_reports = run(scanned, params, steps=4)
-    assert len({int(t) for step in expected[4::2] for t in step[:, 0]}) > 2, "greedy tokens barely vary"
+    ring, full = (2, 2, 4, 2, 8), (2, 2, 32, 2, 8)  # [R, B, W or S, K, H]
+    assert [cache["blocks"][j]["attn"]["cache"]["k"].shape for j in range(3)] == [ring, ring, full]
+    assert cache["tail"][0]["attn"]["cache"]["k"].shape == (1, *ring[1:])  # layer 6: a ring
+
+    expected, expected_layers, expected_rows = walk(unrolled, unrolled.load_params(arrays))
+    actual, actual_layers, actual_rows = walk(scanned, params)
+    assert len({int(step[1, 0]) for step in expected[2::2]}) > 2, "greedy tokens barely vary"
     for want, got in zip(expected, actual, strict=True):
         if want.dtype.kind == "f":
             assert_close(got, want, 1e-5)
@@ -119,20 +132,20 @@ def test_a_layer_pattern_scans_in_blocks_to_the_unrolled_numbers(tmp_path):
         assert want.keys() == got.keys()
         for name in want:
             assert_close(got[name], want[name], 1e-5)
-    for want, got in zip(expected_reports, actual_reports):
-        assert len(got) == len(want) > 0
-        assert [{k: v for k, v in r.items() if not isinstance(v, float)} for r in got] == [
-            {k: v for k, v in r.items() if not isinstance(v, float)} for r in want
-        ]
+    assert len(actual_rows) == len(expected_rows) == 2 * PATTERNED.num_layers
+    for want, got in zip(expected_rows, actual_rows):
+        assert {k: v for k, v in got.items() if not isinstance(v, float)} == {
+            k: v for k, v in want.items() if not isinstance(v, float)
+        }
 
-    save_checkpoint(tmp_path / "stacked", PATTERNED, jax.tree.map(np.asarray, nnx.to_pure_dict(params)), tokenizer=None)
+    pure = jax.tree.map(np.asarray, nnx.to_pure_dict(params))
+    save_checkpoint(tmp_path / "stacked", PATTERNED, pure, tokenizer=None)
     _, loaded = workbench.load(tmp_path / "stacked", mesh=mesh, **SHAPE)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.to_pure_dict(loaded)), arrays)
     export_hf(scanned, params, tmp_path / "hf")  # written unrolled, as transformers lays it out
     _, loaded = workbench.load(tmp_path / "hf", mesh=mesh, scan_layers=True, **SHAPE)
-    stacked = stack_layers(arrays, PATTERNED.layer_period)
-    assert leaf_paths(stacked).keys() == leaf_paths(nnx.to_pure_dict(loaded)).keys()
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.to_pure_dict(loaded)), stacked)
+    assert leaf_paths(pure).keys() == leaf_paths(nnx.to_pure_dict(loaded)).keys()
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.to_pure_dict(loaded)), pure)
 
 
 def test_stacked_params_and_caches_carry_the_layers_axis(devices):
