@@ -55,7 +55,7 @@ class Pattern(nnx.Module):
     ``j, j + P, ...`` of the first ``R * P``; ``tail[t]`` layer ``R * P + t``, a stack of one."""
 
     def __init__(self, blocks: Sequence[nnx.Module], period: int):
-        repeats = len(blocks) // period
+        self.repeats = repeats = len(blocks) // period
         self.blocks = nnx.List([stack_blocks(blocks[j : repeats * period : period]) for j in range(period)])
         self.tail = nnx.List([stack_blocks([block]) for block in blocks[repeats * period :]])
 
@@ -79,8 +79,8 @@ def run_layers(
     period = len(layers.blocks)
     x, sown = run_blocks(list(layers.blocks), x, positions, ropes, hooks, **rows)
     if len(layers.tail):  # the leftover layers: one more step, of the pattern's first positions
-        repeats = jax.tree.leaves(nnx.state(layers.blocks[0]))[0].shape[0]
-        x, tail = run_blocks(list(layers.tail), x, positions, ropes, hooks, first=repeats * period, **rows)
+        first = layers.repeats * period
+        x, tail = run_blocks(list(layers.tail), x, positions, ropes, hooks, first=first, **rows)
         sown = sown + tail
     # [R, ...] per position (then [1, ...] per leftover layer) -> [L, ...] in layer order
     interleaved = jax.tree.map(lambda *xs: jnp.stack(xs, 1).reshape(-1, *xs[0].shape[1:]), *sown[:period])
