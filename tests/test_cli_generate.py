@@ -198,7 +198,7 @@ def bad_checkpoints(tmp: Path, checkpoint: Path) -> dict[str, Path]:
         ([], "give at least one --prompt or --prompt-ids"),
         (["--prompt", "x", "--checkpoint", "{missing}"], "does not exist"),
         (["--prompt-ids", "1", "--checkpoint", "{hf}"], "corrupt Hugging Face checkpoint"),
-        (["--prompt", "x", "--checkpoint", "{orbax}"], "corrupt workbench checkpoint"),
+        (["--prompt-ids", "1", "--checkpoint", "{orbax}"], "corrupt workbench checkpoint"),
         (["--prompt", "x", "--checkpoint", "{untokenized}"], "no tokenizer (its workbench.json names none); give tok"),
         (
             ["--prompt", "x", "--checkpoint", "{untokenized_hf}"],
