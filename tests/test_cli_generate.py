@@ -177,6 +177,9 @@ def test_max_new_tokens_past_the_target_length_is_clipped(capsys, checkpoint):
 def bad_checkpoints(tmp: Path, checkpoint: Path) -> dict[str, Path]:
     (tmp / "hf").mkdir(exist_ok=True)
     (tmp / "hf" / "config.json").write_text("{")
+    (tmp / "untokenized_hf").mkdir(exist_ok=True)  # read no further than its files: no weights needed
+    (tmp / "untokenized_hf" / "config.json").write_text("{}")
+    (tmp / "untokenized_hf" / "tokenizer.model").write_bytes(b"")
     (tmp / "orbax").mkdir(exist_ok=True)
     (tmp / "orbax" / "workbench.json").write_text('{"format": "workbench", "model": {"vocab_size": -1}}')
     untokenized = tmp / "untokenized"
@@ -185,7 +188,8 @@ def bad_checkpoints(tmp: Path, checkpoint: Path) -> dict[str, Path]:
         (untokenized / "params").symlink_to(checkpoint / "params")
         manifest = json.loads((checkpoint / "workbench.json").read_text())
         (untokenized / "workbench.json").write_text(json.dumps(manifest | {"tokenizer": None}))
-    return {"missing": tmp / "missing", "hf": tmp / "hf", "orbax": tmp / "orbax", "untokenized": untokenized}
+    names = ("missing", "hf", "orbax", "untokenized_hf")
+    return {name: tmp / name for name in names} | {"untokenized": untokenized}
 
 
 @pytest.mark.parametrize(
@@ -199,9 +203,14 @@ def bad_checkpoints(tmp: Path, checkpoint: Path) -> dict[str, Path]:
         (["--prompt-ids", ""], "empty prompt"),
         ([], "give at least one --prompt or --prompt-ids"),
         (["--prompt", "x", "--checkpoint", "{missing}"], "does not exist"),
-        (["--prompt", "x", "--checkpoint", "{hf}"], "corrupt Hugging Face checkpoint"),
-        (["--prompt", "x", "--checkpoint", "{orbax}"], "corrupt workbench checkpoint"),
-        (["--prompt", "x", "--checkpoint", "{untokenized}"], "no tokenizer; give --prompt-ids"),
+        (["--prompt-ids", "1", "--checkpoint", "{hf}"], "corrupt Hugging Face checkpoint"),
+        (["--prompt-ids", "1", "--checkpoint", "{orbax}"], "corrupt workbench checkpoint"),
+        (["--prompt", "x", "--checkpoint", "{untokenized}"], "no tokenizer (its workbench.json names none); give tok"),
+        (
+            ["--prompt", "x", "--checkpoint", "{untokenized_hf}"],
+            "has no tokenizer: tokenizer.json is missing (tokenizer.model alone cannot be read: the workbench reads "
+            "tokenizer.json); give token ids with --prompt-ids (e.g. --prompt-ids 1,2,3) instead of --prompt",
+        ),
         (["--prompt", "x", "--mesh", "data=16"], "needs 16 devices but only 8 exist"),
         (["--prompt", "x", "--mesh", "data=2,tensor=3"], "tensor axis (3) does not divide the model's 8 heads"),
         (["--prompt", "x", "--mesh", "data=two"], "malformed mesh"),

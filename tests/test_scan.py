@@ -4,6 +4,7 @@ greedy tokens and logits through prefill, insert / bulk_insert, generate and fre
 either; the stacked cache reads per layer."""
 
 import json
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -13,7 +14,10 @@ from flax import nnx
 import workbench
 from helpers import SHAPE, SMALL, assert_close, engine_for, lively_arrays, prefill, write_hf
 from workbench import inspect
-from workbench.checkpoints import save_checkpoint
+from workbench.checkpoints import export_hf, save_checkpoint
+from workbench.checkpoints.layout import saved_layers
+from workbench.model import RopeScaling
+from workbench.model.config import sliding_pattern
 from workbench.model.scan import stack_layers, unstack_layers
 from workbench.trees import leaf_paths
 
@@ -76,6 +80,79 @@ def test_scanned_layers_give_the_unrolled_numbers(unrolled):
         for row_want, row_got in zip(want, got):
             for key, value in row_want.items():
                 assert row_got[key] == (pytest.approx(value, rel=10 * rtol) if isinstance(value, float) else value), key
+
+
+# Gemma 3-style: a pattern of 3 (sliding, sliding, global; Gemma 3's is 5 + 1) over 7 layers -- two
+# scan steps and one leftover layer -- with rings shorter than the prompts, a local rope beside a
+# linearly scaled global one, q/k norms and sandwich norms.
+# fmt: off
+PATTERNED = SMALL.replace(
+    num_layers=7, layer_types=sliding_pattern(7, 3), sliding_window=4, local_rope_theta=100.0,
+    rope_scaling=RopeScaling(factor=4.0, rope_type="linear"), qk_norm=True, norm_offset=1.0, post_norms=True,
+    embed_scale=True, mlp_activation="gelu_tanh",
+)
+# fmt: on
+
+
+def test_a_layer_pattern_scans_in_blocks_to_the_uncached_numbers(tmp_path):
+    """Gemma 3-style layers exported for transformers, loaded into a scanned engine on one device
+    (stacked by the pattern: rings and full caches in stacks of their own, the leftover layer a
+    stack of one), a prompt longer than the window through prefill, insert and four greedy
+    steps: every logits row within 1e-5 of the unrolled model's uncached forward over the tokens
+    it chose, and the caches read per layer as by hand (a ring holds the last 4 positions)."""
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.split(nnx.eval_shape(lambda: workbench.Transformer(PATTERNED, rngs=nnx.Rngs(0))), nnx.Param, ...)
+    rng = np.random.default_rng(3)  # lively weights: norms around 0 (x * (1 + w)), fan-in scaled matrices
+    arrays = jax.tree.map(
+        lambda x: ((0.3 if x.ndim == 1 else 2 / np.sqrt(x.shape[0])) * rng.standard_normal(x.shape)).astype("f4"),
+        nnx.to_pure_dict(abstract[1]),
+    )
+    hf = SimpleNamespace(config=PATTERNED, adapters=(), tokenizer=None, max_target_length=32)
+    export_hf(hf, arrays, tmp_path)
+    engine, params = workbench.load(tmp_path, mesh={"data": 1}, scan_layers=True, kernels="reference", **SHAPE)
+    pure = jax.tree.map(np.asarray, nnx.to_pure_dict(params))
+    assert leaf_paths(pure).keys() == leaf_paths(stack_layers(arrays, period=3)).keys()
+    jax.tree.map(np.testing.assert_array_equal, pure, stack_layers(arrays, period=3))
+    save_checkpoint(tmp_path / "saved", PATTERNED, pure, tokenizer=None)
+    assert saved_layers(tmp_path / "saved") == (True, 7)  # a pattern's stacks count 7 layers
+
+    prompt = ids(14, 1)
+    prefix, first = prefill(engine, params, prompt)
+    rows, tokens = [np.asarray(first.logits)[0]], [int(first.data[0, 0])]
+    state = engine.insert(prefix, engine.init_decode_state(), 1)
+    for _ in range(4):
+        state, result = engine.generate(params, state)
+        rows.append(np.asarray(result.logits)[1])
+        tokens.append(int(result.data[1, 0]))
+
+    @jax.jit
+    def uncached(arrays, tokens):  # the unrolled model, built inside the jit (its init is pruned)
+        with nnx.use_eager_sharding(False):
+            model = workbench.Transformer(PATTERNED, rngs=nnx.Rngs(0))
+        state = nnx.state(model, nnx.Param)
+        nnx.replace_by_pure_dict(state, arrays)
+        nnx.update(model, state)
+        return model(tokens)
+
+    truth = np.asarray(uncached(arrays, np.asarray([prompt + tokens[:-1]], np.int32)))[0, len(prompt) - 1 :]
+    assert len(set(tokens)) > 2, "greedy tokens barely vary"
+    np.testing.assert_array_equal(tokens, truth.argmax(-1))
+    for want, got in zip(truth, rows, strict=True):
+        assert_close(got, want, 1e-5)
+
+    cache = state.cache["layers"]
+    ring, full = (2, 2, 4, 2, 8), (2, 2, 32, 2, 8)  # [R, B, W or S, K, H]
+    assert [cache["blocks"][j]["attn"]["cache"]["k"].shape for j in range(3)] == [ring, ring, full]
+    assert cache["tail"][0]["attn"]["cache"]["k"].shape == (1, *ring[1:])  # layer 6: a ring
+    report = inspect.kv_cache(state).to_rows()
+    for layer in range(PATTERNED.num_layers):
+        kv = jax.tree.map(np.asarray, state.layer_cache(layer))
+        sliding = PATTERNED.window(layer) is not None
+        assert ("held" in kv) == sliding
+        if sliding:  # positions 0 .. 17 written: the ring holds 14 .. 17 (held: 1 + each)
+            assert sorted(kv["held"][1]) == [15, 16, 17, 18] and not kv["held"][0].any()
+        row = next(r for r in report if r["layer"] == layer and r["slot"] == 1)
+        assert row["filled"] == (4 if sliding else 18), row
 
 
 def test_stacked_params_and_caches_carry_the_layers_axis(devices):

@@ -134,7 +134,7 @@ def load(
         # float weights are quantized as they load if asked; quantized ones restore as they are
         target = _float_target(engine) if saved.quantize is None else (engine.abstract_params, engine.param_shardings)
         _check_memory(engine, f"checkpoint {os.fspath(path)!r}", target)
-        pure = ckpt.restore_params(path, *layout.targets(*target, stacked=stacked))
+        pure = ckpt.restore_params(path, *layout.targets(*target, stacked=stacked, period=config.layer_period))
         if stacked != engine.scan_layers:
             pure = layout.relayout(pure, target[1], stacked=engine.scan_layers)
         if saved.quantize is None:

@@ -22,7 +22,7 @@ import numpy as np
 from workbench.checkpoints.hf_config import read_json
 from workbench.model import ModelConfig
 from workbench.model.lora import TARGETS, AdapterStack, LoraSpec, scale
-from workbench.model.scan import is_stacked, stack_layers, unstack_layers
+from workbench.model.scan import is_stacked, stack_layers, stacked_period, unstack_layers
 from workbench.trees import leaf_paths, nest
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -173,4 +173,4 @@ def merge_adapter(params: dict, adapter: str | os.PathLike | Adapter, config: Mo
             raise ValueError(f"merge_adapter needs float weights; {where} is quantized: merge, then quantize")
         weight = np.asarray(flat[where])
         flat[where] = (weight.astype(np.float32) + (a @ b).reshape(weight.shape)).astype(weight.dtype)
-    return stack_layers(nest(flat)) if stacked else nest(flat)
+    return stack_layers(nest(flat), stacked_period(params)) if stacked else nest(flat)

@@ -10,54 +10,64 @@ slices the layers on device, into the engine's shardings.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
 from typing import Any
 
 import jax
+from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from workbench.model.scan import stack_layers, unstack_layers
+from workbench.model.scan import stack_layers, stacked_leaves, stacked_period, stacked_place, unstack_layers
 from workbench.trees import leaf_paths, nest
 
 _LAYER = re.compile(r"layers/(\d+)/(.+)")
 
 
-def targets(abstract_params: Any, shardings: Any, *, stacked: bool) -> tuple[Any, Any]:
-    """(abstract params, shardings) in the ``stacked`` layout: the engine's own when it already
-    is, else pure dicts of ``jax.ShapeDtypeStruct`` and ``NamedSharding`` re-laid out."""
+def targets(abstract_params: Any, shardings: Any, *, stacked: bool, period: int = 1) -> tuple[Any, Any]:
+    """(abstract params, shardings) in the ``stacked`` layout (of pattern ``period``,
+    ``ModelConfig.layer_period``): the engine's own when it already is, else pure dicts of
+    ``jax.ShapeDtypeStruct`` and ``NamedSharding`` re-laid out."""
     abstract, placed = leaf_paths(abstract_params), leaf_paths(shardings)
     if stacked == (not any(_LAYER.fullmatch(path) for path in abstract)):  # already in that layout
         return abstract_params, shardings
     want, want_shardings = {}, {}
-    for path, leaf in abstract.items():
-        sharding = placed[path]
-        if stacked:  # layers/<i>/name -> layers/name [L, ...], unsplit along L
-            match = _LAYER.fullmatch(path)
+    if stacked:  # layers/<i>/name -> layers/<stack>/name [rows, ...], unsplit along the rows
+        num_layers = len({int(m.group(1)) for m in map(_LAYER.fullmatch, abstract) if m})
+        for path, leaf in abstract.items():
+            sharding, match = placed[path], _LAYER.fullmatch(path)
             if match is None:
                 want[path], want_shardings[path] = leaf, sharding
                 continue
-            path = f"layers/{match.group(2)}"
+            stack, _ = stacked_place(int(match.group(1)), num_layers, period)
+            path = "/".join(p for p in ("layers", stack, match.group(2)) if p)
             count = want[path].shape[0] + 1 if path in want else 1
-            spec = P(None, *sharding.spec)
             want[path] = jax.ShapeDtypeStruct((count, *leaf.shape), leaf.dtype)
-            want_shardings[path] = NamedSharding(sharding.mesh, spec)
-        elif path.startswith("layers/"):  # layers/name [L, ...] -> layers/<i>/name
-            spec = NamedSharding(sharding.mesh, P(*sharding.spec[1:]))
-            for i in range(leaf.shape[0]):
-                want[f"layers/{i}/{path[7:]}"] = jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
-                want_shardings[f"layers/{i}/{path[7:]}"] = spec
-        else:
+            want_shardings[path] = NamedSharding(sharding.mesh, P(None, *sharding.spec))
+        return nest(want), nest(want_shardings)
+    stacks = stacked_leaves(
+        nnx.to_pure_dict(abstract_params) if isinstance(abstract_params, nnx.State) else abstract_params
+    )
+    for path, leaf in abstract.items():
+        sharding = placed[path]
+        if path not in stacks:
             want[path], want_shardings[path] = leaf, sharding
+            continue
+        name, rows = stacks[path]  # layers/<stack>/name [rows, ...] -> layers/<i>/name
+        for i in rows:
+            want[f"layers/{i}/{name}"] = jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
+            want_shardings[f"layers/{i}/{name}"] = NamedSharding(sharding.mesh, P(*sharding.spec[1:]))
     return nest(want), nest(want_shardings)
 
 
 def relayout(pure: dict, shardings: Any, *, stacked: bool) -> dict:
-    """``pure`` (params of either layout) in the ``stacked`` layout, placed in ``shardings``."""
-    change = stack_layers if stacked else unstack_layers
+    """``pure`` (params of either layout) in the layout of ``shardings`` (``stacked`` or not)."""
     out = nest(leaf_paths(shardings))
+    period = stacked_period(out) if stacked else 1
+    change = functools.partial(stack_layers, period=period) if stacked else unstack_layers
     return jax.jit(change, out_shardings=out)(pure)
 
 
@@ -78,5 +88,5 @@ def saved_layers(path: str | os.PathLike) -> tuple[bool, int] | None:
     indices = {int(m.group(1)) for m in map(_LAYER.fullmatch, saved) if m}
     if indices:
         return False, len(indices)
-    stacked = [leaf.shape[0] for name, leaf in saved.items() if name.startswith("layers/")]
-    return (True, stacked[0]) if stacked else None
+    stacks = stacked_leaves(nest(saved))
+    return (True, 1 + max(max(rows) for _, rows in stacks.values())) if stacks else None

@@ -122,6 +122,23 @@ def tokenizer_for_hf_dir(directory: Path, config: ModelConfig) -> Tokenizer | No
     return HFTokenizer(file, bos_id=config.bos_id, eos_ids=config.eos_ids) if file.is_file() else None
 
 
+def missing_tokenizer(directory: str | os.PathLike) -> str | None:
+    """What a checkpoint directory lacks to have a tokenizer, said for a user (None: it has one,
+    or it is no checkpoint, which loading reports). Read from its files, before any weight loads."""
+    from workbench.checkpoints.orbax import is_workbench_checkpoint, read_manifest  # it imports this module
+
+    directory = Path(directory)
+    if is_workbench_checkpoint(directory):
+        if read_manifest(directory).get("tokenizer") is None:
+            return f"checkpoint {directory} has no tokenizer (its workbench.json names none)"
+        return None
+    if not (directory / "config.json").is_file() or (directory / TOKENIZER_FILE).is_file():
+        return None
+    unread = [name for name in ("tokenizer.model", "vocab.json") if (directory / name).is_file()]
+    also = f" ({' and '.join(unread)} alone cannot be read: the workbench reads {TOKENIZER_FILE})" if unread else ""
+    return f"checkpoint {directory} has no tokenizer: {TOKENIZER_FILE} is missing{also}"
+
+
 def default_tokenizer(config: ModelConfig) -> Tokenizer | None:
     """Bytes for a config laid out like ``tiny()`` (bytes first, specials after); else none."""
     specials = [config.bos_id, *config.eos_ids]

@@ -135,8 +135,13 @@ def run(args: argparse.Namespace) -> int:
     sampling = sampling_of(args)
     adapters = adapter_choices(args, len(args.requests))
 
+    from workbench.checkpoints.tokenizer import missing_tokenizer
     from workbench.engine.scheduler import Scheduler
 
+    if args.checkpoint is not None and any(kind == "text" for kind, _ in args.requests):  # before the weights load
+        missing = missing_tokenizer(args.checkpoint)
+        if missing is not None:
+            raise CliError(f"{missing}; give token ids with --prompt-ids (e.g. --prompt-ids 1,2,3) instead of --prompt")
     engine, params = load_engine(args, **({"adapters": dict(args.adapter)} if args.adapter else {}))
     prompts = encode(args.requests, engine.tokenizer)
     if args.logprobs is not None and args.logprobs > engine.config.vocab_size:

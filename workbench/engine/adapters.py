@@ -16,7 +16,7 @@ from flax import nnx
 
 from workbench import trees
 from workbench.engine.types import Prefix
-from workbench.model.scan import is_stacked, stack_layers
+from workbench.model.scan import is_stacked, stack_layers, stacked_period
 
 
 def index(names: tuple[str, ...], adapter: str | None) -> jax.Array | None:
@@ -50,8 +50,9 @@ def place(rest: nnx.State, weights: dict, abstract_rest: nnx.State, shardings: n
     """``rest`` with the stacked adapters' LoRA ``weights`` (a pure dict of host arrays shaped like
     the model's LoRA state), checked against the model and placed by the rules table. A model of
     scanned layers gets them stacked on its ``layers`` axis (``model.scan``)."""
-    if is_stacked(nnx.to_pure_dict(abstract_rest)):
-        weights = stack_layers(weights)
+    abstract = nnx.to_pure_dict(abstract_rest)
+    if is_stacked(abstract):
+        weights = stack_layers(weights, stacked_period(abstract))
     current = trees.leaf_paths(nnx.to_pure_dict(rest))
     lora = trees.leaf_paths(weights)
     unknown = sorted(set(lora) - set(current))

@@ -170,7 +170,7 @@ class Engine:
         if not isinstance(pure, dict):
             raise TypeError(f"params must be an nnx.State or a pure dict, got {type(params).__name__}")
         if self.scan_layers != is_stacked(pure):  # either layer layout: stacked here on the host
-            pure = stack_layers(pure) if self.scan_layers else unstack_layers(pure)
+            pure = stack_layers(pure, self.config.layer_period) if self.scan_layers else unstack_layers(pure)
         trees.check_matches("params", self.abstract_params, pure)
         # device_put moves arrays from any devices (or the host) onto this engine's mesh; the cast
         # to the model's parameter dtype then runs there, shard by shard.

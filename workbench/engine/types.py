@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from flax import struct
 
+from workbench.model.scan import is_stacked, layer_slice
+
 Cache = dict[str, Any]
 
 
@@ -21,9 +23,10 @@ def layer_cache(cache: Cache, layer: int) -> dict[str, Any]:
     """Layer ``layer``'s ``{"k": [B, S, K, H], "v": [B, S, K, H]}`` in a cache dict: the one place
     that spells the path ``layers/<i>/attn/cache`` (the model's module names). The arrays are the
     cache's own, so a snapshot (numpy) can be edited through it. A stacked cache (scanned layers,
-    ``layers/attn/cache`` [L, B, S, K, H]) gives layer ``layer``'s slice (a view, in numpy)."""
-    if "attn" in cache["layers"]:  # stacked layers
-        return {name: array[layer] for name, array in cache["layers"]["attn"]["cache"].items()}
+    ``layers/attn/cache`` [L, B, S, K, H], or a pattern's stacks, ``model/scan.py``) gives layer
+    ``layer``'s slice (a view, in numpy)."""
+    if is_stacked(cache):
+        return layer_slice(cache["layers"], layer)["attn"]["cache"]
     return cache["layers"][layer]["attn"]["cache"]
 
 

@@ -22,6 +22,7 @@ from flax import nnx
 from workbench import probes
 from workbench.inspect import plots
 from workbench.inspect.report import Column, Report, Table, fmt_float
+from workbench.model.scan import is_stacked, layer_slice
 
 
 def _weights(engine: Any, params: Any) -> dict:
@@ -32,11 +33,8 @@ def _weights(engine: Any, params: Any) -> dict:
 
 
 def _layer(tree: dict, layer: int) -> dict:
-    """One layer's params, from unrolled (``layers/<i>``) or scanned (stacked ``[L, ...]``) layers."""
-    layers = tree["layers"]
-    if layer in layers:
-        return layers[layer]
-    return jax.tree.map(lambda stacked: stacked[layer], layers)
+    """One layer's params, from unrolled (``layers/<i>``) or scanned (stacked, ``model.scan``) layers."""
+    return layer_slice(tree["layers"], layer) if is_stacked(tree) else tree["layers"][layer]
 
 
 def _tokens(token: Any, vocab: int) -> tuple[int, int | None]:

@@ -158,9 +158,12 @@ class ModelConfig:
         return "local" if self.local_rope_theta is not None and self.window(layer) is not None else "global"
 
     @property
-    def uniform_layers(self) -> bool:
-        """Whether every layer attends alike (what scanned layers, one stacked block, require)."""
-        return len({self.window(i) for i in range(self.num_layers)}) == 1
+    def layer_period(self) -> int:
+        """The length of the shortest pattern of layer kinds that repeats through the layers (the
+        last repeat may stop short): 1 when every layer attends alike, 6 for Gemma 3, 2 for
+        Gemma 2. Scanned layers run one repeat per scan step (``model.scan``)."""
+        windows = [self.window(i) for i in range(self.num_layers)]
+        return next(p for p in range(1, self.num_layers + 1) if all(w == windows[i % p] for i, w in enumerate(windows)))
 
     @property
     def compute_dtype(self) -> Any:

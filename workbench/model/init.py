@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from workbench.model.layers import INIT_STD
+from workbench.model.scan import stacked_leaves
 from workbench.trees import fill, leaf_paths, nest
 
 
@@ -45,23 +46,21 @@ def draw(path: str, shape: tuple[int, ...], dtype: Any, seed: int) -> np.ndarray
     return values.astype(dtype, copy=False)
 
 
-def draw_stacked(path: str, shape: tuple[int, ...], dtype: Any, seed: int) -> np.ndarray:
-    """Like :func:`draw`; a leaf of stacked layers (``layers/<name>`` [L, ...]) stacks the draws
-    of ``layers/<i>/<name>``, so stacked and unstacked models of one seed hold the same weights."""
-    if not path.startswith("layers/") or path.split("/")[1].isdigit():
-        return draw(path, shape, dtype, seed)
-    rest = path.split("/", 1)[1]
-    return np.stack([draw(f"layers/{i}/{rest}", shape[1:], dtype, seed) for i in range(shape[0])])
-
-
 def random_params(abstract_params: nnx.State, shardings: nnx.State, seed: int) -> nnx.State:
-    """Seeded random params shaped like ``abstract_params``, placed in ``shardings``."""
+    """Seeded random params shaped like ``abstract_params``, placed in ``shardings``. A stacked
+    leaf stacks the draws of ``layers/<i>/<name>`` of its rows' layers, so stacked and unstacked
+    models of one seed hold the same weights."""
     abstract, placements = leaf_paths(abstract_params), leaf_paths(shardings)
+    stacked = stacked_leaves(nnx.to_pure_dict(abstract_params))
     flat = {}
     for path, leaf in abstract.items():
         shape, dtype = tuple(leaf.shape), np.dtype(leaf.dtype)
         if not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(f"no random initialiser for {path} of dtype {dtype}")
-        values = draw_stacked(path, shape, dtype, seed)
+        if path in stacked:
+            name, rows = stacked[path]
+            values = np.stack([draw(f"layers/{i}/{name}", shape[1:], dtype, seed) for i in rows])
+        else:
+            values = draw(path, shape, dtype, seed)
         flat[path] = jax.make_array_from_callback(shape, placements[path], lambda index, v=values: v[index])
     return fill(abstract_params, nest(flat))

@@ -12,7 +12,7 @@ from workbench.model.attention import Attention
 from workbench.model.config import ModelConfig
 from workbench.model.layers import MLP, Embed, RMSNorm, Rotary, param
 from workbench.model.lora import LoraSpec
-from workbench.model.scan import run_blocks, stack_blocks
+from workbench.model.scan import run_layers, stack_model_layers
 
 
 class Block(nnx.Module):
@@ -66,7 +66,8 @@ class Transformer(nnx.Module):
     ``attention_kernels``: ``"reference"`` (plain einsums) or ``"xla_cpu"`` (layouts tuned for
     XLA:CPU); see ``model.kernels`` (an engine picks per platform: ``engine.tuning``).
     ``scan_layers``: the blocks stacked on a leading ``layers`` axis and run by one scan
-    (``model.scan``): the same numbers, a compile that does not grow with depth.
+    (``model.scan``; a mixed model in blocks of its layer pattern): the same numbers, a compile
+    that does not grow with depth.
     """
 
     def __init__(
@@ -90,12 +91,8 @@ class Transformer(nnx.Module):
                 for i in range(config.num_layers)
             ]
         )
-        if scan_layers and not config.uniform_layers:
-            raise ValueError("scan_layers needs every layer alike; these layer_types mix sliding and full attention")
-        if scan_layers and config.layer_rope(0) == "local":
-            raise ValueError("scan_layers does not take local_rope_theta (a rope per layer type) yet")
-        if scan_layers:  # one Block holding every layer's params and cache, [L, ...] each
-            self.layers = stack_blocks(self.layers)
+        if scan_layers:  # every layer's params and cache stacked, [L, ...]; a pattern's by position
+            self.layers = stack_model_layers(self.layers, config.layer_period)
         self.final_norm = RMSNorm(config, rngs=rngs)
         if not config.tie_embeddings:
             self.lm_head = param(rngs, (config.embed_dim, config.vocab_size), ("embed", "vocab"), config.weight_dtype)
@@ -128,8 +125,9 @@ class Transformer(nnx.Module):
         rope = self.rope(positions)
         ropes = {"global": rope, "local": rope if self.local_rope is None else self.local_rope(positions)}
         rows = dict(segments=segments, adapters=adapters)
-        if isinstance(self.layers, Block):  # scanned layers: the hooks see a traced layer index
-            x = run_blocks(self.layers, x, positions, rope, hooks=hooks, **rows)
+        if not isinstance(self.layers, nnx.List):  # scanned layers: the hooks see a traced layer index
+            pattern = [ropes[self.config.layer_rope(j)] for j in range(self.config.layer_period)]
+            x = run_layers(self.layers, x, positions, pattern, hooks=hooks, **rows)
         else:
             for i, layer in enumerate(self.layers):
                 probed = () if hooks is None else (hooks.layer(i),)
