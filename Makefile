@@ -1,4 +1,6 @@
 # One environment for everything: a venv with the package, its notebook extra and its test extra.
+# Another Python gets its own venv, e.g. `make test PYTHON=python3.12 VENV=.venv312` (pip resolves
+# jax 0.10 on Python 3.11 and jax 0.12 on 3.12+: see pyproject.toml; CI runs both, .ci/run).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,6 +11,7 @@ STAMP := $(VENV)/.installed
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1 || { echo "make setup: PYTHON=$(PYTHON) is not a working Python 3.11 or newer (under pyenv, give the interpreter's path, e.g. PYTHON=\$$(pyenv root)/versions/3.12.1/bin/python3.12)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

@@ -103,3 +103,19 @@ def spaced_windows(stream: np.ndarray, count: int, seq_len: int) -> np.ndarray:
     """``count`` windows [count, seq_len + 1] evenly spread over ``stream``: a fixed evaluation set."""
     starts = np.linspace(0, len(stream) - seq_len - 1, count).astype(np.int64)
     return stream[starts[:, None] + np.arange(seq_len + 1)]
+
+
+HELD_OUT_WINDOWS = "held_out_windows.npz"  # in the default model's directory
+
+
+def held_out_windows(count: int, seq_len: int = 128) -> np.ndarray:
+    """The default model's evaluation windows [count, seq_len + 1]: ``spaced_windows`` of the held-out
+    stream it was trained beside (Python 3.11.7's stdlib), stored with it, since another Python's
+    stdlib holds other text and so gives other losses. Stored: (4, 128) and (8, 128)."""
+    from workbench.load import DEFAULT_MODEL_DIR  # workbench.load imports the engine: only when asked
+
+    key = f"{count}x{seq_len}"
+    with np.load(DEFAULT_MODEL_DIR / HELD_OUT_WINDOWS) as stored:
+        if key not in stored:
+            raise ValueError(f"no stored held-out windows {key} (stored: {', '.join(sorted(stored))})")
+        return stored[key]
