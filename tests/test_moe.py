@@ -100,35 +100,17 @@ def rms_norm(x, scale, eps):
 
 
 def test_router_capture_and_expert_ablation(family, monkeypatch):
-    """Capture: layer L's routing equals numpy's top-k of its router over the hidden state rebuilt
-    from the capture (the residual before the block plus its attention output, normed).
-    Ablate: equals transformers with that expert's router logit at -inf."""
+    """One prefill, captured and ablated: the expert transformers' router ranks first for the last
+    token of the last layer L is removed there. The logits equal transformers' with that expert's
+    router logit at -inf; the captured routing of L equals numpy's top-k of its router (that logit
+    at -inf too) over the hidden state rebuilt from the capture (the residual before the block
+    plus its attention output, normed)."""
     name, _, model, engine, params = family
     config, layer = engine.config, engine.config.num_layers - 1
     prompt = PROMPTS[2][:8]  # one prefill chunk
-    padded, n = engine.pad(prompt)
-    capture = probes.Capture(router=True, logits=False, layers=(layer - 1, layer))
-    _, first = engine.prefill(params=params, padded_tokens=padded, true_length=n, probes=capture)
-    seen = probes.captured(first)
-    ids, weights = seen.router(layer)  # [1, T, K]
-    assert ids.shape == (1, n, config.num_experts_per_tok)
-    pure = trees.leaf_paths(jax.tree.map(np.asarray, nnx.to_pure_dict(params)))
-    hidden = seen.residual(layer - 1) + seen.attn_out(layer)
-    normed = rms_norm(hidden[0], pure[f"layers/{layer}/mlp_norm/scale"], config.norm_eps)
-    logits = normed.astype(np.float64) @ pure[f"layers/{layer}/mlp/router"]
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    want_ids = np.argsort(-logits, axis=-1)[:, : config.num_experts_per_tok]
-    top = np.take_along_axis(probs, want_ids, -1)
-    want = top / top.sum(-1, keepdims=True) if config.norm_topk_prob else top
-    np.testing.assert_array_equal(ids[0], want_ids)
-    np.testing.assert_allclose(weights[0], want, rtol=1e-5)
-
-    # the expert layer ``layer`` uses most, removed: transformers computes it with its logit at -inf
-    expert = int(np.bincount(ids.reshape(-1), minlength=EXPERTS).argmax())
-    _, ablated = engine.prefill(
-        params=params, padded_tokens=padded, true_length=n, interventions=[probes.Ablate(layer, experts=[expert])]
-    )
+    with torch.no_grad():
+        plain = model(input_ids=torch.tensor([prompt]), output_router_logits=True)
+    expert = int(plain.router_logits[-1][-1].argmax())  # the last sparse layer's (L's), last token
     router = model.model.layers[layer].mlp.gate  # both families' router module
 
     class Masked:  # torch.nn.functional with that router's logit of ``expert`` at -inf
@@ -144,8 +126,27 @@ def test_router_capture_and_expert_ablation(family, monkeypatch):
     monkeypatch.setattr(sys.modules[type(model).__module__], "F", Masked())
     with torch.no_grad():
         want = model(input_ids=torch.tensor([prompt])).logits[0, -1].numpy()
-    monkeypatch.undo()
-    with torch.no_grad():
-        plain = model(input_ids=torch.tensor([prompt])).logits[0, -1].numpy()
+    plain = plain.logits[0, -1].numpy()
     assert np.abs(want - plain).max() > 1e-2 * np.abs(plain).max(), "the ablation should change the logits"
-    assert_close(ablated.logits[0], want, rtol=1e-4)
+
+    padded, n = engine.pad(prompt)
+    capture = probes.Capture(router=True, logits=False, layers=(layer - 1, layer))
+    _, first = engine.prefill(
+        params=params, padded_tokens=padded, true_length=n, probes=capture,
+        interventions=[probes.Ablate(layer, experts=[expert])],
+    )  # fmt: skip
+    assert_close(first.logits[0], want, rtol=1e-4)
+    seen = probes.captured(first)
+    ids, weights = seen.router(layer)  # [1, T, K]
+    assert ids.shape == (1, n, config.num_experts_per_tok) and expert not in ids
+    pure = trees.leaf_paths(jax.tree.map(np.asarray, nnx.to_pure_dict(params)))
+    hidden = seen.residual(layer - 1) + seen.attn_out(layer)
+    normed = rms_norm(hidden[0].astype(np.float64), pure[f"layers/{layer}/mlp_norm/scale"], config.norm_eps)
+    logits = normed @ pure[f"layers/{layer}/mlp/router"]
+    logits[:, expert] = -np.inf
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    want_ids = np.argsort(-logits, axis=-1)[:, : config.num_experts_per_tok]
+    top = np.take_along_axis(probs, want_ids, -1)
+    np.testing.assert_array_equal(ids[0], want_ids)
+    np.testing.assert_allclose(weights[0], top / top.sum(-1, keepdims=True) if config.norm_topk_prob else top, rtol=1e-5)
