@@ -37,8 +37,13 @@ FAMILIES = {
         Qwen3MoeConfig,
         Qwen3MoeForCausalLM,
         dict(
-            num_hidden_layers=3, head_dim=16, num_experts=EXPERTS, moe_intermediate_size=24, mlp_only_layers=[1],
-            norm_topk_prob=False, tie_word_embeddings=False,
+            num_hidden_layers=3,
+            head_dim=16,
+            num_experts=EXPERTS,
+            moe_intermediate_size=24,
+            mlp_only_layers=[1],
+            norm_topk_prob=False,
+            tie_word_embeddings=False,
         ),
     ),  # fmt: skip
 }
@@ -149,4 +154,101 @@ def test_router_capture_and_expert_ablation(family, monkeypatch):
     want_ids = np.argsort(-logits, axis=-1)[:, : config.num_experts_per_tok]
     top = np.take_along_axis(probs, want_ids, -1)
     np.testing.assert_array_equal(ids[0], want_ids)
-    np.testing.assert_allclose(weights[0], top / top.sum(-1, keepdims=True) if config.norm_topk_prob else top, rtol=1e-5)
+    np.testing.assert_allclose(
+        weights[0], top / top.sum(-1, keepdims=True) if config.norm_topk_prob else top, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("mode", [None, "w8", "w8a8"])
+def test_expert_kernels_equal_a_numpy_loop(mode):
+    """``grouped`` (ragged_dot) and ``dense`` against numpy running each token's k experts one by
+    one over the (dequantized) weights; under w8a8 numpy rounds each product's input to int8 per
+    row first (a token's for gate and up, a (token, expert)'s for down), as test_quant states it."""
+    config = workbench.ModelConfig(
+        vocab_size=8, embed_dim=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=24,
+        num_experts=EXPERTS, num_experts_per_tok=2, router="topk_softmax", norm_topk_prob=False,
+    )  # fmt: skip
+    with nnx.use_eager_sharding(False):
+        layer = moe.MoE(config, rngs=nnx.Rngs(0))
+    quant.quantize_model(layer, None)
+    rng = np.random.default_rng(0)
+    for weight in (layer.router, layer.experts.gate, layer.experts.up, layer.experts.down):
+        weight[...] = jnp.asarray(rng.standard_normal(weight.shape) / np.sqrt(weight.shape[-2]), jnp.float32)
+    if mode is not None:
+        with nnx.use_eager_sharding(False):
+            for name in ("gate", "up", "down"):
+                setattr(layer.experts, name, quant.QuantizedWeight(getattr(layer.experts, name), (1,), mode))
+    x = rng.standard_normal((2, 3, 32)).astype(np.float32)
+    outs = {}
+    for kernel in (moe.grouped, moe.dense):
+        layer.run = kernel
+        outs[kernel.__name__] = np.asarray(nnx.jit(lambda m, x: m(x))(layer, jnp.asarray(x)))  # one compile each
+
+    def weight(name):
+        w = getattr(layer.experts, name)
+        return np.asarray(w[...] if mode is None else quant.dequantize(w.values[...], w.scale[...], (1,)), np.float64)
+
+    gate, up, down = weight("gate"), weight("up"), weight("down")
+    logits = x.reshape(6, 32) @ np.asarray(layer.router[...], np.float64)
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    want = np.zeros((6, 32))
+
+    def rounded(v):  # w8a8: the activations int8 per row, symmetric, then back to float
+        if mode != "w8a8":
+            return v
+        scale = np.abs(v).max() / 127
+        return np.round(v / scale) * scale
+
+    for token, row in enumerate(x.reshape(6, 32).astype(np.float64)):
+        for e in np.argsort(-probs[token])[:2]:
+            h = rounded(row) @ gate[e]
+            hidden = h / (1 + np.exp(-h)) * (rounded(row) @ up[e])
+            want[token] += probs[token, e] * (rounded(hidden) @ down[e])
+    for name, out in outs.items():
+        assert_close(out.reshape(6, 32), want, rtol=1e-5)
+
+
+def test_sharded_experts_quantized_experts_and_int8_cache(family):
+    """Mixtral's 4 experts split over an expert axis (data=2 x expert=4, 8 devices) and on 1 device
+    give transformers' logits; w8 experts equal the float model over their dequantized weights;
+    w8a8 with an int8 KV cache stays within the int8 cache's tolerance of the float model."""
+    name, path, model, engine, params = family
+    if name != "mixtral":
+        pytest.skip("one family is enough for the meshes and the quantized modes")
+    tokens = np.asarray([PROMPTS[2]])
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor(tokens)).logits.numpy()
+    for mesh in ({"data": 1}, {"data": 2, "expert": 4}):
+        sharded, placed = workbench.load(path, **dict(ENGINE, mesh=mesh))
+        spec = trees.leaf_paths(sharded.param_shardings)["layers/0/mlp/experts/gate"].spec
+        assert (tuple(spec) or (None,))[0] == ("expert" if "expert" in mesh else None), spec
+        assert_close(sharded.forward(placed, tokens), want, rtol=1e-4)
+    # w8 experts with an int8 KV cache: the uncached forward equals the float model over the
+    # dequantized weights; prefill (through the int8 cache) stays within the int8 cache's tolerance
+    # of it (test_quant's). Against the float checkpoint itself rounding can flip a token's experts
+    # in so small and lively a model, so the dequantized weights are the truth.
+    w8, w8_params = workbench.load(path, **ENGINE, quantize="w8", kv_cache_dtype="int8")
+    assert trees.leaf_paths(w8_params)["layers/0/mlp/experts/down/values"].dtype == jnp.int8
+    oracle = engine.forward(engine.load_params(quant.dequantize_params(w8_params)), tokens)
+    assert_close(w8.forward(w8_params, tokens), oracle, rtol=1e-5)
+    padded, n = w8.pad(PROMPTS[2][:8])
+    _, first = w8.prefill(params=w8_params, padded_tokens=padded, true_length=n)
+    assert_close(first.logits[0], oracle[0, n - 1], rtol=0.05)
+
+
+def test_bad_expert_settings_are_one_line_errors(family):
+    name, path, *_ = family
+    if name != "mixtral":
+        pytest.skip("the settings are the family's alike")
+    base = workbench.ModelConfig.tiny(num_experts=4)
+    for changes, message in [
+        (dict(num_experts_per_tok=5), r"^num_experts_per_tok \(5\) must be at most num_experts \(4\)$"),
+        (dict(router="sinkhorn"), r"^unknown router scheme 'sinkhorn'; known: softmax_topk, topk_softmax$"),
+        (dict(mlp_only_layers=(7,)), r"^mlp_only_layers names layer 7, but the model has layers 0..3$"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            base.replace(**changes)
+    with pytest.raises(ValueError, match=r"^the mesh's expert axis \(3\) does not divide the model's 4 experts$"):
+        workbench.load(path, **dict(ENGINE, mesh={"expert": 3}))
+    with pytest.raises(ValueError, match=r"^scan_layers needs every layer alike"):
+        workbench.load(config=base.replace(mlp_only_layers=(1,)), scan_layers=True)

@@ -112,11 +112,15 @@ def _layouts(config: ModelConfig) -> dict[str, Layout]:
             f"{ours}/attn/v": Layout(f"{hf}.self_attn.v_proj.weight", ((k, h), (d,)), (2, 0, 1)),
             f"{ours}/attn/o": Layout(f"{hf}.self_attn.o_proj.weight", ((d,), (n, h)), (1, 2, 0)),
         }
-        layouts |= _experts(config, i) if config.sparse(i) else {
-            f"{ours}/mlp/gate": Layout(f"{hf}.mlp.gate_proj.weight", ((f,), (d,)), (1, 0)),
-            f"{ours}/mlp/up": Layout(f"{hf}.mlp.up_proj.weight", ((f,), (d,)), (1, 0)),
-            f"{ours}/mlp/down": Layout(f"{hf}.mlp.down_proj.weight", ((d,), (f,)), (1, 0)),
-        }
+        layouts |= (
+            _experts(config, i)
+            if config.sparse(i)
+            else {
+                f"{ours}/mlp/gate": Layout(f"{hf}.mlp.gate_proj.weight", ((f,), (d,)), (1, 0)),
+                f"{ours}/mlp/up": Layout(f"{hf}.mlp.up_proj.weight", ((f,), (d,)), (1, 0)),
+                f"{ours}/mlp/down": Layout(f"{hf}.mlp.down_proj.weight", ((d,), (f,)), (1, 0)),
+            }
+        )
         if config.qkv_bias:
             layouts |= {
                 f"{ours}/attn/q_bias": Layout(f"{hf}.self_attn.q_proj.bias", ((n, h),), (0, 1)),  # [N*H] -> [N, H]
@@ -243,9 +247,7 @@ def _check_tensors(tensors: dict[str, Tensor], layouts: dict[str, Layout], confi
         for name in layout.names:
             tensor, shape = tensors[name], layout.hf_shape[1:] if stacked else layout.hf_shape
             if tensor.shape != shape:
-                raise ValueError(
-                    f"Hugging Face tensor {name} has shape {tensor.shape} but config.json implies {shape}"
-                )
+                raise ValueError(f"Hugging Face tensor {name} has shape {tensor.shape} but config.json implies {shape}")
             if tensor.dtype not in TENSOR_DTYPES:
                 raise ValueError(f"unsupported dtype {tensor.dtype} of tensor {name}")
         if stacked and len({tensors[n].dtype for n in layout.names}) > 1:
@@ -305,7 +307,11 @@ def load_hf_params(
 
 
 def _place(
-    tensor: Tensor | Stacked, layout: Layout, abstract: Any, sharding: jax.sharding.Sharding, scratch: Scratch | None = None
+    tensor: Tensor | Stacked,
+    layout: Layout,
+    abstract: Any,
+    sharding: jax.sharding.Sharding,
+    scratch: Scratch | None = None,
 ) -> jax.Array:
     """``tensor`` as our param: each device's region read from the file (only the HF rows it
     needs) and handed to JAX as a strided view in our axis order.

@@ -226,7 +226,11 @@ def _layers(hf: dict[str, Any], family: str, refuse: Callable[[str], None]) -> t
         return None, None
     layers = hf["num_hidden_layers"]
     layer_types = hf.get("layer_types")
-    if layer_types is None and family in ("qwen2", "qwen3", "qwen3_moe"):  # older Qwen configs: windows from max_window_layers on
+    if layer_types is None and family in (
+        "qwen2",
+        "qwen3",
+        "qwen3_moe",
+    ):  # older Qwen configs: windows from max_window_layers on
         first = hf.get("max_window_layers", 0)
         layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
     if layer_types is None and family.startswith("gemma"):

@@ -189,9 +189,7 @@ class ModelConfig:
     def sparse(self, layer: int) -> bool:
         """Whether layer ``layer``'s MLP is a mixture of experts (else dense, ``mlp_dim`` wide)."""
         return (
-            self.num_experts > 0
-            and layer not in self.mlp_only_layers
-            and (layer + 1) % self.decoder_sparse_step == 0
+            self.num_experts > 0 and layer not in self.mlp_only_layers and (layer + 1) % self.decoder_sparse_step == 0
         )
 
     @property

@@ -69,6 +69,7 @@ class MoE(nnx.Module):
         self.router = param(rngs, (config.embed_dim, config.num_experts), ("embed", None), config.weight_dtype)
         self.experts = Experts(config, rngs=rngs)
         self.k, self.scheme, self.norm = config.num_experts_per_tok, config.router, config.norm_topk_prob
+        self.num_experts = config.num_experts
         self.dtype = config.compute_dtype
         self.activation = config.mlp_activation
         self.run = dense if kernels == "xla_cpu" else grouped
@@ -89,7 +90,7 @@ def dense(x: jax.Array, ids: jax.Array, weights: jax.Array, moe: MoE) -> jax.Arr
     """Every expert on every token [N, D], summed by ``weights`` [N, K] scattered to [N, E]
     (zero for the experts a token did not choose)."""
     experts = moe.experts
-    combine = jnp.sum(jax.nn.one_hot(ids, experts.gate.shape[0], dtype=jnp.float32) * weights[..., None], axis=1)
+    combine = jnp.sum(jax.nn.one_hot(ids, moe.num_experts, dtype=jnp.float32) * weights[..., None], axis=1)
     gate = quant.einsum("ND,EDF->NEF", x, experts.gate, moe.dtype)
     up = quant.einsum("ND,EDF->NEF", x, experts.up, moe.dtype)
     out = quant.einsum("NEF,EFD->NED", ACTIVATIONS[moe.activation](gate) * up, experts.down, moe.dtype)
@@ -104,7 +105,7 @@ def grouped(x: jax.Array, ids: jax.Array, weights: jax.Array, moe: MoE) -> jax.A
     flat = ids.reshape(-1)  # [N*K]
     order = jnp.argsort(flat, stable=True)
     tokens, chosen = order // k, flat[order]  # each sorted row's token and expert
-    sizes = jnp.bincount(flat, length=experts.gate.shape[0]).astype(jnp.int32)  # [E] rows per expert
+    sizes = jnp.bincount(flat, length=moe.num_experts).astype(jnp.int32)  # [E] rows per expert
     rows = x[tokens]  # [N*K, D]
     gate = grouped_product(rows, experts.gate, sizes, chosen, moe.dtype)
     up = grouped_product(rows, experts.up, sizes, chosen, moe.dtype)
