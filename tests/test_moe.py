@@ -8,6 +8,7 @@ Qwen3-MoE's checkpoint has a dense layer between sparse ones (``mlp_only_layers`
 narrower than the dense MLP, and ``norm_topk_prob=False``; Mixtral's renormalizes over its top k.
 """
 
+import json
 import sys
 
 import jax
@@ -16,11 +17,13 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from safetensors.numpy import load_file
 from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 import workbench
 from helpers import assert_close
-from workbench import probes, trees
+from workbench import inspect, probes, trees
+from workbench.checkpoints import config_from_hf, export_hf
 from workbench.engine.scheduler import Scheduler
 from workbench.model import moe, quant
 
@@ -78,9 +81,9 @@ def reference(model, prompt):
     return tokens, rows
 
 
-def test_generate_matches_transformers(family):
+def test_generate_matches_transformers(family, tmp_path):
     """Three prompts through two slots on data=2 x tensor=2, the long ones prefilled in chunks."""
-    name, _, model, engine, params = family
+    name, path, model, engine, params = family
     config = engine.config
     assert config.num_experts == EXPERTS and [config.sparse(i) for i in range(config.num_layers)] == (
         [True, True] if name == "mixtral" else [True, False, True]
@@ -98,6 +101,14 @@ def test_generate_matches_transformers(family):
             assert error <= 1e-4, f"prompt of {len(prompt)} tokens, step {step}: {error:.2e}"
         varied += len(set(tokens)) > 2
     assert varied >= 2, "greedy tokens barely vary"
+
+    # written back: the same tensors, bit for bit (experts unstacked), read by transformers as the same class
+    export_hf(engine, params, tmp_path)
+    original, exported = load_file(path / "model.safetensors"), load_file(tmp_path / "model.safetensors")
+    assert exported.keys() == original.keys()
+    for tensor_name, tensor in original.items():
+        np.testing.assert_array_equal(exported[tensor_name], tensor, err_msg=tensor_name)
+    assert config_from_hf(json.loads((tmp_path / "config.json").read_text())) == config
 
 
 def rms_norm(x, scale, eps):
@@ -157,6 +168,11 @@ def test_router_capture_and_expert_ablation(family, monkeypatch):
     np.testing.assert_allclose(
         weights[0], top / top.sum(-1, keepdims=True) if config.norm_topk_prob else top, rtol=1e-5
     )
+    report = inspect.experts(first, EXPERTS)  # load per expert per layer: the ids counted
+    assert report.layers == ([layer - 1, layer] if config.sparse(layer - 1) else [layer])
+    np.testing.assert_array_equal(report.load[-1], np.bincount(want_ids.reshape(-1), minlength=EXPERTS))
+    assert report.load[-1, expert] == 0 and f"{want_ids[0, 0]}:" in str(report)
+    assert report.plot().axes
 
 
 @pytest.mark.parametrize("mode", [None, "w8", "w8a8"])
@@ -252,3 +268,14 @@ def test_bad_expert_settings_are_one_line_errors(family):
         workbench.load(path, **dict(ENGINE, mesh={"expert": 3}))
     with pytest.raises(ValueError, match=r"^scan_layers needs every layer alike"):
         workbench.load(config=base.replace(mlp_only_layers=(1,)), scan_layers=True)
+
+
+def test_moe_preset_counts_what_the_model_holds():
+    """mixtral-1b: about 1B params; ``num_params`` counts the router and experts of sparse layers
+    and the dense MLPs of the others (checked on a small copy with a dense layer between)."""
+    assert round(workbench.preset("mixtral-1b").num_params() / 1e9, 2) == 1.01
+    small = workbench.preset("mixtral-1b", vocab_size=64, embed_dim=32, num_layers=3, mlp_dim=48, moe_mlp_dim=24)
+    small = small.replace(num_heads=4, num_kv_heads=2, head_dim=8, mlp_only_layers=(1,))
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.split(nnx.eval_shape(lambda: workbench.Transformer(small, rngs=nnx.Rngs(0))), nnx.Param, ...)[1]
+    assert sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(abstract)) == small.num_params()

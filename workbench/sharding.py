@@ -20,11 +20,13 @@ logical axis       meaning                                     mesh axis
 ``layers``         stacked blocks (``scan_layers``), leading   --
 ``adapters``       loaded LoRA adapters (stacked)              --
 ``lora_rank``      rank of the LoRA adapters                   --
+``expert``         a mixture's experts (``model/moe.py``)      ``expert``
 =================  ==========================================  ============
 
 Mesh axes: ``data`` (decode slots), ``fsdp`` (weights' embed dimension, optional), ``tensor``
 (heads and MLP), and ``expert`` (a mixture's experts: expert parallelism), which a mesh has only
-when asked for (``make_mesh({"expert": 4})``); its size must divide the experts of a model. A dimension whose size the mesh axis does not divide is replicated instead
+when asked for (``make_mesh({"expert": 4})``); its size must divide the experts of a model
+(the engine checks). A dimension whose size the mesh axis does not divide is replicated instead
 (for example 4 kv heads on ``tensor=8``), and size-1 mesh axes are left out of specs:
 :func:`logical_to_spec` applies both once, for every leaf, so no module has to know the mesh.
 """

@@ -346,6 +346,19 @@ class ModelConfig:
         # fmt: on
         return base.replace(**changes)
 
+    @classmethod
+    def mixtral_1b(cls, **changes: Any) -> "ModelConfig":
+        """A Mixtral-shaped mixture of experts of about 1B params: 8 experts per layer, top-2, so
+        a token runs about a quarter of the expert weights (the bench's MoE)."""
+        # fmt: off
+        base = cls(
+            vocab_size=32000, embed_dim=1024, num_layers=12, num_heads=16, num_kv_heads=8, head_dim=64, mlp_dim=3072,
+            rope_theta=1_000_000.0, num_experts=8, num_experts_per_tok=2, bos_id=1, eos_ids=(2,), pad_id=0,
+            param_dtype="bfloat16", dtype="bfloat16",
+        )
+        # fmt: on
+        return base.replace(**changes)
+
 
 PRESETS = {
     "tiny": ModelConfig.tiny,
@@ -354,12 +367,13 @@ PRESETS = {
     "gemma2-2b": ModelConfig.gemma2_2b,
     "gemma3-1b": ModelConfig.gemma3_1b,
     "qwen3-0.6b": ModelConfig.qwen3_0_6b,
+    "mixtral-1b": ModelConfig.mixtral_1b,
 }
 
 
 def preset(name: str, **changes: Any) -> ModelConfig:
     """A named preset (``tiny``, ``llama-56m``, ``llama3-1b``, ``gemma2-2b``, ``gemma3-1b``,
-    ``qwen3-0.6b``) with optional field changes."""
+    ``qwen3-0.6b``, ``mixtral-1b``) with optional field changes."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets are {', '.join(PRESETS)}")
     return PRESETS[name](**changes)

@@ -99,7 +99,8 @@ class Transformer(nnx.Module):
         )
         if scan_layers and not config.uniform_layers:
             raise ValueError(
-                "scan_layers needs every layer alike; these layers mix sliding and full attention, or dense and sparse MLPs"
+                "scan_layers needs every layer alike; these layers mix sliding and full attention, "
+                "or dense and sparse MLPs"
             )
         if scan_layers and config.layer_rope(0) == "local":
             raise ValueError("scan_layers does not take local_rope_theta (a rope per layer type) yet")
