@@ -175,75 +175,86 @@ def test_router_capture_and_expert_ablation(family, monkeypatch):
     assert report.plot().axes
 
 
-@pytest.mark.parametrize("mode", [None, "w8", "w8a8"])
-def test_expert_kernels_equal_a_numpy_loop(mode):
-    """``grouped`` (ragged_dot) and ``dense`` against numpy running each token's k experts one by
-    one over the (dequantized) weights; under w8a8 numpy rounds each product's input to int8 per
-    row first (a token's for gate and up, a (token, expert)'s for down), as test_quant states it."""
+MODES = ("float", "w8", "w8a8")
+
+
+def test_expert_kernels_equal_a_numpy_loop():
+    """``grouped`` (ragged_dot) and ``dense``, float and with w8 and w8a8 experts, against numpy
+    running each token's k experts one by one over the (dequantized) weights; under w8a8 numpy
+    rounds each product's input to int8 per row first (a token's for gate and up, a (token,
+    expert)'s for down), as test_quant states it. One compile per kernel for the three modes."""
     config = workbench.ModelConfig(
         vocab_size=8, embed_dim=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=24,
         num_experts=EXPERTS, num_experts_per_tok=2, router="topk_softmax", norm_topk_prob=False,
     )  # fmt: skip
-    with nnx.use_eager_sharding(False):
-        layer = moe.MoE(config, rngs=nnx.Rngs(0))
-    quant.quantize_model(layer, None)
     rng = np.random.default_rng(0)
-    for weight in (layer.router, layer.experts.gate, layer.experts.up, layer.experts.down):
-        weight[...] = jnp.asarray(rng.standard_normal(weight.shape) / np.sqrt(weight.shape[-2]), jnp.float32)
-    if mode is not None:
-        with nnx.use_eager_sharding(False):
-            for name in ("gate", "up", "down"):
-                setattr(layer.experts, name, quant.QuantizedWeight(getattr(layer.experts, name), (1,), mode))
+    drawn = {}  # the same random weights in every mode
+    layers = {}
+    with nnx.use_eager_sharding(False):
+        for mode in MODES:
+            layer = layers[mode] = moe.MoE(config, rngs=nnx.Rngs(0))
+            for name in ("router", "gate", "up", "down"):
+                weight = layer.router if name == "router" else getattr(layer.experts, name)
+                if name not in drawn:
+                    drawn[name] = rng.standard_normal(weight.shape) / np.sqrt(weight.shape[-2])
+                weight[...] = jnp.asarray(drawn[name], jnp.float32)
+            if mode != "float":
+                for name in ("gate", "up", "down"):
+                    setattr(layer.experts, name, quant.QuantizedWeight(getattr(layer.experts, name), (1,), mode))
     x = rng.standard_normal((2, 3, 32)).astype(np.float32)
     outs = {}
     for kernel in (moe.grouped, moe.dense):
-        layer.run = kernel
-        outs[kernel.__name__] = np.asarray(nnx.jit(lambda m, x: m(x))(layer, jnp.asarray(x)))  # one compile each
+        for layer in layers.values():
+            layer.run = kernel
+        run = nnx.jit(lambda layers, x: {mode: layer(x) for mode, layer in zip(MODES, layers)})
+        outs[kernel.__name__] = run(list(layers.values()), jnp.asarray(x))
 
-    def weight(name):
-        w = getattr(layer.experts, name)
-        return np.asarray(w[...] if mode is None else quant.dequantize(w.values[...], w.scale[...], (1,)), np.float64)
+    for mode, layer in layers.items():
 
-    gate, up, down = weight("gate"), weight("up"), weight("down")
-    logits = x.reshape(6, 32) @ np.asarray(layer.router[...], np.float64)
-    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-    want = np.zeros((6, 32))
+        def weight(name):
+            w = getattr(layer.experts, name)
+            if mode == "float":
+                return np.asarray(w[...], np.float64)
+            return np.asarray(w.values[...], np.float64) * np.asarray(w.scale[...])[0][:, None, :]  # [1, E, out]
 
-    def rounded(v):  # w8a8: the activations int8 per row, symmetric, then back to float
-        if mode != "w8a8":
-            return v
-        scale = np.abs(v).max() / 127
-        return np.round(v / scale) * scale
+        def rounded(v):  # w8a8: the activations int8 per row, symmetric, then back to float
+            if mode != "w8a8":
+                return v
+            scale = np.abs(v).max() / 127
+            return np.round(v / scale) * scale
 
-    for token, row in enumerate(x.reshape(6, 32).astype(np.float64)):
-        for e in np.argsort(-probs[token])[:2]:
-            h = rounded(row) @ gate[e]
-            hidden = h / (1 + np.exp(-h)) * (rounded(row) @ up[e])
-            want[token] += probs[token, e] * (rounded(hidden) @ down[e])
-    for name, out in outs.items():
-        assert_close(out.reshape(6, 32), want, rtol=1e-5)
+        gate, up, down = weight("gate"), weight("up"), weight("down")
+        logits = x.reshape(6, 32) @ np.asarray(layer.router[...], np.float64)
+        probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+        want = np.zeros((6, 32))
+        for token, row in enumerate(x.reshape(6, 32).astype(np.float64)):
+            for e in np.argsort(-probs[token])[:2]:
+                h = rounded(row) @ gate[e]
+                hidden = h / (1 + np.exp(-h)) * (rounded(row) @ up[e])
+                want[token] += probs[token, e] * (rounded(hidden) @ down[e])
+        for kernel, out in outs.items():
+            assert_close(np.asarray(out[mode]).reshape(6, 32), want, rtol=1e-5)
 
 
 def test_sharded_experts_quantized_experts_and_int8_cache(family):
-    """Mixtral's 4 experts split over an expert axis (data=2 x expert=4, 8 devices) and on 1 device
-    give transformers' logits; w8 experts equal the float model over their dequantized weights;
-    w8a8 with an int8 KV cache stays within the int8 cache's tolerance of the float model."""
+    """Mixtral's 4 experts split over an expert axis (data=2 x expert=4, 8 devices) give
+    transformers' logits; w8 experts on 1 device equal the float model on 4 over their dequantized
+    weights, and an int8 KV cache stays within its tolerance of them."""
     name, path, model, engine, params = family
     if name != "mixtral":
         pytest.skip("one family is enough for the meshes and the quantized modes")
     tokens = np.asarray([PROMPTS[2]])
     with torch.no_grad():
         want = model(input_ids=torch.tensor(tokens)).logits.numpy()
-    for mesh in ({"data": 1}, {"data": 2, "expert": 4}):
-        sharded, placed = workbench.load(path, **dict(ENGINE, mesh=mesh))
-        spec = trees.leaf_paths(sharded.param_shardings)["layers/0/mlp/experts/gate"].spec
-        assert (tuple(spec) or (None,))[0] == ("expert" if "expert" in mesh else None), spec
-        assert_close(sharded.forward(placed, tokens), want, rtol=1e-4)
-    # w8 experts with an int8 KV cache: the uncached forward equals the float model over the
-    # dequantized weights; prefill (through the int8 cache) stays within the int8 cache's tolerance
-    # of it (test_quant's). Against the float checkpoint itself rounding can flip a token's experts
-    # in so small and lively a model, so the dequantized weights are the truth.
-    w8, w8_params = workbench.load(path, **ENGINE, quantize="w8", kv_cache_dtype="int8")
+    sharded, placed = workbench.load(path, **dict(ENGINE, mesh={"data": 2, "expert": 4}))
+    spec = trees.leaf_paths(sharded.param_shardings)["layers/0/mlp/experts/gate"].spec
+    assert tuple(spec)[0] == "expert", spec
+    assert_close(sharded.forward(placed, tokens), want, rtol=1e-4)
+    # w8 experts with an int8 KV cache, on 1 device: the uncached forward equals the float model
+    # (on 4 devices) over the dequantized weights; prefill (through the int8 cache) stays within the
+    # int8 cache's tolerance of it (test_quant's). Against the float checkpoint itself rounding
+    # can flip a token's experts in so small and lively a model: the dequantized weights are the truth.
+    w8, w8_params = workbench.load(path, **dict(ENGINE, mesh={"data": 1}), quantize="w8", kv_cache_dtype="int8")
     assert trees.leaf_paths(w8_params)["layers/0/mlp/experts/down/values"].dtype == jnp.int8
     oracle = engine.forward(engine.load_params(quant.dequantize_params(w8_params)), tokens)
     assert_close(w8.forward(w8_params, tokens), oracle, rtol=1e-5)
