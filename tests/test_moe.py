@@ -188,19 +188,24 @@ def test_expert_kernels_equal_a_numpy_loop():
         num_experts=EXPERTS, num_experts_per_tok=2, router="topk_softmax", norm_topk_prob=False,
     )  # fmt: skip
     rng = np.random.default_rng(0)
-    drawn = {}  # the same random weights in every mode
-    layers = {}
-    with nnx.use_eager_sharding(False):
-        for mode in MODES:
-            layer = layers[mode] = moe.MoE(config, rngs=nnx.Rngs(0))
-            for name in ("router", "gate", "up", "down"):
-                weight = layer.router if name == "router" else getattr(layer.experts, name)
-                if name not in drawn:
-                    drawn[name] = rng.standard_normal(weight.shape) / np.sqrt(weight.shape[-2])
-                weight[...] = jnp.asarray(drawn[name], jnp.float32)
-            if mode != "float":
-                for name in ("gate", "up", "down"):
-                    setattr(layer.experts, name, quant.QuantizedWeight(getattr(layer.experts, name), (1,), mode))
+    shapes = {"router": (32, EXPERTS), "gate": (EXPERTS, 32, 24), "up": (EXPERTS, 32, 24), "down": (EXPERTS, 24, 32)}
+    drawn = {name: rng.standard_normal(shape) / np.sqrt(shape[-2]) for name, shape in shapes.items()}
+
+    @nnx.jit
+    def build(drawn):  # the same random weights in every mode, quantized there: one compile
+        layers = []
+        with nnx.use_eager_sharding(False):
+            for mode in MODES:
+                layer = moe.MoE(config, rngs=nnx.Rngs(0))
+                for name, value in drawn.items():
+                    getattr(layer if name == "router" else layer.experts, name)[...] = value
+                if mode != "float":
+                    for name in ("gate", "up", "down"):
+                        setattr(layer.experts, name, quant.QuantizedWeight(getattr(layer.experts, name), (1,), mode))
+                layers.append(layer)
+        return layers
+
+    layers = dict(zip(MODES, build({k: jnp.asarray(v, jnp.float32) for k, v in drawn.items()})))
     x = rng.standard_normal((2, 3, 32)).astype(np.float32)
     outs = {}
     for kernel in (moe.grouped, moe.dense):
