@@ -20,10 +20,13 @@ logical axis       meaning                                     mesh axis
 ``layers``         stacked blocks (``scan_layers``), leading   --
 ``adapters``       loaded LoRA adapters (stacked)              --
 ``lora_rank``      rank of the LoRA adapters                   --
+``expert``         a mixture's experts (``model/moe.py``)      ``expert``
 =================  ==========================================  ============
 
 Mesh axes: ``data`` (decode slots), ``fsdp`` (weights' embed dimension, optional), ``tensor``
-(heads and MLP). A dimension whose size the mesh axis does not divide is replicated instead
+(heads and MLP), and ``expert`` (a mixture's experts: expert parallelism), which a mesh has only
+when asked for (``make_mesh({"expert": 4})``); its size must divide the experts of a model
+(the engine checks). A dimension whose size the mesh axis does not divide is replicated instead
 (for example 4 kv heads on ``tensor=8``), and size-1 mesh axes are left out of specs:
 :func:`logical_to_spec` applies both once, for every leaf, so no module has to know the mesh.
 """
@@ -41,6 +44,7 @@ from jax.sharding import PartitionSpec as P
 from workbench.checks import is_int
 
 MESH_AXES = ("data", "fsdp", "tensor")
+OPTIONAL_AXES = ("expert",)  # in a mesh only when its size is given
 
 RULES: tuple[tuple[str, str | None], ...] = (
     ("vocab", "tensor"),
@@ -57,13 +61,15 @@ RULES: tuple[tuple[str, str | None], ...] = (
     ("layers", None),
     ("adapters", None),
     ("lora_rank", None),
+    ("expert", "expert"),
 )
 
 LogicalAxes = Sequence[str | None]
 
 
 def make_mesh(axes: Mapping[str, int] | Mesh | None = None, devices: Sequence[Any] | None = None) -> Mesh:
-    """A mesh over ``devices`` (default: all) with axes ``data``, ``fsdp`` and ``tensor``.
+    """A mesh over ``devices`` (default: all) with axes ``data``, ``fsdp`` and ``tensor`` (and
+    ``expert`` when its size is given).
 
     ``axes`` gives sizes, e.g. ``{"data": 2, "tensor": 4}``; missing axes have size 1, and with
     no sizes at all every device goes to ``data``. A ready ``Mesh`` is returned as it is.
@@ -72,22 +78,23 @@ def make_mesh(axes: Mapping[str, int] | Mesh | None = None, devices: Sequence[An
         return axes
     devices = list(jax.devices() if devices is None else devices)
     sizes = dict(axes or {"data": len(devices)})
-    unknown = sorted(set(sizes) - set(MESH_AXES))
+    unknown = sorted(set(sizes) - set(MESH_AXES) - set(OPTIONAL_AXES))
     if unknown:
-        raise ValueError(f"unknown mesh axis {unknown[0]!r}; the axes are {', '.join(MESH_AXES)}")
+        raise ValueError(f"unknown mesh axis {unknown[0]!r}; the axes are {', '.join(MESH_AXES + OPTIONAL_AXES)}")
     for name, size in sizes.items():
         if not is_int(size) or size < 1:
             raise ValueError(f"mesh axis {name!r} needs a positive integer size, got {size!r}")
-    shape = tuple(int(sizes.get(name, 1)) for name in MESH_AXES)
+    names = MESH_AXES + tuple(name for name in OPTIONAL_AXES if name in sizes)
+    shape = tuple(int(sizes.get(name, 1)) for name in names)
     needed = int(np.prod(shape))
     if needed > len(devices):
-        described = ",".join(f"{n}={s}" for n, s in zip(MESH_AXES, shape) if s > 1) or "1 device"
+        described = ",".join(f"{n}={s}" for n, s in zip(names, shape) if s > 1) or "1 device"
         raise ValueError(
             f"mesh {described} needs {needed} devices but only {len(devices)} exist "
             f"(simulate more on CPU with XLA_FLAGS=--xla_force_host_platform_device_count={needed})"
         )
     device_grid = np.asarray(devices[:needed], dtype=object).reshape(shape)
-    return Mesh(device_grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+    return Mesh(device_grid, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
 
 
 def describe_mesh(mesh: Mesh) -> str:

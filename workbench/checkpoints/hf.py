@@ -52,11 +52,17 @@ PROGRESS_BYTES = 256 * 2**20  # show a progress bar from this checkpoint size on
 @dataclass(frozen=True)
 class Layout:
     """Where one of our params sits in an HF tensor: HF dim ``i`` splits into the sizes
-    ``groups[i]`` (say ``N*H -> (N, H)``), and our axis ``j`` is axis ``perm[j]`` of that split."""
+    ``groups[i]`` (say ``N*H -> (N, H)``), and our axis ``j`` is axis ``perm[j]`` of that split.
+    ``name`` a tuple: one HF tensor per expert, read as one tensor stacked on a leading expert
+    axis (:class:`Stacked`; ``groups[0]`` is ``(E,)``)."""
 
-    name: str
+    name: str | tuple[str, ...]
     groups: tuple[tuple[int, ...], ...]
     perm: tuple[int, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.name if isinstance(self.name, tuple) else (self.name,)
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
@@ -105,10 +111,16 @@ def _layouts(config: ModelConfig) -> dict[str, Layout]:
             f"{ours}/attn/k": Layout(f"{hf}.self_attn.k_proj.weight", ((k, h), (d,)), (2, 0, 1)),
             f"{ours}/attn/v": Layout(f"{hf}.self_attn.v_proj.weight", ((k, h), (d,)), (2, 0, 1)),
             f"{ours}/attn/o": Layout(f"{hf}.self_attn.o_proj.weight", ((d,), (n, h)), (1, 2, 0)),
-            f"{ours}/mlp/gate": Layout(f"{hf}.mlp.gate_proj.weight", ((f,), (d,)), (1, 0)),
-            f"{ours}/mlp/up": Layout(f"{hf}.mlp.up_proj.weight", ((f,), (d,)), (1, 0)),
-            f"{ours}/mlp/down": Layout(f"{hf}.mlp.down_proj.weight", ((d,), (f,)), (1, 0)),
         }
+        layouts |= (
+            _experts(config, i)
+            if config.sparse(i)
+            else {
+                f"{ours}/mlp/gate": Layout(f"{hf}.mlp.gate_proj.weight", ((f,), (d,)), (1, 0)),
+                f"{ours}/mlp/up": Layout(f"{hf}.mlp.up_proj.weight", ((f,), (d,)), (1, 0)),
+                f"{ours}/mlp/down": Layout(f"{hf}.mlp.down_proj.weight", ((d,), (f,)), (1, 0)),
+            }
+        )
         if config.qkv_bias:
             layouts |= {
                 f"{ours}/attn/q_bias": Layout(f"{hf}.self_attn.q_proj.bias", ((n, h),), (0, 1)),  # [N*H] -> [N, H]
@@ -116,6 +128,58 @@ def _layouts(config: ModelConfig) -> dict[str, Layout]:
                 f"{ours}/attn/v_bias": Layout(f"{hf}.self_attn.v_proj.bias", ((k, h),), (0, 1)),
             }
     return layouts
+
+
+def _experts(config: ModelConfig, i: int) -> dict[str, Layout]:
+    """A sparse layer's router and experts: Mixtral's ``block_sparse_moe.gate`` and
+    ``experts.<j>.w1 / w3 / w2``, or (with q/k norms) Qwen3-MoE's ``mlp.gate`` and
+    ``experts.<j>.gate_proj / up_proj / down_proj``; each expert's [out, in] stacked to ours
+    [E, in, out]."""
+    e, d, f = config.num_experts, config.embed_dim, config.expert_dim
+    hf, ours = f"model.layers.{i}", f"layers/{i}/mlp"
+    if config.qk_norm:
+        block, names = f"{hf}.mlp", ("gate_proj", "up_proj", "down_proj")
+    else:
+        block, names = f"{hf}.block_sparse_moe", ("w1", "w3", "w2")
+
+    def stacked(name: str) -> tuple[str, ...]:
+        return tuple(f"{block}.experts.{j}.{name}.weight" for j in range(e))
+
+    return {
+        f"{ours}/router": Layout(f"{block}.gate.weight", ((e,), (d,)), (1, 0)),  # [E, D] -> [D, E]
+        f"{ours}/experts/gate": Layout(stacked(names[0]), ((e,), (f,), (d,)), (0, 2, 1)),  # E x [F, D] -> [E, D, F]
+        f"{ours}/experts/up": Layout(stacked(names[1]), ((e,), (f,), (d,)), (0, 2, 1)),
+        f"{ours}/experts/down": Layout(stacked(names[2]), ((e,), (d,), (f,)), (0, 2, 1)),  # E x [D, F] -> [E, F, D]
+    }
+
+
+@dataclass(frozen=True)
+class Stacked:
+    """One HF tensor per expert, read as one tensor [E, ...] (sliceable by HF axes, as a Tensor)."""
+
+    tensors: tuple[Tensor, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.tensors), *self.tensors[0].shape)
+
+    @property
+    def dtype(self) -> str:
+        return self.tensors[0].dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
+        return np.stack([t[index[1:]] for t in self.tensors[index[0]]])
+
+    def rows(self, index: tuple[slice, ...], allocate: Any = None) -> np.ndarray:
+        return self[index]
+
+
+def _tensor(tensors: dict[str, Tensor], layout: Layout) -> Tensor | Stacked:
+    return Stacked(tuple(tensors[n] for n in layout.name)) if isinstance(layout.name, tuple) else tensors[layout.name]
 
 
 def read_region(tensor: Any, layout: Layout, index: tuple[slice, ...], shape: tuple[int, ...]) -> np.ndarray:
@@ -167,7 +231,7 @@ def _tensors(path: Path) -> dict[str, Tensor]:
 
 
 def _check_tensors(tensors: dict[str, Tensor], layouts: dict[str, Layout], config: ModelConfig) -> None:
-    wanted = {layout.name for layout in layouts.values()}
+    wanted = {name for layout in layouts.values() for name in layout.names}
     missing = sorted(wanted - set(tensors))
     if missing:
         raise ValueError(f"Hugging Face checkpoint lacks tensor {missing[0]} ({len(missing)} missing in all)")
@@ -179,13 +243,15 @@ def _check_tensors(tensors: dict[str, Tensor], layouts: dict[str, Layout], confi
             f"({len(unexpected)} in all) -- a feature this loader does not implement"
         )
     for layout in layouts.values():
-        tensor = tensors[layout.name]
-        if tensor.shape != layout.hf_shape:
-            raise ValueError(
-                f"Hugging Face tensor {layout.name} has shape {tensor.shape} but config.json implies {layout.hf_shape}"
-            )
-        if tensor.dtype not in TENSOR_DTYPES:
-            raise ValueError(f"unsupported dtype {tensor.dtype} of tensor {layout.name}")
+        stacked = isinstance(layout.name, tuple)
+        for name in layout.names:
+            tensor, shape = tensors[name], layout.hf_shape[1:] if stacked else layout.hf_shape
+            if tensor.shape != shape:
+                raise ValueError(f"Hugging Face tensor {name} has shape {tensor.shape} but config.json implies {shape}")
+            if tensor.dtype not in TENSOR_DTYPES:
+                raise ValueError(f"unsupported dtype {tensor.dtype} of tensor {name}")
+        if stacked and len({tensors[n].dtype for n in layout.names}) > 1:
+            raise ValueError(f"the experts of {layout.names[0]} are stored in different dtypes")
 
 
 def load_hf_params(
@@ -219,7 +285,7 @@ def load_hf_params(
     try:
         tensors = _tensors(path)
         _check_tensors(tensors, layouts, config)
-        total = sum(tensors[layout.name].nbytes for layout in layouts.values())
+        total = sum(_tensor(tensors, layout).nbytes for layout in layouts.values())
         flat, scratch = {}, Scratch()
         with tqdm(
             total=total,
@@ -230,7 +296,7 @@ def load_hf_params(
             disable=not (total >= PROGRESS_BYTES if progress is None else progress),
         ) as bar:
             for ours, layout in layouts.items():
-                tensor = tensors[layout.name]
+                tensor = _tensor(tensors, layout)
                 array = _place(tensor, layout, abstract[ours], shardings[ours], scratch)
                 flat.update({ours: array} if transform is None else transform(ours, array))
                 del array  # transformed: the placed array is let go before the next is read
@@ -241,7 +307,11 @@ def load_hf_params(
 
 
 def _place(
-    tensor: Tensor, layout: Layout, abstract: Any, sharding: jax.sharding.Sharding, scratch: Scratch | None = None
+    tensor: Tensor | Stacked,
+    layout: Layout,
+    abstract: Any,
+    sharding: jax.sharding.Sharding,
+    scratch: Scratch | None = None,
 ) -> jax.Array:
     """``tensor`` as our param: each device's region read from the file (only the HF rows it
     needs) and handed to JAX as a strided view in our axis order.

@@ -3,7 +3,8 @@
 Supported: LlamaForCausalLM (with Llama-3 or linear rope scaling), MistralForCausalLM (sliding
 window), Qwen2ForCausalLM (q/k/v bias), Qwen3ForCausalLM (q/k norms), Gemma2ForCausalLM (sandwich
 norms, GeGLU, soft-capping, alternating sliding layers) and Gemma3ForCausalLM (text; q/k norms and
-a rope per layer type). Anything else -- another architecture, another rope type, biases
+a rope per layer type), and the mixtures of experts MixtralForCausalLM and Qwen3MoeForCausalLM
+(with ``decoder_sparse_step`` and ``mlp_only_layers``). Anything else -- another architecture, another rope type, biases
 elsewhere, experts, quantization, bidirectional attention -- is refused with an error that names
 it, rather than loaded into a model that would compute something else.
 
@@ -33,7 +34,10 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
+MOE = ("mixtral", "qwen3_moe")
 ROPE_TYPES = ("default", "llama3", "linear")
 # transformers' class defaults of the keys our mapping reads, for configs that leave them out
 GEMMA = dict(
@@ -89,7 +93,7 @@ def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if hf.get("quantization_config"):
         refuse(f"quantization_config ({hf['quantization_config'].get('quant_method', 'quantized weights')})")
     for key in ("num_experts", "num_local_experts", "n_routed_experts"):
-        if hf.get(key):
+        if hf.get(key) and (family not in MOE or key == "n_routed_experts"):
             refuse(f"mixture of experts ({key}={hf[key]})")
     if gemma and hf.get("hidden_activation") != "gelu_pytorch_tanh":
         refuse(f"hidden_activation {hf.get('hidden_activation')!r} (only gelu_pytorch_tanh)")
@@ -102,6 +106,7 @@ def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if hf.get("use_bidirectional_attention"):
         refuse("use_bidirectional_attention (only causal attention)")
     window, layer_types = _layers(hf, family, refuse)
+    experts = _experts(hf, family) if family in MOE else {}
     if family == "gemma3":
         theta, scaling, local_theta = _gemma3_rope(hf, refuse)
     else:
@@ -130,7 +135,7 @@ def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         local_rope_theta=local_theta,
         norm_offset=1.0 if gemma else 0.0,
         post_norms=gemma,
-        qk_norm=family in ("qwen3", "gemma3"),
+        qk_norm=family in ("qwen3", "gemma3", "qwen3_moe"),
         embed_scale=gemma,
         mlp_activation="gelu_tanh" if gemma else "silu",
         query_pre_attn_scalar=hf["query_pre_attn_scalar"] if gemma else None,
@@ -142,6 +147,27 @@ def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         bos_id=hf.get("bos_token_id"),
         eos_ids=tuple(eos),
         pad_id=hf.get("pad_token_id") or 0,
+        **experts,
+    )
+
+
+def _experts(hf: dict[str, Any], family: str) -> dict[str, Any]:
+    """The ModelConfig fields of a mixture of experts. Mixtral: every layer sparse, each expert
+    ``intermediate_size`` wide, softmax over the top-k logits. Qwen3-MoE: softmax over all, the
+    top k renormalized when ``norm_topk_prob``; experts ``moe_intermediate_size`` wide, the dense
+    layers (``mlp_only_layers``, or off the ``decoder_sparse_step``) ``intermediate_size``.
+    Qwen3-MoE's config writes ``num_local_experts`` too (an alias of its ``num_experts``)."""
+    experts = hf.get("num_experts") or hf.get("num_local_experts")
+    if family == "mixtral":
+        return dict(num_experts=hf["num_local_experts"], num_experts_per_tok=hf["num_experts_per_tok"])
+    return dict(
+        num_experts=experts,
+        num_experts_per_tok=hf["num_experts_per_tok"],
+        moe_mlp_dim=hf["moe_intermediate_size"],
+        router="topk_softmax",
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+        decoder_sparse_step=hf.get("decoder_sparse_step", 1),
+        mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()),
     )
 
 
@@ -194,13 +220,17 @@ def _layers(hf: dict[str, Any], family: str, refuse: Callable[[str], None]) -> t
     """(sliding_window, layer_types) as ModelConfig takes them: (None, None) with no window,
     (window, None) when every layer slides, else (window, each layer's type)."""
     window = hf.get("sliding_window")
-    if family in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+    if family in ("qwen2", "qwen3", "qwen3_moe") and not hf.get("use_sliding_window", False):
         window = None
     if family == "llama" or window is None:
         return None, None
     layers = hf["num_hidden_layers"]
     layer_types = hf.get("layer_types")
-    if layer_types is None and family in ("qwen2", "qwen3"):  # older Qwen configs: windows from max_window_layers on
+    if layer_types is None and family in (
+        "qwen2",
+        "qwen3",
+        "qwen3_moe",
+    ):  # older Qwen configs: windows from max_window_layers on
         first = hf.get("max_window_layers", 0)
         layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
     if layer_types is None and family.startswith("gemma"):

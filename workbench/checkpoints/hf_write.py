@@ -37,6 +37,8 @@ def hf_config_dict(config: ModelConfig, *, max_positions: int = 8192) -> dict[st
     gemma = config.post_norms
     if gemma:
         family = "gemma3" if config.qk_norm else "gemma2"
+    elif config.num_experts:
+        family = "qwen3_moe" if config.qk_norm else "mixtral"
     elif config.qk_norm:
         family = "qwen3"
     elif config.qkv_bias:
@@ -50,6 +52,8 @@ def hf_config_dict(config: ModelConfig, *, max_positions: int = 8192) -> dict[st
         "qwen3": ("Qwen3ForCausalLM", "qwen3"),
         "gemma2": ("Gemma2ForCausalLM", "gemma2"),
         "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
+        "mixtral": ("MixtralForCausalLM", "mixtral"),
+        "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
     }[family]
     layer_types = list(config.layer_types or [])
     if not layer_types:
@@ -88,6 +92,17 @@ def hf_config_dict(config: ModelConfig, *, max_positions: int = 8192) -> dict[st
             hf["sliding_window"] = config.sliding_window
             if family != "mistral":
                 hf |= {"use_sliding_window": True, "layer_types": layer_types, "max_window_layers": 0}
+    if family == "mixtral":
+        hf |= {"num_local_experts": config.num_experts, "num_experts_per_tok": config.num_experts_per_tok}
+    if family == "qwen3_moe":
+        hf |= {
+            "num_experts": config.num_experts,
+            "num_experts_per_tok": config.num_experts_per_tok,
+            "moe_intermediate_size": config.expert_dim,
+            "norm_topk_prob": config.norm_topk_prob,
+            "decoder_sparse_step": config.decoder_sparse_step,
+            "mlp_only_layers": list(config.mlp_only_layers),
+        }
     global_rope = _rope(config.rope_theta, config.rope_scaling)
     if family == "gemma3":
         local_theta = config.local_rope_theta if config.local_rope_theta is not None else config.rope_theta
@@ -133,6 +148,7 @@ def _canonical(config: ModelConfig) -> dict[str, Any]:
     head_dim; one unscaled rope for every layer)."""
     fields = config.to_dict()
     fields["query_pre_attn_scalar"] = config.query_pre_attn_scalar or config.head_dim
+    fields["moe_mlp_dim"] = config.expert_dim if config.num_experts else None
     if config.local_rope_theta is None and config.rope_scaling is None:
         fields["local_rope_theta"] = config.rope_theta
     return fields
@@ -168,12 +184,25 @@ def save_hf_checkpoint(
         raise FileExistsError(f"checkpoint directory {path} exists and is not empty")
     hf = hf_config_dict(config, max_positions=max_positions) | {"dtype": dtype}
     path.mkdir(parents=True, exist_ok=True)
-    layouts = {layout.name: (ours, layout) for ours, layout in _layouts(config).items()}
-    shapes = {name: layout.hf_shape for name, (_, layout) in layouts.items()}
+    # HF tensor name -> (our param, its layout, the expert it holds of a stacked param, or None)
+    layouts = {
+        name: (ours, layout, j if isinstance(layout.name, tuple) else None)
+        for ours, layout in _layouts(config).items()
+        for j, name in enumerate(layout.names)
+    }
+    shapes = {
+        name: layout.hf_shape[1:] if j is not None else layout.hf_shape for name, (_, layout, j) in layouts.items()
+    }
+    held: dict[str, np.ndarray] = {}  # the last stacked param asked for: its experts are written one by one
 
     def produce(name: str) -> np.ndarray:
-        ours, layout = layouts[name]
-        return to_hf(layout, leaf(ours, our_shape(layout)))
+        ours, layout, j = layouts[name]
+        if j is None:
+            return to_hf(layout, leaf(ours, our_shape(layout)))
+        if ours not in held:
+            held.clear()
+            held[ours] = to_hf(layout, leaf(ours, our_shape(layout)))
+        return held[ours][j]
 
     write_tensors(path / "model.safetensors", shapes, SAFETENSORS_DTYPES[dtype], produce)
     (path / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")

@@ -88,6 +88,11 @@ class Engine:
         tensor = mesh.shape.get("tensor", 1)
         if config.num_heads % tensor:
             raise ValueError(f"the mesh's tensor axis ({tensor}) does not divide the model's {config.num_heads} heads")
+        expert = mesh.shape.get("expert", 1)
+        if expert > 1 and config.num_experts % expert:
+            raise ValueError(
+                f"the mesh's expert axis ({expert}) does not divide the model's {config.num_experts} experts"
+            )
         self.config, self.mesh, self.rules, self.tokenizer = config, mesh, tuple(rules), tokenizer
         self.scan_layers = bool(scan_layers)
         self.ring_cache = bool(ring_cache)

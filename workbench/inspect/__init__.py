@@ -10,12 +10,14 @@
     inspect.logit_lens(result.captured, engine, params)
     inspect.logit_attribution(result, engine, params, (token, other))  # Capture(heads=True)
     inspect.prefix_cache(cache).plot()             # a PrefixCache's tree: blocks, bytes, hits
+    inspect.experts(result.captured).plot()        # a mixture's routing, Capture(router=True)
 
 Every report prints as aligned, deterministic text, renders as an HTML table in notebooks, and
 returns its rows with ``.to_rows()``.
 """
 
 from workbench.inspect.attention import AttentionReport, attention
+from workbench.inspect.experts import ExpertsReport, experts
 from workbench.inspect.kv_diff import KVCacheDiff, kv_cache_diff, snapshot
 from workbench.inspect.kv_report import KVCacheReport, kv_cache
 from workbench.inspect.logit_attribution import LogitAttributionReport, logit_attribution
@@ -26,6 +28,8 @@ from workbench.inspect.sharding_report import ShardingReport, sharding
 from workbench.inspect.state_report import StateReport, state
 
 __all__ = [
+    "ExpertsReport",
+    "experts",
     "AttentionReport",
     "KVCacheDiff",
     "KVCacheReport",

@@ -20,6 +20,10 @@ BYTE_BOS, BYTE_EOS, BYTE_PAD = 256, 257, 258
 LAYER_TYPES = ("full_attention", "sliding_attention")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")  # SwiGLU (Llama), GeGLU with tanh-approximated gelu (Gemma)
 ROPE_SCALINGS = ("llama3", "linear")
+# How a mixture of experts turns router logits into each token's k weights (``model/moe.py``):
+# "softmax_topk": softmax over the k largest logits (Mixtral); "topk_softmax": softmax over every
+# expert, then the k largest probabilities, renormalized to sum to 1 when ``norm_topk_prob`` (Qwen3-MoE).
+ROUTERS = ("softmax_topk", "topk_softmax")
 
 
 def sliding_pattern(num_layers: int, every: int) -> tuple[str, ...]:
@@ -83,6 +87,16 @@ class ModelConfig:
       bos_id / eos_ids / pad_id: special token ids (metadata for tokenizers and the CLI).
       quantize: None (float weights), "w8", "w8a8" or "w4"; see ``model.quant``.
       kv_cache_dtype: None (the compute dtype) or "int8" (with a scale per position and kv head).
+      num_experts: experts of a sparse MLP layer (a mixture of experts, ``model/moe.py``); 0: a
+        dense model.
+      num_experts_per_tok: the k experts each token runs.
+      moe_mlp_dim: each expert's hidden width (HF's ``moe_intermediate_size``); None: ``mlp_dim``.
+      router: how logits become the k weights, one of ``ROUTERS`` (Mixtral "softmax_topk",
+        Qwen3-MoE "topk_softmax").
+      norm_topk_prob: "topk_softmax" renormalizes the k probabilities to sum to 1.
+      decoder_sparse_step / mlp_only_layers: layer ``i`` is sparse when ``(i + 1) %
+        decoder_sparse_step == 0`` and ``i`` is not in ``mlp_only_layers`` (Qwen3-MoE); the others
+        keep a dense MLP of ``mlp_dim``. See :meth:`sparse`.
     """
 
     vocab_size: int
@@ -115,6 +129,13 @@ class ModelConfig:
     pad_id: int = 0
     quantize: str | None = None
     kv_cache_dtype: str | None = None
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_mlp_dim: int | None = None
+    router: str = "softmax_topk"
+    norm_topk_prob: bool = True
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
@@ -141,10 +162,40 @@ class ModelConfig:
             raise ValueError(f"norm_offset must be 0 (x * w) or 1 (x * (1 + w)), got {self.norm_offset}")
         if self.mlp_activation not in MLP_ACTIVATIONS:
             raise ValueError(f"unknown mlp_activation {self.mlp_activation!r}; known: {', '.join(MLP_ACTIVATIONS)}")
+        self._check_experts()
         for name in ("local_rope_theta", "query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"ModelConfig.{name} must be positive or None, got {value}")
+
+    def _check_experts(self) -> None:
+        check_int("ModelConfig.num_experts", self.num_experts)
+        if self.num_experts < 0:
+            raise ValueError(f"num_experts must be 0 (a dense model) or positive, got {self.num_experts}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"unknown router scheme {self.router!r}; known: {', '.join(ROUTERS)}")
+        if not self.num_experts:
+            return
+        for name in ("num_experts_per_tok", "decoder_sparse_step") + (("moe_mlp_dim",) if self.moe_mlp_dim else ()):
+            check_int(f"ModelConfig.{name}", getattr(self, name), positive=True)
+        if self.num_experts_per_tok > self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) must be at most num_experts ({self.num_experts})"
+            )
+        bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"mlp_only_layers names layer {bad[0]}, but the model has layers 0..{self.num_layers - 1}")
+
+    def sparse(self, layer: int) -> bool:
+        """Whether layer ``layer``'s MLP is a mixture of experts (else dense, ``mlp_dim`` wide)."""
+        return (
+            self.num_experts > 0 and layer not in self.mlp_only_layers and (layer + 1) % self.decoder_sparse_step == 0
+        )
+
+    @property
+    def expert_dim(self) -> int:
+        """Each expert's hidden width."""
+        return self.moe_mlp_dim or self.mlp_dim
 
     def window(self, layer: int) -> int | None:
         """The attention window of layer ``layer``: ``sliding_window`` for a sliding layer, else None."""
@@ -161,9 +212,10 @@ class ModelConfig:
     def layer_period(self) -> int:
         """The length of the shortest pattern of layer kinds that repeats through the layers (the
         last repeat may stop short): 1 when every layer attends alike, 6 for Gemma 3, 2 for
-        Gemma 2. Scanned layers run one repeat per scan step (``model.scan``)."""
-        windows = [self.window(i) for i in range(self.num_layers)]
-        return next(p for p in range(1, self.num_layers + 1) if all(w == windows[i % p] for i, w in enumerate(windows)))
+        Gemma 2; a layer's kind is its window and whether its MLP is a mixture of experts. Scanned
+        layers run one repeat per scan step (``model.scan``)."""
+        kinds = [(self.window(i), self.sparse(i)) for i in range(self.num_layers)]
+        return next(p for p in range(1, self.num_layers + 1) if all(k == kinds[i % p] for i, k in enumerate(kinds)))
 
     @property
     def compute_dtype(self) -> Any:
@@ -187,6 +239,7 @@ class ModelConfig:
         data["eos_ids"] = tuple(data.get("eos_ids", ()))
         if data.get("layer_types") is not None:
             data["layer_types"] = tuple(data["layer_types"])
+        data["mlp_only_layers"] = tuple(data.get("mlp_only_layers", ()))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -214,9 +267,11 @@ class ModelConfig:
         if self.qkv_bias:
             attn += h * (self.num_heads + 2 * self.num_kv_heads)
         norms = (4 if self.post_norms else 2) * d + (2 * h if self.qk_norm else 0)
-        block = attn + 3 * d * self.mlp_dim + norms
+        sparse = sum(self.sparse(i) for i in range(self.num_layers))
+        mlps = (self.num_layers - sparse) * 3 * d * self.mlp_dim
+        mlps += sparse * self.num_experts * (3 * d * self.expert_dim + d)  # experts and the router
         head = 0 if self.tie_embeddings else self.vocab_size * d
-        return self.vocab_size * d + self.num_layers * block + d + head
+        return self.vocab_size * d + self.num_layers * (attn + norms) + mlps + d + head
 
     # ---- presets -------------------------------------------------------------------------
     @classmethod
@@ -295,6 +350,19 @@ class ModelConfig:
         # fmt: on
         return base.replace(**changes)
 
+    @classmethod
+    def mixtral_1b(cls, **changes: Any) -> "ModelConfig":
+        """A Mixtral-shaped mixture of experts of about 1B params: 8 experts per layer, top-2, so
+        a token runs about a quarter of the expert weights (the bench's MoE)."""
+        # fmt: off
+        base = cls(
+            vocab_size=32000, embed_dim=1024, num_layers=12, num_heads=16, num_kv_heads=8, head_dim=64, mlp_dim=3072,
+            rope_theta=1_000_000.0, num_experts=8, num_experts_per_tok=2, bos_id=1, eos_ids=(2,), pad_id=0,
+            param_dtype="bfloat16", dtype="bfloat16",
+        )
+        # fmt: on
+        return base.replace(**changes)
+
 
 PRESETS = {
     "tiny": ModelConfig.tiny,
@@ -303,12 +371,13 @@ PRESETS = {
     "gemma2-2b": ModelConfig.gemma2_2b,
     "gemma3-1b": ModelConfig.gemma3_1b,
     "qwen3-0.6b": ModelConfig.qwen3_0_6b,
+    "mixtral-1b": ModelConfig.mixtral_1b,
 }
 
 
 def preset(name: str, **changes: Any) -> ModelConfig:
     """A named preset (``tiny``, ``llama-56m``, ``llama3-1b``, ``gemma2-2b``, ``gemma3-1b``,
-    ``qwen3-0.6b``) with optional field changes."""
+    ``qwen3-0.6b``, ``mixtral-1b``) with optional field changes."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets are {', '.join(PRESETS)}")
     return PRESETS[name](**changes)

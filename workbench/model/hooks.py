@@ -79,6 +79,20 @@ class LayerHooks:
         average = jnp.sum(out * live, axis=(0, 1)) / jnp.maximum(jnp.sum(live), 1)  # [N, H]
         return out * keep.astype(out.dtype) + average * mean.astype(out.dtype)
 
+    def router_logits(self, logits: jax.Array) -> jax.Array:
+        """A sparse layer's router logits [B, T, E], the ablated experts' (``probes.Ablate(layer,
+        experts=...)``) at -inf: the router then picks among the rest."""
+        if not self.hooks.plan.experts:
+            return logits
+        keep = self.hooks.data["expert_keep"][self.index][:, None, :]  # [B, 1, E]
+        return jnp.where(keep, logits, -jnp.inf)
+
+    def routed(self, module: nnx.Module, ids: jax.Array, weights: jax.Array) -> None:
+        """With ``Capture(router=True)``: each token's expert ids and weights [B, T, K]."""
+        if self.records and self.hooks.capture.router:
+            self.record(module, "router_ids", ids)
+            self.record(module, "router_weights", weights)
+
     def site(self, module: nnx.Module, site: str, x: jax.Array) -> jax.Array:
         """Patch (and, on the residual, steer) ``x`` [B, T, D] at ``site``; record what flows on."""
         hooks = self.hooks

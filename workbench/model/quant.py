@@ -56,6 +56,10 @@ QUANTIZED_WEIGHTS: tuple[tuple[str, tuple[int, ...], dict[str, str]], ...] = (
     (r"layers/(\d+/)?attn/[qkv]", (0,), {"w8": "w8", "w8a8": "w8a8", "w4": "w4"}),  # [D, N|K, H]
     (r"layers/(\d+/)?attn/o", (0, 1), {"w8": "w8", "w8a8": "w8a8", "w4": "w4"}),  # [N, H, D]
     (r"layers/(\d+/)?mlp/(gate|up|down)", (0,), {"w8": "w8", "w8a8": "w8a8", "w4": "w4"}),  # [D, F] / [F, D]
+    # The experts of a sparse layer, [E, D, F] / [E, F, D] (``model/moe.py``): a scale per expert
+    # and output channel. Under w4 they stay int8 (w4's groups are cut from leading contracting
+    # axes); the router stays float: it decides which experts run.
+    (r"layers/(\d+/)?mlp/experts/(gate|up|down)", (1,), {"w8": "w8", "w8a8": "w8a8", "w4": "w8"}),
     # The vocabulary projection (tied embedding [V, D] or lm_head [D, V]) stays int8 under w4.
     (r"embed/embedding", (1,), {"w8": "w8", "w8a8": "w8a8", "w4": "w8"}),
     (r"lm_head", (0,), {"w8": "w8", "w8a8": "w8a8", "w4": "w8"}),

@@ -12,6 +12,7 @@ from workbench.model.attention import Attention
 from workbench.model.config import ModelConfig
 from workbench.model.layers import MLP, Embed, RMSNorm, Rotary, param
 from workbench.model.lora import LoraSpec
+from workbench.model.moe import MoE
 from workbench.model.scan import run_layers, stack_model_layers
 
 
@@ -31,7 +32,12 @@ class Block(nnx.Module):
             config, rngs=rngs, cache=cache, attention_kernels=attention_kernels, lora_spec=lora_spec, layer=layer
         )
         self.mlp_norm = RMSNorm(config, rngs=rngs)
-        self.mlp = MLP(config, rngs=rngs, lora_spec=lora_spec)
+        if config.sparse(layer):  # a mixture of experts (model/moe.py)
+            if lora_spec is not None and set(lora_spec.targets) & {"gate", "up", "down"}:
+                raise ValueError("LoRA adapters on the MLP (gate, up, down) of a mixture of experts are not supported")
+            self.mlp = MoE(config, rngs=rngs, kernels=attention_kernels)
+        else:
+            self.mlp = MLP(config, rngs=rngs, lora_spec=lora_spec)
         if config.post_norms:  # Gemma's sandwich: each sublayer's output normed before the residual add
             self.post_attn_norm = RMSNorm(config, rngs=rngs)
             self.post_mlp_norm = RMSNorm(config, rngs=rngs)
@@ -41,8 +47,9 @@ class Block(nnx.Module):
         out = self.attn(self.attn_norm(x), positions, rope, hooks, **rows)
         return self.post_attn_norm(out) if self.post_norms else out
 
-    def _mlp(self, x, adapters) -> jax.Array:
-        out = self.mlp(self.mlp_norm(x), adapters)
+    def _mlp(self, x, adapters, hooks=None) -> jax.Array:
+        routed = () if hooks is None or not isinstance(self.mlp, MoE) else (hooks,)  # probes see the router
+        out = self.mlp(self.mlp_norm(x), adapters, *routed)
         return self.post_mlp_norm(out) if self.post_norms else out
 
     def __call__(
@@ -51,7 +58,7 @@ class Block(nnx.Module):
         # rows: the optional per-row inputs (segments, adapters) Attention documents
         if hooks is not None:  # probes (workbench.model.hooks): patch, steer and record at each site
             x = x + hooks.site(self, "attn_out", self._attn(x, positions, rope, hooks, **rows))
-            mlp = self._mlp(x, rows.get("adapters"))
+            mlp = self._mlp(x, rows.get("adapters"), hooks)
             return hooks.site(self, "residual", x + hooks.site(self, "mlp_out", mlp))
         x = x + self._attn(x, positions, rope, **rows)
         return x + self._mlp(x, rows.get("adapters"))

@@ -13,6 +13,11 @@ T the step's queries; S the keys it read), the attention block's output ``attn_o
 output ``mlp`` (``[rows, T, D]``, what each adds to the residual stream), the residual stream after
 the block ``residual``; and the final logits ``[rows, T, V]``.
 
+With ``Capture(router=True)`` a mixture of experts' routing is recorded at each sparse layer: each
+token's expert ids and weights ``[rows, T, K]`` (``Captured.router(layer)``, read by
+``inspect.experts``); ``Ablate(layer, experts=[...])`` removes experts from that layer's choice
+(their router logits at -inf: each token's k experts are picked among the rest).
+
 With ``Capture(heads=True)`` each query head's output before ``o`` is recorded too
 (``inspect.logit_attribution`` splits attention per head with it); with ``Capture(sae={layer: sae})``
 the host reads each such layer's captured residual through a sparse autoencoder

@@ -28,7 +28,8 @@ class Capture:
     ``inspect.logit_attribution`` splits per head). ``sae``: ``{layer: workbench.sae.SAE}``, read
     on the host over that layer's captured residual: ``Captured.features(layer)`` holds the
     ``sae_top`` strongest features per token and the reconstruction error (the SAEs take no part
-    in the compiled step, so changing them never recompiles)."""
+    in the compiled step, so changing them never recompiles). ``router``: each token's expert ids
+    and weights [rows, T, K] at every sparse layer of a mixture of experts (``Captured.router``)."""
 
     attention: bool = True
     residual: bool = True
@@ -36,6 +37,7 @@ class Capture:
     logits: bool = True
     layers: tuple[int, ...] | None = None
     heads: bool = False
+    router: bool = False
     sae: Any = dataclasses.field(default=None, compare=False)
     sae_top: int = dataclasses.field(default=10, compare=False)  # host-side: no recompile
 
@@ -66,12 +68,15 @@ class Capture:
 class Ablate:
     """Switch off query heads ``heads`` of ``layer``: their output (before the o projection) set
     to zero (the same as zeroing those heads' rows of ``o``), or with ``mode="mean"`` to its mean
-    over the step's live queries (prefill: the prompt's tokens; generate: the live slots)."""
+    over the step's live queries (prefill: the prompt's tokens; generate: the live slots).
+    ``experts``: experts of a sparse ``layer`` (a mixture of experts) removed from the choice:
+    their router logits at -inf, so each token's k experts are picked among the rest."""
 
     layer: int
-    heads: Sequence[int]
+    heads: Sequence[int] = ()
     mode: str = "zero"
     slots: Any = None
+    experts: Sequence[int] = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,6 +39,7 @@ class Plan:
     ablate: bool = False
     steer: bool = False
     clamp: bool = False
+    experts: bool = False  # some Ablate removes experts
     patches: tuple[tuple[str, int], ...] = ()
 
 
@@ -116,6 +117,24 @@ def _steer_feature(item: SteerFeature, layer: int, mask: np.ndarray, D: int, ste
         clamp[name][layer, mask] = value
 
 
+def _ablate_experts(item: Ablate, layer: int, mask: np.ndarray, config: Any, expert_keep: np.ndarray) -> None:
+    if is_int(item.experts) or isinstance(item.experts, str):
+        raise TypeError(f"Ablate: experts must be a list of expert indices, got {item.experts!r}")
+    if not len(item.experts):
+        return
+    if not config.sparse(layer):
+        raise ValueError(f"Ablate: layer {layer} has no experts (a dense MLP)")
+    E = config.num_experts  # noqa: N806
+    for expert in item.experts:
+        if not is_int(expert) or not 0 <= expert < E:
+            raise ValueError(f"Ablate: expert {expert!r} is out of range: layer {layer} has experts 0..{E - 1}")
+        expert_keep[layer, mask, expert] = False
+    if (expert_keep[layer].sum(-1) < config.num_experts_per_tok).any():
+        raise ValueError(
+            f"Ablate: layer {layer} would keep fewer experts than the {config.num_experts_per_tok} each token runs"
+        )
+
+
 def prepare(
     capture: Capture | None, interventions: Sequence[Any] | None, config: Any, rows: int
 ) -> tuple[Plan | None, dict[str, Any] | None]:
@@ -133,6 +152,7 @@ def prepare(
             check_layer("Capture(sae=...)", layer, L)
             _check_width(f"Capture(sae=...) layer {layer}", sae, D)
     keep, mean = np.ones((L, rows, N), np.float32), np.zeros((L, rows, N), np.float32)
+    expert_keep = np.ones((L, rows, max(config.num_experts, 1)), bool)
     steer = np.zeros((L, rows, D), np.float32)
     clamp = _clamp_arrays(L, rows, D)
     patches: dict[str, list[tuple[int, int, np.ndarray, np.ndarray]]] = {}
@@ -154,6 +174,7 @@ def prepare(
                     raise ValueError(f"Ablate: head {head!r} is out of range: layer {layer} has heads 0..{N - 1}")
                 keep[layer, mask, head] = 0.0
                 mean[layer, mask, head] = 1.0 if item.mode == "mean" else 0.0
+            _ablate_experts(item, layer, mask, config, expert_keep)
         elif isinstance(item, Steer):
             steer[layer, mask] += float(item.scale) * _vectors("Steer", item.vector, (D,))
         elif isinstance(item, SteerFeature):
@@ -171,10 +192,15 @@ def prepare(
     # a baseline run shares it); everything else is data.
     adds = any(isinstance(i, Steer) or isinstance(i, SteerFeature) and i.mode == "add" for i in interventions)
     clamps = any(isinstance(i, SteerFeature) and i.mode == "clamp" for i in interventions)
-    plan = Plan(capture, any(isinstance(i, Ablate) for i in interventions), adds, clamps)
+    ablates = [i for i in interventions if isinstance(i, Ablate)]
+    removes = any(len(i.experts) for i in ablates)
+    # an Ablate of neither heads nor experts is a head ablation of none (the baseline's program)
+    plan = Plan(capture, any(len(i.heads) or not len(i.experts) for i in ablates), adds, clamps, removes)
     data: dict[str, Any] = {}
     if plan.ablate:
         data["keep"], data["mean"] = keep, mean
+    if plan.experts:
+        data["expert_keep"] = expert_keep
     if plan.steer:
         data["steer"] = steer
     if plan.clamp:

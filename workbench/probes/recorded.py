@@ -31,7 +31,8 @@ class Captured:
 
     def site(self, name: str, layer: int) -> np.ndarray:
         if name not in self.sites:
-            flag = {"attn_out": "attention", "mlp_out": "mlp"}.get(name, name)
+            flag = {"attn_out": "attention", "mlp_out": "mlp", "router_ids": "router", "router_weights": "router"}
+            flag = flag.get(name, name)
             raise ValueError(f"{name} {NO_CAPTURE} with {flag}=True")
         if layer not in self.sites[name]:
             raise ValueError(f"layer {layer} {NO_CAPTURE}: captured layers are {sorted(self.sites[name])}")
@@ -57,6 +58,11 @@ class Captured:
         """Each query head's output before the ``o`` projection, [rows, T, N, H]."""
         return self.site("heads", layer)
 
+    def router(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """A sparse layer's routing (``Capture(router=True)``): each token's expert ids and
+        weights, [rows, T, K] each, ids in descending order of weight."""
+        return self.site("router_ids", layer), self.site("router_weights", layer)
+
     def features(self, layer: int) -> sae.Features:
         """The SAE reading of layer ``layer``'s residual (``Capture(sae={layer: ...})``): the
         strongest features per token, how many are active, the reconstruction error."""
@@ -69,7 +75,10 @@ class Captured:
         return sorted({layer for per_layer in self.sites.values() for layer in per_layer})
 
 
-SOWN = {"weights": "attention", "attn_out": "attn_out", "residual": "residual", "mlp_out": "mlp_out", "heads": "heads"}
+SOWN = {
+    "weights": "attention", "attn_out": "attn_out", "residual": "residual", "mlp_out": "mlp_out", "heads": "heads",
+    "router_ids": "router_ids", "router_weights": "router_weights",
+}  # fmt: skip
 
 
 def captured_from(raw: dict, capture: Capture) -> Captured:
