@@ -69,7 +69,7 @@ def test_json_has_the_figures(bench_run):
     assert figures["compiles"] == {"prefill": 1, "insert": 1, "generate": 1}
     assert (figures["quantize"], figures["kv_cache_dtype"]) == ("none", "auto")
     assert figures["roofline_fraction"] == pytest.approx(figures["achieved_gb_per_s"] / figures["read_gb_per_s"])
-    assert figures["compile_cache"] == "off"  # the suite runs without the persistent cache
+    assert figures["compile_cache"] in {"hit", "miss"}  # the run's own cache (conftest)
     assert figures["decode_library"] == "eigen"  # and with the fixed library (WORKBENCH_AUTOTUNE=off)
     assert set(figures["compile_s"]) == {"prefill", "insert", "generate"}
     assert all(s >= 0 and math.isfinite(s) for s in figures["compile_s"].values())

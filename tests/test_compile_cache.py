@@ -44,7 +44,15 @@ def test_a_second_process_reads_what_the_first_wrote_and_a_corrupt_cache_is_left
     assert len(warnings) == 1 and warnings[0].startswith(f"warning: compile cache {tmp_path}: entries cannot be read")
 
 
-def test_an_unwritable_directory_costs_one_warning_and_the_cache(tmp_path, capsys):
+@pytest.fixture
+def no_cache():
+    """This process without the run's cache (conftest), given back afterwards."""
+    compile_cache.disable()
+    yield
+    compile_cache.enable()
+
+
+def test_an_unwritable_directory_costs_one_warning_and_the_cache(tmp_path, capsys, no_cache):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     assert compile_cache.enable(blocker / "jax") is None and compile_cache.directory() is None
@@ -72,6 +80,9 @@ def test_the_directory_comes_from_the_environment(monkeypatch, env, expected):
     assert compile_cache.default_directory() == expected
 
 
-def test_the_suite_runs_without_a_cache():
-    """The suite (and the notebooks and CLI processes it starts) never depends on a warm cache."""
-    assert os.environ["WORKBENCH_COMPILE_CACHE"] == "off" and compile_cache.enable() is None
+def test_the_suite_never_reads_a_cache_from_before_the_run():
+    """The suite (and the notebooks and CLI processes it starts) shares one cache that the run made
+    empty: never the user's, never an earlier run's."""
+    run_cache = Path(os.environ["WORKBENCH_TEST_RUN_CACHE"])
+    assert Path(os.environ["WORKBENCH_COMPILE_CACHE"]) == run_cache == compile_cache.directory()
+    assert run_cache.name.startswith("workbench-test-xla-") and run_cache != compile_cache.cache_home() / "jax"

@@ -27,6 +27,7 @@ from workbench import inspect, probes, trees
 from workbench.checkpoints import config_from_hf, export_hf
 from workbench.engine.scheduler import Scheduler
 from workbench.model import moe, quant
+from workbench.model.scan import unstack_layers
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' own deprecations
 VOCAB, NEW_TOKENS, EXPERTS = 96, 5, 4
@@ -70,7 +71,8 @@ def family(request, tmp_path_factory):
     model.generation_config.eos_token_id = None
     path = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(path)
-    engine, params = workbench.load(path, **ENGINE)
+    # Qwen3-MoE's layers scanned in blocks of their pattern (sparse, dense; one left over)
+    engine, params = workbench.load(path, **ENGINE, scan_layers=request.param == "qwen3_moe")
     return request.param, path, model, engine, params
 
 
@@ -159,7 +161,7 @@ def test_router_capture_and_expert_ablation(family, monkeypatch):
     seen = probes.captured(first)
     ids, weights = seen.router(layer)  # [1, T, K]
     assert ids.shape == (1, n, config.num_experts_per_tok) and expert not in ids
-    pure = trees.leaf_paths(jax.tree.map(np.asarray, nnx.to_pure_dict(params)))
+    pure = trees.leaf_paths(jax.tree.map(np.asarray, unstack_layers(nnx.to_pure_dict(params))))
     hidden = seen.residual(layer - 1) + seen.attn_out(layer)
     normed = rms_norm(hidden[0].astype(np.float64), pure[f"layers/{layer}/mlp_norm/scale"], config.norm_eps)
     logits = normed @ pure[f"layers/{layer}/mlp/router"]

@@ -82,6 +82,7 @@ def run_layers(
         first = layers.repeats * period
         x, tail = run_blocks(list(layers.tail), x, positions, ropes, hooks, first=first, **rows)
         sown = sown + tail
+    sown = [_with_every_site(s, sown) for s in sown]
     # [R, ...] per position (then [1, ...] per leftover layer) -> [L, ...] in layer order
     interleaved = jax.tree.map(lambda *xs: jnp.stack(xs, 1).reshape(-1, *xs[0].shape[1:]), *sown[:period])
     _record(layers.blocks[0], jax.tree.map(lambda a, *t: jnp.concatenate([a, *t]), interleaved, *sown[period:]))
@@ -135,6 +136,23 @@ def run_blocks(
     for block, cache in zip(blocks, caches):
         nnx.update(block, cache)
     return x, sown
+
+
+def _with_every_site(sown: dict, others: Sequence[dict]) -> dict:
+    """``sown`` with the sites only other pattern positions have (a dense MLP's activations beside
+    a mixture of experts' routing) as rows of NaN (integers: -1): one record ``[L, ...]`` per site."""
+    out = dict(sown)
+    for other in others:
+        for name, value in other.items():
+            if name not in out:
+                out[name] = jax.tree.map(_absent, value)
+            elif isinstance(value, dict):
+                out[name] = _with_every_site(out[name], [value])
+    return out
+
+
+def _absent(like: jax.Array) -> jax.Array:
+    return jnp.full_like(like, jnp.nan if jnp.issubdtype(like.dtype, jnp.inexact) else -1)
 
 
 def _record(module: nnx.Module, sown: dict) -> None:

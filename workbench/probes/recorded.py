@@ -81,6 +81,12 @@ SOWN = {
 }  # fmt: skip
 
 
+def _absent(row: np.ndarray) -> bool:
+    """A stacked row of a site that layer does not have (``model.scan``: a scanned pattern's dense
+    layer beside its sparse ones fills the router's sites with -1, the sparse one an MLP site with NaN)."""
+    return bool(np.all(row == -1)) if np.issubdtype(row.dtype, np.integer) else bool(np.isnan(row).all())
+
+
 def captured_from(raw: dict, capture: Capture) -> Captured:
     """The host-side :class:`Captured` of a step's raw capture (``run``'s second output)."""
     raw = jax.device_get(raw)
@@ -100,7 +106,7 @@ def captured_from(raw: dict, capture: Capture) -> Captured:
             per_layer = {int(parts[1]): value}
         else:  # scanned layers, stacked: every layer's, or the asked ones in ascending order (plan.run)
             layers = range(value.shape[0]) if capture.layers is None else sorted(set(capture.layers))
-            per_layer = dict(zip(layers, value))
+            per_layer = {layer: row for layer, row in zip(layers, value) if not _absent(row)}
         for layer, recorded in per_layer.items():
             trimmed = recorded[:, :, :queries, :keys] if name == "attention" else recorded[:, :queries]
             sites.setdefault(name, {})[layer] = trimmed
