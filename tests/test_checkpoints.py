@@ -289,10 +289,11 @@ def test_hf_tensor_problems(hf_case, tmp_path):
 
 
 @pytest.mark.parametrize("stored", ["BF16", "F16"])
-def test_widening_on_device_equals_numpy_bit_for_bit(stored, devices, tmp_path):
+def test_widening_equals_numpy_bit_for_bit(stored, devices, tmp_path, monkeypatch):
     """A half-precision tensor widened to float32 and laid out by the jitted program
     (``hf._widen_on_device``, sharded over two devices) holds numpy's cast of the transposed
-    tensor bit for bit: signed zeros, subnormals, infinities, NaN and the extremes included."""
+    tensor bit for bit, and so does one widened on the host (``hf._widen_rows``): signed zeros,
+    subnormals, infinities, NaN and the extremes included."""
     dtype = NUMPY_DTYPES[stored]
     info = ml_dtypes.finfo(dtype)
     special = [0.0, -0.0, info.smallest_subnormal, -info.tiny, info.max, -info.max, np.inf, -np.inf, np.nan, 1.0]
@@ -307,3 +308,10 @@ def test_widening_on_device_equals_numpy_bit_for_bit(stored, devices, tmp_path):
     assert widened.sharding == sharding and widened.dtype == np.float32
     expected = values.T.astype(np.float32)
     np.testing.assert_array_equal(np.asarray(widened).view(np.uint32), expected.view(np.uint32))
+    # a tensor laid out as ours already is widened on the host, in bands of rows (here 1 row)
+    monkeypatch.setattr(hf, "_BAND_BYTES", 1)
+    as_is = hf.Layout("w", ((6,), (8,)), (0, 1))
+    sharding = NamedSharding(mesh, P("tensor", None))
+    widened = hf._place(tensor, as_is, jax.ShapeDtypeStruct((6, 8), np.float32), sharding, Scratch())
+    assert widened.sharding == sharding
+    np.testing.assert_array_equal(np.asarray(widened).view(np.uint32), values.astype(np.float32).view(np.uint32))

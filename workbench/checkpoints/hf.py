@@ -50,6 +50,7 @@ from workbench.trees import leaf_paths, nest
 INDEX_FILE = "model.safetensors.index.json"
 TENSOR_DTYPES = ("F32", "BF16", "F16")
 PROGRESS_BYTES = 256 * 2**20  # show a progress bar from this checkpoint size on
+_BAND_BYTES = 32 * 2**20  # rows widened on the host at a time, read into the reused scratch
 
 
 # ---- layouts -----------------------------------------------------------------------------------
@@ -259,8 +260,11 @@ def _place(
     """
     shape, dtype = tuple(abstract.shape), np.dtype(abstract.dtype)
     stored = NUMPY_DTYPES[tensor.dtype]
-    if dtype.itemsize > stored.itemsize and scratch is not None and isinstance(sharding, NamedSharding):
-        return _widen_on_device(tensor, layout, shape, dtype, sharding, scratch)
+    if dtype.itemsize > stored.itemsize and scratch is not None:
+        if layout.perm == tuple(range(len(layout.perm))):
+            return _widen_rows(tensor, layout, shape, dtype, sharding, scratch)
+        if isinstance(sharding, NamedSharding):
+            return _widen_on_device(tensor, layout, shape, dtype, sharding, scratch)
     moved = stored if dtype.itemsize > stored.itemsize else dtype  # the dtype that goes through the transfer
     # read into the scratch unless the region read is to become the device buffer itself
     copied = scratch is not None and (moved != stored or layout.perm != tuple(range(len(layout.perm))))
@@ -284,6 +288,39 @@ def _place(
     if copied:
         array.block_until_ready()  # the transfer has read the scratch before the next tensor reuses it
     return array if moved == dtype else _widen(array, dtype)
+
+
+def _widen_rows(
+    tensor: Tensor,
+    layout: Layout,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    sharding: jax.sharding.Sharding,
+    scratch: Scratch,
+) -> jax.Array:
+    """``tensor`` (laid out as ours already: the embedding, the norms) in the wider ``dtype``:
+    each device's region widened on the host, a band of rows at a time read into ``scratch``,
+    into an aligned buffer the array adopts as it is (no compile, no narrow copy on fresh pages)."""
+    widened: dict[tuple, np.ndarray] = {}
+    band = max(1, _BAND_BYTES // max(1, math.prod(shape[1:]) * NUMPY_DTYPES[tensor.dtype].itemsize))
+
+    def shard(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple(s.indices(n) for s, n in zip(index, shape))
+        if key not in widened:  # replicated shards share one read
+            (start, stop, _), rest = key[0], tuple(slice(*k) for k in key[1:])
+            out = aligned_empty((stop - start, *(k[1] - k[0] for k in key[1:])), dtype)
+            for row in range(start, stop, band):
+                scratch.reset()
+                rows = (slice(row, min(row + band, stop)), *rest)
+                np.copyto(
+                    out[row - start : rows[0].stop - start],
+                    read_region(_ReadInto(tensor, scratch.take), layout, rows, shape),
+                    casting="safe",
+                )
+            widened[key] = out
+        return widened[key]
+
+    return jax.make_array_from_callback(shape, sharding, shard, dtype=dtype)
 
 
 def _widen_on_device(
