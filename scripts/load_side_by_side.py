@@ -1,7 +1,7 @@
 """Load time, peak memory and first token at scale: workbench beside transformers, one run.
 
     python scripts/load_side_by_side.py CHECKPOINT [--rounds 2] [--precisions float32,bfloat16,w8a8]
-        [--first-token] [--json OUT.json]
+        [--first-token] [--baseline SRC] [--json OUT.json]
 
 CHECKPOINT: a Hugging Face checkpoint (``scripts/write_checkpoint.py --preset llama3-1b`` writes
 the 1B shape). Every figure comes from a fresh process, so each peak is its own: our
@@ -14,6 +14,9 @@ interleaved A B A B. Load time excludes the imports on both sides; peak memory i
 ``--first-token``: ``python -m workbench generate --checkpoint CHECKPOINT --prompt-ids (64 ids)
 --max-new-tokens 1 --json`` from process start to the token, with a fresh compile cache (cold)
 and again with it (warm), and the load inside it.
+
+``--baseline SRC``: also load with the workbench of another source tree (``git archive COMMIT |
+tar -x -C SRC``) in every round, beside ours and transformers': before and after in one run.
 
 Run it alone: it needs about 12 GB at the 1B shape (``flock /work/bigmem.lock`` on shared machines).
 """
@@ -124,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--precisions", default="float32,bfloat16,w8a8")
     parser.add_argument("--first-token", action="store_true")
+    parser.add_argument("--baseline", type=Path, default=None, help="another source tree, measured beside ours")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -138,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         for precision in args.precisions.split(","):
             ours, theirs = measure(args.checkpoint, "ours", precision), measure(args.checkpoint, "theirs", precision)
             rows.append({"round": round_, "precision": precision, "ours": ours, "theirs": theirs})
+            if args.baseline:
+                env = {"PYTHONPATH": os.fspath(args.baseline.absolute())}
+                rows[-1]["baseline"] = measure(args.checkpoint, "ours", precision, env=env)
             print(json.dumps(rows[-1]), file=sys.stderr)
     generate = []
     if args.first_token:
@@ -148,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(generate[-1]), file=sys.stderr)
     loads.append(machine()["load"])
     report = {"machine": machine() | {"load": loads}, "loads": rows, "first_token": generate}
+    if args.baseline:
+        report["baseline"] = os.fspath(args.baseline)
     print(render(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
@@ -155,13 +164,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def render(report: dict) -> str:
-    info = report["machine"]
+    info, baseline = report["machine"], "baseline" in report
     lines = [
         f"{info['cpu']}, {info['cores']} cores, load average {info['load'][0]:.1f} -> {info['load'][1]:.1f}",
         "",
         "| precision | load ours (s) | load transformers (s) | peak ours (GB) | peak transformers (GB) "
-        "| weights (GB) | bound 1.2 x weights + 1 (GB) |",
-        "|---|---|---|---|---|---|---|",
+        "| weights (GB) | bound 1.2 x weights + 1 (GB) |"
+        + (" load baseline (s) | peak baseline (GB) |" if baseline else ""),
+        "|---|---|---|---|---|---|---|" + ("---|---|" if baseline else ""),
     ]
     for precision in dict.fromkeys(row["precision"] for row in report["loads"]):
         rows = [row for row in report["loads"] if row["precision"] == precision]
@@ -173,6 +183,7 @@ def render(report: dict) -> str:
         lines.append(
             f"| {precision} | {cells('ours', 'load_s')} | {cells('theirs', 'load_s')} | {cells('ours', 'peak_gb')} "
             f"| {cells('theirs', 'peak_gb')} | {weights:.2f} | {1.2 * weights + 1:.2f} |"
+            + (f" {cells('baseline', 'load_s')} | {cells('baseline', 'peak_gb')} |" if baseline else "")
         )
     if report["first_token"]:
         lines += ["", "| compile cache | process start -> first token (s) | load inside it (s) | peak (GB) |"]

@@ -13,12 +13,15 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file
 
 import workbench
 from helpers import SHAPE, SMALL, engine_for, hf_config, hf_tensors, lively_params, pure_numpy, write_hf
 from workbench.checkpoints import ByteTokenizer, config_from_hf, hf, read_hf_config, save_checkpoint
 from workbench.checkpoints.hf_write import hf_config_dict, save_hf_checkpoint
+from workbench.checkpoints.safetensors_files import NUMPY_DTYPES, Scratch, read_header, write_tensors
 from workbench.model import quant
 from workbench.trees import leaf_paths
 
@@ -283,3 +286,32 @@ def test_hf_tensor_problems(hf_case, tmp_path):
     (tmp_path / "e" / "config.json").write_text("{")
     with pytest.raises(ValueError, match="corrupt Hugging Face checkpoint"):
         workbench.load(tmp_path / "e", **SHAPE)
+
+
+@pytest.mark.parametrize("stored", ["BF16", "F16"])
+def test_widening_equals_numpy_bit_for_bit(stored, devices, tmp_path, monkeypatch):
+    """A half-precision tensor widened to float32 and laid out by the jitted program
+    (``hf._widen_on_device``, sharded over two devices) holds numpy's cast of the transposed
+    tensor bit for bit, and so does one widened on the host (``hf._widen_rows``): signed zeros,
+    subnormals, infinities, NaN and the extremes included."""
+    dtype = NUMPY_DTYPES[stored]
+    info = ml_dtypes.finfo(dtype)
+    special = [0.0, -0.0, info.smallest_subnormal, -info.tiny, info.max, -info.max, np.inf, -np.inf, np.nan, 1.0]
+    values = np.random.default_rng(0).standard_normal((6, 8)).astype(dtype)
+    values.reshape(-1)[: len(special)] = np.array(special, np.float32).astype(dtype)
+    write_tensors(tmp_path / "t.safetensors", {"w": values.shape}, stored, lambda name: values)
+    tensor = read_header(tmp_path / "t.safetensors")["w"]
+    mesh = Mesh(np.array(devices[:2]), ("tensor",))
+    sharding = NamedSharding(mesh, P(None, "tensor"))  # ours [8, 6], its second axis split
+    layout = hf.Layout("w", ((6,), (8,)), (1, 0))
+    widened = hf._widen_on_device(tensor, layout, (8, 6), np.dtype(np.float32), sharding, Scratch())
+    assert widened.sharding == sharding and widened.dtype == np.float32
+    expected = values.T.astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(widened).view(np.uint32), expected.view(np.uint32))
+    # a tensor laid out as ours already is widened on the host, in bands of rows (here 1 row)
+    monkeypatch.setattr(hf, "_BAND_BYTES", 1)
+    as_is = hf.Layout("w", ((6,), (8,)), (0, 1))
+    sharding = NamedSharding(mesh, P("tensor", None))
+    widened = hf._place(tensor, as_is, jax.ShapeDtypeStruct((6, 8), np.float32), sharding, Scratch())
+    assert widened.sharding == sharding
+    np.testing.assert_array_equal(np.asarray(widened).view(np.uint32), values.astype(np.float32).view(np.uint32))

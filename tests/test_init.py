@@ -9,6 +9,7 @@ from flax import nnx
 import workbench
 from helpers import SHAPE, SMALL, engine_for, pure_numpy
 from workbench.engine.compiled import model
+from workbench.model import layers
 from workbench.model.scan import stack_layers
 from workbench.trees import leaf_paths
 
@@ -69,3 +70,17 @@ def test_stacked_layers_hold_the_unrolled_draws(engine):
     scanned = workbench.Engine(engine.config, engine.mesh, scan_layers=True, **SHAPE)
     expected = stack_layers(pure_numpy(engine.load_params(None, seed=5)))
     jax.tree.map(np.testing.assert_array_equal, pure_numpy(scanned.load_params(None, seed=5)), expected)
+
+
+def test_param_keys_under_a_trace_are_the_streams_own():
+    """``layers._next_key`` (the models' key, cheap under a trace) draws the keys and leaves the
+    count that the RNG stream itself does (one jit, as ``nnx.eval_shape`` traces the models)."""
+
+    def draw(next_key):
+        rngs = nnx.Rngs(3)
+        keys = [jax.random.key_data(next_key(rngs.params)) for _ in range(3)]
+        return keys, rngs.params.count[...]
+
+    ours, theirs = jax.jit(lambda: (draw(layers._next_key), draw(lambda stream: stream())))()
+    jax.tree.map(np.testing.assert_array_equal, ours, theirs)
+    assert int(ours[1]) == 3

@@ -18,6 +18,7 @@ is the "rotate half" layout, which is ours, so q/k rows need no permutation.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -27,7 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from workbench.checkpoints.hf_config import read_json
@@ -46,6 +50,7 @@ from workbench.trees import leaf_paths, nest
 INDEX_FILE = "model.safetensors.index.json"
 TENSOR_DTYPES = ("F32", "BF16", "F16")
 PROGRESS_BYTES = 256 * 2**20  # show a progress bar from this checkpoint size on
+_BAND_BYTES = 32 * 2**20  # rows widened on the host at a time, read into the reused scratch
 
 
 # ---- layouts -----------------------------------------------------------------------------------
@@ -318,13 +323,18 @@ def _place(
 
     The transfer lays the view out (XLA's host-to-device copy transposes in cache-sized tiles,
     several times faster than a strided numpy copy); a region needing no transpose, read into
-    an aligned buffer, becomes the device buffer as it is. The transposing copy runs at the
-    narrower of the file's and the target's dtype: a narrowing cast before it, a widening one
-    after (each on the host, in memory order: a plain pass). A region that is copied on the
-    way is read into ``scratch``, reused tensor after tensor (no fresh pages to fault in).
+    an aligned buffer, becomes the device buffer as it is. A narrowing cast runs on the host
+    before the transfer; a widening one (:func:`_widen_on_device`) after it, fused with the
+    layout. A region that is copied on the way is read into ``scratch``, reused tensor after
+    tensor (no fresh pages to fault in).
     """
     shape, dtype = tuple(abstract.shape), np.dtype(abstract.dtype)
     stored = NUMPY_DTYPES[tensor.dtype]
+    if dtype.itemsize > stored.itemsize and scratch is not None:
+        if layout.perm == tuple(range(len(layout.perm))):
+            return _widen_rows(tensor, layout, shape, dtype, sharding, scratch)
+        if isinstance(sharding, NamedSharding):
+            return _widen_on_device(tensor, layout, shape, dtype, sharding, scratch)
     moved = stored if dtype.itemsize > stored.itemsize else dtype  # the dtype that goes through the transfer
     # read into the scratch unless the region read is to become the device buffer itself
     copied = scratch is not None and (moved != stored or layout.perm != tuple(range(len(layout.perm))))
@@ -348,6 +358,76 @@ def _place(
     if copied:
         array.block_until_ready()  # the transfer has read the scratch before the next tensor reuses it
     return array if moved == dtype else _widen(array, dtype)
+
+
+def _widen_rows(
+    tensor: Tensor,
+    layout: Layout,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    sharding: jax.sharding.Sharding,
+    scratch: Scratch,
+) -> jax.Array:
+    """``tensor`` (laid out as ours already: the embedding, the norms) in the wider ``dtype``:
+    each device's region widened on the host, a band of rows at a time read into ``scratch``,
+    into an aligned buffer the array adopts as it is (no compile, no narrow copy on fresh pages)."""
+    widened: dict[tuple, np.ndarray] = {}
+    band = max(1, _BAND_BYTES // max(1, math.prod(shape[1:]) * NUMPY_DTYPES[tensor.dtype].itemsize))
+
+    def shard(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple(s.indices(n) for s, n in zip(index, shape))
+        if key not in widened:  # replicated shards share one read
+            (start, stop, _), rest = key[0], tuple(slice(*k) for k in key[1:])
+            out = aligned_empty((stop - start, *(k[1] - k[0] for k in key[1:])), dtype)
+            for row in range(start, stop, band):
+                scratch.reset()
+                rows = (slice(row, min(row + band, stop)), *rest)
+                np.copyto(
+                    out[row - start : rows[0].stop - start],
+                    read_region(_ReadInto(tensor, scratch.take), layout, rows, shape),
+                    casting="safe",
+                )
+            widened[key] = out
+        return widened[key]
+
+    return jax.make_array_from_callback(shape, sharding, shard, dtype=dtype)
+
+
+def _widen_on_device(
+    tensor: Tensor, layout: Layout, shape: tuple[int, ...], dtype: np.dtype, sharding: NamedSharding, scratch: Scratch
+) -> jax.Array:
+    """``tensor`` in the wider ``dtype`` (bf16 or f16 -> float32): each device's region read
+    into ``scratch`` in the file's own order (HF dims split, ``Layout.groups``), adopted as it
+    is, then transposed and widened by one jitted program into a fresh buffer in ``sharding``:
+    one pass, and no narrow laid-out copy in between (on these VMs every fresh page costs a
+    fault, most of a load's time). The cast is exact, and XLA's equals numpy's bit for bit."""
+    split = tuple(size for sizes in layout.groups for size in sizes)
+    spec = (*sharding.spec, *(None,) * (len(shape) - len(sharding.spec)))
+    split_spec: list = [None] * len(split)
+    for ours, axis in enumerate(layout.perm):
+        split_spec[axis] = spec[ours]
+    as_stored = Layout(layout.name, layout.groups, tuple(range(len(split))))
+    source, read = _ReadInto(tensor, scratch.take), {}
+    scratch.reset()
+
+    def shard(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple(s.indices(n) for s, n in zip(index, split))
+        if key not in read:  # replicated shards share one read
+            read[key] = read_region(source, as_stored, index, split)
+        return read[key]
+
+    stored = jax.make_array_from_callback(
+        split, NamedSharding(sharding.mesh, P(*split_spec)), shard, dtype=NUMPY_DTYPES[tensor.dtype]
+    )
+    widened = _lay_out(layout.perm, dtype.name, sharding)(stored)
+    widened.block_until_ready()  # the scratch is read before the next tensor reuses it
+    return widened
+
+
+@functools.lru_cache
+def _lay_out(perm: tuple[int, ...], dtype: str, sharding: NamedSharding) -> Callable[[jax.Array], jax.Array]:
+    """The jitted transpose-and-cast into ``sharding`` (one compile per tensor shape)."""
+    return jax.jit(lambda x: jnp.transpose(x, perm).astype(dtype), out_shardings=sharding)
 
 
 class _ReadInto:

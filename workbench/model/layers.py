@@ -24,7 +24,7 @@ INIT_STD = 0.02
 def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], dtype, init: str = "normal") -> nnx.Param:
     """A parameter with its logical axes (``out_sharding``), normal(0.02), zeros or ones."""
     if init == "normal":
-        value = INIT_STD * jax.random.normal(rngs.params(), tuple(shape), jnp.float32)
+        value = INIT_STD * jax.random.normal(_next_key(rngs.params), tuple(shape), jnp.float32)
     elif init == "zeros":
         value = jnp.zeros(tuple(shape), jnp.float32)
     elif init == "ones":
@@ -32,6 +32,19 @@ def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], dtyp
     else:
         raise ValueError(f"unknown init {init!r}")
     return nnx.Param(value.astype(dtype), out_sharding=tuple(axes))
+
+
+def _next_key(stream: nnx.RngStream) -> jax.Array:
+    """``stream()``: the same key and count. Under a trace (``nnx.eval_shape``, how the engine
+    builds its models) the count is a tracer, and ``stream()`` stores it through a check that asks
+    the tracer for its sharding, whose error message walks the whole trace so far: quadratic in
+    the model's size, seconds of every engine built at 1B. Set directly, it costs nothing."""
+    count = stream.count.get_raw_value()
+    if not isinstance(count, jax.core.Tracer):
+        return stream()
+    key = jax.random.fold_in(stream.key[...], count)
+    stream.count.set_raw_value(count + 1)  # checks the trace level, as stream() does
+    return key
 
 
 def project(spec: str, x: jax.Array, module: nnx.Module, name: str, dtype, adapters=None, shape=None) -> jax.Array:
