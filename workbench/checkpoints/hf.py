@@ -419,7 +419,10 @@ def _widen_on_device(
     stored = jax.make_array_from_callback(
         split, NamedSharding(sharding.mesh, P(*split_spec)), shard, dtype=NUMPY_DTYPES[tensor.dtype]
     )
-    widened = _lay_out(layout.perm, dtype.name, sharding)(stored)
+    if tensor.dtype == "F16":  # XLA:CPU fails to build an f16 cast where the CPU lacks F16C (SSE4_2):
+        widened = _widen(_lay_out(layout.perm, stored.dtype.name, sharding)(stored), dtype)  # cast on the host
+    else:
+        widened = _lay_out(layout.perm, dtype.name, sharding)(stored)
     widened.block_until_ready()  # the scratch is read before the next tensor reuses it
     return widened
 
