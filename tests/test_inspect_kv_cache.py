@@ -228,10 +228,12 @@ def test_diff_tolerance_counts_only_rows_off_by_more_than_atol():
 
 
 def test_diff_with_tolerance_ignores_rounding_between_buckets(engine, params):
-    # The same prompt prefilled in two buckets: different programs, equal in theory.
+    # The same prompt prefilled in two buckets: different programs, equal in theory. Keys and values
+    # reach about 5 in size here, and on some CPUs (CI's, under jax 0.12) a row differed by just over
+    # 1e-5 between the buckets: the tolerance is 1e-4, still far below any real change.
     tokens = list(range(60, 73))
     small = engine.prefill(params=params, padded_tokens=engine.pad(tokens)[0], true_length=len(tokens))[0]
     padded = np.full(32, engine.config.pad_id, np.int32)
     padded[: len(tokens)] = tokens
     large = engine.prefill(params=params, padded_tokens=padded, true_length=len(tokens))[0]
-    assert not inspect.kv_cache_diff(small, large, atol=1e-5).mask.any()
+    assert not inspect.kv_cache_diff(small, large, atol=1e-4).mask.any()
