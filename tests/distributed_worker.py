@@ -51,11 +51,19 @@ CLI = [
 ]
 PROMPTS = [[1, 2, 3, 4, 5], [7] * 11, list(range(30, 50)), [200, 3, 99], [5, 6]]
 SAMPLING = workbench.Sampling(temperature=0.9, top_k=20)
+# A tiny Gemma 3: a sliding layer's ring of 4 beside a global layer's full cache, a rope each
+# fmt: off
+GEMMA3 = workbench.ModelConfig.tiny(
+    num_layers=2, layer_types=("sliding_attention", "full_attention"), sliding_window=4, local_rope_theta=100.0,
+    qk_norm=True, norm_offset=1.0, post_norms=True, embed_scale=True, mlp_activation="gelu_tanh",
+    query_pre_attn_scalar=24, tie_embeddings=False,  # tied, sqrt(D)-scaled embeddings make it echo its prompt
+)
+# fmt: on
 
 
-def engine_on(mesh: dict) -> workbench.Engine:
+def engine_on(mesh: dict, config: workbench.ModelConfig | None = None) -> workbench.Engine:
     return workbench.Engine(
-        workbench.ModelConfig.tiny(),
+        config or workbench.ModelConfig.tiny(),
         workbench.make_mesh(mesh),
         decode_batch_size=4,
         max_prefill_length=32,
@@ -77,6 +85,21 @@ def api_steps(engine, params, out: dict) -> None:
         out[f"api/generate{step}/data"] = np.asarray(result.data)
         out[f"api/generate{step}/logits"] = np.asarray(result.logits)
     return state
+
+
+def gemma3_steps(out: dict) -> None:
+    """The tiny Gemma 3 on the same mesh: a 20-token prompt (longer than the ring) prefilled into
+    slot 1 beside an empty slot, then four greedy steps."""
+    engine = engine_on({"data": 2, "tensor": 4}, GEMMA3)
+    params = engine.load_params(lively_arrays(engine))
+    padded, length = engine.pad(PROMPTS[2])
+    prefix, result = engine.prefill(params=params, padded_tokens=padded, true_length=length)
+    out["gemma3/prefill/logits"] = np.asarray(result.logits)
+    state = engine.insert(prefix, engine.init_decode_state(0), 1)
+    for step in range(4):
+        state, result = engine.generate(params, state)
+        out[f"gemma3/generate{step}/data"] = np.asarray(result.data)
+        out[f"gemma3/generate{step}/logits"] = np.asarray(result.logits)
 
 
 def scheduled(engine, params, out: dict) -> None:
@@ -156,6 +179,7 @@ def run(out_dir: str, restore_dir: str, hf_dir: str) -> None:
         assert leaf.is_fully_addressable == (jax.process_count() == 1), path  # split between the processes
         out[f"restored/{path}"] = distributed.host_value(leaf)
     hf_import(hf_dir, out)
+    gemma3_steps(out)  # rings and two ropes across the processes: compared like every other key
     autotune_choices(engine, out, out_dir)
     np.savez(os.path.join(out_dir, f"process{jax.process_index()}.npz"), **out)
     if jax.process_count() == 1:

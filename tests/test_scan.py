@@ -3,6 +3,7 @@ greedy tokens and logits through prefill, insert / bulk_insert, generate and fre
 (on 1, with every other option too: test_combinations); checkpoints of either layout load into
 either; the stacked cache reads per layer."""
 
+import functools
 import json
 from types import SimpleNamespace
 
@@ -94,19 +95,39 @@ PATTERNED = SMALL.replace(
 # fmt: on
 
 
+def offset_norm_arrays(config) -> dict:
+    """Lively weights for ``x * (1 + w)`` norms: norms around 0, fan-in scaled matrices (unrolled)."""
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.split(nnx.eval_shape(lambda: workbench.Transformer(config, rngs=nnx.Rngs(0))), nnx.Param, ...)
+    rng = np.random.default_rng(3)
+    return jax.tree.map(
+        lambda x: ((0.3 if x.ndim == 1 else 2 / np.sqrt(x.shape[0])) * rng.standard_normal(x.shape)).astype("f4"),
+        nnx.to_pure_dict(abstract[1]),
+    )
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _uncached(config, arrays, tokens):  # the unrolled model, built inside the jit (its init is pruned)
+    with nnx.use_eager_sharding(False):
+        model = workbench.Transformer(config, rngs=nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, arrays)
+    nnx.update(model, state)
+    return model(tokens)
+
+
+def uncached(config, arrays, tokens: list[int]) -> np.ndarray:
+    """The unrolled model's logits over ``tokens``, without a cache: the truth for every cached path."""
+    return np.asarray(_uncached(config, arrays, np.asarray([tokens], np.int32)))[0]
+
+
 def test_a_layer_pattern_scans_in_blocks_to_the_uncached_numbers(tmp_path):
     """Gemma 3-style layers exported for transformers, loaded into a scanned engine on one device
     (stacked by the pattern: rings and full caches in stacks of their own, the leftover layer a
     stack of one), a prompt longer than the window through prefill, insert and four greedy
     steps: every logits row within 1e-5 of the unrolled model's uncached forward over the tokens
     it chose, and the caches read per layer as by hand (a ring holds the last 4 positions)."""
-    with nnx.use_eager_sharding(False):
-        abstract = nnx.split(nnx.eval_shape(lambda: workbench.Transformer(PATTERNED, rngs=nnx.Rngs(0))), nnx.Param, ...)
-    rng = np.random.default_rng(3)  # lively weights: norms around 0 (x * (1 + w)), fan-in scaled matrices
-    arrays = jax.tree.map(
-        lambda x: ((0.3 if x.ndim == 1 else 2 / np.sqrt(x.shape[0])) * rng.standard_normal(x.shape)).astype("f4"),
-        nnx.to_pure_dict(abstract[1]),
-    )
+    arrays = offset_norm_arrays(PATTERNED)
     hf = SimpleNamespace(config=PATTERNED, adapters=(), tokenizer=None, max_target_length=32)
     export_hf(hf, arrays, tmp_path)
     engine, params = workbench.load(tmp_path, mesh={"data": 1}, scan_layers=True, kernels="reference", **SHAPE)
@@ -125,16 +146,7 @@ def test_a_layer_pattern_scans_in_blocks_to_the_uncached_numbers(tmp_path):
         rows.append(np.asarray(result.logits)[1])
         tokens.append(int(result.data[1, 0]))
 
-    @jax.jit
-    def uncached(arrays, tokens):  # the unrolled model, built inside the jit (its init is pruned)
-        with nnx.use_eager_sharding(False):
-            model = workbench.Transformer(PATTERNED, rngs=nnx.Rngs(0))
-        state = nnx.state(model, nnx.Param)
-        nnx.replace_by_pure_dict(state, arrays)
-        nnx.update(model, state)
-        return model(tokens)
-
-    truth = np.asarray(uncached(arrays, np.asarray([prompt + tokens[:-1]], np.int32)))[0, len(prompt) - 1 :]
+    truth = uncached(PATTERNED, arrays, prompt + tokens[:-1])[len(prompt) - 1 :]
     assert len(set(tokens)) > 2, "greedy tokens barely vary"
     np.testing.assert_array_equal(tokens, truth.argmax(-1))
     for want, got in zip(truth, rows, strict=True):
@@ -153,6 +165,38 @@ def test_a_layer_pattern_scans_in_blocks_to_the_uncached_numbers(tmp_path):
             assert sorted(kv["held"][1]) == [15, 16, 17, 18] and not kv["held"][0].any()
         row = next(r for r in report if r["layer"] == layer and r["slot"] == 1)
         assert row["filled"] == (4 if sliding else 18), row
+
+
+# Gemma 2-style: sliding and global layers alternating (a pattern of 2) over 4 layers, with the
+# attention scores and the logits soft-capped (caps small enough to bend them).
+# fmt: off
+ALTERNATING = SMALL.replace(
+    num_layers=4, layer_types=sliding_pattern(4, 2), sliding_window=4, norm_offset=1.0, post_norms=True,
+    embed_scale=True, mlp_activation="gelu_tanh", query_pre_attn_scalar=16, attn_logit_softcap=5.0,
+    final_logit_softcap=8.0,
+)
+# fmt: on
+
+
+def test_alternating_soft_capped_layers_scan_to_the_uncached_numbers():
+    """Gemma 2's shape of model scanned in pairs (a ring and a full cache per scan step), a prompt
+    longer than the window, prefill and three greedy steps: within 1e-5 of the uncached forward."""
+    arrays = offset_norm_arrays(ALTERNATING)
+    engine = workbench.Engine(ALTERNATING, workbench.make_mesh({"data": 1}), scan_layers=True, **SHAPE)
+    params = engine.load_params(stack_layers(arrays, period=2))
+    prompt = ids(11, 2)
+    prefix, first = prefill(engine, params, prompt)
+    rows, tokens = [np.asarray(first.logits)[0]], [int(first.data[0, 0])]
+    state = engine.insert(prefix, engine.init_decode_state(), 0)
+    for _ in range(3):
+        state, result = engine.generate(params, state)
+        rows.append(np.asarray(result.logits)[0])
+        tokens.append(int(result.data[0, 0]))
+    truth = uncached(ALTERNATING, arrays, prompt + tokens[:-1])[len(prompt) - 1 :]
+    assert np.abs(truth).max() > 0.5 * ALTERNATING.final_logit_softcap, "the logits never reach the cap's bend"
+    np.testing.assert_array_equal(tokens, truth.argmax(-1))
+    for want, got in zip(truth, rows, strict=True):
+        assert_close(got, want, 1e-5)
 
 
 def test_stacked_params_and_caches_carry_the_layers_axis(devices):
