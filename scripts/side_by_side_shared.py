@@ -104,7 +104,7 @@ def parity(engine, params, model) -> float:
     tokens = np.random.default_rng(3).integers(3, engine.config.vocab_size, (1, 16))
     ours = np.asarray(engine.forward(params, tokens))
     with torch.inference_mode():
-        theirs = model(torch.from_numpy(tokens)).logits.numpy()
+        theirs = model(torch.from_numpy(tokens)).logits.float().numpy()
     return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 

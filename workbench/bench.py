@@ -108,6 +108,42 @@ def bytes_per_step(engine: Engine, params: Params, cached_tokens: float) -> int:
     return int(weights + cache)
 
 
+def expert_bytes(engine: Engine, params: Params, *, prompt_length: int = 64, steps: int = 4) -> dict[str, Any]:
+    """A mixture of experts' decode step: the bytes it reads against the bytes the router's choice
+    needs, on ``steps`` real steps after each slot took its own random ``prompt_length``-token
+    prompt. ``read``: :func:`bytes_per_step` (the CPU's dense experts read every expert);
+    ``chosen``: per step, the same less each sparse layer's experts no slot's token chose at
+    that step (``probes.Capture(router=True)``: the union over the batch, layer by layer);
+    ``experts_chosen``: per step, that union's size per sparse layer; ``expert_bytes``: one
+    expert of one layer (quantized values and scales included)."""
+    from workbench import probes
+
+    config, slots = engine.config, engine.max_concurrent_decodes
+    check_shape(prompt_length, steps, engine.max_prefill_length, engine.max_target_length)
+    if not config.num_experts:
+        raise ValueError("expert_bytes needs a mixture of experts (config.num_experts > 0)")
+    sparse = sum(config.sparse(i) for i in range(config.num_layers))
+    leaves = leaf_paths(params).items()
+    per_expert = sum(x.size * x.dtype.itemsize for p, x in leaves if "/experts/" in p) // (sparse * config.num_experts)
+    rng = np.random.default_rng(0)
+    state = engine.init_decode_state(0)
+    for slot in range(slots):
+        padded, true_length = engine.pad(rng.integers(3, config.vocab_size, size=prompt_length))
+        prefix, _ = engine.prefill(params=params, padded_tokens=padded, true_length=true_length)
+        state = engine.insert(prefix, state, slot)
+    capture = probes.Capture(attention=False, residual=False, mlp=False, logits=False, router=True)
+    read = bytes_per_step(engine, params, prompt_length + (steps + 1) / 2)
+    chosen, counts = [], []
+    for _ in range(steps):
+        state, result = engine.generate(params, state, probes=capture)
+        seen = probes.captured(result)
+        live = seen.live.astype(bool)
+        layers = [i for i in range(config.num_layers) if config.sparse(i)]
+        counts.append([len(np.unique(seen.router(i)[0][live])) for i in layers])
+        chosen.append(read - per_expert * (sparse * config.num_experts - sum(counts[-1])))
+    return {"read": read, "chosen": chosen, "experts_chosen": counts, "expert_bytes": per_expert}
+
+
 def check_shape(prompt_length: int, steps: int, max_prefill_length: int, max_target_length: int) -> None:
     """Raise ValueError unless ``steps`` decode steps after a ``prompt_length``-token prompt fit the engine."""
     for name, value in [("prompt length", prompt_length), ("steps", steps)]:

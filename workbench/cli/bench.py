@@ -8,8 +8,10 @@ machine's all-core read bandwidth, :func:`workbench.bench.read_gb_per_s`) and
 ``roofline_fraction`` (achieved over read bandwidth); the cold start: ``compile_s`` (the same
 three), ``load_s``, ``first_token_s`` (process start to the first token) and ``compile_cache``
 (``"hit"``, ``"miss"`` or ``"off"``); ``decode_library`` (``"ynnpack"`` or ``"eigen"``: what runs
-the decode step's weight products on the CPU, :mod:`workbench.engine.autotune`). See
-:mod:`workbench.bench` for what is measured and how.
+the decode step's weight products on the CPU, :mod:`workbench.engine.autotune`); ``expert_bytes``
+for a mixture of experts (what the router's chosen experts need of the bytes per step,
+:func:`workbench.bench.expert_bytes`; absent for a dense model). See :mod:`workbench.bench` for
+what is measured and how.
 
 ``--sweep context|batch|prefill --points N,N,...``: one curve instead (:func:`run_sweep`).
 """
@@ -20,6 +22,7 @@ import argparse
 import collections
 import dataclasses
 import json
+import statistics
 import sys
 import time
 
@@ -55,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from workbench import compile_cache
-    from workbench.bench import check_shape, measure, read_gb_per_s
+    from workbench.bench import check_shape, expert_bytes, measure, read_gb_per_s
 
     if args.shared_prefix_length is not None:
         return run_shared_prefix(args)
@@ -92,6 +95,12 @@ def run(args: argparse.Namespace) -> int:
         ("load", f"{result.load_s:.2f} s", "workbench.load"),
         ("first token", f"{result.first_token_s:.2f} s", f"from process start; compile cache {result.compile_cache}"),
     ]
+    experts = None
+    if config.num_experts:  # a mixture of experts: what the router's choice needs of those bytes
+        experts = expert_bytes(engine, params, prompt_length=args.prompt_length, steps=min(args.steps, 4))
+        chosen = statistics.median(experts["chosen"])
+        note = f"{chosen / experts['read']:.0%} of the bytes per step, median of {len(experts['chosen'])} steps"
+        rows.insert(5, ("experts chosen", f"{chosen / 1e6:.1f} MB", note))
     for name, value, note in rows:
         print(f"  {name:15s} {value:>32s}   {note}", file=sys.stderr)
     if args.json:
@@ -99,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
             "read_gb_per_s": bandwidth,
             "roofline_fraction": result.achieved_gb_per_s / bandwidth,
         }
+        if experts is not None:
+            figures["expert_bytes"] = experts
         print(json.dumps(figures))
     return 0
 

@@ -12,7 +12,9 @@ are measured.
 The probe stands for everything the step multiplies, in proportion: the model's layer products
 (as many whole layers as fit :data:`PROBE_BYTES`, chained) and a slice of its vocabulary
 projection in the engine's layout (``[V, D]`` tied, ``[D, V]`` else; as many rows as fit
-:data:`PROBE_BYTES`), float32, at the decode batch, each library in interleaved rounds. Each
+:data:`PROBE_BYTES`) and, for a mixture of experts, as many of one layer's experts as fit (two at least), in
+``model/moe.py``'s batched products (its layers part then without a dense MLP where every layer is
+sparse), float32, at the decode batch, each library in interleaved rounds. Each
 part's median is scaled up to the whole model (layers by ``num_layers / layers probed``, the
 projection by ``vocab_size / rows probed``) and the library with the smaller sum is kept, said
 on stderr, and written to ``$XDG_CACHE_HOME/workbench/autotune.json``
@@ -56,6 +58,7 @@ FIXED = "eigen"  # float32 with WORKBENCH_AUTOTUNE=off
 PROBE_BYTES = 64 * 2**20  # per part: past the last-level cache, so weights stream as in the step
 ROUNDS, CALLS = 3, 3
 VERSION = "probe2"  # in the cache key: picks of an earlier probe (layers only) are not read back
+# (a mixture of experts' key also holds its experts: picks of a probe that left them out are not read)
 
 _chosen: dict[str, str] = {}  # this process's choices, by key
 
@@ -123,14 +126,27 @@ def plan(config) -> dict[str, tuple]:
     """The probe's parts: ``{part: (function of (x, weights), weights, scale)}``, float32 weights
     in the engine's layout, ``scale`` the model's size over the part's."""
     shapes = [size for size, _ in config.projections().values()]  # q, k, v, o, gate, up, down: [in, out]
+    sparse = _sparse_layers(config)
+    if sparse == config.num_layers:
+        shapes = shapes[:4]  # no dense MLP: the experts part
     per_layer = 4 * sum(a * b for a, b in shapes)
     layers = max(1, min(config.num_layers, PROBE_BYTES // per_layer))
     rows = max(1, min(config.vocab_size, PROBE_BYTES // (4 * config.embed_dim)))
     head = (rows, config.embed_dim) if config.tie_embeddings else (config.embed_dim, rows)
-    return {
+    parts = {
         "layers": (_layers, [[_weight(shape) for shape in shapes] for _ in range(layers)], config.num_layers / layers),
         "vocab": (_tied if config.tie_embeddings else _untied, _weight(head), config.vocab_size / rows),
     }
+    if sparse:  # a mixture of experts: as many of one layer's experts as fit, scaled to every sparse layer's
+        d, f = config.embed_dim, config.expert_dim
+        count = min(config.num_experts, max(2, PROBE_BYTES // (4 * 3 * d * f)))
+        weights = [_weight((count, d, f)), _weight((count, d, f)), _weight((count, f, d))]
+        parts["experts"] = (_experts, weights, sparse * config.num_experts / count)
+    return parts
+
+
+def _sparse_layers(config) -> int:
+    return sum(config.sparse(i) for i in range(config.num_layers)) if config.num_experts else 0
 
 
 def _weight(shape) -> jax.Array:
@@ -138,12 +154,21 @@ def _weight(shape) -> jax.Array:
 
 
 def _layers(x: jax.Array, weights: list[list[jax.Array]]) -> jax.Array:
-    for wq, wk, wv, wo, gate, up, down in weights:
+    for wq, wk, wv, wo, *mlp in weights:  # no mlp: a mixture of experts' layer (the experts part)
         attn = x @ wq + jnp.concatenate([x @ wk, x @ wv], axis=-1).sum(-1, keepdims=True)
         x = x + jnp.tanh(attn) @ wo
-        x = x + (jax.nn.silu(x @ gate) * (x @ up)) @ down
+        if mlp:
+            gate, up, down = mlp
+            x = x + (jax.nn.silu(x @ gate) * (x @ up)) @ down
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
     return x
+
+
+def _experts(x: jax.Array, weights: list[jax.Array]) -> jax.Array:  # model/moe.py's dense products
+    gate, up, down = weights
+    xe = jnp.broadcast_to(x, (gate.shape[0], *x.shape))
+    h = jax.nn.silu(jnp.einsum("END,EDF->ENF", xe, gate)) * jnp.einsum("END,EDF->ENF", xe, up)
+    return jnp.einsum("ENF,EFD->END", h, down).sum(0)
 
 
 def _tied(x: jax.Array, embedding: jax.Array) -> jax.Array:  # Embed.attend: the embedding [V, D]
@@ -167,6 +192,8 @@ def _products_dtype(config) -> str:
 def _key(config, batch: int) -> str:
     shape = (config.embed_dim, config.mlp_dim, config.num_heads, config.num_kv_heads, config.head_dim)
     shape += (config.num_layers, config.vocab_size, "tied" if config.tie_embeddings else "untied")
+    if config.num_experts:
+        shape += (config.num_experts, config.expert_dim, _sparse_layers(config))
     flags = os.environ.get("XLA_FLAGS", "")
     fields = (VERSION, jax.__version__, cpu_name(), flags, "float32", "x".join(map(str, shape)), f"b{batch}")
     return "|".join(fields)

@@ -91,10 +91,14 @@ def dense(x: jax.Array, ids: jax.Array, weights: jax.Array, moe: MoE) -> jax.Arr
     (zero for the experts a token did not choose)."""
     experts = moe.experts
     combine = jnp.sum(jax.nn.one_hot(ids, moe.num_experts, dtype=jnp.float32) * weights[..., None], axis=1)
-    gate = quant.einsum("ND,EDF->NEF", x, experts.gate, moe.dtype)
-    up = quant.einsum("ND,EDF->NEF", x, experts.up, moe.dtype)
-    out = quant.einsum("NEF,EFD->NED", ACTIVATIONS[moe.activation](gate) * up, experts.down, moe.dtype)
-    return jnp.einsum("NED,NE->ND", out.astype(jnp.float32), combine).astype(x.dtype)
+    # E the products' batch axis (the tokens broadcast to every expert): each expert's weights
+    # are read in place. "ND,EDF->NEF" instead has XLA:CPU lay the weights out anew every call,
+    # 4-7x slower at the mixtral-1b shape (docs/speed.md).
+    xe = jnp.broadcast_to(x, (moe.num_experts, *x.shape))  # [E, N, D]
+    gate = quant.einsum("END,EDF->ENF", xe, experts.gate, moe.dtype)
+    up = quant.einsum("END,EDF->ENF", xe, experts.up, moe.dtype)
+    out = quant.einsum("ENF,EFD->END", ACTIVATIONS[moe.activation](gate) * up, experts.down, moe.dtype)
+    return jnp.einsum("END,NE->ND", out.astype(jnp.float32), combine).astype(x.dtype)
 
 
 def grouped(x: jax.Array, ids: jax.Array, weights: jax.Array, moe: MoE) -> jax.Array:
