@@ -237,15 +237,19 @@ def stacked_period(tree: dict) -> int:
     return len(layers["blocks"]) if "blocks" in layers else 1
 
 
-def stack_layers(tree: dict, period: int = 1) -> dict:
+def stack_layers(tree: dict, period: int = 1, rows: Any = None) -> dict:
     """``{"layers": {0: t0, 1: t1, ...}, ...}`` -> the stacked layout of pattern ``period``
-    (``ModelConfig.layer_period``; numpy or jax arrays); a stacked tree is returned as it is."""
+    (``ModelConfig.layer_period``; numpy or jax arrays); a stacked tree is returned as it is.
+    ``rows``: a function of the leaves to stack (a tuple) that stacks them (default: ``np.stack``
+    for numpy, ``jnp.stack`` for jax arrays)."""
     if is_stacked(tree) or "layers" not in tree:
         return tree
     layers = [tree["layers"][i] for i in _numbered(tree["layers"])]
+    default = lambda xs: np.stack(xs) if isinstance(xs[0], np.ndarray) else jnp.stack(xs)  # noqa: E731
+    rows = rows or default
 
     def stack(group: list) -> Any:
-        return jax.tree.map(lambda *xs: np.stack(xs) if isinstance(xs[0], np.ndarray) else jnp.stack(xs), *group)
+        return jax.tree.map(lambda *xs: rows(xs), *group)
 
     if period == 1:
         return {**tree, "layers": stack(layers)}
