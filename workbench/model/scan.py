@@ -103,18 +103,24 @@ def run_blocks(
     ropes[j], **rows)`` each (rows: the per-row inputs, segments and adapters); the stacked caches
     come back updated, and what each block sowed, ``[R, ...]`` per block.
 
-    The params (quantized ones and LoRA adapters included: every Variable but the caches) are
-    scanned over; the caches ride in the carry, row ``r``'s read out and written back in place,
-    so the step touches each layer's cache once rather than copying the stack into the scan's
-    outputs. With ``hooks`` (probes, ``model.hooks``) each block gets ``hooks.layer(i)`` for its
-    traced index ``i``.
+    The params (quantized ones and LoRA adapters included: every Variable but the caches) ride
+    in the carry behind an optimization barrier, row ``r`` sliced out in the step (see ``step``);
+    the caches ride in the carry too, row ``r``'s read out and written back in place, so the step
+    touches each layer's cache once rather than copying the stack into the scan's outputs. With
+    ``hooks`` (probes, ``model.hooks``) each block gets ``hooks.layer(i)`` for its traced index ``i``.
     """
     splits = [nnx.split(block, nnx.Cache, ...) for block in blocks]
     graphdefs = [graphdef for graphdef, _, _ in splits]
     period = len(blocks)
 
-    def step(carry, layer):
-        x, caches, r = carry
+    def step(carry, _):
+        x, caches, r, stacks = carry
+        # The stacks ride through an optimization barrier: to XLA they change every step, so it
+        # cannot hoist a whole-stack transform out of the loop (XLA:CPU widens a bf16 dynamic-slice
+        # to f32, then moves the convert of every layer's weights before the loop: a f32 copy of
+        # the model written and read on every call, 4-5x the unrolled decode step at 1B in bf16).
+        stacks = jax.lax.optimization_barrier(stacks)
+        layer = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, r, keepdims=False), stacks)
         caches, sowns = list(caches), []
         for j, (graphdef, params) in enumerate(zip(graphdefs, layer)):
             block = nnx.merge(graphdef, jax.tree.map(lambda c: c[r], caches[j]), params)
@@ -129,10 +135,11 @@ def run_blocks(
                 lambda c, new: jax.lax.dynamic_update_index_in_dim(c, new, r, 0), caches[j], written
             )
             sowns.append(sown)
-        return (x, caches, r + 1), sowns
+        return (x, caches, r + 1, stacks), sowns
 
-    caches = [cache for _, cache, _ in splits]
-    (x, caches, _), sown = jax.lax.scan(step, (x, caches, jnp.int32(0)), [other for _, _, other in splits])
+    caches, params = [cache for _, cache, _ in splits], [other for _, _, other in splits]
+    length = jax.tree.leaves(params)[0].shape[0]
+    (x, caches, _, _), sown = jax.lax.scan(step, (x, caches, jnp.int32(0), params), length=length)
     for block, cache in zip(blocks, caches):
         nnx.update(block, cache)
     return x, sown
@@ -230,15 +237,19 @@ def stacked_period(tree: dict) -> int:
     return len(layers["blocks"]) if "blocks" in layers else 1
 
 
-def stack_layers(tree: dict, period: int = 1) -> dict:
+def stack_layers(tree: dict, period: int = 1, rows: Any = None) -> dict:
     """``{"layers": {0: t0, 1: t1, ...}, ...}`` -> the stacked layout of pattern ``period``
-    (``ModelConfig.layer_period``; numpy or jax arrays); a stacked tree is returned as it is."""
+    (``ModelConfig.layer_period``; numpy or jax arrays); a stacked tree is returned as it is.
+    ``rows``: a function of the leaves to stack (a tuple) that stacks them (default: ``np.stack``
+    for numpy, ``jnp.stack`` for jax arrays)."""
     if is_stacked(tree) or "layers" not in tree:
         return tree
     layers = [tree["layers"][i] for i in _numbered(tree["layers"])]
+    default = lambda xs: np.stack(xs) if isinstance(xs[0], np.ndarray) else jnp.stack(xs)  # noqa: E731
+    rows = rows or default
 
     def stack(group: list) -> Any:
-        return jax.tree.map(lambda *xs: np.stack(xs) if isinstance(xs[0], np.ndarray) else jnp.stack(xs), *group)
+        return jax.tree.map(lambda *xs: rows(xs), *group)
 
     if period == 1:
         return {**tree, "layers": stack(layers)}
