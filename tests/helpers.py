@@ -6,6 +6,7 @@ small model out as a Hugging Face checkpoint with explicit numpy reshapes (an in
 statement of the layouts that ``checkpoints.hf`` must read back).
 """
 
+import functools
 import json
 
 import jax
@@ -88,6 +89,37 @@ def assert_close(actual, expected, rtol=1e-5):
     assert actual.shape == expected.shape, f"shape {actual.shape} != expected {expected.shape}"
     scale = np.abs(expected).max()
     assert np.abs(actual - expected).max() <= rtol * scale, np.abs(actual - expected).max() / scale
+
+
+def host_arrays(config: workbench.ModelConfig, seed: int = 0) -> dict:
+    """Lively float32 weights drawn on the host for ``config``'s unrolled model (a pure dict):
+    norms around 0 for Gemma's ``x * (1 + w)``, around 1 otherwise; matrices fan-in scaled."""
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.split(nnx.eval_shape(lambda: workbench.Transformer(config, rngs=nnx.Rngs(0))), nnx.Param, ...)[1]
+    rng = np.random.default_rng(seed)
+
+    def draw(leaf):
+        if len(leaf.shape) == 1:
+            return (1 - config.norm_offset + 0.3 * rng.standard_normal(leaf.shape)).astype(np.float32)
+        return (2 * rng.standard_normal(leaf.shape) / np.sqrt(leaf.shape[0])).astype(np.float32)
+
+    return jax.tree.map(draw, nnx.to_pure_dict(abstract))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _uncached(config, pure, tokens):  # the model built inside the jit: its random init is pruned
+    with nnx.use_eager_sharding(False):
+        model = workbench.Transformer(config, rngs=nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
+    return model(tokens)
+
+
+def uncached_forward(config: workbench.ModelConfig, pure: dict, tokens) -> np.ndarray:
+    """The unrolled model's logits ``[B, T, V]`` over ``tokens`` ``[B, T]`` from a pure dict of
+    weights, with no engine and no cache: the truth for every cached path (one jit per config)."""
+    return np.asarray(_uncached(config, pure, np.asarray(tokens, np.int32)))
 
 
 def pure_numpy(params):

@@ -13,13 +13,12 @@ import jax
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 from peft import LoraConfig, get_peft_model
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import workbench
-from helpers import SMALL, assert_close, hf_tensors
+from helpers import SMALL, assert_close, hf_tensors, host_arrays, uncached_forward
 from workbench.checkpoints import export_hf
 from workbench.checkpoints.export import hf_config_dict
 from workbench.cli import main
@@ -145,25 +144,7 @@ def test_every_family_exports_to_our_logits(family, tmp_path):
     transformers' on the exported checkpoint (eager attention), 1e-5 relative; for the families
     laid out like Llama, every tensor where the helpers' own layout puts it."""
     config = FAMILIES[family]
-    rng = np.random.default_rng(0)
-
-    def draw(leaf):  # norms around 0 (Gemma's x * (1 + w)) or 1; matrices fan-in scaled
-        if len(leaf.shape) == 1:
-            return (1 - config.norm_offset + 0.3 * rng.standard_normal(leaf.shape)).astype(np.float32)
-        return (2 * rng.standard_normal(leaf.shape) / np.sqrt(leaf.shape[0])).astype(np.float32)
-
-    @jax.jit
-    def forward(pure, tokens):  # the model built inside the jit: its random init is pruned
-        with nnx.use_eager_sharding(False):
-            model = workbench.Transformer(config, rngs=nnx.Rngs(0))
-        state = nnx.state(model, nnx.Param)
-        nnx.replace_by_pure_dict(state, pure)
-        nnx.update(model, state)
-        return model(tokens)
-
-    with nnx.use_eager_sharding(False):
-        abstract = nnx.split(nnx.eval_shape(lambda: workbench.Transformer(config, rngs=nnx.Rngs(0))), nnx.Param, ...)[1]
-    pure = jax.tree.map(draw, nnx.to_pure_dict(abstract))
+    pure = host_arrays(config)
     engine = types.SimpleNamespace(config=config, adapters=(), tokenizer=None, max_target_length=32)
     export_hf(engine, pure, tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
@@ -176,5 +157,5 @@ def test_every_family_exports_to_our_logits(family, tmp_path):
         state = {name: tensor.numpy() for name, tensor in model.state_dict().items()}
         for name, tensor in hf_tensors(config, pure).items():
             np.testing.assert_array_equal(state[name], tensor, err_msg=name)
-    ours = np.asarray(forward(pure, np.asarray(TOKENS, np.int32)))
+    ours = uncached_forward(config, pure, TOKENS)
     assert_close(torch_logits(model), ours, rtol=1e-5)

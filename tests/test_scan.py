@@ -3,7 +3,6 @@ greedy tokens and logits through prefill, insert / bulk_insert, generate and fre
 (on 1, with every other option too: test_combinations); checkpoints of either layout load into
 either; the stacked cache reads per layer."""
 
-import functools
 import json
 from types import SimpleNamespace
 
@@ -13,7 +12,17 @@ import pytest
 from flax import nnx
 
 import workbench
-from helpers import SHAPE, SMALL, assert_close, engine_for, lively_arrays, prefill, write_hf
+from helpers import (
+    SHAPE,
+    SMALL,
+    assert_close,
+    engine_for,
+    host_arrays,
+    lively_arrays,
+    prefill,
+    uncached_forward,
+    write_hf,
+)
 from workbench import inspect
 from workbench.checkpoints import export_hf, save_checkpoint
 from workbench.checkpoints.layout import saved_layers
@@ -95,30 +104,22 @@ PATTERNED = SMALL.replace(
 # fmt: on
 
 
-def offset_norm_arrays(config) -> dict:
-    """Lively weights for ``x * (1 + w)`` norms: norms around 0, fan-in scaled matrices (unrolled)."""
-    with nnx.use_eager_sharding(False):
-        abstract = nnx.split(nnx.eval_shape(lambda: workbench.Transformer(config, rngs=nnx.Rngs(0))), nnx.Param, ...)
-    rng = np.random.default_rng(3)
-    return jax.tree.map(
-        lambda x: ((0.3 if x.ndim == 1 else 2 / np.sqrt(x.shape[0])) * rng.standard_normal(x.shape)).astype("f4"),
-        nnx.to_pure_dict(abstract[1]),
-    )
+def greedy_walk(engine, params, prompt: list[int], slot: int, steps: int) -> tuple[list, list[int], object]:
+    """``prompt`` prefilled and inserted into ``slot``, then ``steps`` greedy steps: the logits row
+    each token came from, the tokens, and the final decode state."""
+    prefix, first = prefill(engine, params, prompt)
+    rows, tokens = [np.asarray(first.logits)[0]], [int(first.data[0, 0])]
+    state = engine.insert(prefix, engine.init_decode_state(), slot)
+    for _ in range(steps):
+        state, result = engine.generate(params, state)
+        rows.append(np.asarray(result.logits)[slot])
+        tokens.append(int(result.data[slot, 0]))
+    return rows, tokens, state
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _uncached(config, arrays, tokens):  # the unrolled model, built inside the jit (its init is pruned)
-    with nnx.use_eager_sharding(False):
-        model = workbench.Transformer(config, rngs=nnx.Rngs(0))
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, arrays)
-    nnx.update(model, state)
-    return model(tokens)
-
-
-def uncached(config, arrays, tokens: list[int]) -> np.ndarray:
-    """The unrolled model's logits over ``tokens``, without a cache: the truth for every cached path."""
-    return np.asarray(_uncached(config, arrays, np.asarray([tokens], np.int32)))[0]
+def uncached_rows(config, arrays, prompt: list[int], tokens: list[int]) -> np.ndarray:
+    """The uncached forward's logits rows that chose ``tokens`` after ``prompt``."""
+    return uncached_forward(config, arrays, [prompt + tokens[:-1]])[0, len(prompt) - 1 :]
 
 
 def test_a_layer_pattern_scans_in_blocks_to_the_uncached_numbers(tmp_path):
@@ -127,7 +128,7 @@ def test_a_layer_pattern_scans_in_blocks_to_the_uncached_numbers(tmp_path):
     stack of one), a prompt longer than the window through prefill, insert and four greedy
     steps: every logits row within 1e-5 of the unrolled model's uncached forward over the tokens
     it chose, and the caches read per layer as by hand (a ring holds the last 4 positions)."""
-    arrays = offset_norm_arrays(PATTERNED)
+    arrays = host_arrays(PATTERNED, seed=3)
     hf = SimpleNamespace(config=PATTERNED, adapters=(), tokenizer=None, max_target_length=32)
     export_hf(hf, arrays, tmp_path)
     engine, params = workbench.load(tmp_path, mesh={"data": 1}, scan_layers=True, kernels="reference", **SHAPE)
@@ -138,15 +139,8 @@ def test_a_layer_pattern_scans_in_blocks_to_the_uncached_numbers(tmp_path):
     assert saved_layers(tmp_path / "saved") == (True, 7)  # a pattern's stacks count 7 layers
 
     prompt = ids(14, 1)
-    prefix, first = prefill(engine, params, prompt)
-    rows, tokens = [np.asarray(first.logits)[0]], [int(first.data[0, 0])]
-    state = engine.insert(prefix, engine.init_decode_state(), 1)
-    for _ in range(4):
-        state, result = engine.generate(params, state)
-        rows.append(np.asarray(result.logits)[1])
-        tokens.append(int(result.data[1, 0]))
-
-    truth = uncached(PATTERNED, arrays, prompt + tokens[:-1])[len(prompt) - 1 :]
+    rows, tokens, state = greedy_walk(engine, params, prompt, slot=1, steps=4)
+    truth = uncached_rows(PATTERNED, arrays, prompt, tokens)
     assert len(set(tokens)) > 2, "greedy tokens barely vary"
     np.testing.assert_array_equal(tokens, truth.argmax(-1))
     for want, got in zip(truth, rows, strict=True):
@@ -181,18 +175,12 @@ ALTERNATING = SMALL.replace(
 def test_alternating_soft_capped_layers_scan_to_the_uncached_numbers():
     """Gemma 2's shape of model scanned in pairs (a ring and a full cache per scan step), a prompt
     longer than the window, prefill and three greedy steps: within 1e-5 of the uncached forward."""
-    arrays = offset_norm_arrays(ALTERNATING)
+    arrays = host_arrays(ALTERNATING, seed=3)
     engine = workbench.Engine(ALTERNATING, workbench.make_mesh({"data": 1}), scan_layers=True, **SHAPE)
     params = engine.load_params(stack_layers(arrays, period=2))
     prompt = ids(11, 2)
-    prefix, first = prefill(engine, params, prompt)
-    rows, tokens = [np.asarray(first.logits)[0]], [int(first.data[0, 0])]
-    state = engine.insert(prefix, engine.init_decode_state(), 0)
-    for _ in range(3):
-        state, result = engine.generate(params, state)
-        rows.append(np.asarray(result.logits)[0])
-        tokens.append(int(result.data[0, 0]))
-    truth = uncached(ALTERNATING, arrays, prompt + tokens[:-1])[len(prompt) - 1 :]
+    rows, tokens, _ = greedy_walk(engine, params, prompt, slot=0, steps=3)
+    truth = uncached_rows(ALTERNATING, arrays, prompt, tokens)
     assert np.abs(truth).max() > 0.5 * ALTERNATING.final_logit_softcap, "the logits never reach the cap's bend"
     np.testing.assert_array_equal(tokens, truth.argmax(-1))
     for want, got in zip(truth, rows, strict=True):
