@@ -122,7 +122,8 @@ def expert_bytes(engine: Engine, params: Params, *, prompt_length: int = 64, ste
     check_shape(prompt_length, steps, engine.max_prefill_length, engine.max_target_length)
     if not config.num_experts:
         raise ValueError("expert_bytes needs a mixture of experts (config.num_experts > 0)")
-    sparse = sum(config.sparse(i) for i in range(config.num_layers))
+    layers = config.sparse_layers
+    sparse = len(layers)
     leaves = leaf_paths(params).items()
     per_expert = sum(x.size * x.dtype.itemsize for p, x in leaves if "/experts/" in p) // (sparse * config.num_experts)
     rng = np.random.default_rng(0)
@@ -138,7 +139,6 @@ def expert_bytes(engine: Engine, params: Params, *, prompt_length: int = 64, ste
         state, result = engine.generate(params, state, probes=capture)
         seen = probes.captured(result)
         live = seen.live.astype(bool)
-        layers = [i for i in range(config.num_layers) if config.sparse(i)]
         counts.append([len(np.unique(seen.router(i)[0][live])) for i in layers])
         chosen.append(read - per_expert * (sparse * config.num_experts - sum(counts[-1])))
     return {"read": read, "chosen": chosen, "experts_chosen": counts, "expert_bytes": per_expert}

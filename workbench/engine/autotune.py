@@ -126,7 +126,7 @@ def plan(config) -> dict[str, tuple]:
     """The probe's parts: ``{part: (function of (x, weights), weights, scale)}``, float32 weights
     in the engine's layout, ``scale`` the model's size over the part's."""
     shapes = [size for size, _ in config.projections().values()]  # q, k, v, o, gate, up, down: [in, out]
-    sparse = _sparse_layers(config)
+    sparse = len(config.sparse_layers)
     if sparse == config.num_layers:
         shapes = shapes[:4]  # no dense MLP: the experts part
     per_layer = 4 * sum(a * b for a, b in shapes)
@@ -143,10 +143,6 @@ def plan(config) -> dict[str, tuple]:
         weights = [_weight((count, d, f)), _weight((count, d, f)), _weight((count, f, d))]
         parts["experts"] = (_experts, weights, sparse * config.num_experts / count)
     return parts
-
-
-def _sparse_layers(config) -> int:
-    return sum(config.sparse(i) for i in range(config.num_layers)) if config.num_experts else 0
 
 
 def _weight(shape) -> jax.Array:
@@ -193,7 +189,7 @@ def _key(config, batch: int) -> str:
     shape = (config.embed_dim, config.mlp_dim, config.num_heads, config.num_kv_heads, config.head_dim)
     shape += (config.num_layers, config.vocab_size, "tied" if config.tie_embeddings else "untied")
     if config.num_experts:
-        shape += (config.num_experts, config.expert_dim, _sparse_layers(config))
+        shape += (config.num_experts, config.expert_dim, len(config.sparse_layers))
     flags = os.environ.get("XLA_FLAGS", "")
     fields = (VERSION, jax.__version__, cpu_name(), flags, "float32", "x".join(map(str, shape)), f"b{batch}")
     return "|".join(fields)

@@ -193,6 +193,11 @@ class ModelConfig:
         )
 
     @property
+    def sparse_layers(self) -> tuple[int, ...]:
+        """The layers whose MLP is a mixture of experts (:meth:`sparse`), in order."""
+        return tuple(i for i in range(self.num_layers) if self.sparse(i))
+
+    @property
     def expert_dim(self) -> int:
         """Each expert's hidden width."""
         return self.moe_mlp_dim or self.mlp_dim
@@ -267,7 +272,7 @@ class ModelConfig:
         if self.qkv_bias:
             attn += h * (self.num_heads + 2 * self.num_kv_heads)
         norms = (4 if self.post_norms else 2) * d + (2 * h if self.qk_norm else 0)
-        sparse = sum(self.sparse(i) for i in range(self.num_layers))
+        sparse = len(self.sparse_layers)
         mlps = (self.num_layers - sparse) * 3 * d * self.mlp_dim
         mlps += sparse * self.num_experts * (3 * d * self.expert_dim + d)  # experts and the router
         head = 0 if self.tie_embeddings else self.vocab_size * d
