@@ -1,7 +1,9 @@
 """The scheduler against the uncached forward pass, and its slot bookkeeping against its event log."""
 
 import collections
+import logging
 
+import jax
 import numpy as np
 import pytest
 
@@ -31,16 +33,60 @@ def params(engine):
 PROMPTS = [prompt(3, 0), prompt(20, 1), prompt(9, 2), prompt(37, 3), prompt(5, 4)]  # 20 and 37: chunked
 
 
+class Compiles(logging.Handler):
+    """The names of the programs jax compiles while attached (``jax.log_compiles``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("Compiling "):
+            self.names.append(message.split()[1])
+
+
 @pytest.fixture(scope="module")
-def greedy_run(engine, params):
+def warmed(engine):
+    """The engine warmed for PROMPTS (nothing of it ran before): its trace counts after."""
+    engine.warm([len(p) for p in PROMPTS])
+    return dict(engine.compile_counts)
+
+
+@pytest.fixture(scope="module")
+def greedy_run(engine, params, warmed):
+    """The prompts served greedily, and what jax compiled meanwhile."""
     scheduler = Scheduler(engine, params, return_logits=True)
     for p in PROMPTS:
         scheduler.submit(p, max_new_tokens=7, ignore_eos=True)
-    return scheduler, scheduler.run()
+    compiles, logger = Compiles(), logging.getLogger("jax._src.interpreters.pxla")
+    logger.addHandler(compiles)
+    try:
+        with jax.log_compiles(True):
+            completions = scheduler.run()
+    finally:
+        logger.removeHandler(compiles)
+    return scheduler, completions, compiles.names
+
+
+def test_a_warmed_engine_compiles_nothing_of_its_own_while_serving(engine, warmed, greedy_run):
+    """``Engine.warm`` compiled every program the run needed from the params' shapes alone (the
+    chunked prompts' prefills, insert, generate, free, the decode state): serving traced none
+    again, and compiled only jax's own scalar helpers (a key fold, an index conversion)."""
+    _, _, compiled = greedy_run
+    assert set(warmed) == {"prefill", "insert", "generate"}  # traced by the warm, before any ran
+    assert dict(engine.compile_counts) == warmed
+    steps = {"jit(prefill)", "jit(insert)", "jit(generate)", "jit(free)", "jit(init_decode_state)", "jit(zeros)"}
+    assert not steps & set(compiled), compiled
+
+
+def test_a_warm_for_a_prompt_past_the_cache_fails_the_load():
+    with pytest.raises(ValueError, match="prompt of 9999 tokens exceeds max_target_length"):
+        workbench.load(config=workbench.ModelConfig.tiny(), max_target_length=64, max_prefill_length=16, warm=[9999])
 
 
 def test_tokens_and_logits_equal_the_uncached_forward(engine, params, greedy_run):
-    _, completions = greedy_run
+    _, completions, _ = greedy_run
     assert [c.request.prompt for c in completions] == [tuple(p) for p in PROMPTS]
     for completion in completions:
         tokens, p = completion.tokens, list(completion.request.prompt)
@@ -54,7 +100,7 @@ def test_tokens_and_logits_equal_the_uncached_forward(engine, params, greedy_run
 
 
 def test_event_log_shows_requests_entering_and_leaving_slots(greedy_run):
-    scheduler, _ = greedy_run
+    scheduler, _, _ = greedy_run
     occupant, admitted_late = {}, 0
     per_request = collections.defaultdict(list)
     for event in scheduler.events:
@@ -77,7 +123,7 @@ def test_event_log_shows_requests_entering_and_leaving_slots(greedy_run):
 
 
 def test_eos_ends_a_request_unless_ignored(engine, params, greedy_run):
-    _, completions = greedy_run
+    _, completions, _ = greedy_run
     tokens = completions[2].tokens
     stop = next(i for i in range(1, len(tokens)) if tokens[i] not in tokens[:i])  # a token's first appearance
     eos = tokens[stop]
@@ -88,7 +134,7 @@ def test_eos_ends_a_request_unless_ignored(engine, params, greedy_run):
 
 
 def test_eos_as_the_first_token_never_takes_a_slot(engine, params, greedy_run):
-    _, completions = greedy_run
+    _, completions, _ = greedy_run
     scheduler = Scheduler(engine, params, eos_ids=[completions[0].tokens[0]])
     scheduler.submit(PROMPTS[0], max_new_tokens=5)
     scheduler.submit(PROMPTS[2], max_new_tokens=3, ignore_eos=True)
@@ -109,7 +155,7 @@ def test_max_target_length_ends_a_request(engine, params):
 
 
 def test_callbacks_stream_every_token_in_order(engine, params, greedy_run):
-    _, expected = greedy_run
+    _, expected, _ = greedy_run
     streamed, finished = collections.defaultdict(list), []
     scheduler = Scheduler(
         engine,

@@ -108,7 +108,8 @@ def test_the_plain_path_gives_the_tuned_tokens(monkeypatch):
 
 
 def test_building_an_engine_measures_nothing(monkeypatch, tmp_path):
-    """The probe runs at tune() (or the first generate), never while an engine is built."""
+    """The probe runs at tune() (or the first generate), never while an engine is built or
+    warmed (a warm may run beside a load, which would disturb its timing: generate waits)."""
     path = tmp_path / "autotune.json"
     monkeypatch.setenv(autotune.ENV, str(path))
     monkeypatch.setattr(autotune, "_chosen", {})
@@ -116,6 +117,8 @@ def test_building_an_engine_measures_nothing(monkeypatch, tmp_path):
     monkeypatch.setattr(autotune, "measure", lambda *a: calls.append(a) or {"ynnpack": 2.0, "eigen": 1.0})
     engine = build()
     assert calls == [] and not path.exists() and engine.decode_library is None
+    engine.warm([])
+    assert calls == [] and engine.decode_library is None and "generate" not in engine.compile_counts
     assert engine.tune() == "eigen" and len(calls) == 1 and path.exists()
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 from flax import nnx
@@ -41,6 +43,7 @@ def load(
     scan_layers: bool = False,
     adapters: Mapping[str, str | os.PathLike] | None = None,
     kernels: str | tuning.Tuning = "auto",
+    warm: Iterable[int] | Callable[[Engine], Any] | None = None,
 ) -> tuple[Engine, Params]:
     """An engine and its params on ``mesh``; the tokenizer is ``engine.get_tokenizer()``.
 
@@ -71,6 +74,12 @@ def load(
         (``engine.prefill(..., adapter="name")``); ``engine.adapters`` lists the names.
       kernels: the platform tuning (``engine/tuning.py``): "auto" (by platform), "reference" (the
         plain path) or "xla_cpu".
+      warm: prompt lengths: ``engine.warm(warm)`` compiles what serving such prompts runs -- or
+        reads it from the compile cache -- in a thread while the weights are read, so the first
+        request finds its programs ready; or a function called with the engine there instead
+        (say ``lambda e: e.warm(lengths_through(e.tokenizer), sampling=...)``). On a mesh over
+        several processes it runs after the load, alike on every process. The load returns when
+        both are done.
     """
     quant.check_mode(quantize)
     quant.check_kv_cache_dtype(kv_cache_dtype)
@@ -84,83 +93,127 @@ def load(
         shape["scan_layers"] = True
     if kernels != "auto":
         shape["kernels"] = kernels
-    if checkpoint is None and config is None and (DEFAULT_MODEL_DIR / "workbench.json").is_file():
-        checkpoint = DEFAULT_MODEL_DIR
-    if checkpoint is None:
-        from workbench.checkpoints.tokenizer import default_tokenizer
+    with _Warming(warm) as warming:
+        if checkpoint is None and config is None and (DEFAULT_MODEL_DIR / "workbench.json").is_file():
+            checkpoint = DEFAULT_MODEL_DIR
+        if checkpoint is None:
+            from workbench.checkpoints.tokenizer import default_tokenizer
 
-        config = _with_dtype(config or ModelConfig.tiny(), dtype, platform).replace(**modes)
-        engine = Engine(config, mesh, tokenizer=default_tokenizer(config), **shape, **_adapters(adapters, config))
-        _check_memory(engine, "the model")
-        if config.quantize is None:
-            return engine, engine.load_params(None, seed=seed)
-        # random float weights drawn on the host, then quantized leaf by leaf like a float checkpoint's
-        drawn = nnx.to_pure_dict(random_params(*_float_target(engine), seed))
-        return engine, _as_params(engine, _quantized(engine, drawn))
-    if config is not None:
-        raise ValueError("config= builds a model with random weights; it cannot be combined with a checkpoint")
-    path = Path(checkpoint)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} does not exist")
-    if not path.is_dir():
-        raise ValueError(f"checkpoint {os.fspath(path)!r} is not a directory")
+            config = _with_dtype(config or ModelConfig.tiny(), dtype, platform).replace(**modes)
+            engine = Engine(config, mesh, tokenizer=default_tokenizer(config), **shape, **_adapters(adapters, config))
+            _check_memory(engine, "the model")
+            warming.start(engine)
+            if config.quantize is None:
+                return engine, engine.load_params(None, seed=seed)
+            # random float weights drawn on the host, then quantized leaf by leaf like a float checkpoint's
+            drawn = nnx.to_pure_dict(random_params(*_float_target(engine), seed))
+            return engine, _as_params(engine, _quantized(engine, drawn))
+        if config is not None:
+            raise ValueError("config= builds a model with random weights; it cannot be combined with a checkpoint")
+        path = Path(checkpoint)
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} does not exist")
+        if not path.is_dir():
+            raise ValueError(f"checkpoint {os.fspath(path)!r} is not a directory")
 
-    from workbench import checkpoints as ckpt
-    from workbench.checkpoints import layout
+        from workbench import checkpoints as ckpt
+        from workbench.checkpoints import layout
 
-    # Both loaders take (path, abstract params, shardings) and place every array straight into
-    # its shard, in the engine's dtype (orbax casts on the way in; the HF reader per region).
-    if ckpt.is_workbench_checkpoint(path):
-        manifest = ckpt.read_manifest(path)
+        # Both loaders take (path, abstract params, shardings) and place every array straight into
+        # its shard, in the engine's dtype (orbax casts on the way in; the HF reader per region).
+        if ckpt.is_workbench_checkpoint(path):
+            manifest = ckpt.read_manifest(path)
+            try:
+                saved = ModelConfig.from_dict(manifest["model"])
+            except (KeyError, TypeError, ValueError) as error:
+                raise ValueError(
+                    f"corrupt workbench checkpoint {os.fspath(path)!r}: bad model config ({error})"
+                ) from None
+            if saved.quantize is not None and quantize not in (None, saved.quantize):
+                raise ValueError(
+                    f"checkpoint {os.fspath(path)!r} is quantized {saved.quantize}: load it with quantize=None or "
+                    f"{saved.quantize!r}, not {quantize!r}"
+                )
+            config = _with_dtype(saved, dtype, platform)
+            config = config.replace(quantize=quantize or saved.quantize, kv_cache_dtype=kv_cache_dtype)
+            tokenizer = ckpt.tokenizer_from_manifest(manifest.get("tokenizer"), path, config)
+            engine = Engine(config, mesh, tokenizer=tokenizer, **shape, **_adapters(adapters, config))
+            stacked, layers = layout.saved_layers(path) or (engine.scan_layers, config.num_layers)
+            if layers != config.num_layers:
+                raise ValueError(
+                    f"corrupt workbench checkpoint {os.fspath(path)!r}: cannot restore params "
+                    f"({layers} layers saved, the config says {config.num_layers})"
+                )
+            # float weights are quantized as they load if asked; quantized ones restore as they are
+            target = (
+                _float_target(engine) if saved.quantize is None else (engine.abstract_params, engine.param_shardings)
+            )
+            _check_memory(engine, f"checkpoint {os.fspath(path)!r}", target)
+            warming.start(engine)
+            pure = ckpt.restore_params(path, *layout.targets(*target, stacked=stacked, period=config.layer_period))
+            if stacked != engine.scan_layers:
+                pure = layout.relayout(pure, target[1], stacked=engine.scan_layers)
+            if saved.quantize is None:
+                pure = _quantized(engine, pure)
+        elif ckpt.is_hf_checkpoint(path):
+            config = _with_dtype(ckpt.read_hf_config(path), dtype, platform).replace(**modes)
+            tokenizer = ckpt.tokenizer_for_hf_dir(path, config)
+            engine = Engine(config, mesh, tokenizer=tokenizer, **shape, **_adapters(adapters, config))
+            target = _float_target(engine)
+            _check_memory(engine, f"checkpoint {os.fspath(path)!r}", target)
+            warming.start(engine)
+            # each float leaf is quantized as soon as it is placed: never a float copy of the model
+            pure = ckpt.load_hf_params(
+                path,
+                *layout.targets(*target, stacked=False),
+                config=config,
+                progress=progress,
+                transform=_quantize_each_leaf(engine),
+            )
+            if engine.scan_layers:  # read (and quantized) layer by layer, then stacked
+                pure = layout.relayout(pure, engine.param_shardings, stacked=True)
+        else:
+            raise ValueError(
+                f"{os.fspath(path)!r} is neither a workbench checkpoint (workbench.json) "
+                "nor a Hugging Face checkpoint (config.json)"
+            )
+        return engine, _as_params(engine, pure)
+
+
+class _Warming:
+    """``engine.warm`` beside a load (``load``'s ``warm``): :meth:`start` starts it in a
+    thread once the engine is built and its memory checked; leaving the ``with`` waits for it and
+    raises its error. A load that fails leaves it to finish (or fail) unwatched: the load's error
+    comes first."""
+
+    def __init__(self, warm: Iterable[int] | Callable[[Engine], Any] | None):
+        self.warm, self.engine, self.thread, self.error = warm, None, None, None
+
+    def __enter__(self) -> _Warming:
+        return self
+
+    def start(self, engine: Engine) -> None:
+        if self.warm is not None:
+            self.engine = engine
+            if jax.process_count() == 1:  # several processes: after the load, in the same order
+                self.thread = threading.Thread(target=self._warm, name="workbench-warm", daemon=True)
+                self.thread.start()
+
+    def _warm(self) -> None:
         try:
-            saved = ModelConfig.from_dict(manifest["model"])
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"corrupt workbench checkpoint {os.fspath(path)!r}: bad model config ({error})") from None
-        if saved.quantize is not None and quantize not in (None, saved.quantize):
-            raise ValueError(
-                f"checkpoint {os.fspath(path)!r} is quantized {saved.quantize}: load it with quantize=None or "
-                f"{saved.quantize!r}, not {quantize!r}"
-            )
-        config = _with_dtype(saved, dtype, platform)
-        config = config.replace(quantize=quantize or saved.quantize, kv_cache_dtype=kv_cache_dtype)
-        tokenizer = ckpt.tokenizer_from_manifest(manifest.get("tokenizer"), path, config)
-        engine = Engine(config, mesh, tokenizer=tokenizer, **shape, **_adapters(adapters, config))
-        stacked, layers = layout.saved_layers(path) or (engine.scan_layers, config.num_layers)
-        if layers != config.num_layers:
-            raise ValueError(
-                f"corrupt workbench checkpoint {os.fspath(path)!r}: cannot restore params "
-                f"({layers} layers saved, the config says {config.num_layers})"
-            )
-        # float weights are quantized as they load if asked; quantized ones restore as they are
-        target = _float_target(engine) if saved.quantize is None else (engine.abstract_params, engine.param_shardings)
-        _check_memory(engine, f"checkpoint {os.fspath(path)!r}", target)
-        pure = ckpt.restore_params(path, *layout.targets(*target, stacked=stacked, period=config.layer_period))
-        if stacked != engine.scan_layers:
-            pure = layout.relayout(pure, target[1], stacked=engine.scan_layers)
-        if saved.quantize is None:
-            pure = _quantized(engine, pure)
-    elif ckpt.is_hf_checkpoint(path):
-        config = _with_dtype(ckpt.read_hf_config(path), dtype, platform).replace(**modes)
-        tokenizer = ckpt.tokenizer_for_hf_dir(path, config)
-        engine = Engine(config, mesh, tokenizer=tokenizer, **shape, **_adapters(adapters, config))
-        target = _float_target(engine)
-        _check_memory(engine, f"checkpoint {os.fspath(path)!r}", target)
-        # each float leaf is quantized as soon as it is placed: never a float copy of the model
-        pure = ckpt.load_hf_params(
-            path,
-            *layout.targets(*target, stacked=False),
-            config=config,
-            progress=progress,
-            transform=_quantize_each_leaf(engine),
-        )
-        if engine.scan_layers:  # read (and quantized) layer by layer, then stacked
-            pure = layout.relayout(pure, engine.param_shardings, stacked=True)
-    else:
-        raise ValueError(
-            f"{os.fspath(path)!r} is neither a workbench checkpoint (workbench.json) "
-            "nor a Hugging Face checkpoint (config.json)"
-        )
-    return engine, _as_params(engine, pure)
+            self.warm(self.engine) if callable(self.warm) else self.engine.warm(list(self.warm))
+        except BaseException as error:  # raised in the loading thread, at the end of the load
+            self.error = error
+
+    def __exit__(self, kind, error, trace) -> None:
+        if self.engine is None or kind is not None:
+            return
+        if self.thread is not None:
+            self.thread.join()
+        else:
+            self._warm()
+        if self.error is not None:
+            raise self.error
 
 
 def _check_memory(engine: Engine, what: str, target: tuple[Params, Params] | None = None) -> None:

@@ -63,8 +63,9 @@ VERSION = "probe2"  # in the cache key: picks of an earlier probe (layers only) 
 _chosen: dict[str, str] = {}  # this process's choices, by key
 
 
-def library(config, batch: int) -> str:
-    """``"ynnpack"`` or ``"eigen"`` for the decode products of ``config`` at decode ``batch``."""
+def library(config, batch: int, *, probe: bool = True) -> str:
+    """``"ynnpack"`` or ``"eigen"`` for the decode products of ``config`` at decode ``batch``;
+    ``probe=False``: "" when nothing is cached and the probe would have to run."""
     setting = os.environ.get(ENV, "").strip()
     if setting in LIBRARIES:
         return setting
@@ -78,6 +79,8 @@ def library(config, batch: int) -> str:
         cached = _read(path)
         if key in cached:
             _chosen[key] = cached[key]["library"]
+        elif not probe:
+            return ""
         else:
             times = measure(config, batch)
             _chosen[key] = min(times, key=times.get)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jax
 from flax import nnx
@@ -160,6 +160,15 @@ def generate(engine: Engine, compiler_options: dict[str, str] | None) -> Callabl
         out_shardings=(engine.decode_state_shardings, engine.result_shardings, None),
         compiler_options=compiler_options,
     )
+
+
+def warm(step: Callable, *args, **kwargs) -> Any:
+    """Compile the jitted ``step`` for these arguments (arrays, or ``jax.ShapeDtypeStruct`` with
+    shardings) without running it -- or read it from the persistent compile cache; a later call
+    with arrays of the same shapes, dtypes and shardings finds it traced and compiled. Returns
+    its outputs' shapes and shardings (``ShapeDtypeStruct``), to warm the step they feed."""
+    outputs = step.trace(*args, **kwargs).lower().compile().out_info
+    return jax.tree.map(lambda out: jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=out.sharding), outputs)
 
 
 def initial_rest(engine: Engine, stack: AdapterStack | None) -> nnx.State:

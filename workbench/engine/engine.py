@@ -144,6 +144,44 @@ class Engine:
             self._generate = compiled.generate(self, tuning.compiler_options(self.decode_library))
         return self.decode_library
 
+    def warm(self, prompt_lengths: Sequence[int] = (), *, sampling: Sampling | None = None) -> None:
+        """Compile what serving prompts of ``prompt_lengths`` tokens runs, from the params' shapes
+        alone, running nothing: the decode state's init, each prompt's prefill chunks, insert,
+        free, and generate with ``sampling`` -- or read them from the persistent compile cache.
+        Needing no weights, it can overlap their load (``workbench.load(..., warm=...)`` runs it
+        in a thread while they are read); the calls that follow find their programs compiled.
+
+        Generate is warmed once the decode library is known without measuring (a pick cached by
+        an earlier process, a forced or fixed one, or a library nothing picks): the probe times
+        products, which a load beside it would disturb; else the first ``generate`` picks it."""
+        lengths = sorted({check_int("prompt length", n, positive=True) for n in prompt_lengths})
+        if lengths and lengths[-1] > self.max_target_length:
+            raise ValueError(f"prompt of {lengths[-1]} tokens exceeds max_target_length ({self.max_target_length})")
+        shardings = trees.leaf_paths(nnx.to_pure_dict(self.param_shardings))
+        shapes = {
+            path: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=shardings[path])
+            for path, leaf in trees.leaf_paths(self.abstract_params).items()
+        }
+        params = trees.fill(self.abstract_params, trees.nest(shapes))
+        sampling, key, chunk = sampling or GREEDY, jax.random.key(0), self.max_prefill_length
+        state = compiled.warm(self.steps.init_decode_state, key)
+        empty, adapter, prefix = compiled.warm(self.steps.empty_prefix), self.adapter_index(None), None
+        for length in lengths:  # as prefix_cache.prefill_prompt walks a prompt: full chunks, then the rest
+            cache = empty
+            for start in range(0, length, chunk):
+                size = min(chunk, length - start)
+                tokens, begin, size = jnp.zeros(self.bucket(size), jnp.int32), jnp.int32(start), jnp.int32(size)
+                args = (params, self.rest, cache, tokens, begin, size, key, None)
+                prefix, _, _ = compiled.warm(self.steps.prefill, *args, sampling=sampling, plan=None, adapter=adapter)
+                cache = prefix.cache
+        if prefix is not None:
+            state = compiled.warm(self.steps.insert, prefix, state, jnp.zeros(1, jnp.int32))
+        compiled.warm(self.steps.free, state, jnp.int32(0))
+        slots = self.max_concurrent_decodes
+        if self._generate is not None or self.tuning.decode_library(self.config, slots, probe=False) != "":
+            self.tune()
+            compiled.warm(self._generate, params, self.rest, state, None, sampling=sampling, plan=None)
+
     # ---- JetStream's properties (docs/engine-api.md) ---------------------------------------------
     @property
     def max_concurrent_decodes(self) -> int:

@@ -52,11 +52,11 @@ class Tuning:
         if self.attention_kernels not in kernels.KERNELS:
             raise ValueError(f"attention_kernels must be one of {kernels.KERNELS}, got {self.attention_kernels!r}")
 
-    def decode_library(self, config, batch: int) -> str | None:
+    def decode_library(self, config, batch: int, *, probe: bool = True) -> str | None:
         """``"ynnpack"`` or ``"eigen"`` for decode's products of ``config`` at decode ``batch``
         (reads the cache of earlier picks, or runs the probe: ``autotune.library``); None: XLA's
-        default, nothing to pick."""
-        return autotune.library(config, batch) if self.cpu_products else None
+        default, nothing to pick. ``probe=False``: "" where the probe would have to run."""
+        return autotune.library(config, batch, probe=probe) if self.cpu_products else None
 
 
 def platform(mesh: Mesh) -> str:
