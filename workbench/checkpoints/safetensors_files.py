@@ -43,11 +43,15 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     Not ``np.empty``: numpy advises the kernel to back large arrays with huge pages, and where
     that advice is honoured on demand (``transparent_hugepage=madvise``, these VMs) a fault may
     first compact memory; a float32 1B load spent 8-10 s of 12-15 faulting its params in so.
+    Faulted in at once (``MAP_POPULATE``: every caller writes the whole array), one call instead
+    of a fault per page: 2.5 GB in 1.0-1.1 s against 2.0-2.4 s touched page by page on these VMs;
+    a float32 1B load 0.6-1.4 s faster (3 pairs).
     """
     dtype, count = np.dtype(dtype), math.prod(shape)
     if count == 0:
         return np.empty(shape, dtype)
-    pages = mmap.mmap(-1, count * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)  # Linux only
+    pages = mmap.mmap(-1, count * dtype.itemsize, flags=flags)
     return np.frombuffer(pages, dtype, count).reshape(shape)
 
 
