@@ -142,15 +142,7 @@ def run(args: argparse.Namespace) -> int:
         missing = missing_tokenizer(args.checkpoint)
         if missing is not None:
             raise CliError(f"{missing}; give token ids with --prompt-ids (e.g. --prompt-ids 1,2,3) instead of --prompt")
-    options: dict[str, Any] = {"adapters": dict(args.adapter)} if args.adapter else {}
-    if args.num_samples == 1 and not args.pack_prefill:  # the plain path, the one Engine.warm compiles
-
-        def warm(engine) -> None:  # in a thread while the weights load (workbench.load's warm)
-            lengths = [len(p) for p in encode(args.requests, engine.tokenizer)]
-            engine.warm([n for n in lengths if 0 < n <= engine.max_target_length], sampling=sampling)
-
-        options["warm"] = warm
-    engine, params = load_engine(args, **options)
+    engine, params = load_engine(args, **({"adapters": dict(args.adapter)} if args.adapter else {}))
     prompts = encode(args.requests, engine.tokenizer)
     if args.logprobs is not None and args.logprobs > engine.config.vocab_size:
         raise CliError(f"--logprobs {args.logprobs} exceeds the model's vocabulary of {engine.config.vocab_size}")
