@@ -14,23 +14,31 @@ from workbench.engine.scheduler import Scheduler, run_requests
 SLOTS, PREFILL, TARGET = 2, 16, 64
 
 
+PROMPTS = [prompt(3, 0), prompt(20, 1), prompt(9, 2), prompt(37, 3), prompt(5, 4)]  # 20 and 37: chunked
+
+
 @pytest.fixture(scope="module")
-def engine():
-    return workbench.Engine(
-        workbench.ModelConfig.tiny(),
-        workbench.make_mesh({"data": 2, "tensor": 4}),
+def loaded():
+    """The engine, warmed for PROMPTS while its (random) weights load; its trace counts then."""
+    engine, _ = workbench.load(
+        config=workbench.ModelConfig.tiny(),
+        mesh={"data": 2, "tensor": 4},
         decode_batch_size=SLOTS,
         max_prefill_length=PREFILL,
         max_target_length=TARGET,
+        warm=[len(p) for p in PROMPTS],
     )
+    return engine, dict(engine.compile_counts)
+
+
+@pytest.fixture(scope="module")
+def engine(loaded):
+    return loaded[0]
 
 
 @pytest.fixture(scope="module")
 def params(engine):
     return lively_params(engine)
-
-
-PROMPTS = [prompt(3, 0), prompt(20, 1), prompt(9, 2), prompt(37, 3), prompt(5, 4)]  # 20 and 37: chunked
 
 
 class Compiles(logging.Handler):
@@ -47,10 +55,8 @@ class Compiles(logging.Handler):
 
 
 @pytest.fixture(scope="module")
-def warmed(engine):
-    """The engine warmed for PROMPTS (nothing of it ran before): its trace counts after."""
-    engine.warm([len(p) for p in PROMPTS])
-    return dict(engine.compile_counts)
+def warmed(loaded):
+    return loaded[1]
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +76,10 @@ def greedy_run(engine, params, warmed):
 
 
 def test_a_warmed_engine_compiles_nothing_of_its_own_while_serving(engine, warmed, greedy_run):
-    """``Engine.warm`` compiled every program the run needed from the params' shapes alone (the
-    chunked prompts' prefills, insert, generate, free, the decode state): serving traced none
-    again, and compiled only jax's own scalar helpers (a key fold, an index conversion)."""
+    """``workbench.load(warm=)`` had ``Engine.warm`` compile, beside the load, every program the
+    run needed from the params' shapes alone (the chunked prompts' prefills, insert, generate,
+    free, the decode state): serving traced none again, and compiled only jax's own scalar
+    helpers (a key fold, an index conversion)."""
     _, _, compiled = greedy_run
     assert set(warmed) == {"prefill", "insert", "generate"}  # traced by the warm, before any ran
     assert dict(engine.compile_counts) == warmed
