@@ -140,22 +140,22 @@ def inspectors(engine, params, state, out: dict) -> None:
 def hf_import(hf_dir: str, out: dict) -> None:
     """A Hugging Face import on fsdp=2 x tensor=4 (the embed axis split between the processes),
     counting the elements this process reads from the files."""
-    from workbench.checkpoints import hf
+    from workbench.checkpoints import placement
 
-    read, original = [], hf.read_region
+    read, original = [], placement.read_region
 
     def counting(tensor, layout, index, shape):
         region = original(tensor, layout, index, shape)
         read.append(region.size)
         return region
 
-    hf.read_region = counting
+    placement.read_region = counting
     try:
         _, params = workbench.load(
             hf_dir, mesh={"fsdp": 2, "tensor": 4}, decode_batch_size=2, max_prefill_length=16, max_target_length=32
         )
     finally:
-        hf.read_region = original
+        placement.read_region = original
     out["hf_read/elements"] = np.asarray(sum(read))
     for path, leaf in leaf_paths(params).items():
         out[f"hf/{path}"] = distributed.host_value(leaf)

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 
 import workbench
 from helpers import SHAPE, SMALL, engine_for, hf_config, hf_tensors, lively_params, pure_numpy, write_hf
-from workbench.checkpoints import ByteTokenizer, config_from_hf, hf, read_hf_config, save_checkpoint
+from workbench.checkpoints import ByteTokenizer, config_from_hf, placement, read_hf_config, save_checkpoint
 from workbench.checkpoints.hf_write import hf_config_dict, save_hf_checkpoint
 from workbench.checkpoints.safetensors_files import NUMPY_DTYPES, Scratch, read_header, write_tensors
 from workbench.model import quant
@@ -125,14 +125,14 @@ def hf_case(request, tmp_path_factory):
 def test_hf_import_loads_every_shard_in_place(hf_case, monkeypatch):
     config, expected, path = hf_case
     reads = []  # (our shape, block read)
-    real_read = hf.read_region
+    real_read = placement.read_region
 
     def counting_read(tensor, layout, index, shape):
         block = real_read(tensor, layout, index, shape)
         reads.append((shape, block))
         return block
 
-    monkeypatch.setattr(hf, "read_region", counting_read)
+    monkeypatch.setattr(placement, "read_region", counting_read)
     engine, params = workbench.load(path, mesh={"fsdp": 2, "tensor": 4}, **SHAPE)
     assert engine.config == config
     assert_bit_exact(nnx.to_pure_dict(params), expected)
@@ -291,8 +291,8 @@ def test_hf_tensor_problems(hf_case, tmp_path):
 @pytest.mark.parametrize("stored", ["BF16", "F16"])
 def test_widening_equals_numpy_bit_for_bit(stored, devices, tmp_path, monkeypatch):
     """A half-precision tensor widened to float32 and laid out by the jitted program
-    (``hf._widen_on_device``, sharded over two devices) holds numpy's cast of the transposed
-    tensor bit for bit, and so does one widened on the host (``hf._widen_rows``): signed zeros,
+    (``placement._widen_on_device``, sharded over two devices) holds numpy's cast of the transposed
+    tensor bit for bit, and so does one widened on the host (``placement._widen_rows``): signed zeros,
     subnormals, infinities, NaN and the extremes included."""
     dtype = NUMPY_DTYPES[stored]
     info = ml_dtypes.finfo(dtype)
@@ -303,15 +303,15 @@ def test_widening_equals_numpy_bit_for_bit(stored, devices, tmp_path, monkeypatc
     tensor = read_header(tmp_path / "t.safetensors")["w"]
     mesh = Mesh(np.array(devices[:2]), ("tensor",))
     sharding = NamedSharding(mesh, P(None, "tensor"))  # ours [8, 6], its second axis split
-    layout = hf.Layout("w", ((6,), (8,)), (1, 0))
-    widened = hf._widen_on_device(tensor, layout, (8, 6), np.dtype(np.float32), sharding, Scratch())
+    layout = placement.Layout("w", ((6,), (8,)), (1, 0))
+    widened = placement._widen_on_device(tensor, layout, (8, 6), np.dtype(np.float32), sharding, Scratch())
     assert widened.sharding == sharding and widened.dtype == np.float32
     expected = values.T.astype(np.float32)
     np.testing.assert_array_equal(np.asarray(widened).view(np.uint32), expected.view(np.uint32))
     # a tensor laid out as ours already is widened on the host, in bands of rows (here 1 row)
-    monkeypatch.setattr(hf, "_BAND_BYTES", 1)
-    as_is = hf.Layout("w", ((6,), (8,)), (0, 1))
+    monkeypatch.setattr(placement, "_BAND_BYTES", 1)
+    as_is = placement.Layout("w", ((6,), (8,)), (0, 1))
     sharding = NamedSharding(mesh, P("tensor", None))
-    widened = hf._place(tensor, as_is, jax.ShapeDtypeStruct((6, 8), np.float32), sharding, Scratch())
+    widened = placement.place(tensor, as_is, jax.ShapeDtypeStruct((6, 8), np.float32), sharding, Scratch())
     assert widened.sharding == sharding
     np.testing.assert_array_equal(np.asarray(widened).view(np.uint32), values.astype(np.float32).view(np.uint32))

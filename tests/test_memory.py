@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 import workbench
 from helpers import SHAPE, SMALL, engine_for, lively_arrays, write_hf
 from workbench import memory
-from workbench.checkpoints import hf
+from workbench.checkpoints import placement
 
 
 def test_host_bytes_count_every_cpu_device_copy():
@@ -50,7 +50,7 @@ def test_too_large_a_checkpoint_or_kv_cache_is_refused_before_anything_is_alloca
     def unread(*args):
         raise AssertionError("a tensor was read")
 
-    monkeypatch.setattr(hf, "read_region", unread)
+    monkeypatch.setattr(placement, "read_region", unread)
     monkeypatch.setattr(memory, "available_bytes", lambda: 60_000)
     # by hand: SMALL has 21,664 float32 params (86.7 kB); its KV caches (2 layers x k, v x 32 positions
     # x 2 kv heads x 8 x 4 bytes a slot) are 16.4 kB for the 2 decode slots and 8.2 kB for the prefill

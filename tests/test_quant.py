@@ -222,7 +222,7 @@ def test_a_hugging_face_import_quantizes_each_weight_as_it_is_placed(tmp_path, f
     weights = {p: np.shape(x) for p, x in trees.leaf_paths(float_arrays).items() if quant.rule(p, "w8")}
     before = jax.live_arrays()  # held: their ids stay theirs
     known = {id(a) for a in before}
-    alive, place = [], hf._place
+    alive, place = [], hf.place
 
     def placing(*args):
         array = place(*args)
@@ -230,7 +230,7 @@ def test_a_hugging_face_import_quantizes_each_weight_as_it_is_placed(tmp_path, f
         alive.append(sum(a.nbytes for a in made if a.shape in weights.values()))
         return array
 
-    monkeypatch.setattr(hf, "_place", placing)
+    monkeypatch.setattr(hf, "place", placing)
     engine, params = workbench.load(path, quantize="w8", mesh={"data": 1, "tensor": 2}, **SHAPE)
     assert len(alive) == len(trees.leaf_paths(float_arrays)) and len(weights) == 16
     assert max(alive) == max(4 * np.prod(shape) for shape in weights.values()), alive

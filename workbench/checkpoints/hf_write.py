@@ -159,7 +159,7 @@ def _number(value: float) -> int | float:
 
 
 def to_hf(layout: Any, ours: np.ndarray) -> np.ndarray:
-    """One of our params in its HF tensor's layout (the inverse of ``hf.read_region`` over the
+    """One of our params in its HF tensor's layout (the inverse of ``placement.read_region`` over the
     whole tensor)."""
     inverse = tuple(int(i) for i in np.argsort(layout.perm))
     return np.asarray(ours).transpose(inverse).reshape(layout.hf_shape)
