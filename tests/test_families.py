@@ -222,8 +222,9 @@ def test_presets_are_shaped_like_the_models():
 
 
 def test_softcap_in_the_sliced_decode_kernel():
-    """Soft-capping in ``sliced_products`` (decode over a cache longer than 128 positions, which
-    the parity test's engine never reaches) equals the reference's; its other kernels ran there."""
+    """Soft-capping in ``chunked_prefix`` (decode over a prefix of a cache longer than 128
+    positions, which the parity test's engine never reaches) equals the reference's; its other
+    kernels ran there."""
     rng = np.random.default_rng(0)
     q, k, v = (
         jnp.asarray(3 * rng.standard_normal(s), jnp.float32) for s in [(2, 1, 2, 2, 8), (2, 9, 2, 8), (2, 9, 2, 8)]
@@ -236,7 +237,7 @@ def test_softcap_in_the_sliced_decode_kernel():
         return (
             capped,
             kernels.reference(q, k, v, visible, jnp.float32),
-            kernels.sliced_products(q, k, v, visible, jnp.float32, 3.0),
+            kernels.chunked_prefix(q, k, v, visible, jnp.float32, 3.0),
         )
 
     want, uncapped, got = run(q, k, v, visible)

@@ -28,9 +28,7 @@ def inputs(t: int, dtype: str, seed: int = 0):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize(
-    "name,queries", [("stacked", 7), ("stacked", 1), ("block_diagonal", 1), ("sliced_products", 1)]
-)
+@pytest.mark.parametrize("name,queries", [("stacked", 7), ("stacked", 1), ("block_diagonal", 1), ("chunked_prefix", 1)])
 def test_every_variant_equals_the_reference(name, queries, dtype):
     q, k, v, visible = inputs(queries, dtype)
     want = jax.jit(kernels.reference, static_argnums=4)(
@@ -41,11 +39,29 @@ def test_every_variant_equals_the_reference(name, queries, dtype):
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("prefix", [32, 31, 7])  # chunks of 8: four; three and a tail; a tail alone
+def test_chunked_prefix_reads_the_prefix_of_a_longer_cache(prefix, dtype, monkeypatch):
+    """Given the whole cache and ``visible`` over its first keys, the chunked kernel equals the
+    reference over those keys alone, whatever lies past them (here: keys ten times larger)."""
+    monkeypatch.setattr(kernels, "CHUNK", 8)
+    q, k, v, visible = inputs(1, dtype)
+    loud = jnp.arange(S)[None, :, None, None] >= prefix  # what the kernel must not read
+    k, v = jnp.where(loud, 10 * k, k), jnp.where(loud, 10 * v, v)
+    want = jax.jit(kernels.reference, static_argnums=4)(
+        q, k[:, :prefix], v[:, :prefix], visible[..., :prefix], jnp.dtype(dtype)
+    )
+    got = jax.jit(kernels.chunked_prefix, static_argnums=4)(q, k, v, visible[..., :prefix], jnp.dtype(dtype))
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=TOLERANCE[dtype])
+
+
 def test_the_switch_picks_a_variant_per_shape():
     assert kernels.choose("reference", 1, sliced=True) is kernels.reference
     assert kernels.choose("xla_cpu", 5, sliced=False) is kernels.stacked
     assert kernels.choose("xla_cpu", 1, sliced=False) is kernels.block_diagonal
-    assert kernels.choose("xla_cpu", 1, sliced=True) is kernels.sliced_products
+    assert kernels.choose("xla_cpu", 1, sliced=True) is kernels.chunked_prefix
+    assert kernels.reads_prefix("xla_cpu", 1) and not kernels.reads_prefix("xla_cpu", 5)
+    assert not kernels.reads_prefix("reference", 1)
     with pytest.raises(ValueError, match="kernels must be one of"):
         kernels.choose("gpu", 1, sliced=False)
 

@@ -186,10 +186,19 @@ class Attention(nnx.Module):
         cache_length = k.shape[1]
         buckets = key_buckets(cache_length)
 
+        # A kernel that reads a prefix in place (kernels.reads_prefix) gets the whole float cache;
+        # else the prefix is sliced (an int8 cache's dequantized), as probes' weights need it too.
+        in_place = (
+            kernels.reads_prefix(self.attention_kernels, q.shape[1])
+            and not isinstance(k, quant.Int8Rows)
+            and not (hooks is not None and hooks.weights)
+        )
+
         def attend_prefix(length: int, q, k, v, positions):
             key_positions = jnp.broadcast_to(jnp.arange(length), (k.shape[0], length))
             sliced = length < cache_length
-            k, v = quant.cache_prefix(k, length, self.dtype), quant.cache_prefix(v, length, self.dtype)
+            if not (sliced and in_place):
+                k, v = quant.cache_prefix(k, length, self.dtype), quant.cache_prefix(v, length, self.dtype)
             return self._attend(q, k, v, positions, key_positions, sliced=sliced, hooks=hooks, keys=cache_length)
 
         if len(buckets) == 1:
@@ -225,7 +234,8 @@ class Attention(nnx.Module):
     ) -> jax.Array:
         """Softmax attention: q [B, T, K, G, H] (scaled), k, v [B, S, K, H] -> [B, T, K, G, H].
 
-        ``sliced``: k and v are a prefix sliced from a longer cache (see :mod:`kernels`).
+        ``sliced``: k and v are a prefix of a longer cache (sliced, or whole when the kernel reads
+        the prefix itself: :func:`kernels.reads_prefix`; ``key_positions`` says how many keys).
         ``segments`` [B, T] (queries and keys alike): a query sees only keys of its own segment.
         """
         # [B, T, S]; a key position < 0 is an empty ring slot

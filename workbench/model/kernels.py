@@ -13,8 +13,8 @@ The model calls one function, :func:`attention`, and a kernel set picks what run
                   (``tests/test_kernels.py``).
 ``"xla_cpu"``     XLA:CPU tuning: layouts that XLA:CPU runs faster than the reference's einsums
                   (``docs/speed.md``): :func:`stacked` for prefill, and for decode (one query per
-                  sequence) :func:`block_diagonal` over a whole cache or :func:`sliced_products`
-                  over a prefix sliced from a longer one.
+                  sequence) :func:`block_diagonal` over a whole cache or :func:`chunked_prefix`
+                  over a prefix of a longer one (read in place, chunk by chunk).
 ================  =============================================================================
 
 Which set an engine runs is chosen per platform in :mod:`workbench.engine.tuning`.
@@ -63,12 +63,19 @@ def choose(kernels: str, queries: int, sliced: bool) -> Callable[..., jax.Array]
         return reference
     if kernels != "xla_cpu":
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
-    # XLA:CPU: a long prompt runs faster stacked; a decode step over a sliced prefix faster as
-    # products and sums (a dot would copy the slice), over a whole cache faster block-diagonal.
+    # XLA:CPU: a long prompt runs faster stacked; a decode step over a whole cache faster
+    # block-diagonal, over a prefix of a longer one in chunks (a dot would copy the whole prefix).
     # The measurements behind each choice are in docs/speed.md.
     if queries > 1:
         return stacked
-    return sliced_products if sliced else block_diagonal
+    return chunked_prefix if sliced else block_diagonal
+
+
+def reads_prefix(kernels: str, queries: int) -> bool:
+    """Whether the kernel of set ``kernels`` for ``queries`` query positions, given a sliced
+    prefix, reads it from the whole cache itself (:func:`chunked_prefix`): then it is handed
+    the whole cache, unsliced, and ``visible`` says how many keys."""
+    return kernels == "xla_cpu" and queries == 1
 
 
 # ---- XLA:CPU tuning: the same attention in layouts XLA:CPU runs faster ---------------------------
@@ -110,24 +117,57 @@ def block_diagonal(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array,
     return jnp.sum(out * eye[:, None, :, None], axis=3)[:, None]  # the blocks whose kv heads match
 
 
-def sliced_products(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, dtype, softcap=None) -> jax.Array:
-    """Decode (T == 1) over keys sliced from a longer cache, as products and sums, no dot.
+CHUNK = 256  # keys per step of chunked_prefix's loop
 
-    A dot needs its operands in buffers of their own, so feeding it a cache prefix costs a copy
-    of the prefix per step; these reductions fuse with the slice and read the cache in place.
-    Over a whole cache (no slice to fuse with) :func:`block_diagonal` is the faster one.
+
+def chunked_prefix(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, dtype, softcap=None) -> jax.Array:
+    """Decode (T == 1) over the first ``n = visible.shape[-1]`` keys of a cache that may hold more
+    (``k``, ``v`` [B, S >= n, K, H], passed whole): :func:`block_diagonal`'s products over chunks
+    of :data:`CHUNK` keys, taken by a loop.
+
+    Slicing the prefix first would make XLA:CPU copy all n keys into a fresh buffer for the dot
+    on every step (on these VMs fresh pages fault, and the copy cost twice the dot); a loop's
+    dynamic slice copies one chunk into the same small buffer each turn, hot in the cache.
+    Scores of all n keys are kept (float32, [B, n, K*G]) for one exact softmax, then a second
+    loop sums the values' chunks by their weights.
     """
-    q, visible = q[:, 0], visible[:, 0]
-    scores = jnp.sum(q[:, None] * k[:, :, :, None, :], axis=-1).astype(jnp.float32)  # [B, S, K, G]
-    scores = capped(scores, softcap)
-    scores = jnp.where(visible[:, :, None, None], scores, MASKED)
+    q, visible = q[:, 0], visible[:, 0]  # [B, K, G, H], [B, n]
+    b, _, kv, h = k.shape
+    n, g = visible.shape[-1], q.shape[2]
+    chunk = min(CHUNK, n)
+    full, tail = divmod(n, chunk)
+    eye = jnp.eye(kv, dtype=q.dtype)
+    q_blocks = (jnp.swapaxes(q, 2, 3)[:, :, :, None, :] * eye[:, None, :, None]).reshape(b, kv * h, kv * g)
+
+    def keys(cache: jax.Array, start, size: int) -> jax.Array:  # [B, size, K*H]
+        return jax.lax.dynamic_slice_in_dim(cache, start, size, axis=1).reshape(b, size, kv * h)
+
+    def score(start, size: int) -> jax.Array:  # [B, size, K*G]
+        return jnp.einsum("BSX,BXY->BSY", keys(k, start, size), q_blocks).astype(jnp.float32)
+
+    def scored(i, scores):
+        return jax.lax.dynamic_update_slice_in_dim(scores, score(i * chunk, chunk), i * chunk, axis=1)
+
+    scores = jax.lax.fori_loop(0, full, scored, jnp.zeros((b, n, kv * g), jnp.float32))
+    if tail:
+        scores = jax.lax.dynamic_update_slice_in_dim(scores, score(full * chunk, tail), full * chunk, axis=1)
+    scores = jnp.where(visible[:, :, None], capped(scores, softcap), MASKED)
     weights = jax.nn.softmax(scores, axis=1).astype(dtype)
-    return jnp.sum(weights[..., None] * v[:, :, :, None, :], axis=1)[:, None]  # [B, 1, K, G, H]
+
+    def mix(start, size: int) -> jax.Array:  # [B, K*G, K*H]
+        part = jax.lax.dynamic_slice_in_dim(weights, start, size, axis=1)
+        return jnp.einsum("BSY,BSX->BYX", part, keys(v, start, size))
+
+    out = jax.lax.fori_loop(0, full, lambda i, acc: acc + mix(i * chunk, chunk), jnp.zeros((b, kv * g, kv * h), dtype))
+    if tail:
+        out = out + mix(full * chunk, tail)
+    out = out.reshape(b, kv, g, kv, h)
+    return jnp.sum(out * eye[:, None, :, None], axis=3)[:, None]  # the blocks whose kv heads match
 
 
 VARIANTS: dict[str, Callable[..., jax.Array]] = {
     "reference": reference,
     "stacked": stacked,
     "block_diagonal": block_diagonal,
-    "sliced_products": sliced_products,
+    "chunked_prefix": chunked_prefix,
 }
