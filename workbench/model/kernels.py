@@ -75,7 +75,7 @@ def reads_prefix(kernels: str, queries: int) -> bool:
     """Whether the kernel of set ``kernels`` for ``queries`` query positions, given a sliced
     prefix, reads it from the whole cache itself (:func:`chunked_prefix`): then it is handed
     the whole cache, unsliced, and ``visible`` says how many keys."""
-    return kernels == "xla_cpu" and queries == 1
+    return choose(kernels, queries, sliced=True) is chunked_prefix
 
 
 # ---- XLA:CPU tuning: the same attention in layouts XLA:CPU runs faster ---------------------------
@@ -103,18 +103,30 @@ def block_diagonal(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array,
     """
     q, visible = q[:, 0], visible[:, 0]  # [B, K, G, H], [B, S]
     b, s, kv, h = k.shape
-    g = q.shape[2]
-    # Elementwise products with the identity, not einsums: a dot would pick its own output
-    # layout, and XLA would then re-lay-out the o projection's weights on every step.
-    eye = jnp.eye(kv, dtype=q.dtype)
-    q_blocks = jnp.swapaxes(q, 2, 3)[:, :, :, None, :] * eye[:, None, :, None]  # [B, K, H, J, G]
-    q_blocks = q_blocks.reshape(b, kv * h, kv * g)
+    q_blocks = _query_blocks(q)
     scores = jnp.einsum("BSX,BXY->BSY", k.reshape(b, s, kv * h), q_blocks).astype(jnp.float32)  # [B, S, K*G]
     scores = capped(scores, softcap)
     scores = jnp.where(visible[:, :, None], scores, MASKED)
     weights = jax.nn.softmax(scores, axis=1).astype(dtype)
-    out = jnp.einsum("BSY,BSX->BYX", weights, v.reshape(b, s, kv * h)).reshape(b, kv, g, kv, h)
-    return jnp.sum(out * eye[:, None, :, None], axis=3)[:, None]  # the blocks whose kv heads match
+    return _own_blocks(jnp.einsum("BSY,BSX->BYX", weights, v.reshape(b, s, kv * h)), q)
+
+
+def _query_blocks(q: jax.Array) -> jax.Array:
+    """The block-diagonal query [B, K*H, K*G] of q [B, K, G, H]: kv head j's G queries in rows
+    j*H..(j+1)*H and columns j*G..(j+1)*G, zero elsewhere. Elementwise products with the
+    identity, not einsums: a dot would pick its own output layout, and XLA would then re-lay-out
+    the o projection's weights on every step."""
+    b, kv, g, h = q.shape
+    eye = jnp.eye(kv, dtype=q.dtype)
+    return (jnp.swapaxes(q, 2, 3)[:, :, :, None, :] * eye[:, None, :, None]).reshape(b, kv * h, kv * g)
+
+
+def _own_blocks(out: jax.Array, q: jax.Array) -> jax.Array:
+    """Of a block product ``out`` [B, K*G, K*H] of :func:`_query_blocks` ``(q)``, the blocks
+    whose kv heads match: [B, 1, K, G, H]."""
+    b, kv, g, h = q.shape
+    eye = jnp.eye(kv, dtype=q.dtype)
+    return jnp.sum(out.reshape(b, kv, g, kv, h) * eye[:, None, :, None], axis=3)[:, None]
 
 
 CHUNK = 256  # keys per step of chunked_prefix's loop
@@ -136,8 +148,7 @@ def chunked_prefix(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array,
     n, g = visible.shape[-1], q.shape[2]
     chunk = min(CHUNK, n)
     full, tail = divmod(n, chunk)
-    eye = jnp.eye(kv, dtype=q.dtype)
-    q_blocks = (jnp.swapaxes(q, 2, 3)[:, :, :, None, :] * eye[:, None, :, None]).reshape(b, kv * h, kv * g)
+    q_blocks = _query_blocks(q)
 
     def keys(cache: jax.Array, start, size: int) -> jax.Array:  # [B, size, K*H]
         return jax.lax.dynamic_slice_in_dim(cache, start, size, axis=1).reshape(b, size, kv * h)
@@ -161,8 +172,7 @@ def chunked_prefix(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array,
     out = jax.lax.fori_loop(0, full, lambda i, acc: acc + mix(i * chunk, chunk), jnp.zeros((b, kv * g, kv * h), dtype))
     if tail:
         out = out + mix(full * chunk, tail)
-    out = out.reshape(b, kv, g, kv, h)
-    return jnp.sum(out * eye[:, None, :, None], axis=3)[:, None]  # the blocks whose kv heads match
+    return _own_blocks(out, q)
 
 
 VARIANTS: dict[str, Callable[..., jax.Array]] = {
