@@ -72,6 +72,19 @@ def fill(template: nnx.State, pure: dict) -> nnx.State:
     return state
 
 
+def placed_shapes(abstract: Any, shardings: Any) -> dict:
+    """A pure dict of ``jax.ShapeDtypeStruct`` with shardings: the arrays ``abstract`` describes
+    (a State or pure dict of shapes) placed in ``shardings`` (alike) -- an orbax restore target,
+    or the params a jit is lowered for before any weight exists."""
+
+    def pure(tree: Any) -> Any:
+        return nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
+
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), pure(abstract), pure(shardings)
+    )
+
+
 def buffer_pointers(tree: Any) -> list[int]:
     """The device buffer of every shard of every array in ``tree``: equal lists before and after
     a call mean the call updated the arrays in place (donation worked)."""

@@ -25,6 +25,7 @@ from flax import nnx
 from workbench.checkpoints.tokenizer import Tokenizer
 from workbench.distributed import barrier
 from workbench.model import ModelConfig
+from workbench.trees import placed_shapes
 
 MANIFEST = "workbench.json"
 
@@ -100,10 +101,4 @@ def restore_params(path: str | os.PathLike, abstract_params: Any, shardings: Any
 
 def abstract_target(abstract_params: nnx.State | dict, shardings: Any) -> dict:
     """Restore target from an engine's ``abstract_params`` and ``param_shardings``."""
-
-    def pure(tree: Any) -> Any:
-        return nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
-
-    return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), pure(abstract_params), pure(shardings)
-    )
+    return placed_shapes(abstract_params, shardings)

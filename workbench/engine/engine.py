@@ -157,12 +157,7 @@ class Engine:
         lengths = sorted({check_int("prompt length", n, positive=True) for n in prompt_lengths})
         if lengths and lengths[-1] > self.max_target_length:
             raise ValueError(f"prompt of {lengths[-1]} tokens exceeds max_target_length ({self.max_target_length})")
-        shardings = trees.leaf_paths(nnx.to_pure_dict(self.param_shardings))
-        shapes = {
-            path: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=shardings[path])
-            for path, leaf in trees.leaf_paths(self.abstract_params).items()
-        }
-        params = trees.fill(self.abstract_params, trees.nest(shapes))
+        params = trees.fill(self.abstract_params, trees.placed_shapes(self.abstract_params, self.param_shardings))
         sampling, key, chunk = sampling or GREEDY, jax.random.key(0), self.max_prefill_length
         state = compiled.warm(self.steps.init_decode_state, key)
         empty, adapter, prefix = compiled.warm(self.steps.empty_prefix), self.adapter_index(None), None
