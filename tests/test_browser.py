@@ -111,7 +111,10 @@ class Lab:
         for name in NOTEBOOKS:
             shutil.copy(Path(__file__).parents[1] / "notebooks" / name, self.notebooks / name)
         (root / "data").mkdir()
-        env = dict(os.environ, JUPYTER_DATA_DIR=str(root / "data"))
+        # The server's kernel manager, importable (see lab_server/wb_lab_kernels.py for why).
+        lab_server = str(Path(__file__).parent / "lab_server")
+        path = os.pathsep.join(filter(None, [lab_server, os.environ.get("PYTHONPATH")]))
+        env = dict(os.environ, JUPYTER_DATA_DIR=str(root / "data"), PYTHONPATH=path)
         for var, sub in [
             ("JUPYTER_RUNTIME_DIR", "runtime"),
             ("JUPYTER_CONFIG_DIR", "config"),
@@ -137,6 +140,7 @@ class Lab:
             "--LabApp.news_url=None",
             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
             "--LabApp.extension_manager=readonly",
+            "--AsyncMappingKernelManager.kernel_manager_class=wb_lab_kernels.ListableKernelManager",
         ]
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             args.append("--allow-root")  # CI runs as root
@@ -215,6 +219,8 @@ class Browser:
         self.console_errors: list[str] = []
         page.on("console", lambda m: m.type == "error" and self.console_errors.append(f"console: {m.text}"))
         page.on("pageerror", lambda e: self.console_errors.append(f"page error: {e}"))
+        # The console's "Failed to load resource" names no resource: the response does.
+        page.on("response", lambda r: r.status >= 500 and self.console_errors.append(f"HTTP {r.status} {r.url}"))
         page.set_default_timeout(STEP_TIMEOUT_S * 1000)
         page.goto(f"{lab.url}/lab?token={lab.token}")
         page.wait_for_function("window.jupyterapp !== undefined")
