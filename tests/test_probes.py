@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import assert_close, prefill, prompt
+import workbench
+from helpers import SHAPE, SMALL, assert_close, lively_arrays, prefill, prompt
 from workbench import inspect, probes, widgets
 
 CAPTURE = probes.Capture()
@@ -366,3 +367,16 @@ def test_attention_explorer_steps_through_a_generation():
     assert bytes(explorer.pattern_view.value).startswith(b"\x89PNG")
     bundle = explorer._repr_mimebundle_()
     assert bundle["text/plain"] == explorer.static_text() and "<pre>" in bundle["text/html"]
+
+
+def test_a_scanned_capture_keeps_a_layer_of_nan():
+    """Scanned layers record every layer stacked, and fill the routing rows of a pattern's dense
+    layers (NaN weights, -1 ids) for the recorder to drop. A layer whose activations really are
+    NaN (a step that overflowed) is captured as NaN, not dropped as a site it lacks."""
+    engine = workbench.Engine(SMALL, workbench.make_mesh({"data": 1}), scan_layers=True, **SHAPE)
+    arrays = lively_arrays(engine)
+    arrays["layers"]["attn"]["o"][1] = np.nan  # the last layer's attention output, every value
+    params = engine.load_params(arrays)
+    seen = probes.captured(probe_prefill(engine, params, [5, 17, 33, 40, 61, 90], probes=probes.Capture())[1])
+    assert seen.layers == [0, 1]
+    assert np.isfinite(seen.residual(0)).all() and np.isnan(seen.attn_out(1)).all() and np.isnan(seen.residual(1)).all()

@@ -146,8 +146,9 @@ def run_blocks(
 
 
 def _with_every_site(sown: dict, others: Sequence[dict]) -> dict:
-    """``sown`` with the sites only other pattern positions have (a dense MLP's activations beside
-    a mixture of experts' routing) as rows of NaN (integers: -1): one record ``[L, ...]`` per site."""
+    """``sown`` with the sites only other pattern positions have (a mixture of experts' routing,
+    beside a dense layer) as rows of NaN (integers: -1): one record ``[L, ...]`` per site.
+    ``probes.recorded`` drops a dense layer's routing rows by their ids (-1: no expert)."""
     out = dict(sown)
     for other in others:
         for name, value in other.items():

@@ -81,10 +81,19 @@ SOWN = {
 }  # fmt: skip
 
 
-def _absent(row: np.ndarray) -> bool:
-    """A stacked row of a site that layer does not have (``model.scan``: a scanned pattern's dense
-    layer beside its sparse ones fills the router's sites with -1, the sparse one an MLP site with NaN)."""
-    return bool(np.all(row == -1)) if np.issubdtype(row.dtype, np.integer) else bool(np.isnan(row).all())
+ROUTED = ("router_ids", "router_weights")  # the sites only a sparse layer has
+
+
+def _without_absent_layers(sites: dict[str, dict[int, np.ndarray]], stacked: set[str]) -> None:
+    """Drop the routing rows of the dense layers of a stacked capture. ``model.scan`` records every
+    layer of a pattern mixing sparse and dense layers, filling a dense layer's routing rows (ids
+    with -1, which no expert is; weights with NaN). Only the ids decide: a float site's NaN rows
+    stay what they are, the activations of a step that overflowed."""
+    ids = sites.get("router_ids", {})
+    absent = {layer for layer, row in ids.items() if "router_ids" in stacked and bool(np.all(row == -1))}
+    for name in ROUTED:
+        for layer in absent & set(sites.get(name, {})):
+            del sites[name][layer]
 
 
 def captured_from(raw: dict, capture: Capture) -> Captured:
@@ -94,6 +103,7 @@ def captured_from(raw: dict, capture: Capture) -> Captured:
     queries = int(np.flatnonzero(live.any(axis=0)).max(initial=-1)) + 1 if live.shape[1] > 1 else live.shape[1]
     keys = int(np.asarray(raw["positions"])[live].max(initial=-1)) + 1
     sites: dict[str, dict[int, np.ndarray]] = {}
+    stacked: set[str] = set()
     logits = None
     for path, value in trees.leaf_paths(raw["sown"]).items():
         parts = path.split("/")
@@ -106,10 +116,12 @@ def captured_from(raw: dict, capture: Capture) -> Captured:
             per_layer = {int(parts[1]): value}
         else:  # scanned layers, stacked: every layer's, or the asked ones in ascending order (plan.run)
             layers = range(value.shape[0]) if capture.layers is None else sorted(set(capture.layers))
-            per_layer = {layer: row for layer, row in zip(layers, value) if not _absent(row)}
+            per_layer = dict(zip(layers, value))
+            stacked.add(name)
         for layer, recorded in per_layer.items():
             trimmed = recorded[:, :, :queries, :keys] if name == "attention" else recorded[:, :queries]
             sites.setdefault(name, {})[layer] = trimmed
+    _without_absent_layers(sites, stacked)
     cut = (slice(None), slice(0, queries))
     # SAEs read the captured residual on the host: no SAE weights enter the compiled step
     top = capture.sae_top
