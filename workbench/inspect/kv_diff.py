@@ -20,7 +20,7 @@ from workbench.checks import check_not_donated
 from workbench.distributed import host_value, spans_processes
 from workbench.engine import DecodeState, Prefix
 from workbench.inspect import kv_ring
-from workbench.inspect.kv_report import kv_source
+from workbench.inspect.kv_source import kv_source
 from workbench.inspect.report import Column, Report, Table, fmt_int, fmt_ranges, nbytes
 
 T = TypeVar("T")
