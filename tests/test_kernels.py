@@ -9,7 +9,7 @@ from flax import nnx
 
 import workbench
 from helpers import lively_params
-from workbench.model import kernels
+from workbench.model import kernels, quant
 
 B, S, K, G, H = 3, 40, 2, 3, 8
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
@@ -40,17 +40,21 @@ def test_every_variant_equals_the_reference(name, queries, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("prefix", [32, 31, 7])  # chunks of 8: four; three and a tail; a tail alone
-def test_chunked_prefix_reads_the_prefix_of_a_longer_cache(prefix, dtype, monkeypatch):
+# chunks of 8: four; three and a tail; a tail alone. An int8 cache: dequantized chunk by chunk
+@pytest.mark.parametrize("prefix,cache", [(32, "float"), (31, "float"), (7, "float"), (31, "int8"), (7, "int8")])
+def test_chunked_prefix_reads_the_prefix_of_a_longer_cache(prefix, cache, dtype, monkeypatch):
     """Given the whole cache and ``visible`` over its first keys, the chunked kernel equals the
     reference over those keys alone, whatever lies past them (here: keys ten times larger)."""
     monkeypatch.setattr(kernels, "CHUNK", 8)
     q, k, v, visible = inputs(1, dtype)
     loud = jnp.arange(S)[None, :, None, None] >= prefix  # what the kernel must not read
     k, v = jnp.where(loud, 10 * k, k), jnp.where(loud, 10 * v, v)
-    want = jax.jit(kernels.reference, static_argnums=4)(
-        q, k[:, :prefix], v[:, :prefix], visible[..., :prefix], jnp.dtype(dtype)
-    )
+    if cache == "int8":  # the reference reads the same rows, dequantized as the cache defines them
+        k, v = quant.Int8Rows(*quant.quantize_rows(k)), quant.Int8Rows(*quant.quantize_rows(v))
+        prefix_k, prefix_v = (quant.cache_prefix(x, prefix, jnp.dtype(dtype)) for x in (k, v))
+    else:
+        prefix_k, prefix_v = k[:, :prefix], v[:, :prefix]
+    want = jax.jit(kernels.reference, static_argnums=4)(q, prefix_k, prefix_v, visible[..., :prefix], jnp.dtype(dtype))
     got = jax.jit(kernels.chunked_prefix, static_argnums=4)(q, k, v, visible[..., :prefix], jnp.dtype(dtype))
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=TOLERANCE[dtype])
 

@@ -182,17 +182,14 @@ class Attention(nnx.Module):
         """Attention over the first L cache positions, L the smallest bucket covering every live query.
 
         ``k, v``: the whole cache [B, S, K, H], float or ``quant.Int8Rows`` (dequantized after the
-        slice: a decode step converts the L positions it reads, not the S it holds)."""
+        slice, or chunk by chunk: a decode step converts the L positions it reads, not the S it holds)."""
         cache_length = k.shape[1]
         buckets = key_buckets(cache_length)
 
-        # A kernel that reads a prefix in place (kernels.reads_prefix) gets the whole float cache;
-        # else the prefix is sliced (an int8 cache's dequantized), as probes' weights need it too.
-        in_place = (
-            kernels.reads_prefix(self.attention_kernels, q.shape[1])
-            and not isinstance(k, quant.Int8Rows)
-            and not (hooks is not None and hooks.weights)
-        )
+        # A kernel that reads a prefix in place (kernels.reads_prefix) gets the whole cache, int8
+        # or float; else the prefix is sliced (an int8 one dequantized), as probes' weights need.
+        weights = hooks is not None and hooks.weights
+        in_place = kernels.reads_prefix(self.attention_kernels, q.shape[1]) and not weights
 
         def attend_prefix(length: int, q, k, v, positions):
             key_positions = jnp.broadcast_to(jnp.arange(length), (k.shape[0], length))

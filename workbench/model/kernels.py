@@ -27,6 +27,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from workbench.model.quant import Int8Rows
+
 KERNELS = ("reference", "xla_cpu")
 MASKED = -1e30  # finite, so a row with nothing visible (a padding query) gives no NaN
 
@@ -132,14 +134,15 @@ def _own_blocks(out: jax.Array, q: jax.Array) -> jax.Array:
 CHUNK = 256  # keys per step of chunked_prefix's loop
 
 
-def chunked_prefix(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, dtype, softcap=None) -> jax.Array:
+def chunked_prefix(q: jax.Array, k, v, visible: jax.Array, dtype, softcap=None) -> jax.Array:
     """Decode (T == 1) over the first ``n = visible.shape[-1]`` keys of a cache that may hold more
-    (``k``, ``v`` [B, S >= n, K, H], passed whole): :func:`block_diagonal`'s products over chunks
-    of :data:`CHUNK` keys, taken by a loop.
+    (``k``, ``v`` [B, S >= n, K, H], passed whole; an int8 cache as ``quant.Int8Rows``):
+    :func:`block_diagonal`'s products over chunks of :data:`CHUNK` keys, taken by a loop.
 
     Slicing the prefix first would make XLA:CPU copy all n keys into a fresh buffer for the dot
     on every step (on these VMs fresh pages fault, and the copy cost twice the dot); a loop's
-    dynamic slice copies one chunk into the same small buffer each turn, hot in the cache.
+    dynamic slice copies one chunk into the same small buffer each turn, hot in the cache (an int8
+    chunk dequantized there: the n keys are never converted into a buffer of their own).
     Scores of all n keys are kept (float32, [B, n, K*G]) for one exact softmax, then a second
     loop sums the values' chunks by their weights.
     """
@@ -150,7 +153,10 @@ def chunked_prefix(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array,
     full, tail = divmod(n, chunk)
     q_blocks = _query_blocks(q)
 
-    def keys(cache: jax.Array, start, size: int) -> jax.Array:  # [B, size, K*H]
+    def keys(cache, start, size: int) -> jax.Array:  # [B, size, K*H]
+        if isinstance(cache, Int8Rows):  # one scale per (position, kv head)
+            values, scale = (jax.lax.dynamic_slice_in_dim(x, start, size, axis=1) for x in cache)
+            return Int8Rows(values, scale).dequantized(dtype).reshape(b, size, kv * h)
         return jax.lax.dynamic_slice_in_dim(cache, start, size, axis=1).reshape(b, size, kv * h)
 
     def score(start, size: int) -> jax.Array:  # [B, size, K*G]
