@@ -89,8 +89,9 @@ def _without_absent_layers(sites: dict[str, dict[int, np.ndarray]], stacked: set
     layer of a pattern mixing sparse and dense layers, filling a dense layer's routing rows (ids
     with -1, which no expert is; weights with NaN). Only the ids decide: a float site's NaN rows
     stay what they are, the activations of a step that overflowed."""
-    ids = sites.get("router_ids", {})
-    absent = {layer for layer, row in ids.items() if "router_ids" in stacked and bool(np.all(row == -1))}
+    if "router_ids" not in stacked:  # unrolled layers record only the sites they have
+        return
+    absent = {layer for layer, row in sites["router_ids"].items() if bool(np.all(row == -1))}
     for name in ROUTED:
         for layer in absent & set(sites.get(name, {})):
             del sites[name][layer]
