@@ -27,7 +27,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from workbench.model.quant import Int8Rows
+from workbench.model.quant import cache_rows
 
 KERNELS = ("reference", "xla_cpu")
 MASKED = -1e30  # finite, so a row with nothing visible (a padding query) gives no NaN
@@ -154,10 +154,7 @@ def chunked_prefix(q: jax.Array, k, v, visible: jax.Array, dtype, softcap=None) 
     q_blocks = _query_blocks(q)
 
     def keys(cache, start, size: int) -> jax.Array:  # [B, size, K*H]
-        if isinstance(cache, Int8Rows):  # one scale per (position, kv head)
-            values, scale = (jax.lax.dynamic_slice_in_dim(x, start, size, axis=1) for x in cache)
-            return Int8Rows(values, scale).dequantized(dtype).reshape(b, size, kv * h)
-        return jax.lax.dynamic_slice_in_dim(cache, start, size, axis=1).reshape(b, size, kv * h)
+        return cache_rows(cache, start, size, dtype).reshape(b, size, kv * h)
 
     def score(start, size: int) -> jax.Array:  # [B, size, K*G]
         return jnp.einsum("BSX,BXY->BSY", keys(k, start, size), q_blocks).astype(jnp.float32)

@@ -320,12 +320,18 @@ class Int8Rows(NamedTuple):
         return (self.values.astype(jnp.float32) * self.scale[..., None]).astype(dtype)
 
 
-def cache_prefix(cache: jax.Array | Int8Rows, length: int, dtype) -> jax.Array:
-    """The first ``length`` positions of a cache [B, S, K, H] in ``dtype``: a float cache sliced;
-    an int8 one sliced, then dequantized -- only the positions read are converted."""
+def cache_rows(cache: jax.Array | Int8Rows, start, size: int, dtype) -> jax.Array:
+    """Positions ``start .. start + size - 1`` of a cache [B, S, K, H] (``start`` may be traced):
+    a float cache sliced; an int8 one sliced, then dequantized to ``dtype`` -- only the positions
+    read are converted."""
     if isinstance(cache, Int8Rows):
-        return Int8Rows(cache.values[:, :length], cache.scale[:, :length]).dequantized(dtype)
-    return cache[:, :length]
+        return Int8Rows(*(jax.lax.dynamic_slice_in_dim(x, start, size, axis=1) for x in cache)).dequantized(dtype)
+    return jax.lax.dynamic_slice_in_dim(cache, start, size, axis=1)
+
+
+def cache_prefix(cache: jax.Array | Int8Rows, length: int, dtype) -> jax.Array:
+    """The first ``length`` positions of a cache (:func:`cache_rows`)."""
+    return cache_rows(cache, 0, length, dtype)
 
 
 class Int8KVCache(nnx.Module):
